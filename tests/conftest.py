@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models of each supported family built from configs, and the real embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from slerpviz.engine import MergingEngine
+
+VOCAB = 96
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+FAMILIES = {
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+}
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over w0..wN, enough for encode/decode/EOS in engine tests."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+
+
+def tiny_model(family: str, attn: str = "sdpa", seed: int = 0):
+    config_class, model_class, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_class(**TINY, **extra, attn_implementation=attn)
+    return model_class(config).eval()
+
+
+def tiny_engine(family: str, attn: str = "sdpa") -> MergingEngine:
+    return MergingEngine(tiny_model(family, attn), word_tokenizer())
+
+
+def random_ids(length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (1, length), generator=generator)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def engine(request) -> MergingEngine:
+    return tiny_engine(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from slerpviz.models import EMBEDDED, load
+
+    return load(EMBEDDED)

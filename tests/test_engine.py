@@ -1,0 +1,229 @@
+"""The engine on tiny Mistral, Llama and Qwen2 models built from configs: exact where it must be exact."""
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from conftest import TINY, random_ids, tiny_engine, word_tokenizer
+from slerpviz.engine import MergeSettings, MergingEngine, Sampling, interleave
+from slerpviz.merge import plan_stages
+
+N_LAYERS = TINY["num_hidden_layers"]
+
+
+def hf_last_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[:, -1].float()
+
+
+def engine_prefill(engine, ids, settings, cache=None):
+    stages = plan_stages(ids.shape[-1], settings.cutoffs, settings.keep_start, settings.keep_end)
+    return engine.prefill(ids, stages, settings, cache)
+
+
+def greedy(engine, ids, settings, n, mode="cached"):
+    run = engine.start(ids, settings, Sampling(max_new_tokens=n), mode)
+    return [step.token_id for step in run], run
+
+
+# --------------------------------------------------------------------------------------------- no merge = the model
+
+
+@pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(cutoffs=(N_LAYERS,))], ids=["empty", "cutoff=N"])
+def test_without_merging_the_engine_is_the_model(engine, settings):
+    ids = random_ids(23)
+    logits, _, _ = engine_prefill(engine, ids, settings)
+    torch.testing.assert_close(logits, hf_last_logits(engine.model, ids), atol=1e-5, rtol=1e-5)
+
+    tokens, _ = greedy(engine, ids, settings, 12)
+    reference = engine.model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, ids.shape[1]:]
+    stop = tokens.index(2) + 1 if 2 in tokens else len(tokens)  # the engine stops at EOS, generate was told not to
+    assert tokens == reference.tolist()[:stop]
+
+
+def test_without_merging_cached_decode_logits_match_a_full_forward(engine):
+    ids = random_ids(17, seed=3)
+    n = 6
+    tokens, run = greedy(engine, ids, MergeSettings(), n + 1)
+    full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
+    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.segments, _rewound(run))
+    torch.testing.assert_close(cached, hf_last_logits(engine.model, full), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_eager_and_sdpa_agree_after_merging(attn):
+    ids = random_ids(40, seed=5)
+    settings = MergeSettings(cutoffs=(2, 4), keep_start=3, keep_end=2)
+    reference, _, _ = engine_prefill(tiny_engine("llama", "eager"), ids, settings)
+    logits, _, _ = engine_prefill(tiny_engine("llama", attn), ids, settings)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- cached vs recompute
+
+
+SETTINGS = [
+    MergeSettings(cutoffs=(3,)),
+    MergeSettings(cutoffs=(0,), keep_start=4, keep_end=3, positions="first"),
+    MergeSettings(cutoffs=(2, 4), keep_start=2, method="lerp", positions="renumber"),
+    MergeSettings(cutoffs=(1, 1, 5), keep_end=5, method="seed-2024"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.cutoffs}-{s.method}-{s.positions}")
+def test_cached_and_recompute_give_the_same_prefill(engine, settings):
+    ids = random_ids(31, seed=1)
+    cached, _, _ = engine_prefill(engine, ids, settings, DynamicCache(config=engine.config))
+    recomputed, _, _ = engine_prefill(engine, ids, settings)
+    torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+    first_cached, _ = greedy(engine, ids, settings, 1, "cached")
+    first_recomputed, _ = greedy(engine, ids, settings, 1, "recompute")
+    assert first_cached == first_recomputed
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.cutoffs}-{s.method}-{s.positions}")
+def test_cache_lengths_follow_the_plan(engine, settings):
+    ids = random_ids(29, seed=2)
+    n = 7
+    run = engine.start(ids, settings, Sampling(max_new_tokens=n + 1))
+    for _ in range(n + 1):  # the first step is the prefill, each further one feeds one token
+        next(run)
+    planned = run.trace.seq_len_per_layer
+    lengths = [layer.get_seq_length() for layer in run.cache.layers]
+    assert lengths == [p + n for p in planned]
+    assert planned[-1] < ids.shape[1]  # the plan did shorten the later layers
+    head_bytes = 2 * TINY["num_key_value_heads"] * (TINY["hidden_size"] // TINY["num_attention_heads"]) * 4
+    assert run.trace.kv_bytes_per_layer == [head_bytes * length for length in lengths]
+
+
+# seed-2024 normalises by the whole sequence, so appending tokens changes its merge: it has no such identity.
+@pytest.mark.parametrize("settings", [s for s in SETTINGS if s.method != "seed-2024"] + [MergeSettings(cutoffs=(1, 1, 5))],
+                         ids=lambda s: f"{s.cutoffs}-{s.method}-{s.positions}")
+def test_cached_decoding_equals_a_full_pass_with_the_prompt_plan_kept(engine, settings):
+    """The cached semantics, checked without a cache: the prompt merged as planned, new tokens appended unmerged.
+
+    Keeping `keep_end` larger by the number of new tokens reproduces exactly that plan over the longer sequence.
+    """
+    ids = random_ids(26, seed=4)
+    n = 5
+    tokens, run = greedy(engine, ids, settings, n + 1)
+    full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
+    kept = MergeSettings(settings.cutoffs, settings.keep_start, max(settings.keep_end, 1) + n, settings.method,
+                         settings.positions)
+    reference, _, _ = engine_prefill(engine, full, kept)
+    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.segments, _rewound(run))
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
+
+
+def _rewound(run):
+    """The run's cache without its last fed token, so the last decode step can be replayed and compared."""
+    cache = run.cache
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------ sampling, trace
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without():
+    engine = tiny_engine("mistral")
+    ids = random_ids(12)
+    settings = MergeSettings(cutoffs=(3,))
+
+    def sample(seed):
+        return [s.token_id for s in engine.start(ids, settings, Sampling(20, temperature=1.5, top_p=0.95, seed=seed))]
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(seed)) for seed in range(4)}) > 1
+
+
+def test_generation_stops_at_eos():
+    engine = tiny_engine("llama")
+    ids = random_ids(10)
+    tokens, _ = greedy(engine, ids, MergeSettings(), 40)
+    eos = tokens[5]
+    engine.eos_ids = {eos}
+    stopped, run = greedy(engine, ids, MergeSettings(), 40)
+    assert stopped == tokens[: tokens.index(eos) + 1]
+    assert run.trace.finished
+
+
+def test_trace_records_plan_shapes_and_timings():
+    engine = tiny_engine("qwen2")
+    ids = random_ids(30)
+    settings = MergeSettings(cutoffs=(2, 4), keep_start=3, keep_end=4)
+    tokens, run = greedy(engine, ids, settings, 5)
+    trace = run.trace
+    assert trace.cutoffs == [2, 4]
+    assert len(trace.tokens) == 30
+    lengths = [len(groups) for groups in trace.groups]
+    assert trace.seq_len_per_layer == [30, 30, lengths[0], lengths[0], lengths[1], lengths[1]]
+    assert lengths[0] < 30 and lengths[1] < lengths[0]
+    assert [len(c) for c in trace.pair_cosines] == [30 - lengths[0], lengths[0] - lengths[1]]  # one per merged pair
+    assert all(-1 <= c <= 1 for stage in trace.pair_cosines for c in stage)
+    assert trace.protected[0][:3] == [True] * 3 and trace.protected[0][-4:] == [True] * 4
+    assert trace.prefill_s > 0 and len(trace.decode_s) == len(tokens) - 1
+    assert trace.generated_ids == tokens
+    assert trace.text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_interleave_advances_runs_in_turn_until_both_finish():
+    engine = tiny_engine("llama")
+    ids = random_ids(10)
+    short = engine.start(ids, MergeSettings(), Sampling(max_new_tokens=2))
+    long = engine.start(ids, MergeSettings(cutoffs=(3,)), Sampling(max_new_tokens=4))
+    rounds = list(interleave(short, long))
+    assert len(rounds) == 4
+    assert [a is None for a, _ in rounds] == [False, False, True, True]
+    assert all(b is not None for _, b in rounds)
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "settings, sampling, message",
+    [
+        (MergeSettings(cutoffs=(-1,)), Sampling(), "cutoff -1 is out of range: choose a layer from 0 to 6"),
+        (MergeSettings(cutoffs=(7,)), Sampling(), "cutoff 7 is out of range"),
+        (MergeSettings(keep_start=-2), Sampling(), "must not be negative"),
+        (MergeSettings(keep_start=10, keep_end=11), Sampling(), "longer than the prompt"),
+        (MergeSettings(method="average"), Sampling(), "unknown merge method 'average'; choose one of slerp"),
+        (MergeSettings(positions="last"), Sampling(), "unknown positions mode 'last'"),
+        (MergeSettings(), Sampling(max_new_tokens=0), "at least 1"),
+        (MergeSettings(), Sampling(temperature=-1), "temperature"),
+        (MergeSettings(), Sampling(top_p=0), "top-p"),
+        (MergeSettings(), Sampling(max_new_tokens=600), "longer than the model's context of 512 tokens"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(settings, sampling, message):
+    engine = tiny_engine("mistral")
+    with pytest.raises(ValueError, match=message):
+        engine.start(random_ids(20), settings, sampling)
+
+
+def test_bad_mode_and_empty_prompt_are_refused():
+    engine = tiny_engine("mistral")
+    with pytest.raises(ValueError, match="unknown mode 'lazy'"):
+        engine.start(random_ids(20), MergeSettings(), Sampling(), mode="lazy")
+    for prompt in ("", "   \n"):
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            engine.encode(prompt)
+
+
+def test_a_model_of_another_family_is_refused():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="family 'gpt2' is not supported; slerpviz runs mistral, llama, qwen2"):
+        MergingEngine(model, word_tokenizer())
+
+
+
+def test_models_off_the_allow_list_are_refused_before_any_download():
+    from slerpviz.models import load
+
+    with pytest.raises(ValueError, match="not on the allow-list"):
+        load("gpt2")
+    with pytest.raises(ValueError, match="not on the allow-list"):
+        load("someone/evil-remote-code-model")

@@ -1,0 +1,232 @@
+"""The merge maths on its own: interpolation properties and plan properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slerpviz.merge import (
+    apply_plan, lerp, merged_length, pair_cosines, plan_merge, plan_stages, seed2024, slerp, slot_positions,
+)
+
+
+def angle(a, b):
+    return torch.acos((torch.nn.functional.cosine_similarity(a, b, dim=-1)).clamp(-1, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------ slerp
+
+
+@pytest.mark.parametrize("interpolate", [slerp, lerp])
+def test_endpoints_give_the_inputs(interpolate):
+    a, b = torch.randn(5, 16), torch.randn(5, 16)
+    torch.testing.assert_close(interpolate(a, b, 0.0), a)
+    torch.testing.assert_close(interpolate(a, b, 1.0), b)
+
+
+def test_slerp_moves_along_the_great_circle():
+    # Vectors of equal norm: the weights then trace the arc between them at a constant angular speed.
+    a = torch.nn.functional.normalize(torch.randn(50, 32), dim=-1) * 3
+    b = torch.nn.functional.normalize(torch.randn(50, 32), dim=-1) * 3
+    theta = angle(a, b)
+    for t in (0.1, 0.25, 0.5, 0.9):
+        out = slerp(a, b, t)
+        torch.testing.assert_close(angle(a, out), t * theta, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(angle(out, b), (1 - t) * theta, atol=1e-4, rtol=1e-4)
+
+
+def test_slerp_of_unit_vectors_stays_on_the_sphere():
+    a = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    for t in (0.3, 0.5, 0.7):
+        torch.testing.assert_close(slerp(a, b, t).norm(dim=-1), torch.ones(20), atol=1e-5, rtol=0)
+    # ...while the mean of two unit vectors is shorter: lerp shrinks, slerp does not.
+    assert (lerp(a, b, 0.5).norm(dim=-1) < 1 - 1e-3).all()
+
+
+def test_slerp_at_half_is_the_mean_scaled_by_one_over_cos_half_angle():
+    a, b = torch.randn(30, 64) * 3, torch.randn(30, 64)
+    theta = angle(a, b).unsqueeze(-1)
+    torch.testing.assert_close(slerp(a, b, 0.5), lerp(a, b, 0.5) / torch.cos(theta / 2), atol=1e-5, rtol=1e-4)
+
+
+def test_slerp_is_per_vector_and_takes_a_weight_per_vector():
+    a, b = torch.randn(4, 6, 10), torch.randn(4, 6, 10)
+    t = torch.rand(6)
+    out = slerp(a, b, t)
+    for i in range(6):
+        torch.testing.assert_close(out[:, i], slerp(a[:, i], b[:, i], float(t[i])))
+
+
+def test_slerp_nearly_parallel_falls_back_to_lerp_without_nan():
+    a = torch.randn(10, 32)
+    b = a + 1e-4 * torch.randn(10, 32)
+    out = slerp(a, b, 0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, lerp(a, b, 0.5))
+    torch.testing.assert_close(slerp(a, a, 0.5), a)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_zero_and_opposite_vectors_give_no_nan(t):
+    a = torch.randn(3, 8)
+    zero = torch.zeros(3, 8)
+    for x, y in [(a, zero), (zero, a), (zero, zero), (a, -a)]:
+        out = slerp(x, y, t)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, lerp(x, y, t))
+
+
+def test_slerp_computes_in_float32_and_returns_the_input_dtype():
+    a, b = torch.randn(8, 64), torch.randn(8, 64)
+    out = slerp(a.bfloat16(), b.bfloat16(), 0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), slerp(a.bfloat16().float(), b.bfloat16().float(), 0.5).bfloat16().float())
+
+
+# ------------------------------------------------------------------------------------------------------- seed-2024
+
+
+def article_merge(x: torch.Tensor) -> torch.Tensor:
+    """The article's whole-sequence merge, driven through the plan with its default layout."""
+    return apply_plan(x[None], plan_merge(x.shape[0]), "seed-2024")[0]
+
+
+def test_seed2024_matches_a_hand_worked_example():
+    # x0..x3 (even n = 4): the article pads [0, x0, x1, x2, x3, 0] and pairs (0,x0) t=1, (x1,x2) t=.5, (x3,0) t=0.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])
+    # First members A = [0, x1, x3] = [[0,0],[0,1],[2,0]]: Frobenius norm sqrt(5).
+    # Second members B = [x0, x2, 0] = [[1,0],[1,1],[0,0]]: Frobenius norm sqrt(3).
+    # Middle pair: dot = (x1·x2)/sqrt(15) = 1/sqrt(15); theta = acos(1/sqrt(15)) = 1.3096...
+    # weight = sin(theta/2)/sin(theta) = 1/(2 cos(theta/2)) = 0.6304...; result = weight * (x1 + x2) = w * (1, 2).
+    theta = math.acos(1 / math.sqrt(15))
+    weight = math.sin(theta / 2) / math.sin(theta)
+    assert weight == pytest.approx(0.6304, abs=1e-4)
+    expected = torch.tensor([[1.0, 0.0], [weight, 2 * weight], [2.0, 0.0]])
+    torch.testing.assert_close(article_merge(x), expected)
+
+
+def test_seed2024_odd_length_layout():
+    # Odd n = 5: [0, x0, x1, x2, x3, 0, x4, 0]: (0,x0) t=1, (x1,x2) t=.5, (x3,0) t=0, (x4,0) t=0 -> (n+3)/2 slots.
+    x = torch.randn(5, 4)
+    out = article_merge(x)
+    assert out.shape[0] == (5 + 3) // 2
+    torch.testing.assert_close(out[0], x[0])
+    torch.testing.assert_close(out[2], x[3])
+    torch.testing.assert_close(out[3], x[4])
+    first = torch.stack([torch.zeros(4), x[1], x[3], x[4]])
+    second = torch.stack([x[0], x[2], torch.zeros(4), torch.zeros(4)])
+    theta = math.acos(float((x[1] / first.norm()) @ (x[2] / second.norm())))
+    expected = (math.sin(theta / 2) * x[1] + math.sin(theta / 2) * x[2]) / math.sin(theta)
+    torch.testing.assert_close(out[1], expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_seed2024_leaves_short_sequences_as_they_are(n):
+    x = torch.randn(n, 6)
+    torch.testing.assert_close(article_merge(x), x)
+
+
+def test_seed2024_is_about_the_sum_over_root_two_not_a_slerp():
+    # The flaw: with a whole-tensor norm each pair's "cosine" is tiny, so both weights are ~ 1/sqrt(2).
+    x = torch.randn(512, 256) + 0.5
+    out = article_merge(x)[1:-1]
+    a, b = x[1:-1:2], x[2:-1:2]
+    torch.testing.assert_close(out, (a + b) / math.sqrt(2), atol=0.02, rtol=0.02)
+    assert not torch.allclose(out, slerp(a, b, 0.5), atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------------------ plans
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 50), st.integers(0, 50))
+def test_plan_partitions_the_sequence_in_order(length, keep_start, keep_end):
+    if keep_start + keep_end > length:
+        with pytest.raises(ValueError, match="longer than the prompt"):
+            plan_merge(length, keep_start, keep_end)
+        return
+    plan = plan_merge(length, keep_start, keep_end)
+    groups = plan.groups
+    flat = [i for group in groups for i in group]
+    assert flat == list(range(length))  # each position exactly once, order kept
+    assert all(len(g) in (1, 2) for g in groups)
+    assert plan.merged_length == merged_length(length, keep_start, keep_end) == len(groups)
+    assert groups[0] == (0,) and groups[-1] == (length - 1,)
+    protected_positions = set(range(keep_start)) | set(range(length - keep_end, length))
+    for group, is_protected in zip(groups, plan.protected.tolist()):
+        if set(group) & protected_positions:
+            assert group in [(p,) for p in protected_positions] and is_protected
+        else:
+            assert not is_protected
+    middle = max(length - max(keep_start, 1) - max(keep_end, 1), 0)
+    assert sum(len(g) == 2 for g in groups) == middle // 2  # the rest is paired; an odd one out stays alone
+
+
+def test_plan_pairs_consecutively_with_the_odd_one_out_last():
+    assert plan_merge(8).groups == [(0,), (1, 2), (3, 4), (5, 6), (7,)]
+    assert plan_merge(9).groups == [(0,), (1, 2), (3, 4), (5, 6), (7,), (8,)]
+    assert plan_merge(10, keep_start=3, keep_end=2).groups == [(0,), (1,), (2,), (3, 4), (5, 6), (7,), (8,), (9,)]
+
+
+@pytest.mark.parametrize("keep_start, keep_end", [(-1, 0), (0, -2)])
+def test_negative_spans_are_refused(keep_start, keep_end):
+    with pytest.raises(ValueError, match="must not be negative"):
+        plan_merge(10, keep_start, keep_end)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 200), st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 5), st.integers(0, 5))
+def test_stages_compose_to_contiguous_spans_of_original_tokens(length, cutoffs, keep_start, keep_end):
+    if keep_start + keep_end > length:
+        return
+    stages = plan_stages(length, tuple(cutoffs), keep_start, keep_end)
+    assert [s.cutoff for s in stages] == sorted(cutoffs)
+    previous = length
+    for stage in stages:
+        groups = stage.groups
+        assert [i for g in groups for i in g] == list(range(length))
+        assert len(groups) == stage.plan.merged_length == merged_length(previous, keep_start, keep_end)
+        for position in [*range(keep_start), *range(length - keep_end, length), 0, length - 1]:
+            assert (position,) in groups  # protected and first/last tokens are never merged, at any stage
+        previous = len(groups)
+
+
+def test_slot_positions():
+    stage = plan_stages(7, (1,))[0]  # [(0,), (1, 2), (3, 4), (5,), (6,)]
+    assert slot_positions(stage.first, stage.last, "mean").tolist() == [0, 1.5, 3.5, 5, 6]
+    assert slot_positions(stage.first, stage.last, "first").tolist() == [0, 1, 3, 5, 6]
+    assert slot_positions(stage.first, stage.last, "renumber").tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="positions mode"):
+        slot_positions(stage.first, stage.last, "last")
+
+
+@pytest.mark.parametrize("method", ["slerp", "lerp", "seed-2024"])
+def test_apply_plan_merges_pairs_and_copies_singles_exactly(method):
+    x = torch.randn(2, 11, 16)
+    plan = plan_merge(11, keep_start=2, keep_end=3)
+    out = apply_plan(x, plan, method)
+    assert out.shape == (2, plan.merged_length, 16)
+    for slot, group in enumerate(plan.groups):
+        if len(group) == 1:
+            assert torch.equal(out[:, slot], x[:, group[0]])
+        elif method != "seed-2024":
+            interpolate = slerp if method == "slerp" else lerp
+            torch.testing.assert_close(out[:, slot], interpolate(x[:, group[0]], x[:, group[1]], 0.5))
+
+
+def test_apply_plan_refuses_an_unknown_method():
+    with pytest.raises(ValueError, match="unknown merge method 'mean'"):
+        apply_plan(torch.randn(1, 5, 4), plan_merge(5), "mean")
+
+
+def test_pair_cosines_lists_each_merged_pair():
+    x = torch.randn(1, 9, 8)
+    plan = plan_merge(9)
+    cosines = pair_cosines(x, plan)
+    assert cosines.shape == (1, len(plan.pair_slots))
+    for k, slot in enumerate(plan.pair_slots.tolist()):
+        i = plan.groups[slot][0]
+        torch.testing.assert_close(cosines[0, k], torch.nn.functional.cosine_similarity(x[0, i], x[0, i + 1], dim=0))
