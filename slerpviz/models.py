@@ -82,6 +82,10 @@ def check_allowed(name: str) -> None:
 def load(name: str = EMBEDDED, device: str | None = None, progress=print) -> MergingEngine:
     """An engine for an allow-listed model: the embedded one offline, hub ones in bf16 across the GPUs."""
     check_allowed(name)
+    if name == EMBEDDED and importlib.util.find_spec(EMBEDDED_PACKAGE) is None and not cache_dir().exists():
+        # A Space installs requirements.txt only, without the package; the same model is on the hub there.
+        progress(f"{EMBEDDED_PACKAGE} is not installed; loading the same model from the hub")
+        name = "HuggingFaceTB/SmolLM2-135M-Instruct"
     if name == EMBEDDED:
         folder = prepare_embedded(progress)
         progress(f"Loading {name}")
