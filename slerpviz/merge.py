@@ -12,11 +12,13 @@ faithfully, including its whole-tensor norm, and the engine has a single vectori
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-METHODS = ("slerp", "lerp", "seed-2024")
+METHODS = ("slerp", "lerp", "slerp-dir", "seed-2024")
+CHOICES = ("consecutive", "uniform", "similar")
 POSITION_MODES = ("mean", "first", "renumber")
 
 # |cos| above this and SLERP's sin(theta) denominator loses precision; plain interpolation is then accurate.
@@ -61,6 +63,21 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor = 0.5) -> to
     return (weight_a * a32 + weight_b * b32).to(a.dtype)
 
 
+def slerp_dir(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor = 0.5) -> torch.Tensor:
+    """SLERP of the directions on the unit sphere, given the interpolated norm (1 - t)·|a| + t·|b|.
+
+    Plain SLERP at t = 0.5 inflates the mean by 1/cos(θ/2); this keeps the direction and the average size.
+    The endpoints t = 0 and t = 1 return a and b exactly.
+    """
+    a32, b32 = a.float(), b.float()
+    w = _as_weight(t, a)
+    norm_a = a32.norm(dim=-1, keepdim=True)
+    norm_b = b32.norm(dim=-1, keepdim=True)
+    direction = slerp(a32 / norm_a.clamp_min(_EPS), b32 / norm_b.clamp_min(_EPS), t)
+    mixed = direction * ((1 - w) * norm_a + w * norm_b)
+    return torch.where(w == 0, a32, torch.where(w == 1, b32, mixed)).to(a.dtype)
+
+
 def seed2024(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """What the April 2024 article's code computed, for all pairs of a sequence at once.
 
@@ -77,7 +94,7 @@ def seed2024(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch
     return (torch.sin((1 - w) * theta) / sin_theta * a32 + torch.sin(w * theta) / sin_theta * b32).to(a.dtype)
 
 
-INTERPOLATE = {"slerp": slerp, "lerp": lerp, "seed-2024": seed2024}
+INTERPOLATE = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir, "seed-2024": seed2024}
 
 
 def check_method(method: str) -> None:
@@ -146,31 +163,117 @@ def check_spans(length: int, keep_start: int, keep_end: int) -> None:
         )
 
 
-def plan_merge(length: int, keep_start: int = 0, keep_end: int = 0) -> MergePlan:
-    """Pair consecutive items, except the protected spans and the first and last item, which stay alone.
+def _middle(length: int, keep_start: int, keep_end: int) -> tuple[int, int]:
+    """The items that may merge: [lead, end), after the protected start and first item, before the protected end
+    and last item."""
+    lead = min(max(keep_start, 1), length)
+    return lead, max(length - max(keep_end, 1), lead)
 
-    The unprotected middle is cut into consecutive pairs; when it has odd length its last item stays alone.
+
+def check_ratio(ratio: float) -> None:
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"merge ratio {ratio!r} must be between 0 and 1 (the share of eligible pairs merged)")
+
+
+def choose_pairs(
+    length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
+    similarity: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """First items of the pairs (i, i + 1) to merge, sorted, never overlapping, never protected, first or last.
+
+    The eligible pairs are the consecutive pairs of the middle, (lead, lead+1), (lead+2, lead+3), ...; `ratio` of
+    them are merged: the first ones (`consecutive`), spread evenly (`uniform`), or, for `similar`, the most similar
+    adjacent pairs by `similarity` [length - 1], the cosine of items i and i + 1, at any offset.
     """
     check_spans(length, keep_start, keep_end)
-    lead = min(max(keep_start, 1), length)
-    tail = min(max(keep_end, 1), length - lead)
-    middle = length - lead - tail
-    pairs = middle // 2
-    pair_starts = lead + 2 * torch.arange(pairs)
-    singles_after = torch.arange(lead + 2 * pairs, length)
-    starts = torch.cat([torch.arange(lead), pair_starts, singles_after])
-    sizes = torch.cat(
-        [torch.ones(lead, dtype=torch.long), torch.full((pairs,), 2), torch.ones(len(singles_after), dtype=torch.long)]
-    )
-    zero = torch.full((), length)
-    # Singles before the pairs sit as (zero, x) at t = 1, singles after as (x, zero) at t = 0: the article's layout.
-    a_index = torch.cat([zero.expand(lead), pair_starts, singles_after])
-    b_index = torch.cat([torch.arange(lead), pair_starts + 1, zero.expand(len(singles_after))])
-    t = torch.cat([torch.ones(lead), torch.full((pairs,), 0.5), torch.zeros(len(singles_after))])
-    slots = starts.numel()
-    slot_index = torch.arange(slots)
-    protected = (slot_index < keep_start) | (slot_index >= slots - keep_end)
+    check_ratio(ratio)
+    lead, end = _middle(length, keep_start, keep_end)
+    grid = torch.arange(lead, max(end - 1, lead), 2)
+    count = math.floor(ratio * grid.numel() + 0.5)
+    if choice == "consecutive":
+        return grid[:count]
+    if choice == "uniform":
+        return grid[((torch.arange(count) + 0.5) * grid.numel() / max(count, 1)).long()]
+    if choice == "similar":
+        if similarity is None:
+            raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
+        return most_similar_pairs(similarity, lead, end, count)
+    raise ValueError(f"unknown pair choice {choice!r}; choose one of {', '.join(CHOICES)}")
+
+
+def most_similar_pairs(similarity: torch.Tensor, lead: int, end: int, count: int) -> torch.Tensor:
+    """Greedy non-overlapping matching of adjacent pairs by similarity, then the `count` most similar of it.
+
+    Greedy (take the most similar pair, drop its two neighbours, repeat) is computed in rounds: every pair that is a
+    local maximum among the pairs still open is one greedy would take, so each round takes them all at once. Ties
+    go to the earlier pair, so the result is deterministic. A greedy matching holds at least a third of the middle;
+    when `count` asks for more, fewer pairs are merged.
+    """
+    score = torch.full((similarity.numel(),), -math.inf)
+    if end - lead >= 2:
+        score[lead : end - 1] = similarity.detach().float().cpu()[lead : end - 1]
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    while True:
+        left = torch.nn.functional.pad(score[:-1], (1, 0), value=-math.inf)
+        right = torch.nn.functional.pad(score[1:], (0, 1), value=-math.inf)
+        take = (score > left) & (score >= right) & torch.isfinite(score)
+        if not take.any():
+            break
+        chosen |= take
+        closed = take.clone()
+        closed[1:] |= take[:-1]
+        closed[:-1] |= take[1:]
+        score = score.masked_fill(closed, -math.inf)
+    starts = torch.nonzero(chosen).flatten()
+    if starts.numel() > count:
+        order = torch.sort(similarity.detach().float().cpu()[starts], descending=True, stable=True).indices
+        starts = starts[order[:count]].sort().values
+    return starts
+
+
+def plan_from_pairs(
+    length: int, pair_starts: torch.Tensor, keep_start: int = 0, keep_end: int = 0,
+    weights: torch.Tensor | None = None,
+) -> MergePlan:
+    """The plan that merges items (i, i + 1) for each i in pair_starts and keeps every other item alone.
+
+    `weights` (tokens held by each item, default 1) set t = w_b / (w_a + w_b), so a slot holding two tokens meeting
+    a single one weighs 2:1.
+    """
+    is_pair_start = torch.zeros(length, dtype=torch.bool)
+    is_pair_start[pair_starts] = True
+    is_second = torch.zeros(length, dtype=torch.bool)
+    is_second[pair_starts + 1] = True
+    starts = torch.nonzero(~is_second).flatten()
+    pair = is_pair_start[starts]
+    sizes = 1 + pair.long()
+    # Singles before the first pair sit as (zero, x) at t = 1, the others as (x, zero) at t = 0: the article's
+    # layout, with index `length` standing for the zero row.
+    first_pair = int(pair_starts.min()) if pair_starts.numel() else length
+    before = ~pair & (starts < first_pair)
+    zero = torch.full_like(starts, length)
+    second = (starts + 1).clamp(max=length - 1)
+    a_index = torch.where(before, zero, starts)
+    b_index = torch.where(pair, second, torch.where(before, starts, zero))
+    w = torch.ones(length) if weights is None else weights.float().cpu()
+    t_pair = w[second] / (w[starts] + w[second])
+    t = torch.where(pair, t_pair, before.float())
+    slot_index = torch.arange(starts.numel())
+    protected = (slot_index < keep_start) | (slot_index >= starts.numel() - keep_end)
     return MergePlan(length, keep_start, keep_end, starts, sizes, a_index, b_index, t, protected)
+
+
+def plan_merge(
+    length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
+    similarity: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+) -> MergePlan:
+    """Pair consecutive items, except the protected spans and the first and last item, which stay alone.
+
+    By default the whole unprotected middle is cut into consecutive pairs; when it has odd length its last item
+    stays alone. `ratio` and `choice` merge only some of the pairs (see choose_pairs).
+    """
+    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity)
+    return plan_from_pairs(length, pairs, keep_start, keep_end, weights)
 
 
 def apply_plan(x: torch.Tensor, plan: MergePlan, method: str = "slerp") -> torch.Tensor:
@@ -204,24 +307,56 @@ class Stage:
     last: torch.Tensor  # long [slots]: last original token of each slot
 
     @property
+    def sizes(self) -> torch.Tensor:
+        """Original tokens held by each slot."""
+        return self.last - self.first + 1
+
+    @property
     def groups(self) -> list[tuple[int, ...]]:
         """Original token positions of each slot after this stage."""
         return [tuple(range(f, l + 1)) for f, l in zip(self.first.tolist(), self.last.tolist())]
 
 
-def plan_stages(length: int, cutoffs: tuple[int, ...], keep_start: int = 0, keep_end: int = 0) -> list[Stage]:
-    """One plan per cutoff, each over the slots of the stage before; the spans compose to original tokens.
+def next_stage(
+    first: torch.Tensor, last: torch.Tensor, cutoff: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0,
+    choice: str = "consecutive", similarity: torch.Tensor | None = None, size_weighted: bool = True,
+) -> Stage:
+    """Merge the slots [first, last] of the stage before (or the tokens) once more.
 
     Protected tokens are singles at both ends of every stage, so the same keep_start / keep_end counted in slots
     protect the same original tokens at every stage.
     """
+    weights = (last - first + 1) if size_weighted else None
+    plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights)
+    return Stage(cutoff, plan, first[plan.starts], last[plan.starts + plan.sizes - 1])
+
+
+def ratio_per_stage(ratio: float | tuple[float, ...], stages: int) -> tuple[float, ...]:
+    """One merge ratio per cutoff: a single number applies to all."""
+    ratios = (ratio,) * stages if isinstance(ratio, (int, float)) else tuple(ratio)
+    if len(ratios) != stages:
+        raise ValueError(f"{len(ratios)} merge ratios for {stages} cutoffs: give one, or one per cutoff")
+    for r in ratios:
+        check_ratio(r)
+    return ratios
+
+
+def plan_stages(
+    length: int, cutoffs: tuple[int, ...], keep_start: int = 0, keep_end: int = 0,
+    ratio: float | tuple[float, ...] = 1.0, choice: str = "consecutive", size_weighted: bool = True,
+) -> list[Stage]:
+    """One plan per cutoff, each over the slots of the stage before; the spans compose to original tokens.
+
+    The `similar` choice depends on the hidden states at each cutoff, so only the engine can plan it.
+    """
     check_spans(length, keep_start, keep_end)
+    ratios = ratio_per_stage(ratio, len(cutoffs))
     first = last = torch.arange(length)
     stages = []
-    for cutoff in sorted(cutoffs):
-        plan = plan_merge(first.numel(), keep_start, keep_end)
-        first, last = first[plan.starts], last[plan.starts + plan.sizes - 1]
-        stages.append(Stage(cutoff, plan, first, last))
+    for cutoff, stage_ratio in zip(sorted(cutoffs), ratios):
+        stage = next_stage(first, last, cutoff, keep_start, keep_end, stage_ratio, choice, None, size_weighted)
+        first, last = stage.first, stage.last
+        stages.append(stage)
     return stages
 
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slerpviz.merge import (
-    apply_plan, lerp, merged_length, pair_cosines, plan_merge, plan_stages, seed2024, slerp, slot_positions,
+    CHOICES, apply_plan, choose_pairs, lerp, merged_length, most_similar_pairs, pair_cosines, plan_from_pairs,
+    plan_merge, plan_stages, slerp, slerp_dir, slot_positions,
 )
 
 
@@ -203,7 +204,7 @@ def test_slot_positions():
         slot_positions(stage.first, stage.last, "last")
 
 
-@pytest.mark.parametrize("method", ["slerp", "lerp", "seed-2024"])
+@pytest.mark.parametrize("method", ["slerp", "lerp", "slerp-dir", "seed-2024"])
 def test_apply_plan_merges_pairs_and_copies_singles_exactly(method):
     x = torch.randn(2, 11, 16)
     plan = plan_merge(11, keep_start=2, keep_end=3)
@@ -213,7 +214,7 @@ def test_apply_plan_merges_pairs_and_copies_singles_exactly(method):
         if len(group) == 1:
             assert torch.equal(out[:, slot], x[:, group[0]])
         elif method != "seed-2024":
-            interpolate = slerp if method == "slerp" else lerp
+            interpolate = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir}[method]
             torch.testing.assert_close(out[:, slot], interpolate(x[:, group[0]], x[:, group[1]], 0.5))
 
 
@@ -230,3 +231,106 @@ def test_pair_cosines_lists_each_merged_pair():
     for k, slot in enumerate(plan.pair_slots.tolist()):
         i = plan.groups[slot][0]
         torch.testing.assert_close(cosines[0, k], torch.nn.functional.cosine_similarity(x[0, i], x[0, i + 1], dim=0))
+
+
+# -------------------------------------------------------------------------- which pairs: ratio, choice, similarity
+
+
+def reference_greedy(similarity, lead, end):
+    """Greedy matching the slow, obvious way: most similar first, earlier wins ties, skip overlapping pairs."""
+    order = sorted(range(lead, end - 1), key=lambda i: (-similarity[i], i))
+    taken, used = [], set()
+    for i in order:
+        if i not in used and i + 1 not in used:
+            taken.append(i)
+            used |= {i, i + 1}
+    return taken
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 120), st.integers(0, 6), st.integers(0, 6), st.floats(0, 1), st.sampled_from(CHOICES),
+       st.integers(0, 2**31 - 1))
+def test_every_choice_keeps_the_plan_invariants(length, keep_start, keep_end, ratio, choice, seed):
+    if keep_start + keep_end > length:
+        return
+    similarity = torch.rand(length - 1, generator=torch.Generator().manual_seed(seed))
+    plan = plan_merge(length, keep_start, keep_end, ratio, choice, similarity)
+    groups = plan.groups
+    assert [i for g in groups for i in g] == list(range(length))
+    assert int(plan.sizes.sum()) == length
+    for position in [*range(keep_start), *range(length - keep_end, length), 0, length - 1]:
+        assert (position,) in groups
+    eligible = max(length - max(keep_start, 1) - max(keep_end, 1), 0) // 2
+    pairs = int((plan.sizes == 2).sum())
+    if choice == "similar":
+        assert pairs <= math.floor(ratio * eligible + 0.5)
+        assert plan_merge(length, keep_start, keep_end, ratio, choice, similarity).groups == groups  # deterministic
+    else:
+        assert pairs == math.floor(ratio * eligible + 0.5)
+
+
+def test_ratio_one_consecutive_is_the_plain_plan_bit_for_bit():
+    for length, keep_start, keep_end in [(1, 0, 0), (9, 0, 0), (40, 3, 5), (41, 0, 7)]:
+        plain, explicit = plan_merge(length, keep_start, keep_end), plan_merge(length, keep_start, keep_end, 1.0,
+                                                                              "consecutive")
+        for name in ("starts", "sizes", "a_index", "b_index", "t", "protected"):
+            assert torch.equal(getattr(plain, name), getattr(explicit, name))
+
+
+def test_consecutive_takes_the_first_pairs_and_uniform_spreads_them():
+    assert choose_pairs(21, ratio=0.5).tolist() == [1, 3, 5, 7, 9]
+    uniform = choose_pairs(21, ratio=0.5, choice="uniform").tolist()  # 10 eligible pairs at 1, 3, ..., 19
+    assert uniform == [1, 5, 9, 13, 17][: len(uniform)] or uniform == [3, 7, 11, 15, 19]
+    assert len(uniform) == 5 and {b - a for a, b in zip(uniform, uniform[1:])} == {4}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 80), st.integers(0, 4), st.integers(0, 4), st.integers(0, 2**31 - 1))
+def test_similar_is_the_greedy_matching_of_the_most_similar_adjacent_pairs(length, keep_start, keep_end, seed):
+    if keep_start + keep_end > length:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    similarity = torch.randint(0, 5, (length - 1,), generator=generator).float()  # many ties on purpose
+    lead, end = max(keep_start, 1), max(length - max(keep_end, 1), max(keep_start, 1))
+    expected = sorted(reference_greedy(similarity.tolist(), lead, end))
+    assert choose_pairs(length, keep_start, keep_end, 1.0, "similar", similarity).tolist() == expected
+    count = len(expected) // 2
+    best = sorted(sorted(expected, key=lambda i: (-similarity[i], i))[:count])
+    assert most_similar_pairs(similarity, lead, end, count).tolist() == best
+
+
+def test_similar_needs_a_similarity_and_unknown_choices_are_refused():
+    with pytest.raises(ValueError, match="needs the similarity"):
+        choose_pairs(10, choice="similar")
+    with pytest.raises(ValueError, match="unknown pair choice 'random'"):
+        choose_pairs(10, choice="random")
+    with pytest.raises(ValueError, match="merge ratio 1.5 must be between 0 and 1"):
+        choose_pairs(10, ratio=1.5)
+
+
+def test_size_weights_set_t_by_the_tokens_each_side_holds():
+    plan = plan_from_pairs(4, torch.tensor([1]), weights=torch.tensor([1, 2, 1, 1]))
+    assert plan.groups == [(0,), (1, 2), (3,)]
+    assert plan.t[1].item() == pytest.approx(1 / 3)  # a slot of two tokens meets a single one: weights 2:1
+    stages = plan_stages(9, (1, 2))  # [(0,), (1,2), (3,4), (5,6), (7,), (8,)] then (1..4), (5..7)
+    assert stages[1].groups == [(0,), (1, 2, 3, 4), (5, 6, 7), (8,)]
+    assert stages[1].plan.t[stages[1].plan.pair_slots].tolist() == pytest.approx([0.5, 1 / 3])
+    unweighted = plan_stages(9, (1, 2), size_weighted=False)[1].plan
+    assert unweighted.t[unweighted.pair_slots].tolist() == [0.5, 0.5]
+
+
+def test_ratios_per_cutoff():
+    stages = plan_stages(41, (3, 6), ratio=(1.0, 0.5))
+    assert stages[0].plan.merged_length == 22 and stages[1].plan.merged_length == 22 - 5  # 19 pairs, then 5 of 10
+    with pytest.raises(ValueError, match="2 merge ratios for 1 cutoffs"):
+        plan_stages(41, (3,), ratio=(1.0, 0.5))
+
+
+def test_slerp_dir_keeps_slerps_direction_with_the_mean_norm():
+    a, b = torch.randn(20, 16) * 4, torch.randn(20, 16)
+    out = slerp_dir(a, b, 0.5)
+    torch.testing.assert_close(out.norm(dim=-1), (a.norm(dim=-1) + b.norm(dim=-1)) / 2)
+    unit_slerp = slerp(torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1), 0.5)
+    torch.testing.assert_close(torch.nn.functional.normalize(out, dim=-1), unit_slerp, atol=1e-5, rtol=1e-5)
+    assert torch.equal(slerp_dir(a, b, 0.0), a) and torch.equal(slerp_dir(a, b, 1.0), b)
+    assert torch.isfinite(slerp_dir(a, torch.zeros_like(a), 0.5)).all()
