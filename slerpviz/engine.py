@@ -16,7 +16,10 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .merge import POSITION_MODES, Stage, apply_plan, check_method, check_spans, pair_cosines, plan_stages, slot_positions
+from .merge import (
+    CHOICES, POSITION_MODES, Stage, adjacent_cosines, apply_plan, check_method, check_spans, next_stage, pair_cosines,
+    plan_stages, ratio_per_stage, slot_positions,
+)
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
 MODES = ("cached", "recompute")
@@ -31,6 +34,10 @@ class MergeSettings:
     keep_end: int = 0
     method: str = "slerp"
     positions: str = "mean"
+    ratio: float | tuple[float, ...] = 1.0  # share of eligible pairs merged, one for all cutoffs or one each
+    choice: str = "consecutive"  # which pairs: consecutive, uniform, or the most similar at the cutoff
+    proportional: bool = False  # add log(tokens held) to a merged key's attention logit
+    size_weighted: bool = True  # t follows the tokens each side holds when merged slots merge again
 
     def __post_init__(self):
         object.__setattr__(self, "cutoffs", tuple(sorted(self.cutoffs)))
@@ -65,6 +72,8 @@ class Trace:
     generated_ids: list[int] = field(default_factory=list)
     text: str = ""
     finished: bool = False
+    plan_pending: bool = False  # the `similar` choice is planned at the cutoff, during the prefill
+    slot_sizes: list[list[int]] = field(default_factory=list)  # per stage: original tokens in each slot
 
     @property
     def prompt_length(self) -> int:
@@ -85,11 +94,23 @@ class Step:
 
 @dataclass(frozen=True)
 class _Segment:
-    """Layers [start, end) run on one sequence; a new token sits at original position + offset there."""
+    """Layers [start, end) run on one sequence; a new token sits at original position + offset there.
+
+    `log_sizes` holds log(tokens per slot) when proportional attention is on and some slot holds more than one.
+    """
 
     start: int
     end: int
     offset: float
+    log_sizes: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a prefill decided, for the decode steps and the trace: the segments and the realised merge stages."""
+
+    segments: list[_Segment]
+    stages: list[Stage]
 
 
 def check_supported(model) -> None:
@@ -145,6 +166,9 @@ class MergingEngine:
         check_method(settings.method)
         if settings.positions not in POSITION_MODES:
             raise ValueError(f"unknown positions mode {settings.positions!r}; choose one of {', '.join(POSITION_MODES)}")
+        if settings.choice not in CHOICES:
+            raise ValueError(f"unknown pair choice {settings.choice!r}; choose one of {', '.join(CHOICES)}")
+        ratio_per_stage(settings.ratio, len(settings.cutoffs))
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if sampling is not None:
@@ -161,35 +185,39 @@ class MergingEngine:
                     f"model's context of {context} tokens"
                 )
 
-    def plan(self, input_ids: torch.Tensor, settings: MergeSettings) -> list[Stage]:
+    def plan(self, input_ids: torch.Tensor, settings: MergeSettings) -> list[Stage] | None:
+        """The merge stages for a prompt, or None for the `similar` choice, which is planned at each cutoff."""
         self.validate(input_ids.shape[-1], settings)
-        return plan_stages(input_ids.shape[-1], tuple(settings.cutoffs), settings.keep_start, settings.keep_end)
+        if settings.choice == "similar":
+            return None
+        return plan_stages(input_ids.shape[-1], settings.cutoffs, settings.keep_start, settings.keep_end,
+                           settings.ratio, settings.choice, settings.size_weighted)
 
     def new_trace(self, input_ids: torch.Tensor, settings: MergeSettings, mode: str = "cached") -> Trace:
-        """The trace of a run before it starts: the plan and the sequence length per layer."""
+        """The trace of a run before it starts: the plan (unless it depends on the hidden states) and the shapes."""
         stages = self.plan(input_ids, settings)
-        length = input_ids.shape[-1]
-        seq_len_per_layer = [length] * self.num_layers
-        for stage in stages:
-            for layer in range(stage.cutoff, self.num_layers):
-                seq_len_per_layer[layer] = stage.plan.merged_length
-        return Trace(
-            tokens=self.token_strings(input_ids),
-            groups=[[list(g) for g in stage.groups] for stage in stages],
-            protected=[stage.plan.protected.tolist() for stage in stages],
-            cutoffs=[stage.cutoff for stage in stages],
-            seq_len_per_layer=seq_len_per_layer,
-            num_layers=self.num_layers,
-            mode=mode,
-            settings=asdict(settings),
+        trace = Trace(
+            tokens=self.token_strings(input_ids), groups=[], protected=[], cutoffs=list(settings.cutoffs),
+            seq_len_per_layer=[], num_layers=self.num_layers, mode=mode, settings=asdict(settings),
+            plan_pending=stages is None,
         )
+        if stages is not None:
+            record_plan(trace, stages)
+        return trace
 
     # ---------------------------------------------------------------------------------------------------------------
     # The forward pass
     # ---------------------------------------------------------------------------------------------------------------
 
-    def _run_layers(self, h: torch.Tensor, start: int, end: int, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Layers [start, end) on h [1, L, d]; positions [L] go only into RoPE, never into the mask builders."""
+    def _run_layers(
+        self, h: torch.Tensor, start: int, end: int, positions: torch.Tensor, cache,
+        log_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Layers [start, end) on h [1, L, d]; positions [L] go only into RoPE, never into the mask builders.
+
+        With `log_sizes`, the attention logit of each cached or current key that stands for several tokens is
+        raised by log(tokens), through an additive float mask (works with sdpa and eager alike).
+        """
         position_embeddings = self.decoder.rotary_emb(h, positions[None].to(h.device))
         masks = {}  # one mask per attention type, sized against this segment's own cache
         for index in range(start, end):
@@ -199,8 +227,10 @@ class MergingEngine:
                 # position_ids=None: merged positions do not step by 1 and would read as packed sequences.
                 masks[sliding] = build(
                     config=self.config, inputs_embeds=h, attention_mask=None, cache=cache, position_ids=None,
-                    layer_idx=start,
+                    layer_idx=start, allow_is_causal_skip=log_sizes is None,
                 )
+                if log_sizes is not None:
+                    masks[sliding] = _add_key_bias(masks[sliding], log_sizes, h.dtype)
             h = self.decoder.layers[index](
                 h, attention_mask=masks[sliding], position_ids=None, cache=cache, use_cache=cache is not None,
                 position_embeddings=position_embeddings,
@@ -213,35 +243,52 @@ class MergingEngine:
 
     @torch.inference_mode()
     def prefill(
-        self, input_ids: torch.Tensor, stages: list[Stage], settings: MergeSettings, cache=None
-    ) -> tuple[torch.Tensor, list[_Segment], list[torch.Tensor]]:
-        """Run the whole prompt, merging at each stage's cutoff.
+        self, input_ids: torch.Tensor, stages: list[Stage] | None, settings: MergeSettings, cache=None
+    ) -> tuple[torch.Tensor, Layout, list[torch.Tensor]]:
+        """Run the whole prompt, merging at each cutoff.
 
-        Returns the next-token logits, the segments (for decode steps) and the cosine of each merged pair.
+        `stages` is the plan (from plan_stages), or None to plan at each cutoff, which `similar` requires.
+        Returns the next-token logits, the layout (for decode steps) and the cosine of each merged pair.
         """
         length = input_ids.shape[-1]
+        cutoffs = [stage.cutoff for stage in stages] if stages is not None else list(settings.cutoffs)
+        ratios = ratio_per_stage(settings.ratio, len(cutoffs))
         h = self.decoder.embed_tokens(input_ids)
         positions = torch.arange(length, dtype=torch.float32)
-        segments, cosines, start = [], [], 0
-        for stage in [*stages, None]:
-            end = self.num_layers if stage is None else stage.cutoff
+        first = last = torch.arange(length)
+        log_sizes = None
+        segments, realised, cosines, start = [], [], [], 0
+        for index, cutoff in enumerate([*cutoffs, None]):
+            end = self.num_layers if cutoff is None else cutoff
             if end > start:
-                h = self._run_layers(h, start, end, positions, cache)
+                h = self._run_layers(h, start, end, positions, cache, log_sizes)
                 # The last token is always its own slot, so a new token's position follows the last slot's.
-                segments.append(_Segment(start, end, float(positions[-1]) - (length - 1)))
+                segments.append(_Segment(start, end, float(positions[-1]) - (length - 1), log_sizes))
                 start = end
-            if stage is not None:
-                cosines.append(pair_cosines(h, stage.plan))
-                h = apply_plan(h, stage.plan, settings.method)
-                positions = slot_positions(stage.first, stage.last, settings.positions)
-        return self._logits(h), segments, cosines
+            if cutoff is None:
+                break
+            if stages is not None:
+                stage = stages[index]
+            else:
+                similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
+                stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratios[index],
+                                   settings.choice, similarity, settings.size_weighted)
+            cosines.append(pair_cosines(h, stage.plan))
+            h = apply_plan(h, stage.plan, settings.method)
+            first, last = stage.first, stage.last
+            positions = slot_positions(first, last, settings.positions)
+            if settings.proportional and bool((stage.sizes > 1).any()):
+                log_sizes = stage.sizes.float().log()
+            realised.append(stage)
+        return self._logits(h), Layout(segments, realised), cosines
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, position: int, segments: list[_Segment], cache) -> torch.Tensor:
+    def decode(self, token: torch.Tensor, position: int, layout: Layout, cache) -> torch.Tensor:
         """Feed one token [1, 1] at original position `position` through every layer's cache."""
         h = self.decoder.embed_tokens(token)
-        for segment in segments:
-            h = self._run_layers(h, segment.start, segment.end, torch.tensor([position + segment.offset]), cache)
+        for segment in layout.segments:
+            h = self._run_layers(h, segment.start, segment.end, torch.tensor([position + segment.offset]), cache,
+                                 segment.log_sizes)
         return self._logits(h)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -287,6 +334,7 @@ class Run:
         self.engine, self.input_ids, self.settings, self.sampling, self.mode = engine, input_ids, settings, sampling, mode
         self.trace = engine.new_trace(input_ids, settings, mode)
         self.cache = None
+        self.layout: Layout | None = None
         self._steps = self._generate()
 
     def __iter__(self) -> Iterator[Step]:
@@ -300,7 +348,6 @@ class Run:
 
     def _generate(self) -> Iterator[Step]:
         engine, trace, sampling = self.engine, self.trace, self.sampling
-        length = self.input_ids.shape[-1]
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         warp = _warpers(sampling)
         ids = self.input_ids
@@ -310,15 +357,12 @@ class Run:
             began = time.perf_counter()
             if self.mode == "recompute":
                 # The article's semantics: no cache, re-plan and re-merge the whole sequence every step.
-                stages = plan_stages(ids.shape[-1], self.settings.cutoffs, self.settings.keep_start,
-                                     self.settings.keep_end)
-                logits, _, cosines = engine.prefill(ids, stages, self.settings)
+                logits, layout, cosines = engine.prefill(ids, None, self.settings)
             elif step == 0:
                 self.cache = DynamicCache(config=engine.config)
-                stages = plan_stages(length, self.settings.cutoffs, self.settings.keep_start, self.settings.keep_end)
-                logits, self.segments, cosines = engine.prefill(ids, stages, self.settings, self.cache)
+                logits, self.layout, cosines = engine.prefill(ids, None, self.settings, self.cache)
             else:
-                logits = engine.decode(ids[:, -1:], ids.shape[-1] - 1, self.segments, self.cache)
+                logits = engine.decode(ids[:, -1:], ids.shape[-1] - 1, self.layout, self.cache)
             token = _choose(logits, ids, warp, generator)
             engine.sync()
             seconds = time.perf_counter() - began
@@ -326,6 +370,8 @@ class Run:
             if step == 0:
                 trace.prefill_s = seconds
                 trace.pair_cosines = [c.flatten().tolist() for c in cosines]
+                if trace.plan_pending:
+                    record_plan(trace, (layout if self.mode == "recompute" else self.layout).stages)
             else:
                 trace.decode_s.append(seconds)
             if self.cache is not None:
@@ -356,6 +402,32 @@ def interleave(*runs: Run) -> Iterator[tuple[Step | None, ...]]:
             steps.append(step)
         if any(step is not None for step in steps):
             yield tuple(steps)
+
+
+def record_plan(trace: Trace, stages: list[Stage]) -> None:
+    """Write the merge stages into the trace: slots as original positions, protection, sizes, length per layer."""
+    trace.groups = [[list(g) for g in stage.groups] for stage in stages]
+    trace.protected = [stage.plan.protected.tolist() for stage in stages]
+    trace.slot_sizes = [stage.sizes.tolist() for stage in stages]
+    trace.cutoffs = [stage.cutoff for stage in stages]
+    trace.seq_len_per_layer = [trace.prompt_length] * trace.num_layers
+    for stage in stages:
+        for layer in range(stage.cutoff, trace.num_layers):
+            trace.seq_len_per_layer[layer] = stage.plan.merged_length
+    trace.plan_pending = False
+
+
+def _add_key_bias(mask: torch.Tensor, log_sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive float mask [.., q, kv] from a bool or float causal mask, plus log(size) of each key.
+
+    Keys past the merged slots (tokens fed after the prefill) hold one token each: bias 0.
+    """
+    kv = mask.shape[-1]
+    bias = torch.zeros(kv, dtype=torch.float32, device=mask.device)
+    bias[: log_sizes.numel()] = log_sizes.to(mask.device)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask + bias.to(dtype)
 
 
 def kv_bytes_per_layer(cache) -> list[int]:

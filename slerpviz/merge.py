@@ -286,6 +286,11 @@ def apply_plan(x: torch.Tensor, plan: MergePlan, method: str = "slerp") -> torch
     return INTERPOLATE[method](a, b, plan.t.to(device))
 
 
+def adjacent_cosines(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every item with the next one, x [batch, length, d] -> [batch, length - 1]."""
+    return cosine(x[:, :-1], x[:, 1:])
+
+
 def pair_cosines(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """Cosine similarity of the two members of each merged pair of x [batch, length, d]: [batch, pairs]."""
     first = plan.starts[plan.pair_slots].to(x.device)

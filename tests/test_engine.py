@@ -47,7 +47,7 @@ def test_without_merging_cached_decode_logits_match_a_full_forward(engine):
     n = 6
     tokens, run = greedy(engine, ids, MergeSettings(), n + 1)
     full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
-    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.segments, _rewound(run))
+    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
     torch.testing.assert_close(cached, hf_last_logits(engine.model, full), atol=1e-5, rtol=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_cached_decoding_equals_a_full_pass_with_the_prompt_plan_kept(engine, se
     kept = MergeSettings(settings.cutoffs, settings.keep_start, max(settings.keep_end, 1) + n, settings.method,
                          settings.positions)
     reference, _, _ = engine_prefill(engine, full, kept)
-    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.segments, _rewound(run))
+    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
 
 
@@ -227,3 +227,83 @@ def test_models_off_the_allow_list_are_refused_before_any_download():
         load("gpt2")
     with pytest.raises(ValueError, match="not on the allow-list"):
         load("someone/evil-remote-code-model")
+
+
+# ------------------------------------------------- choosing pairs, proportional attention, size-weighted merging
+
+
+FRONTIER_SETTINGS = [
+    MergeSettings(cutoffs=(2,), ratio=0.5, choice="similar"),
+    MergeSettings(cutoffs=(1, 4), ratio=(1.0, 0.5), choice="uniform", proportional=True, keep_start=2),
+    MergeSettings(cutoffs=(3,), choice="similar", proportional=True, method="slerp-dir", keep_end=3),
+]
+
+
+def test_ratio_one_consecutive_without_proportional_attention_is_the_plain_merge_bit_for_bit(engine):
+    ids = random_ids(33, seed=9)
+    plain, _, _ = engine_prefill(engine, ids, MergeSettings(cutoffs=(3,), keep_start=2))
+    explicit, _, _ = engine.prefill(ids, None, MergeSettings(cutoffs=(3,), keep_start=2, ratio=1.0,
+                                                             choice="consecutive", proportional=False))
+    assert torch.equal(plain, explicit)
+
+
+@pytest.mark.parametrize("settings", FRONTIER_SETTINGS, ids=lambda s: f"{s.choice}-{s.ratio}-{s.proportional}")
+def test_cached_decoding_with_chosen_pairs_equals_a_full_pass(engine, settings):
+    ids = random_ids(30, seed=6)
+    n = 4
+    tokens, run = greedy(engine, ids, settings, n + 1)
+    full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
+    kept = MergeSettings(settings.cutoffs, settings.keep_start, max(settings.keep_end, 1) + n, settings.method,
+                         settings.positions, settings.ratio, settings.choice, settings.proportional)
+    reference, layout, _ = engine.prefill(full, None, kept)
+    assert [s.groups for s in layout.stages] == [[g for g in s.groups] + [(p,) for p in range(30, 30 + n)]
+                                                 for s in run.layout.stages]
+    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", FRONTIER_SETTINGS, ids=lambda s: f"{s.choice}-{s.ratio}-{s.proportional}")
+def test_cached_and_recompute_agree_with_chosen_pairs(engine, settings):
+    ids = random_ids(27, seed=8)
+    cached, _, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
+    recomputed, _, _ = engine.prefill(ids, None, settings)
+    torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+
+
+def test_proportional_attention_works_with_eager_and_sdpa_and_changes_the_result():
+    ids = random_ids(36, seed=2)
+    settings = MergeSettings(cutoffs=(1, 3), proportional=True)
+    eager, _, _ = tiny_engine("mistral", "eager").prefill(ids, None, settings)
+    sdpa, _, _ = tiny_engine("mistral", "sdpa").prefill(ids, None, settings)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+    plain, _, _ = tiny_engine("mistral", "sdpa").prefill(ids, None, MergeSettings(cutoffs=(1, 3)))
+    assert not torch.allclose(plain, sdpa, atol=1e-4)
+
+
+def test_similar_pairs_are_planned_at_the_cutoff_and_recorded():
+    engine = tiny_engine("qwen2")
+    ids = random_ids(40, seed=4)
+    settings = MergeSettings(cutoffs=(2, 4), ratio=0.6, choice="similar", keep_start=3, keep_end=4)
+    run = engine.start(ids, settings, Sampling(max_new_tokens=2))
+    assert run.trace.plan_pending and run.trace.groups == []
+    list(run)
+    trace = run.trace
+    assert not trace.plan_pending and len(trace.groups) == 2
+    for groups, sizes in zip(trace.groups, trace.slot_sizes):
+        assert sum(sizes) == 40 and [len(g) for g in groups] == sizes
+        for position in [0, 1, 2, 36, 37, 38, 39]:
+            assert [position] in groups
+    assert trace.seq_len_per_layer[2] == len(trace.groups[0]) < 40
+    again = engine.start(ids, settings, Sampling(max_new_tokens=2))
+    list(again)
+    assert again.trace.groups == trace.groups  # deterministic for the same input
+
+
+def test_bad_ratio_and_choice_are_refused():
+    engine = tiny_engine("llama")
+    with pytest.raises(ValueError, match="unknown pair choice 'best'"):
+        engine.start(random_ids(20), MergeSettings(cutoffs=(2,), choice="best"))
+    with pytest.raises(ValueError, match="merge ratio 2 must be between 0 and 1"):
+        engine.start(random_ids(20), MergeSettings(cutoffs=(2,), ratio=2))
+    with pytest.raises(ValueError, match="3 merge ratios for 2 cutoffs"):
+        engine.start(random_ids(20), MergeSettings(cutoffs=(2, 3), ratio=(1.0, 0.5, 0.2)))
