@@ -7,7 +7,7 @@ import json
 import sys
 
 from .engine import MODES, MergeSettings, Sampling, Trace, interleave
-from .merge import METHODS, POSITION_MODES
+from .merge import CHOICES, METHODS, POSITION_MODES
 from .models import ALLOWED_MODELS, EMBEDDED, load
 
 
@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--keep-end", type=int, default=0, help="tokens at the end never merged")
     gen.add_argument("--method", default="slerp", help=f"one of: {', '.join(METHODS)}")
     gen.add_argument("--positions", default="mean", help=f"one of: {', '.join(POSITION_MODES)}")
+    gen.add_argument("--ratio", type=float, action="append", default=None,
+                     help="share of eligible pairs merged at each cutoff (one for all, or one per --cutoff)")
+    gen.add_argument("--choice", default="consecutive", help=f"which pairs: {', '.join(CHOICES)}")
+    gen.add_argument("--proportional", action="store_true",
+                     help="proportional attention: add log(tokens held) to a merged key's attention logit")
     gen.add_argument("--mode", default="cached", help=f"one of: {', '.join(MODES)}")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
@@ -48,7 +53,9 @@ def summary(trace: Trace) -> dict:
 def generate(args) -> dict:
     engine = load(args.model, progress=lambda message: print(message, file=sys.stderr))
     cutoffs = tuple(args.cutoff) if args.cutoff is not None else (engine.num_layers // 2,)
-    merged_settings = MergeSettings(cutoffs, args.keep_start, args.keep_end, args.method, args.positions)
+    ratio = 1.0 if args.ratio is None else args.ratio[0] if len(args.ratio) == 1 else tuple(args.ratio)
+    merged_settings = MergeSettings(cutoffs, args.keep_start, args.keep_end, args.method, args.positions, ratio,
+                                    args.choice, args.proportional)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     ids = engine.encode(args.prompt, chat=not args.no_chat)
     # Both runs are created (and so validated) before either generates: bad input changes nothing.
@@ -66,6 +73,7 @@ def generate(args) -> dict:
             "groups": merged.trace.groups,
             "protected": merged.trace.protected,
             "pair_cosines": merged.trace.pair_cosines,
+            "slot_sizes": merged.trace.slot_sizes,
             "settings": merged.trace.settings,
         },
         "seq_len_per_layer": {"base": base.trace.seq_len_per_layer, "merged": merged.trace.seq_len_per_layer},
