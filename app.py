@@ -1,0 +1,41 @@
+"""Entry point: `python app.py` opens the page; on a Hugging Face Space this same file is the app file.
+
+It only builds the Blocks from the library and launches them. Flags win over the environment:
+  --host  / $SLERPVIZ_HOST, else $GRADIO_SERVER_NAME, else 127.0.0.1
+  --port  / $SLERPVIZ_PORT, else $GRADIO_SERVER_PORT, else 7860
+  --share / $SLERPVIZ_SHARE=1 for a public gradio.live link
+  --model / $SLERPVIZ_MODEL, else Mistral-7B-Instruct where a GPU has room, else the embedded SmolLM2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from slerpviz.models import ALLOWED_MODELS
+from slerpviz.ui import build_app, default_model, serve
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="slerpviz: base and merged generations side by side")
+    parser.add_argument("--host", default=os.environ.get("SLERPVIZ_HOST"),
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network)")
+    port = os.environ.get("SLERPVIZ_PORT")
+    parser.add_argument("--port", type=int, default=int(port) if port else None, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", default=os.environ.get("SLERPVIZ_SHARE") == "1",
+                        help="also open a public gradio.live link")
+    parser.add_argument("--model", choices=ALLOWED_MODELS, default=None, metavar="NAME",
+                        help="model loaded when the app starts, one of: " + "; ".join(ALLOWED_MODELS)
+                        + " (default: $SLERPVIZ_MODEL, else Mistral-7B-Instruct where a GPU has room, else the "
+                        "embedded SmolLM2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    demo = build_app(model=args.model or default_model())
+    serve(demo, host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Fidelity: how far the merged model's next token strays from the base model's, over real texts.
+
+For each text and prefix length the base model is run once (its next-token distribution and its greedy
+continuation); every merged setting is then compared against that one reference:
+  top1            merged top-1 token == base top-1 token
+  top5            base top-1 token is among merged's top 5
+  top5_overlap    |merged top-5 ∩ base top-5| / 5
+  kl              KL(base ‖ merged) of the next-token distributions, in nats
+  tokens_to_divergence
+                  greedy continuations (cached decoding, as the app runs) agree for this many tokens before the first
+                  difference; `continuation` when they never differ within it (censored).
+The last one is teacher-forced: the merged model is fed the base model's continuation, and the first step where its
+greedy choice differs is where a free merged continuation would first differ, so each setting stops at its first
+difference instead of generating the whole continuation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..engine import MergeSettings, MergingEngine
+from ..merge import METHODS, POSITION_MODES
+from .schedules import Schedule, label
+
+# How a merge is done, apart from where: the settings a "best" is chosen among.
+VARIANT_KEYS = ("method", "positions", "choice", "proportional")
+
+FIDELITY_COLUMNS = (
+    "text", "prefix", "schedule", "stages", "first_cutoff", *VARIANT_KEYS, "ratio",
+    "top1", "top5", "top5_overlap", "kl", "tokens_to_divergence", "censored",
+)
+
+SUMMARY_COLUMNS = (
+    "schedule", "stages", "first_cutoff", *VARIANT_KEYS, "samples",
+    "top1", "top5", "top5_overlap", "kl_mean", "kl_median", "tokens_to_divergence_mean", "censored_share",
+)
+
+
+@dataclass(frozen=True)
+class FidelityPlan:
+    """The grid: every schedule × method × positions (× pair choice × proportional attention, one each by
+    default), at every prefix length of every text."""
+
+    prefixes: tuple[int, ...]
+    schedules: tuple[Schedule, ...]
+    methods: tuple[str, ...] = METHODS
+    positions: tuple[str, ...] = POSITION_MODES
+    choices: tuple[str, ...] = ("consecutive",)
+    proportional: tuple[bool, ...] = (False,)
+    ratio: float = 1.0
+    continuation: int = 16
+    keep_start: int = 0
+    keep_end: int = 0
+
+    def settings(self) -> list[MergeSettings]:
+        return [
+            MergeSettings(cutoffs=s, keep_start=self.keep_start, keep_end=self.keep_end, method=m, positions=p,
+                          choice=c, proportional=a, ratio=self.ratio)
+            for s in self.schedules for m in self.methods for p in self.positions for c in self.choices
+            for a in self.proportional
+        ]
+
+
+def variant_label(row: dict) -> str:
+    """slerp/mean, with /similar or /proportional added when they are not the defaults."""
+    extra = ([row["choice"]] if row.get("choice", "consecutive") != "consecutive" else []) + (
+        ["proportional"] if row.get("proportional") else [])
+    return "/".join([row["method"], row["positions"], *extra])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The base model at one prefix: its next-token log-probabilities and its greedy continuation."""
+
+    log_probs: torch.Tensor  # [vocab] float32
+    continuation: list[int]
+
+
+@dataclass(frozen=True)
+class TokenText:
+    name: str
+    ids: torch.Tensor  # [1, n]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base and merged at one prefix
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prefill_with_cache(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings):
+    stages = engine.plan(ids, settings)
+    cache = DynamicCache(config=engine.config)
+    logits, segments, _ = engine.prefill(ids, stages, settings, cache)
+    return logits[0], segments, cache
+
+
+def decode_token(engine: MergingEngine, token: int, position: int, segments, cache) -> torch.Tensor:
+    return engine.decode(torch.tensor([[token]], device=engine.device), position, segments, cache)[0]
+
+
+def base_reference(engine: MergingEngine, ids: torch.Tensor, continuation: int) -> Reference:
+    """The base model's next-token distribution at `ids` and its greedy continuation of `continuation` tokens."""
+    logits, segments, cache = prefill_with_cache(engine, ids, MergeSettings())
+    tokens = [int(logits.argmax())]
+    for step in range(1, continuation):
+        tokens.append(int(decode_token(engine, tokens[-1], ids.shape[-1] + step - 1, segments, cache).argmax()))
+    return Reference(torch.log_softmax(logits, -1), tokens)
+
+
+def compare(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, reference: Reference) -> dict:
+    """The merged model at `ids` against the base reference."""
+    logits, segments, cache = prefill_with_cache(engine, ids, settings)
+    log_probs = torch.log_softmax(logits, -1)
+    base_top5 = reference.log_probs.topk(5).indices
+    merged_top5 = log_probs.topk(5).indices
+    base_top1 = int(base_top5[0])
+    kl = (reference.log_probs.exp() * (reference.log_probs - log_probs)).sum()
+    return {
+        "top1": float(int(merged_top5[0]) == base_top1),
+        "top5": float(base_top1 in merged_top5.tolist()),
+        "top5_overlap": len(set(base_top5.tolist()) & set(merged_top5.tolist())) / 5,
+        "kl": max(float(kl), 0.0),  # KL is never negative; a tiny negative value is rounding
+        **divergence(engine, ids.shape[-1], logits, segments, cache, reference.continuation),
+    }
+
+
+def divergence(engine, length: int, logits, segments, cache, continuation: list[int]) -> dict:
+    """How many tokens of the base's greedy continuation the merged model would also choose, in a row."""
+    agreed = 0
+    while agreed < len(continuation) and int(logits.argmax()) == continuation[agreed]:
+        agreed += 1
+        if agreed < len(continuation):
+            logits = decode_token(engine, continuation[agreed - 1], length + agreed - 1, segments, cache)
+    return {"tokens_to_divergence": agreed, "censored": agreed == len(continuation)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def usable_prefixes(text: TokenText, prefixes: tuple[int, ...]) -> list[int]:
+    """The prefix lengths this text is long enough for (3 tokens at least: first, one merged pair, last)."""
+    return [p for p in prefixes if 3 <= p <= text.ids.shape[-1]]
+
+
+def run_fidelity(engine: MergingEngine, texts: list[TokenText], plan: FidelityPlan, log=print) -> list[dict]:
+    settings_grid = plan.settings()
+    for settings in settings_grid:
+        engine.validate(max(plan.prefixes), settings)
+    rows = []
+    for text in texts:
+        prefixes = usable_prefixes(text, plan.prefixes)
+        log(f"fidelity: {text.name}: prefixes {prefixes}, {len(settings_grid)} settings")
+        for prefix in prefixes:
+            ids = text.ids[:, :prefix].to(engine.device)
+            reference = base_reference(engine, ids, plan.continuation)
+            for settings in settings_grid:
+                rows.append({
+                    "text": text.name,
+                    "prefix": prefix,
+                    "schedule": label(settings.cutoffs),
+                    "stages": len(settings.cutoffs),
+                    "first_cutoff": min(settings.cutoffs),
+                    **{key: getattr(settings, key) for key in VARIANT_KEYS},
+                    "ratio": settings.ratio,
+                    **compare(engine, ids, settings, reference),
+                })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], by: tuple[str, ...] = ("schedule", *VARIANT_KEYS)) -> list[dict]:
+    """Means over the samples of each group, in the order groups first appear."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in by), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        first = members[0]
+        summary.append({
+            **dict(zip(by, key)),
+            "stages": first["stages"],
+            "first_cutoff": first["first_cutoff"],
+            "samples": len(members),
+            "top1": statistics.fmean(r["top1"] for r in members),
+            "top5": statistics.fmean(r["top5"] for r in members),
+            "top5_overlap": statistics.fmean(r["top5_overlap"] for r in members),
+            "kl_mean": statistics.fmean(r["kl"] for r in members),
+            "kl_median": statistics.median(r["kl"] for r in members),
+            "tokens_to_divergence_mean": statistics.fmean(r["tokens_to_divergence"] for r in members),
+            "censored_share": statistics.fmean(float(r["censored"]) for r in members),
+        })
+    return summary
+
+
+def merges_anything(schedule_label: str, num_layers: int) -> bool:
+    """A schedule whose first cutoff is the last layer changes nothing: it must not count towards 'best'."""
+    return int(schedule_label.split("+")[0]) < num_layers
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def best_combination(summary: list[dict], num_layers: int) -> dict | None:
+    """The variant (method, positions, ...) with the highest mean top-1 agreement over every schedule that merges
+    anything; ties go to the lower mean KL. Also the full ranking, to show how close the others came."""
+    scores: dict[tuple, list[dict]] = {}
+    for row in summary:
+        if merges_anything(row["schedule"], num_layers):
+            scores.setdefault(tuple(row[k] for k in VARIANT_KEYS), []).append(row)
+    if not scores:
+        return None
+    ranked = sorted(scores.items(), key=lambda item: (-_mean(item[1], "top1"), _mean(item[1], "kl_mean")))
+    ranking = [{**dict(zip(VARIANT_KEYS, key)), "label": variant_label(dict(zip(VARIANT_KEYS, key))),
+                "top1": _mean(rows, "top1"), "kl_mean": _mean(rows, "kl_mean"),
+                "tokens_to_divergence_mean": _mean(rows, "tokens_to_divergence_mean")} for key, rows in ranked]
+    return {**ranking[0], "ranking": ranking}
+
+
+def same_variant(row: dict, variant: dict) -> bool:
+    return all(row[k] == variant[k] for k in VARIANT_KEYS)
+
+
+def earliest_cutoff(summary: list[dict], variant: dict, num_layers: int, threshold: float) -> int | None:
+    """The earliest single-stage cutoff whose top-1 agreement reaches `threshold` for this variant, and stays
+    there for every later cutoff measured: merging earlier saves more, so this is the fastest faithful one."""
+    singles = sorted((r for r in summary if r["stages"] == 1 and same_variant(r, variant)),
+                     key=lambda r: r["first_cutoff"])
+    earliest = None
+    for row in reversed(singles):
+        if row["top1"] < threshold:
+            break
+        if merges_anything(row["schedule"], num_layers):
+            earliest = row["first_cutoff"]
+    return earliest

@@ -1,0 +1,205 @@
+"""Writing results: CSV for tables, JSON for everything (machine included), an interactive Plotly HTML report, and
+a short plain-text table for the terminal."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from .fidelity import variant_label
+
+COLORS = qualitative.Plotly + qualitative.D3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _csv_value(row.get(k)) for k in columns} for row in rows)
+
+
+def _csv_value(value):
+    if value is None:
+        return ""  # an empty cell: not measured on this device (say, peak memory without a counter)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+
+
+def write_html(path: Path, title: str, machine: dict, figures: list[go.Figure], notes: list[str]) -> None:
+    """One self-contained page (plotly.js inlined: it opens offline)."""
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    keys = ("cpu", "gpu", "device", "torch_threads", "torch", "platform", "load_average")
+    where = ", ".join(f"{k}: {machine[k]}" for k in keys if machine.get(k) is not None)
+    body = "\n".join([
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p><b>Machine</b>: {html.escape(where)}<br><b>Command</b>: <code>{html.escape(machine.get('command', ''))}"
+        f"</code> ({html.escape(str(machine.get('utc', '')))})</p>",
+        *(f"<p>{html.escape(n)}</p>" for n in notes),
+        *parts,
+    ])
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+                    f"<body style='font-family:sans-serif;max-width:1400px;margin:auto'>{body}</body></html>",
+                    encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-text tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec). Missing values print as '-'; text is left-aligned, numbers right."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([_format(row.get(key), spec) for key, _, spec in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    textual = [all(isinstance(row.get(key), str) for row in rows) for key, _, _ in columns]
+    lines = ["  ".join(c.ljust(w) if left else c.rjust(w) for c, w, left in zip(r, widths, textual)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _format(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed figure
+# ----------------------------------------------------------------------------------------------------------------
+
+SPEED_PANELS = (
+    # (mode, measured key, limit key, title)
+    ("cached", "ttft_speedup", "ttft_speedup_limit", "Time to first token, with KV cache: base ÷ merged"),
+    ("cached", "decode_speedup", "decode_speedup_limit", "Decode per token, with KV cache: base ÷ merged"),
+    ("recompute", "ttft_speedup", "ttft_speedup_limit", "Time to first token, no cache (article): base ÷ merged"),
+    ("recompute", "decode_speedup", "decode_speedup_limit", "Decode per token, no cache (article): base ÷ merged"),
+    ("recompute", "decode_speedup_vs_base_cached", None,
+     "Decode per token: base WITH cache ÷ merged without cache (the honest baseline)"),
+    ("cached", "ttft_achieved_over_limit", None, "Time to first token with cache: achieved ÷ limit"),
+    ("cached", "kv_fraction", "kv_fraction_limit", "KV-cache bytes: merged ÷ base"),
+    ("cached", "merge_share", None, "The merge itself, as a share of the merged prefill"),
+)
+
+
+def speed_figure(rows: list[dict]) -> go.Figure:
+    """Measured ratio (solid) beside the config's limit (dashed, same colour), against prompt length."""
+    fig = make_subplots(rows=4, cols=2, subplot_titles=[p[3] for p in SPEED_PANELS], vertical_spacing=0.07)
+    all_lengths = sorted({r["length"] for r in rows})
+    schedules = list(dict.fromkeys(r["schedule"] for r in rows))
+    for index, (mode, key, limit_key, _) in enumerate(SPEED_PANELS):
+        row, col = index // 2 + 1, index % 2 + 1
+        for color, schedule in zip(COLORS, schedules):
+            points = sorted((r for r in rows if r["mode"] == mode and r["schedule"] == schedule),
+                            key=lambda r: r["length"])
+            if not points:
+                continue
+            lengths = [r["length"] for r in points]
+            hover = [_speed_hover(r, key, limit_key) for r in points]
+            fig.add_trace(go.Scatter(
+                x=lengths, y=[r[key] for r in points], mode="lines+markers", name=f"cutoff {schedule}",
+                legendgroup=schedule, showlegend=index == 0, line=dict(color=color), hovertext=hover,
+                hoverinfo="text"), row=row, col=col)
+            if limit_key:
+                fig.add_trace(go.Scatter(
+                    x=lengths, y=[r[limit_key] for r in points], mode="lines", name=f"limit {schedule}",
+                    legendgroup=schedule, showlegend=False, line=dict(color=color, dash="dash"),
+                    hovertext=[f"limit from config: {r[limit_key]:.3f}" for r in points], hoverinfo="text"),
+                    row=row, col=col)
+        fig.update_xaxes(type="log", title_text="prompt tokens", tickvals=all_lengths, row=row, col=col)
+        if key not in ("kv_fraction", "merge_share"):  # a ratio of 1: no faster, or exactly the limit
+            fig.add_hline(y=1, line=dict(color="grey", width=1), row=row, col=col)
+        if key == "merge_share":
+            fig.update_yaxes(tickformat=".1%", row=row, col=col)
+    fig.update_layout(height=1600, title="Speed: measured (solid) and the limit from the config (dashed)",
+                      hovermode="closest", legend_title_text="schedule")
+    return fig
+
+
+def _speed_hover(row: dict, key: str, limit_key: str | None) -> str:
+    text = f"{row['schedule']} @ {row['length']} tokens ({row['mode']})<br>{key}: {_format(row[key], '.3f')}"
+    if limit_key:
+        text += f"<br>limit: {_format(row[limit_key], '.3f')}"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fidelity figures
+# ----------------------------------------------------------------------------------------------------------------
+
+FIDELITY_PANELS = (
+    ("top1", "Top-1 agreement with base"),
+    ("top5", "Base top-1 within merged top-5"),
+    ("kl_mean", "KL(base ‖ merged), nats (log scale)"),
+    ("tokens_to_divergence_mean", "Greedy tokens until first difference"),
+)
+
+
+def fidelity_figure(summary: list[dict]) -> go.Figure:
+    """Agreement against cutoff, one line per variant (single-stage schedules): colour = method, dash = positions,
+    marker = pair choice / proportional attention. Like the article's figure, but against the base model."""
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[1] for p in FIDELITY_PANELS])
+    singles = [r for r in summary if r["stages"] == 1]
+    variants = list(dict.fromkeys(variant_label(r) for r in singles))
+    color = _style(r["method"] for r in singles)(COLORS)
+    dash = _style(r["positions"] for r in singles)(("solid", "dot", "dash", "dashdot", "longdash"))
+    marker = _style((r.get("choice"), r.get("proportional")) for r in singles)(
+        ("circle", "square", "diamond", "x", "triangle-up", "star"))
+    for index, (key, _) in enumerate(FIDELITY_PANELS):
+        row, col = index // 2 + 1, index % 2 + 1
+        for variant in variants:
+            points = sorted((r for r in singles if variant_label(r) == variant), key=lambda r: r["first_cutoff"])
+            first = points[0]
+            fig.add_trace(go.Scatter(
+                x=[r["first_cutoff"] for r in points], y=[r[key] for r in points], mode="lines+markers",
+                name=variant, legendgroup=variant, showlegend=index == 0,
+                line=dict(color=color[first["method"]], dash=dash[first["positions"]]),
+                marker=dict(symbol=marker[(first.get("choice"), first.get("proportional"))]),
+                hovertext=[f"{variant}, cutoff {r['schedule']}: {key} {r[key]:.3g} (n={r['samples']})"
+                           for r in points], hoverinfo="text"), row=row, col=col)
+        fig.update_xaxes(title_text="cutoff layer", row=row, col=col)
+    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
+    fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
+    fig.update_yaxes(type="log", row=2, col=1)
+    fig.update_layout(height=900, title="Fidelity by cutoff: merged against the base model",
+                      legend_title_text="method / positions")
+    return fig
+
+
+def _style(values):
+    """A mapping from each distinct value, in order of appearance, to the next of a cycle of styles."""
+    distinct = list(dict.fromkeys(values))
+    return lambda styles: {v: styles[i % len(styles)] for i, v in enumerate(distinct)}
+
+
+def fidelity_heatmap(by_prefix: list[dict], variant: str) -> go.Figure:
+    """Top-1 agreement by cutoff and prefix length for one variant (the article's first figure)."""
+    points = [r for r in by_prefix if r["stages"] == 1]
+    cutoffs = sorted({r["first_cutoff"] for r in points})
+    prefixes = sorted({r["prefix"] for r in points})
+    value = {(r["first_cutoff"], r["prefix"]): r["top1"] for r in points}
+    fig = go.Figure(go.Heatmap(
+        x=[str(c) for c in cutoffs], y=[str(p) for p in prefixes], zmin=0, zmax=1, colorscale="Viridis",
+        z=[[value.get((c, p)) for c in cutoffs] for p in prefixes], colorbar=dict(title="top-1"),
+        hovertemplate="cutoff %{x}, prefix %{y} tokens: top-1 %{z:.2f}<extra></extra>"))
+    fig.update_layout(title=f"Top-1 agreement by cutoff and prefix length ({variant})",
+                      xaxis_title="cutoff layer", yaxis_title="prefix tokens", height=500)
+    return fig

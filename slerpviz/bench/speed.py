@@ -1,0 +1,288 @@
+"""Speed: time to first token, decode time per token, memory and KV-cache size, base against merged, beside the
+limits the config allows.
+
+Two pairs are compared, in the same run:
+  cached     base with its KV cache        vs  merged with its (shorter) per-layer KV cache
+  recompute  base without any cache        vs  merged, re-planned and re-merged every step (the article's setting)
+Within a pair the variants are interleaved repeat by repeat (base, merged, merged', …, then reversed), so a machine
+that slows down or speeds up during the run charges every variant alike; each figure is a median over repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..engine import MergeSettings, MergingEngine, Sampling
+from ..merge import adjacent_cosines, apply_plan, next_stage, pair_cosines, ratio_per_stage, slot_positions
+from . import limits
+from .engines import never_stops
+from .machine import PeakMemory
+from .schedules import BASE, Schedule, label
+
+MODES = ("cached", "recompute")
+
+SPEED_COLUMNS = (
+    "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "repeats", "new_tokens",
+    "base_ttft_s", "merged_ttft_s", "ttft_speedup", "ttft_speedup_limit", "ttft_achieved_over_limit",
+    "base_decode_ms", "merged_decode_ms", "decode_speedup", "decode_speedup_limit", "decode_achieved_over_limit",
+    "decode_speedup_vs_base_cached",
+    "base_kv_bytes", "merged_kv_bytes", "kv_fraction", "kv_fraction_limit", "kv_achieved_over_limit",
+    "base_peak_mem_bytes", "merged_peak_mem_bytes", "peak_mem_kind",
+    "merge_ms", "merge_share",
+)
+
+REPEAT_COLUMNS = ("length", "mode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes", "peak_mem_bytes")
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """What to measure. `new_tokens` counts the first token too: a run of 8 times 1 prefill and 7 decode steps."""
+
+    lengths: tuple[int, ...]
+    schedules: tuple[Schedule, ...]
+    modes: tuple[str, ...] = MODES
+    repeats: int = 3
+    new_tokens: int = 8
+    recompute_new_tokens: int = 3
+    recompute_max_length: int | None = None  # longer prompts skip recompute: every step there is a full prefill
+    merge_repeats: int = 10
+    keep_start: int = 0
+    keep_end: int = 0
+    method: str = "slerp"
+    positions: str = "mean"
+    choice: str = "consecutive"
+    proportional: bool = False
+    ratio: float = 1.0
+    seed: int = 0
+    warmup: bool = True
+
+    def settings(self, schedule: Schedule) -> MergeSettings:
+        if not schedule:
+            return MergeSettings()
+        return MergeSettings(cutoffs=schedule, keep_start=self.keep_start, keep_end=self.keep_end,
+                             method=self.method, positions=self.positions, choice=self.choice,
+                             proportional=self.proportional, ratio=self.ratio)
+
+    def modes_at(self, length: int) -> list[str]:
+        too_long = self.recompute_max_length is not None and length > self.recompute_max_length
+        return [m for m in self.modes if not (m == "recompute" and too_long)]
+
+    def tokens_for(self, mode: str) -> int:
+        return self.new_tokens if mode == "cached" else self.recompute_new_tokens
+
+
+@dataclass
+class SpeedResult:
+    rows: list[dict]
+    repeats: list[dict]
+    hf_sanity: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One timed run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def random_prompt(engine: MergingEngine, length: int, seed: int) -> torch.Tensor:
+    """Token ids [1, length]: timings do not depend on which tokens they are."""
+    generator = torch.Generator().manual_seed(seed + length)
+    return torch.randint(0, engine.config.vocab_size, (1, length), generator=generator).to(engine.device)
+
+
+def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, mode: str, new_tokens: int,
+              memory: PeakMemory) -> dict:
+    """Generate `new_tokens` greedily; the engine times each step itself (synchronised on a GPU)."""
+    run = engine.start(ids, settings, Sampling(max_new_tokens=new_tokens, temperature=0.0), mode)
+    kv_bytes = None
+    memory.start()
+    with never_stops(engine):
+        for index, _ in enumerate(run):
+            if index == 0 and run.cache is not None:
+                kv_bytes = sum(run.trace.kv_bytes_per_layer)  # the cache the prompt left, before decoding grows it
+    peak = memory.peak()
+    decode = run.trace.decode_s
+    return {
+        "ttft_s": run.trace.prefill_s,
+        "decode_ms": 1000 * statistics.median(decode) if decode else None,
+        "kv_bytes": kv_bytes,
+        "peak_mem_bytes": peak,
+    }
+
+
+def merge_step(h: torch.Tensor, settings: MergeSettings) -> None:
+    """Everything a prefill does at its cutoffs besides running layers, as the engine does it: plan each stage
+    (from the hidden states for `similar`), the pair cosines, the interpolation, the slots' positions and sizes."""
+    first = last = torch.arange(h.shape[1])
+    ratios = ratio_per_stage(settings.ratio, len(settings.cutoffs))
+    for cutoff, stage_ratio in zip(settings.cutoffs, ratios):
+        similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
+        stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, stage_ratio, settings.choice,
+                           similarity, settings.size_weighted)
+        pair_cosines(h, stage.plan)
+        h = apply_plan(h, stage.plan, settings.method)
+        first, last = stage.first, stage.last
+        slot_positions(first, last, settings.positions)
+        if settings.proportional:
+            stage.sizes.float().log()
+
+
+def time_merge(engine: MergingEngine, length: int, settings: MergeSettings, repeats: int) -> float:
+    """Seconds the merge itself takes in one prefill, on hidden states of the model's width and dtype (the values
+    do not change the work). Median of `repeats`."""
+    embed = engine.decoder.embed_tokens.weight
+    hidden = torch.randn(1, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
+    with torch.inference_mode():
+        merge_step(hidden, settings)  # warm-up
+        times = []
+        for _ in range(repeats):
+            engine.sync()
+            began = time.perf_counter()
+            merge_step(hidden, settings)
+            engine.sync()
+            times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def time_hf_forward(engine: MergingEngine, ids: torch.Tensor) -> float:
+    """One plain Hugging Face forward without cache, last-position logits only: does the engine's base match it?"""
+    with torch.inference_mode():
+        engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up: its own mask path, first call
+        engine.sync()
+        began = time.perf_counter()
+        engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        engine.sync()
+    return time.perf_counter() - began
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
+    for length in plan.lengths:
+        for schedule in plan.schedules:
+            engine.validate(length, plan.settings(schedule), Sampling(max_new_tokens=plan.new_tokens))
+    memory = PeakMemory(engine.device)
+    shape = limits.Shape.from_config(engine.config, engine.decoder.embed_tokens.weight.dtype)
+    repeats, rows, sanity = [], [], []
+    for length in plan.lengths:
+        ids = random_prompt(engine, length, plan.seed)
+        if plan.warmup:  # first calls at a new size pay for kernel selection and allocator growth
+            for schedule in ((), plan.schedules[0]):
+                timed_run(engine, ids, plan.settings(schedule), "cached", 2, memory)
+        measured = {}
+        for mode in plan.modes_at(length):
+            log(f"speed: length {length}, {mode}, {plan.repeats} repeats of base + {len(plan.schedules)} merged")
+            measured[mode] = measure_interleaved(engine, ids, plan, mode, memory)
+            for variant, runs in measured[mode].items():
+                repeats += [{"length": length, "mode": mode, "variant": variant, "repeat": i, **r}
+                            for i, r in enumerate(runs)]
+        merge_s = {s: time_merge(engine, length, plan.settings(s), plan.merge_repeats) for s in plan.schedules}
+        for mode, runs in measured.items():
+            for schedule in plan.schedules:
+                rows.append(speed_row(engine, shape, plan, length, schedule, mode, runs, measured,
+                                      merge_s[schedule], memory.kind))
+        hf_s = time_hf_forward(engine, ids)
+        engine_s = median_of(measured.get("recompute", measured.get("cached", {})).get(BASE, []), "ttft_s")
+        sanity.append({"length": length, "hf_forward_s": hf_s, "engine_base_ttft_s": engine_s})
+    return SpeedResult(rows, repeats, sanity)
+
+
+def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMemory) -> dict[str, list[dict]]:
+    """Every repeat runs base and each schedule once; odd repeats run them in reverse order."""
+    variants = [(), *plan.schedules]
+    runs: dict[str, list[dict]] = {label(v): [] for v in variants}
+    for repeat in range(plan.repeats):
+        for schedule in variants if repeat % 2 == 0 else reversed(variants):
+            result = timed_run(engine, ids, plan.settings(schedule), mode, plan.tokens_for(mode), memory)
+            runs[label(schedule)].append(result)
+    return runs
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -> list[int]:
+    """Each layer's sequence length under the engine's own plan for these settings. `similar` is planned from
+    hidden states at run time; its limit is taken from the consecutive plan with the same pair budget, and where
+    the greedy matching merges fewer pairs the measured KV fraction shows it (achieved ÷ limit above 1)."""
+    if not settings.cutoffs:
+        return [length] * engine.num_layers
+    if settings.choice == "similar":
+        settings = replace(settings, choice="consecutive")
+    stages = engine.plan(torch.zeros(1, length, dtype=torch.long), settings)
+    return limits.layer_lengths(length, stages, engine.num_layers)
+
+
+def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, settings: MergeSettings, mode: str,
+                  new_tokens: int) -> dict:
+    """The ratios the config allows for one merged variant against base, in one mode."""
+    base, merged = [length] * engine.num_layers, layer_lengths(engine, length, settings)
+    if mode == "cached":
+        decode = limits.cached_decode_speedup_limit(shape, base, merged, new_tokens)
+        kv = limits.kv_fraction_limit(base, merged)
+    else:
+        grown = range(length + 1, length + max(new_tokens, 2))  # each step re-runs the prompt grown by one
+        decode = limits.recompute_decode_speedup_limit(
+            shape, [([n] * engine.num_layers, layer_lengths(engine, n, settings)) for n in grown])
+        kv = None  # no cache in this pair
+    return {"merged_length": merged[-1], "ttft": limits.prefill_speedup_limit(shape, base, merged),
+            "decode": decode, "kv": kv}
+
+
+def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, schedule: Schedule,
+              mode: str, runs: dict[str, list[dict]], measured: dict, merge_s: float, memory_kind: str | None) -> dict:
+    """One (length, schedule, mode): medians of base and merged, their ratios, and the config's limits."""
+    base, merged = runs[BASE], runs[label(schedule)]
+    new_tokens = plan.tokens_for(mode)
+    limit = config_limits(engine, shape, length, plan.settings(schedule), mode, new_tokens)
+    base_ttft, merged_ttft = median_of(base, "ttft_s"), median_of(merged, "ttft_s")
+    base_decode, merged_decode = median_of(base, "decode_ms"), median_of(merged, "decode_ms")
+    base_kv, merged_kv = median_of(base, "kv_bytes"), median_of(merged, "kv_bytes")
+    cached_base_decode = median_of(measured.get("cached", {}).get(BASE, []), "decode_ms")
+    kv_fraction = ratio(merged_kv, base_kv)
+    return {
+        "length": length,
+        "merged_length": limit["merged_length"],
+        "schedule": label(schedule),
+        "stages": len(schedule),
+        "first_cutoff": min(schedule),
+        "mode": mode,
+        "repeats": plan.repeats,
+        "new_tokens": new_tokens,
+        "base_ttft_s": base_ttft,
+        "merged_ttft_s": merged_ttft,
+        "ttft_speedup": ratio(base_ttft, merged_ttft),
+        "ttft_speedup_limit": limit["ttft"],
+        "ttft_achieved_over_limit": ratio(ratio(base_ttft, merged_ttft), limit["ttft"]),
+        "base_decode_ms": base_decode,
+        "merged_decode_ms": merged_decode,
+        "decode_speedup": ratio(base_decode, merged_decode),
+        "decode_speedup_limit": limit["decode"],
+        "decode_achieved_over_limit": ratio(ratio(base_decode, merged_decode), limit["decode"]),
+        # The honest question for the article's setting: is merged-without-cache faster than base-with-cache?
+        "decode_speedup_vs_base_cached": ratio(cached_base_decode, merged_decode),
+        "base_kv_bytes": base_kv,
+        "merged_kv_bytes": merged_kv,
+        "kv_fraction": kv_fraction,
+        "kv_fraction_limit": limit["kv"],
+        "kv_achieved_over_limit": ratio(kv_fraction, limit["kv"]),
+        "base_peak_mem_bytes": median_of(base, "peak_mem_bytes"),
+        "merged_peak_mem_bytes": median_of(merged, "peak_mem_bytes"),
+        "peak_mem_kind": memory_kind,
+        "merge_ms": 1000 * merge_s,
+        "merge_share": ratio(merge_s, merged_ttft),
+    }

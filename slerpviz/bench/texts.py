@@ -1,0 +1,43 @@
+"""The texts fidelity is measured on: the default set in assets/texts/, or the user's own."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .fidelity import TokenText
+
+DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "assets" / "texts"
+
+# A line holding only three or more dashes separates texts inside one file.
+_SEPARATOR = re.compile(r"^\s*-{3,}\s*$", re.MULTILINE)
+
+
+def read_texts(paths: list[Path] | None = None) -> list[tuple[str, str]]:
+    """(name, text) pairs. A folder means its *.txt files; a file holds one text, or several separated by '---'."""
+    paths = paths or [DEFAULT_TEXTS]
+    texts = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"no such text file or folder: {path}")
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        for file in files:
+            parts = [p.strip() for p in _SEPARATOR.split(file.read_text(encoding="utf-8")) if p.strip()]
+            texts += [(file.stem if len(parts) == 1 else f"{file.stem}#{i + 1}", part) for i, part in enumerate(parts)]
+    if not texts:
+        raise ValueError(f"no texts found in {', '.join(map(str, paths))}")
+    return texts
+
+
+def tokenize(tokenizer, texts: list[tuple[str, str]]) -> list[TokenText]:
+    """Raw text, no chat template: fidelity is about continuing prose."""
+    return [TokenText(name, tokenizer(text, return_tensors="pt")["input_ids"]) for name, text in texts]
+
+
+def random_texts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[TokenText]:
+    """Stand-ins for models with random weights and no tokenizer: only good for exercising the code path."""
+    generator = torch.Generator().manual_seed(seed)
+    return [TokenText(f"random-{i + 1}", torch.randint(0, vocab_size, (1, length), generator=generator))
+            for i in range(count)]

@@ -1,0 +1,341 @@
+"""The pictures: pure functions from the engine's Trace to Plotly figures.
+
+Nothing here touches a model. Every figure is drawn from what a Trace records (the plan, the shapes per layer, the
+timings), so the page, the API and the tests all see the same picture for the same trace.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .engine import Trace
+from .merge import PARALLEL_COS
+
+BASE_COLOR = "#4C78A8"
+MERGED_COLOR = "#F58518"
+PROTECTED_FILL = "rgba(84, 162, 75, 0.14)"
+SINGLE_COLOR = "#9D9D9D"
+LINK_COLOR = "rgba(245, 133, 24, 0.75)"
+PASS_COLOR = "rgba(157, 157, 157, 0.35)"
+
+# How many prompt tokens the pairing plot shows at first; the range slider and pan reach the rest, so a long
+# prompt stays readable instead of becoming a smear of overlapping labels.
+PAIRING_WINDOW = 48
+LABEL_CHARS = 8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token text
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def visible_token(text: str) -> str:
+    """A token as it reads on screen: line breaks and tabs drawn, leading/trailing spaces as middle dots."""
+    shown = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    stripped = shown.strip(" ")
+    lead = len(shown) - len(shown.lstrip(" "))
+    tail = len(shown) - len(shown.rstrip(" "))
+    return "·" * lead + stripped + "·" * tail if stripped else "·" * len(shown) or "∅"
+
+
+def _escape(text: str) -> str:
+    """Plotly reads labels as a small HTML subset; chat markers like <|im_start|> would vanish unescaped."""
+    return html.escape(text, quote=False)
+
+
+def token_label(text: str, width: int = LABEL_CHARS) -> str:
+    shown = visible_token(text)
+    return _escape(shown if len(shown) <= width else shown[: width - 1] + "…")
+
+
+def token_hover(text: str) -> str:
+    return "“" + _escape(visible_token(text)) + "”"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Token pairing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def slot_parents(groups: list[list[list[int]]], stage: int) -> list[list[int]]:
+    """For each slot of `stage`, the indices of the slots of the stage before (or tokens, for stage 0) it merges."""
+    if stage == 0:
+        return [list(group) for group in groups[0]]
+    index_of_first = {group[0]: index for index, group in enumerate(groups[stage - 1])}
+    return [[index_of_first[p] for p in group if p in index_of_first] for group in groups[stage]]
+
+
+def stage_cosines(trace: Trace, stage: int) -> list[float | None]:
+    """The cosine of each slot's pair at `stage` (None for single slots, or before the prompt has run)."""
+    parents = slot_parents(trace.groups, stage)
+    pairs = [i for i, p in enumerate(parents) if len(p) == 2]
+    cosines = trace.pair_cosines[stage] if stage < len(trace.pair_cosines) else []
+    by_slot: list[float | None] = [None] * len(parents)
+    if len(cosines) == len(pairs):  # the engine lists them in the order of the pair slots
+        for slot, value in zip(pairs, cosines):
+            by_slot[slot] = float(value)
+    return by_slot
+
+
+def slerp_scale(cosine: float) -> float:
+    """How much longer SLERP at t = 0.5 is than the plain mean: 1 / cos(θ/2) = 1 / √((1 + cos θ) / 2).
+
+    The direction is the mean's; only the norm differs. Nearly parallel pairs fall back to the mean itself.
+    """
+    if abs(cosine) > PARALLEL_COS:
+        return 1.0
+    return 1.0 / math.sqrt(max((1.0 + cosine) / 2.0, 1e-12))
+
+
+def protected_spans(trace: Trace) -> list[tuple[int, int, str]]:
+    """(first, last, label) of each protected span in original token positions."""
+    if not trace.groups:
+        return []
+    protected = [pos for group, keep in zip(trace.groups[0], trace.protected[0]) if keep for pos in group]
+    keep_start = int(trace.settings.get("keep_start", 0))
+    keep_end = int(trace.settings.get("keep_end", 0))
+    spans = []
+    start = [p for p in protected if p < keep_start]
+    end = [p for p in protected if p >= trace.prompt_length - keep_end]
+    if start:
+        spans.append((min(start), max(start), f"protected: keep_start = {keep_start}"))
+    if end:
+        spans.append((min(end), max(end), f"protected: keep_end = {keep_end}"))
+    return spans
+
+
+def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
+    """Prompt tokens in the top row, the slots of each merge stage in the rows below, a link for each pair.
+
+    Protected spans are shaded; hovering a slot shows its tokens and the cosine of the pair it merged (known once the
+    prompt has run). The view opens on the first `window` tokens; drag, zoom or use the range slider for the rest.
+    """
+    tokens = trace.tokens
+    n = len(tokens)
+    stages = len(trace.groups)
+    fig = go.Figure()
+    row_names = [f"prompt<br>{n} tokens"]
+
+    # Where each item of the row above sits on the x axis (tokens at their positions, slots at their centres).
+    above_x = [float(i) for i in range(n)]
+    above_y = 0
+    for stage in range(stages):
+        groups = trace.groups[stage]
+        parents = slot_parents(trace.groups, stage)
+        cosines = stage_cosines(trace, stage)
+        y = -(stage + 1)
+        slot_x = [sum(group) / len(group) for group in groups]
+        cutoff = trace.cutoffs[stage]
+        row_names.append(f"after layer {cutoff}<br>{len(groups)} slots")
+
+        # All links of a kind in one trace, segments separated by None: a 500-token prompt stays two traces.
+        link_x, link_y, pass_x, pass_y = [], [], [], []
+        for slot, members in enumerate(parents):
+            xs, ys = (link_x, link_y) if len(members) == 2 else (pass_x, pass_y)
+            for member in members:
+                xs += [above_x[member], slot_x[slot], None]
+                ys += [above_y, y, None]
+        fig.add_trace(go.Scatter(x=pass_x, y=pass_y, mode="lines", line=dict(color=PASS_COLOR, width=1),
+                                 hoverinfo="skip", showlegend=False, name=f"links to single slots, layer {cutoff}"))
+        fig.add_trace(go.Scatter(x=link_x, y=link_y, mode="lines", line=dict(color=LINK_COLOR, width=1.5),
+                                 hoverinfo="skip", showlegend=False, name=f"links of merged pairs, layer {cutoff}"))
+
+        hover, labels, colors = [], [], []
+        for slot, (group, members) in enumerate(zip(groups, parents)):
+            text = "".join(tokens[p] for p in group)
+            span = f"token {group[0]}" if len(group) == 1 else f"tokens {group[0]}–{group[-1]}"
+            lines = [f"<b>slot {slot}</b> after layer {cutoff} · {span}"]
+            if len(members) == 2:
+                if stage == 0:
+                    lines.append(f"{token_hover(tokens[group[0]])} + {token_hover(tokens[group[1]])}")
+                else:
+                    lines.append(token_hover(text))
+                cosine = cosines[slot]
+                lines.append(f"pair cosine: {cosine:.3f}" if cosine is not None
+                             else "pair cosine: known once the prompt has run")
+                # The factor holds at t = 0.5: always at the first stage, later only for halves of equal size
+                # (size-weighted merging moves t towards the larger half).
+                sizes = {len(trace.groups[stage - 1][m]) for m in members} if stage else {1}
+                halves = len(sizes) == 1 or not trace.settings.get("size_weighted", True)
+                if cosine is not None and trace.settings.get("method") == "slerp" and halves:
+                    lines.append(f"SLERP = mean × {slerp_scale(cosine):.3f} (1 / cos(θ/2))")
+            else:
+                lines.append(token_hover(text) + " · kept alone")
+            if trace.protected[stage][slot]:
+                lines.append("protected")
+            hover.append("<br>".join(lines))
+            labels.append(token_label(text))
+            colors.append(cosines[slot])
+        is_pair = [len(m) == 2 for m in parents]
+        known = [c for c, pair in zip(colors, is_pair) if pair and c is not None]
+        pair_marker = dict(size=11, line=dict(width=1, color="white"))
+        if known:
+            pair_marker.update(color=[c if c is not None else 0.0 for c in colors], colorscale="Viridis", cmin=0.0,
+                               cmax=1.0, showscale=stage == 0,
+                               colorbar=dict(title=dict(text="pair<br>cosine"), thickness=12, len=0.6))
+        else:
+            pair_marker.update(color=MERGED_COLOR)
+        pair_slots = [i for i, pair in enumerate(is_pair) if pair]
+        single_slots = [i for i, pair in enumerate(is_pair) if not pair]
+        for name, chosen, marker in (
+            (f"merged slots, layer {cutoff}", pair_slots, pair_marker),
+            (f"single slots, layer {cutoff}", single_slots, dict(size=9, color=SINGLE_COLOR)),
+        ):
+            if known and chosen is pair_slots:
+                marker = {**marker, "color": [marker["color"][i] for i in chosen]}
+            fig.add_trace(go.Scatter(
+                x=[slot_x[i] for i in chosen], y=[y] * len(chosen), mode="markers+text",
+                text=[labels[i] for i in chosen], textposition="bottom center", textfont=dict(size=10),
+                hovertext=[hover[i] for i in chosen], hoverinfo="text", marker=marker, name=name, showlegend=False,
+            ))
+        above_x, above_y = slot_x, y
+
+    token_hovers = [f"<b>token {i}</b><br>{token_hover(t)}" for i, t in enumerate(tokens)]
+    fig.add_trace(go.Scatter(
+        x=list(range(n)), y=[0] * n, mode="markers+text", name="prompt tokens", showlegend=False,
+        text=[token_label(t) for t in tokens],
+        # Alternate labels above and below the row so neighbours do not overprint each other.
+        textposition=["top center" if i % 2 == 0 else "bottom center" for i in range(n)],
+        textfont=dict(size=10), hovertext=token_hovers, hoverinfo="text",
+        marker=dict(size=8, color=BASE_COLOR),
+    ))
+
+    top, bottom = 0.75, -stages - 0.75
+    for first, last, label in protected_spans(trace):
+        fig.add_shape(type="rect", x0=first - 0.5, x1=last + 0.5, y0=bottom, y1=top, fillcolor=PROTECTED_FILL,
+                      line=dict(width=0), layer="below")
+        fig.add_annotation(x=(first + last) / 2, y=top, text=label, showarrow=False, yanchor="bottom",
+                           font=dict(size=11, color="#2E7D32"))
+    if trace.plan_pending:
+        fig.add_annotation(x=min(n, window) / 2, y=-0.6, showarrow=False,
+                           text="the <i>similar</i> choice picks its pairs from the hidden states at the cutoff: "
+                                "the pairing appears once the prompt has run")
+    elif stages == 0:
+        fig.add_annotation(x=min(n, window) / 2, y=-0.6, showarrow=False,
+                           text="no cutoff: the base model, nothing is merged")
+
+    title = f"Token pairing · {n} prompt tokens"
+    if trace.plan_pending:
+        title += " → pairs chosen at layer " + ", ".join(str(c) for c in trace.cutoffs)
+    for stage in range(stages):
+        title += f" → {len(trace.groups[stage])} slots after layer {trace.cutoffs[stage]}"
+    fig.update_layout(
+        title=dict(text=title, x=0.01, font=dict(size=14)),
+        template="plotly_white", height=260 + 110 * max(stages, 1), margin=dict(l=90, r=30, t=60, b=40),
+        dragmode="pan", hovermode="closest", showlegend=False,
+        # The same plan keeps the reader's pan and zoom when the figure is re-sent with the cosines filled in.
+        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}",
+    )
+    fig.update_xaxes(range=[-1, min(n, window)], title=dict(text="prompt position (drag or use the slider below)"),
+                     rangeslider=dict(visible=n > window, thickness=0.08), zeroline=False, showgrid=False)
+    fig.update_yaxes(tickvals=[-s for s in range(stages + 1)], ticktext=row_names, range=[bottom - 0.1, top + 0.45],
+                     fixedrange=True, zeroline=False, showgrid=False)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Sequence length and attention cost per layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def attention_cost(seq_len_per_layer: Sequence[int]) -> list[int]:
+    """Token pairs each layer's attention scores at prefill: length², the part of the cost that merging shrinks."""
+    return [length * length for length in seq_len_per_layer]
+
+
+def length_figure(merged: Trace, base: Trace | None = None) -> go.Figure:
+    """Sequence length per layer at prefill, base and merged, with the attention cost per layer beside it.
+
+    The base runs the whole prompt through every layer, so without a base trace its row is the prompt length.
+    """
+    base_lengths = base.seq_len_per_layer if base is not None else [merged.prompt_length] * merged.num_layers
+    merged_lengths = merged.seq_len_per_layer  # empty while a `similar` plan waits for the prefill
+    layers = list(range(merged.num_layers))
+    base_cost, merged_cost = attention_cost(base_lengths), attention_cost(merged_lengths)
+    cost_title = "Attention cost per layer ∝ length²"
+    if merged_lengths:
+        cost_title += f" · merged = {sum(merged_cost) / max(sum(base_cost), 1):.0%} of base"
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("Sequence length per layer (prefill)", cost_title))
+    if not merged_lengths:
+        fig.add_annotation(text="merged lengths: known once the prompt has run", x=0.5, y=1.0, xref="paper",
+                           yref="paper", showarrow=False, yanchor="bottom", yshift=-40)
+    for name, lengths, cost, color, dash in (
+        ("base", base_lengths, base_cost, BASE_COLOR, "solid"),
+        ("merged", merged_lengths, merged_cost, MERGED_COLOR, "dash"),
+    ):
+        fig.add_trace(go.Scatter(x=layers[: len(lengths)], y=lengths, mode="lines+markers", name=name,
+                                 legendgroup=name, line=dict(color=color, dash=dash, shape="hv"), marker=dict(size=5),
+                                 hovertemplate="layer %{x}: %{y} positions<extra>" + name + "</extra>"), row=1, col=1)
+        fig.add_trace(go.Bar(x=layers[: len(cost)], y=cost, marker_color=color, name=name, legendgroup=name,
+                             showlegend=False,
+                             hovertemplate="layer %{x}: %{y:,} token pairs<extra>" + name + "</extra>"), row=1, col=2)
+    for cutoff in merged.cutoffs:
+        fig.add_vline(x=cutoff - 0.5, line=dict(color="#888", dash="dot", width=1), row=1, col=1)
+    fig.update_xaxes(title=dict(text="decoder layer"))
+    fig.update_yaxes(title=dict(text="positions"), rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title=dict(text="length² (token pairs)"), rangemode="tozero", row=1, col=2)
+    fig.update_layout(template="plotly_white", height=340, barmode="group", margin=dict(l=60, r=20, t=60, b=50),
+                      legend=dict(orientation="h", y=-0.22))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Per-token latency, 4. KV cache per layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def step_seconds(trace: Trace) -> list[float]:
+    """Seconds of each generated token: the first includes the prefill, the rest are decode steps."""
+    return [trace.prefill_s, *trace.decode_s] if trace.generated_ids else []
+
+
+def latency_figure(base: Trace, merged: Trace) -> go.Figure:
+    """Milliseconds per generated token over the generation, both models; token 1 is the prefill (log scale)."""
+    fig = go.Figure()
+    for name, trace, color in (("base", base, BASE_COLOR), ("merged", merged, MERGED_COLOR)):
+        seconds = step_seconds(trace)
+        fig.add_trace(go.Scatter(
+            x=list(range(1, len(seconds) + 1)), y=[s * 1000 for s in seconds], mode="lines+markers", name=name,
+            line=dict(color=color), marker=dict(size=5),
+            hovertemplate="token %{x}: %{y:.1f} ms<extra>" + name + "</extra>",
+        ))
+    fig.update_layout(
+        title=dict(text="Per-token latency (token 1 includes the prefill)", x=0.01, font=dict(size=14)),
+        template="plotly_white", height=320, margin=dict(l=60, r=20, t=50, b=50),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    fig.update_xaxes(title=dict(text="generated token"), rangemode="tozero")
+    # Ticks at 1-2-5 steps: the prefill is often ten times a decode step, and a log axis keeps both readable.
+    ticks = [m * 10**e for e in range(-1, 6) for m in (1, 2, 5)]
+    fig.update_yaxes(title=dict(text="ms (log)"), type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    return fig
+
+
+def kv_figure(base: Trace, merged: Trace) -> go.Figure:
+    """Bytes of KV cache each layer holds, both models: layers after a cutoff hold the shorter, merged sequence."""
+    fig = go.Figure()
+    for name, trace, color in (("base", base, BASE_COLOR), ("merged", merged, MERGED_COLOR)):
+        sizes = trace.kv_bytes_per_layer
+        fig.add_trace(go.Bar(x=list(range(len(sizes))), y=[b / 1024 for b in sizes], name=name, marker_color=color,
+                             hovertemplate="layer %{x}: %{y:,.1f} KiB<extra>" + name + "</extra>"))
+    total_base, total_merged = sum(base.kv_bytes_per_layer), sum(merged.kv_bytes_per_layer)
+    if total_base and total_merged:
+        title = f"KV cache per layer · merged holds {total_merged / total_base:.0%} of base"
+    else:
+        title = "KV cache per layer"
+    if not (base.kv_bytes_per_layer or merged.kv_bytes_per_layer):
+        why = "recompute mode keeps no KV cache" if "recompute" in (base.mode, merged.mode) else "no tokens yet"
+        fig.add_annotation(text=why, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
+    fig.update_layout(
+        title=dict(text=title, x=0.01, font=dict(size=14)), template="plotly_white", height=320, barmode="group",
+        margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.25),
+    )
+    fig.update_xaxes(title=dict(text="decoder layer"))
+    fig.update_yaxes(title=dict(text="KiB"), rangemode="tozero")
+    return fig

@@ -1,0 +1,370 @@
+"""The app: its callbacks called directly, then the launched app through gradio_client on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import gradio as gr
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from slerpviz import ui
+from slerpviz.engine import Run
+from slerpviz.models import EMBEDDED
+
+PROMPT = "Why is the sky blue? One sentence."
+# The page's inputs, by name, in the order the callbacks take them.
+DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
+                method="slerp", positions="mean", mode="cached", max_new_tokens=6, temperature=0.0, seed=0,
+                ratio=1.0, choice="consecutive", proportional=False)
+
+
+def inputs(**changes) -> list:
+    return list({**DEFAULTS, **changes}.values())
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ui.ENGINES.ensure(EMBEDDED)
+
+
+@pytest.fixture(scope="module")
+def page(engine):
+    return ui.Page()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    demo = ui.build_app(EMBEDDED, preload=False)
+    port = free_port()
+    ui.serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False, download_files=False)
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def closed_runs(monkeypatch):
+    """Every Run closed from now on, recorded with its trace."""
+    closed, original = [], Run.close
+
+    def recording_close(run):
+        closed.append(run.trace)
+        original(run)
+
+    monkeypatch.setattr(Run, "close", recording_close)
+    return closed
+
+
+def plot_trace_names(plot) -> list[str]:
+    figure = json.loads(plot["plot"]) if isinstance(plot, dict) else json.loads(plot.to_json())
+    return [trace.get("name") for trace in figure["data"]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The library parts of the page
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cutoffs_parse_from_slider_list_and_text():
+    assert ui.parse_cutoffs(15, [20, 15]) == (15, 20)
+    assert ui.parse_cutoffs(10.0, "25, 20") == (10, 20, 25)
+    assert ui.parse_cutoffs(None, None) == ()
+    with pytest.raises(ValueError, match="not a layer number"):
+        ui.parse_cutoffs(10, "twenty")
+    with pytest.raises(ValueError, match="whole layer number"):
+        ui.parse_cutoffs(2.5, [])
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(prompt="   "), "the prompt is empty"),
+    (dict(model="gpt2"), "not on the allow-list"),
+    (dict(method="average"), "unknown merge method"),
+    (dict(mode="fast"), "unknown mode"),
+    (dict(keep_start=1.5), "keep start must be a whole number"),
+    (dict(choice="random"), "unknown pair choice"),
+])
+def test_parse_request_refuses_bad_inputs(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ui.parse_request(*inputs(**changes))
+
+
+def test_parse_request_builds_engine_settings():
+    request = ui.parse_request(*inputs(more_cutoffs=[20], keep_start=3, keep_end=2.0, method="lerp",
+                                       max_new_tokens=12.0, temperature=0.7, seed=5, ratio=0.5, choice="uniform",
+                                       proportional=True))
+    assert request.settings.cutoffs == (15, 20)
+    assert (request.settings.keep_start, request.settings.keep_end, request.settings.method) == (3, 2, "lerp")
+    assert (request.settings.ratio, request.settings.choice, request.settings.proportional) == (0.5, "uniform", True)
+    assert (request.sampling.max_new_tokens, request.sampling.temperature, request.sampling.seed) == (12, 0.7, 5)
+
+
+def test_agreement_position_by_position():
+    assert ui.agreement([1, 2, 3], [1, 2, 3]) == ui.Agreement(None, 3, 3)
+    assert ui.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == ui.Agreement(1, 3, 4)
+    stopped = ui.agreement([1, 2], [1, 2, 5, 6])  # one stopped early: the missing tokens disagree
+    assert stopped.first_difference == 2 and stopped.share == 0.5
+
+
+class FakeRun:
+    def __init__(self, name: str, steps: int, log: list):
+        self.name, self.steps, self.log, self.closed = name, steps, log, False
+
+    def __next__(self):
+        if self.steps == 0:
+            raise StopIteration
+        self.steps -= 1
+        self.log.append(self.name)
+        return self.name
+
+    def close(self):
+        self.closed = True
+
+
+def test_side_by_side_alternates_and_lets_the_longer_run_finish():
+    log = []
+    base, merged = FakeRun("base", 2, log), FakeRun("merged", 4, log)
+    pairs = list(ui.side_by_side(base, merged))
+    assert log == ["base", "merged", "base", "merged", "merged", "merged"]
+    assert pairs == [("base", "merged"), ("base", "merged"), (None, "merged"), (None, "merged")]
+    assert base.closed and merged.closed
+
+
+def test_closing_side_by_side_closes_both_runs():
+    base, merged = FakeRun("base", 10, []), FakeRun("merged", 10, [])
+    pairs = ui.side_by_side(base, merged)
+    next(pairs)
+    pairs.close()
+    assert base.closed and merged.closed and base.steps == merged.steps == 9
+
+
+def test_holder_streams_progress_and_shares_one_load():
+    release, calls = threading.Event(), []
+
+    def loader(name, progress):
+        calls.append(name)
+        progress(f"fetching {name}")
+        release.wait(10)
+        return "engine"
+
+    holder = ui.EngineHolder(loader)
+    first = holder.loading(EMBEDDED, poll=0.01)
+    assert next(first) in (f"fetching {EMBEDDED}", f"Loading {EMBEDDED}")
+    # A second caller during the load follows it instead of starting another.
+    follower = threading.Thread(target=holder.ensure, args=(EMBEDDED,))
+    follower.start()
+    release.set()
+    list(first)
+    follower.join(10)
+    assert calls == [EMBEDDED] and holder.name == EMBEDDED and holder.engine == "engine"
+    assert list(holder.loading(EMBEDDED)) == []  # loaded: nothing to wait for
+
+
+def test_holder_reports_a_failed_load_and_tries_again_later():
+    attempts = []
+
+    def loader(name, progress):
+        attempts.append(name)
+        raise OSError("no network")
+
+    holder = ui.EngineHolder(loader)
+    for _ in range(2):
+        with pytest.raises(OSError, match="no network"):
+            holder.ensure(EMBEDDED)
+    assert len(attempts) == 2 and holder.engine is None
+    assert ui.message_for(OSError("no network")) == "Could not load the model: no network"
+
+
+def test_messages_for_errors_are_short_and_clear():
+    assert ui.message_for(torch.OutOfMemoryError("CUDA out of memory")).startswith("Out of memory")
+    assert ui.message_for(ValueError("cutoff 40 is out of range")) == "cutoff 40 is out of range"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The callbacks, called directly on the embedded model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_draws_the_pairing_before_generating(page, engine):
+    *_, (pairing, lengths, status) = page.plan(*inputs(keep_start=4, keep_end=2))
+    n = engine.encode(PROMPT).shape[-1]
+    trace = engine.new_trace(engine.encode(PROMPT), ui.parse_request(*inputs(keep_start=4, keep_end=2)).settings)
+    tokens = next(t for t in pairing.data if t.name == "prompt tokens")
+    assert len(tokens.x) == n
+    assert f"{n} prompt tokens → {len(trace.groups[0])} after layer 15" in status
+    assert any("keep_start = 4" in a.text for a in pairing.layout.annotations)
+    assert list(lengths.data[2].y) == trace.seq_len_per_layer
+
+
+def test_generate_streams_both_sides_token_by_token(page):
+    outputs = list(page.generate(*inputs(more_cutoffs=[20])))
+    steps = [o for o in outputs if isinstance(o[9], str) and o[9].startswith("**Generating")]
+    assert len(steps) == DEFAULTS["max_new_tokens"]
+    for side in (0, 1):
+        texts = [o[side] for o in steps]
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+        assert len(texts[-1]) > len(texts[0]) > 0
+    base_text, merged_text, base_stats, merged_stats, comparison, pairing, lengths, latency, kv, status = outputs[-1]
+    assert status.startswith("**Done**")
+    assert "at every layer" in base_stats and "| tokens generated | 6 · done |" in base_stats
+    assert "after layer 15 → " in merged_stats and "after layer 20" in merged_stats
+    assert "smaller than base" in merged_stats
+    assert "agree position by position" in comparison
+    assert {"base", "merged"} <= set(plot_trace_names(latency)) and {"base", "merged"} <= set(plot_trace_names(kv))
+    merged_slots = next(t for t in pairing.data if t.name == "merged slots, layer 15")
+    assert all("pair cosine: " in h and "known once" not in h for h in merged_slots.hovertext)
+
+
+def test_similar_choice_shows_its_pairing_once_the_prompt_has_run(page):
+    *_, (pairing, lengths, status) = page.plan(*inputs(choice="similar", ratio=0.5))
+    assert "once the prompt has run" in status
+    assert [t.name for t in pairing.data] == ["prompt tokens"]
+    outputs = list(page.generate(*inputs(choice="similar", ratio=0.5, max_new_tokens=2)))
+    first_step = next(o for o in outputs if isinstance(o[9], str) and o[9].startswith("**Generating"))
+    merged_slots = next(t for t in first_step[5].data if t.name == "merged slots, layer 15")
+    assert len(merged_slots.x) > 0 and all("pair cosine: " in h for h in merged_slots.hovertext)
+    assert "after layer 15" in outputs[-1][3]
+
+
+def test_generate_recompute_mode_has_no_kv_cache(page):
+    *_, last = page.generate(*inputs(mode="recompute", max_new_tokens=1, chat=False, prompt="Once upon a time"))
+    assert "none (recompute mode" in last[3]
+    assert any("recompute mode keeps no KV cache" in a.text for a in last[8].layout.annotations)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(prompt=""), "the prompt is empty"),
+    (dict(cutoff=31), "cutoff 31 is out of range"),
+    (dict(more_cutoffs=["99"]), "cutoff 99 is out of range"),
+    (dict(keep_start=300, keep_end=200), "longer than the prompt"),
+    (dict(max_new_tokens=9000), "longer than the model's context"),
+    (dict(model="openai/gpt-oss"), "not on the allow-list"),
+])
+def test_bad_inputs_become_page_messages(page, changes, message):
+    for callback in (page.plan, page.generate):
+        with pytest.raises(gr.Error, match=message):
+            list(callback(*inputs(**changes)))
+
+
+def test_preview_reports_problems_in_the_status_line(page):
+    pairing, lengths, status = page.preview(*inputs(keep_end=500))
+    assert status.startswith("**Cannot plan**") and "longer than the prompt" in status
+
+
+def test_out_of_memory_is_a_page_message(page, monkeypatch):
+    def exhausted(request):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(ui, "generation_steps", exhausted)
+    with pytest.raises(gr.Error, match="Out of memory"):
+        list(page.generate(*inputs()))
+
+
+def test_closing_the_stream_stops_both_generations(page, closed_runs):
+    stream = page.generate(*inputs(max_new_tokens=40))
+    for output in stream:
+        if output[0] and output[1] and len(output[0]) > 10:
+            break
+    stream.close()
+    assert len(closed_runs) == 2
+    base, merged = closed_runs
+    assert not base.finished and not merged.finished
+    assert abs(len(base.generated_ids) - len(merged.generated_ids)) <= 1
+    assert len(base.generated_ids) < 40
+
+
+def test_load_model_fits_the_cutoff_controls(page, engine):
+    *_, (status, cutoff, more) = page.load_model(EMBEDDED, 99, [3, 45])
+    assert status.startswith("**Ready**")
+    assert cutoff["maximum"] == engine.num_layers and cutoff["value"] == engine.num_layers
+    assert more["choices"] == list(range(engine.num_layers + 1)) and more["value"] == [3]
+
+
+def test_app_flags_and_environment(monkeypatch):
+    import app
+
+    monkeypatch.setenv("SLERPVIZ_PORT", "7999")
+    defaults = app.parse_args([])
+    assert (defaults.host, defaults.port, defaults.share, defaults.model) == (None, 7999, False, None)
+    chosen = app.parse_args(["--host", "0.0.0.0", "--port", "9000", "--share", "--model", EMBEDDED])
+    assert (chosen.host, chosen.port, chosen.share, chosen.model) == ("0.0.0.0", 9000, True, EMBEDDED)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--model", "some/unlisted-model"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The launched app, through gradio_client
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_api_names_the_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/generate", "/plan"} <= set(endpoints)
+
+
+def test_client_streams_growing_text_and_plotly_figures(client):
+    job = client.submit(*inputs(), api_name="/generate")
+    outputs = list(job)
+    streamed = [o for o in outputs if isinstance(o[9], str) and o[9].startswith("**Generating")]
+    assert len(streamed) >= 2
+    for side in (0, 1):
+        texts = [o[side] for o in streamed]
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+        assert len(texts[-1]) > len(texts[0])
+    last = outputs[-1]
+    assert last[9].startswith("**Done**") and "agree" in last[4]
+    assert {"prompt tokens", "merged slots, layer 15"} <= set(plot_trace_names(last[5]))
+    assert set(plot_trace_names(last[6])) == {"base", "merged"}
+    assert plot_trace_names(last[7]) == ["base", "merged"] and plot_trace_names(last[8]) == ["base", "merged"]
+    assert all(last[i]["type"] == "plotly" for i in (5, 6, 7, 8))
+
+
+def test_client_plan_returns_the_pairing_plot(client, engine):
+    pairing, lengths, status = client.predict(prompt="Hello there", chat=False, cutoff=2, api_name="/plan")
+    n = engine.encode("Hello there", chat=False).shape[-1]
+    figure = json.loads(pairing["plot"])
+    tokens = next(t for t in figure["data"] if t["name"] == "prompt tokens")
+    assert len(tokens["x"]) == n and f"{n} prompt tokens" in status
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(prompt=""), "the prompt is empty"),
+    (dict(more_cutoffs=[31]), "cutoff 31 is out of range"),
+    (dict(keep_start=500), "longer than the prompt"),
+    (dict(max_new_tokens=500, prompt="word " * 7900, chat=False), "longer than the model's context"),
+])
+def test_client_gets_error_messages_and_the_app_keeps_serving(client, changes, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*inputs(**changes), api_name="/generate")
+    pairing, lengths, status = client.predict(prompt="Still here?", api_name="/plan")
+    assert "prompt tokens" in status
+
+
+def test_client_cancel_stops_both_generations(client, closed_runs):
+    job = client.submit(*inputs(max_new_tokens=200), api_name="/generate")
+    for output in job:
+        if isinstance(output[9], str) and output[9].startswith("**Generating") and len(output[1]) > 10:
+            break
+    job.cancel()
+    deadline = time.monotonic() + 60
+    while len(closed_runs) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(closed_runs) == 2
+    assert not any(trace.finished for trace in closed_runs)
+    assert all(len(trace.generated_ids) < 200 for trace in closed_runs)
+    # The device is free again for the next request.
+    last = client.predict(*inputs(max_new_tokens=2, chat=False), api_name="/generate")
+    assert last[9].startswith("**Done**")

@@ -1,0 +1,123 @@
+"""A real browser: Debian's chromium, driven by playwright, against the launched app on 127.0.0.1.
+
+The screenshot goes to test-output/screenshot.png; with SLERPVIZ_UPDATE_SCREENSHOT=1 also to assets/screenshot.png,
+the one the README shows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from slerpviz import ui
+from slerpviz.models import EMBEDDED
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "test-output"
+# Headless and offline: no sandbox in a container, no GPU, nothing reaching out to the network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+WAIT_MS = 240_000  # a bound against a stuck page; a busy 2-core machine needs far less
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium; run.sh test does it)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+@pytest.fixture(scope="module")
+def url():
+    ui.ENGINES.ensure(EMBEDDED)
+    demo = ui.build_app(EMBEDDED, preload=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ui.serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('Ready')")
+    yield page
+    page.close()
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    """Type into a slider's number box, as a user does."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def status_has(page, text: str) -> None:
+    page.wait_for_function(f"() => document.querySelector('#status')?.innerText.includes({text!r})")
+
+
+def test_run_fills_both_panels_and_draws_the_plots(page):
+    page.fill("#prompt textarea", "Explain in three short sentences why the sky is blue.")
+    set_number(page, "cutoff", 12)
+    set_number(page, "keep-start", 4)
+    set_number(page, "keep-end", 3)
+    set_number(page, "max-new-tokens", 40)
+    page.click("#run")
+
+    # The pairing plot comes from the plan, before the generation has finished.
+    page.wait_for_selector("#pairing-plot .js-plotly-plot .main-svg")
+    assert "Done" not in page.inner_text("#status")
+    assert "protected: keep_start = 4" in page.inner_text("#pairing-plot")
+
+    status_has(page, "Done")
+    base, merged = page.input_value("#base-text textarea"), page.input_value("#merged-text textarea")
+    assert base.strip() and merged.strip()
+    assert "after layer 12" in page.inner_text("#merged-stats")
+    assert "smaller than base" in page.inner_text("#merged-stats")
+    assert "agree position by position" in page.inner_text("#comparison")
+    for plot in ("pairing-plot", "length-plot", "latency-plot", "kv-plot"):
+        page.wait_for_selector(f"#{plot} .js-plotly-plot .main-svg")
+    # Plotly drew real marks: the latency lines of both models and the KV bars.
+    assert page.locator("#latency-plot .scatterlayer .trace").count() == 2
+    assert page.locator("#kv-plot .barlayer .trace").count() == 2
+
+    page.evaluate("() => window.scrollTo(0, 0)")
+    OUTPUT.mkdir(exist_ok=True)
+    shot = OUTPUT / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+    if os.environ.get("SLERPVIZ_UPDATE_SCREENSHOT") == "1":
+        (ROOT / "assets").mkdir(exist_ok=True)
+        shutil.copyfile(shot, ROOT / "assets" / "screenshot.png")
+
+
+def test_stop_cancels_both_generations(page):
+    page.fill("#prompt textarea", "Write a long story about a lighthouse keeper and her cat.")
+    set_number(page, "max-new-tokens", 300)
+    page.click("#run")
+    page.wait_for_function(
+        "() => document.querySelector('#merged-text textarea')?.value.length > 20"
+        " && document.querySelector('#base-text textarea')?.value.length > 20")
+    page.click("#stop")
+    status_has(page, "Stopped")
+    # Neither panel reached its end, and no comparison of finished generations appeared.
+    assert "done" not in page.inner_text("#base-stats") and "done" not in page.inner_text("#merged-stats")
+    assert "agree" not in page.inner_text("#comparison")

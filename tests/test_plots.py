@@ -1,0 +1,265 @@
+"""The plot functions are pure functions of a Trace: build traces from the merge plan alone, no model needed."""
+
+from __future__ import annotations
+
+import json
+
+import plotly.graph_objects as go
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slerpviz import plots
+from slerpviz.engine import Trace
+from slerpviz.merge import plan_stages
+
+LAYERS = 12
+
+
+def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached") -> Trace:
+    """A trace as the engine's new_trace builds it, from the plan alone."""
+    n = len(tokens)
+    stages = plan_stages(n, tuple(cutoffs), keep_start, keep_end)
+    seq_len = [n] * LAYERS
+    for stage in stages:
+        for layer in range(stage.cutoff, LAYERS):
+            seq_len[layer] = stage.plan.merged_length
+    return Trace(
+        tokens=tokens, groups=[[list(g) for g in stage.groups] for stage in stages],
+        protected=[stage.plan.protected.tolist() for stage in stages], cutoffs=[s.cutoff for s in stages],
+        seq_len_per_layer=seq_len, num_layers=LAYERS, mode=mode,
+        settings=dict(cutoffs=tuple(cutoffs), keep_start=keep_start, keep_end=keep_end, method="slerp",
+                      positions="mean"),
+    )
+
+
+def words(n: int) -> list[str]:
+    return [f" w{i}" for i in range(n)]
+
+
+def traces_named(fig: go.Figure, start: str) -> list:
+    return [t for t in fig.data if (t.name or "").startswith(start)]
+
+
+def real_points(values) -> list:
+    return [v for v in values if v is not None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token text
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_visible_token_draws_whitespace():
+    assert plots.visible_token(" the") == "·the"
+    assert plots.visible_token("\n") == "↵"
+    assert plots.visible_token("  ") == "··"
+    assert plots.visible_token("") == "∅"
+
+
+def test_labels_escape_chat_markers_and_shorten():
+    assert plots.token_label("<|im_start|>") == "&lt;|im_st…"
+    assert "&lt;|im_start|&gt;" in plots.token_hover("<|im_start|>")
+    assert len(plots.token_label(" a-very-long-token", width=6)) == 6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Token pairing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_pairing_rows_links_and_slot_positions():
+    trace = make_trace(words(11), cutoffs=(4,))
+    fig = plots.pairing_figure(trace)
+    (tokens,) = traces_named(fig, "prompt tokens")
+    assert list(tokens.x) == list(range(11)) and set(tokens.y) == {0}
+    groups = trace.groups[0]
+    pair_groups = [g for g in groups if len(g) == 2]
+    (merged,) = traces_named(fig, "merged slots")
+    assert list(merged.x) == [sum(g) / 2 for g in pair_groups]
+    assert set(merged.y) == {-1}
+    (links,) = traces_named(fig, "links of merged pairs")
+    # Two links per pair, each drawn as (from, to, gap).
+    assert len(real_points(links.x)) == 4 * len(pair_groups)
+    singles = [g for g in groups if len(g) == 1]
+    (single,) = traces_named(fig, "single slots")
+    assert len(single.x) == len(singles)
+
+
+def test_pairing_hover_shows_tokens_and_cosine_once_known():
+    trace = make_trace(["<s>", " a", " b", " c", " d", "</s>"], cutoffs=(2,))
+    before = plots.pairing_figure(trace)
+    (merged,) = traces_named(before, "merged slots")
+    assert all("known once the prompt has run" in h for h in merged.hovertext)
+
+    trace.pair_cosines = [[0.25, 0.75]]
+    after = plots.pairing_figure(trace)
+    (merged,) = traces_named(after, "merged slots")
+    assert "“·a” + “·b”" in merged.hovertext[0] and "pair cosine: 0.250" in merged.hovertext[0]
+    assert "pair cosine: 0.750" in merged.hovertext[1]
+    assert list(merged.marker.color) == [0.25, 0.75]
+
+
+def test_slerp_hover_gives_the_norm_factor_over_the_mean():
+    trace = make_trace(["<s>", " a", " b", "</s>"], cutoffs=(2,))
+    trace.pair_cosines = [[0.0]]  # orthogonal: cos(θ/2) = cos(45°), SLERP is the mean times √2
+    (merged,) = traces_named(plots.pairing_figure(trace), "merged slots")
+    assert "SLERP = mean × 1.414" in merged.hovertext[0]
+    assert plots.slerp_scale(0.99999) == 1.0  # nearly parallel: the merge falls back to the mean itself
+    trace.settings["method"] = "lerp"
+    (merged,) = traces_named(plots.pairing_figure(trace), "merged slots")
+    assert "SLERP" not in merged.hovertext[0]
+
+
+def test_pairing_ignores_cosines_that_do_not_match_the_plan():
+    trace = make_trace(words(8), cutoffs=(2,))
+    trace.pair_cosines = [[0.5]]  # the plan has 3 pairs: a mismatch must not be drawn against the wrong slots
+    assert plots.stage_cosines(trace, 0) == [None] * len(trace.groups[0])
+
+
+def test_protected_spans_are_shaded_and_labelled():
+    trace = make_trace(words(20), cutoffs=(3,), keep_start=4, keep_end=3)
+    fig = plots.pairing_figure(trace)
+    rects = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect"]
+    assert sorted(rects) == [(-0.5, 3.5), (16.5, 19.5)]
+    texts = [a.text for a in fig.layout.annotations]
+    assert "protected: keep_start = 4" in texts and "protected: keep_end = 3" in texts
+    (merged,) = traces_named(fig, "merged slots")
+    assert all(3.5 < x < 16.5 for x in merged.x)
+
+
+def test_second_stage_links_slots_of_the_first():
+    trace = make_trace(words(18), cutoffs=(2, 5))
+    parents = plots.slot_parents(trace.groups, 1)
+    first_stage = trace.groups[0]
+    for slot, members in zip(trace.groups[1], parents):
+        # A second-stage slot covers exactly the original tokens of the first-stage slots it merges.
+        assert sorted(p for m in members for p in first_stage[m]) == slot
+    fig = plots.pairing_figure(trace)
+    assert list(fig.layout.yaxis.tickvals) == [0, -1, -2]
+    (second,) = traces_named(fig, "merged slots, layer 5")
+    assert set(second.y) == {-2}
+    assert len(second.x) == sum(len(m) == 2 for m in parents)
+
+
+def test_long_prompt_opens_on_a_window_with_a_range_slider():
+    trace = make_trace(words(600), cutoffs=(6,))
+    fig = plots.pairing_figure(trace)
+    low, high = fig.layout.xaxis.range
+    assert high - low <= plots.PAIRING_WINDOW + 1
+    assert fig.layout.xaxis.rangeslider.visible
+    (tokens,) = traces_named(fig, "prompt tokens")
+    assert len(tokens.x) == 600  # all tokens are there to pan to, not just the window
+    # Links stay two traces whatever the length, so the figure stays light.
+    assert len(fig.data) == 5
+    short = plots.pairing_figure(make_trace(words(20)))
+    assert not short.layout.xaxis.rangeslider.visible
+
+
+def test_a_plan_chosen_at_the_cutoff_is_announced_not_guessed():
+    # The `similar` choice plans from the hidden states, so before the prefill the trace has no groups yet.
+    trace = make_trace(words(12), cutoffs=(5,))
+    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    pairing = plots.pairing_figure(trace)
+    assert any("appears once the prompt has run" in a.text for a in pairing.layout.annotations)
+    assert [t.name for t in pairing.data] == ["prompt tokens"]
+    lengths = plots.length_figure(trace)
+    assert list(lengths.data[0].y) == [12] * LAYERS and list(lengths.data[2].y) == []
+    assert not any("of base" in a.text for a in lengths.layout.annotations)
+
+
+def test_slerp_factor_only_where_t_is_one_half():
+    # 2 + 2 tokens merge at t = 0.5; a 2-token slot with a single token is size-weighted away from 0.5.
+    trace = make_trace(words(9), cutoffs=(1, 2))
+    first, second = plots.slot_parents(trace.groups, 0), plots.slot_parents(trace.groups, 1)
+    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in parents) for parents in (first, second)]
+    fig = plots.pairing_figure(trace)
+    (slots,) = traces_named(fig, "merged slots, layer 2")
+    seen = set()
+    for x, hover in zip(slots.x, slots.hovertext):
+        slot = next(i for i, g in enumerate(trace.groups[1]) if sum(g) / len(g) == x)
+        equal = len({len(trace.groups[0][m]) for m in second[slot]}) == 1
+        assert ("SLERP = mean" in hover) == equal
+        seen.add(equal)
+    assert seen == {True, False}  # the prompt is chosen to have both kinds
+
+
+def test_base_trace_says_nothing_is_merged():
+    fig = plots.pairing_figure(make_trace(words(6), cutoffs=()))
+    assert any("nothing is merged" in a.text for a in fig.layout.annotations)
+    assert len(fig.data) == 1
+
+
+def test_figures_serialise_to_json():
+    trace = make_trace(["<|im_start|>", "user", "\n", " hi", "<|im_end|>"], cutoffs=(1,))
+    payload = json.loads(plots.pairing_figure(trace).to_json())
+    assert any(t.get("name") == "prompt tokens" for t in payload["data"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 80), keep_start=st.integers(0, 6), keep_end=st.integers(0, 6),
+       cutoffs=st.lists(st.integers(0, LAYERS), min_size=1, max_size=3))
+def test_pairing_draws_every_token_and_slot(n, keep_start, keep_end, cutoffs):
+    if keep_start + keep_end > n:
+        keep_start = keep_end = 0
+    trace = make_trace(words(n), tuple(cutoffs), keep_start, keep_end)
+    fig = plots.pairing_figure(trace)
+    (tokens,) = traces_named(fig, "prompt tokens")
+    assert len(tokens.x) == n
+    for stage in range(len(trace.cutoffs)):
+        row = -(stage + 1)
+        slots = [t for t in fig.data if t.name.split(",")[0] in ("merged slots", "single slots") and t.y
+                 and set(t.y) == {row}]
+        assert sum(len(t.x) for t in slots) == len(trace.groups[stage])
+        links = [t for t in fig.data if t.name.startswith("links") and set(real_points(t.y)) == {row + 1, row}]
+        # Every item of the row above links to exactly one slot of this row.
+        above = n if stage == 0 else len(trace.groups[stage - 1])
+        assert sum(len(real_points(t.x)) for t in links) == 2 * above
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2-4. Lengths, latency, KV cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_length_figure_lines_and_attention_cost():
+    merged = make_trace(words(40), cutoffs=(4, 8))
+    fig = plots.length_figure(merged)
+    base_line, base_bars, merged_line, merged_bars = fig.data
+    assert list(base_line.y) == [40] * LAYERS
+    assert list(merged_line.y) == merged.seq_len_per_layer
+    assert list(merged_bars.y) == [n * n for n in merged.seq_len_per_layer]
+    share = sum(n * n for n in merged.seq_len_per_layer) / (40 * 40 * LAYERS)
+    assert f"merged = {share:.0%} of base" in fig.layout.annotations[1].text
+
+
+def test_length_figure_uses_the_base_trace_when_given():
+    merged, base = make_trace(words(10), cutoffs=(2,)), make_trace(words(10), cutoffs=())
+    base.seq_len_per_layer = [10] * LAYERS
+    fig = plots.length_figure(merged, base)
+    assert list(fig.data[0].y) == base.seq_len_per_layer
+
+
+def test_latency_figure_plots_each_step_in_ms():
+    base, merged = make_trace(words(5), cutoffs=()), make_trace(words(5))
+    base.generated_ids, base.prefill_s, base.decode_s = [1, 2, 3], 0.5, [0.1, 0.2]
+    merged.generated_ids, merged.prefill_s, merged.decode_s = [1, 2], 0.25, [0.05]
+    fig = plots.latency_figure(base, merged)
+    assert [t.name for t in fig.data] == ["base", "merged"]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == pytest.approx([500, 100, 200])
+    assert list(fig.data[1].y) == pytest.approx([250, 50])
+    assert plots.latency_figure(make_trace(words(3)), make_trace(words(3))).data[0].x == ()
+
+
+def test_kv_figure_compares_totals():
+    base, merged = make_trace(words(5), cutoffs=()), make_trace(words(5))
+    base.kv_bytes_per_layer = [2048] * 4
+    merged.kv_bytes_per_layer = [2048, 2048, 1024, 1024]
+    fig = plots.kv_figure(base, merged)
+    assert list(fig.data[1].y) == [2.0, 2.0, 1.0, 1.0]
+    assert "merged holds 75% of base" in fig.layout.title.text
+
+
+def test_kv_figure_explains_an_empty_cache():
+    fig = plots.kv_figure(make_trace(words(5), cutoffs=(), mode="recompute"), make_trace(words(5), mode="recompute"))
+    assert any("recompute mode keeps no KV cache" in a.text for a in fig.layout.annotations)
