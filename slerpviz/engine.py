@@ -8,6 +8,7 @@ through every layer with the position that token has in that layer's sequence.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -390,18 +391,30 @@ class Run:
         trace.finished = True
 
 
-def interleave(*runs: Run) -> Iterator[tuple[Step | None, ...]]:
-    """Advance the runs one step each in turn until all are done; a finished run contributes None."""
+def interleave(*runs: Run, lock=None) -> Iterator[tuple[Step | None, ...]]:
+    """Advance the runs one step each in turn until all are done; a finished run contributes None.
+
+    Each step is timed inside its run, so neither is charged for the other. `lock` (held around each step) keeps
+    one step at a time on a shared device. Closing this iterator (Stop, or a client that went away) closes all runs.
+    """
+    lock = lock if lock is not None else contextlib.nullcontext()
     active = list(runs)
-    while any(run is not None for run in active):
-        steps = []
-        for index, run in enumerate(active):
-            step = next(run, None) if run is not None else None
-            if step is None:
-                active[index] = None
-            steps.append(step)
-        if any(step is not None for step in steps):
-            yield tuple(steps)
+    try:
+        while any(run is not None for run in active):
+            steps = []
+            for index, run in enumerate(active):
+                step = None
+                if run is not None:
+                    with lock:
+                        step = next(run, None)
+                    if step is None:
+                        active[index] = None
+                steps.append(step)
+            if any(step is not None for step in steps):
+                yield tuple(steps)
+    finally:
+        for run in runs:
+            run.close()
 
 
 def record_plan(trace: Trace, stages: list[Stage]) -> None:

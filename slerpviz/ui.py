@@ -1,6 +1,6 @@
 """The Gradio page: base and merged generations streamed side by side, with the Plotly views.
 
-The page only wires. What it shows comes from the library: the engine runs the two generations, `side_by_side`
+The page only wires. What it shows comes from the library: the engine runs the two generations, `interleave`
 interleaves them step by step (so each is timed on its own), the small summary functions below turn traces into
 the panels' figures, and `slerpviz.plots` draws the pictures.
 
@@ -23,7 +23,7 @@ import gradio as gr
 import torch
 
 from . import plots
-from .engine import MODES, MergeSettings, MergingEngine, Run, Sampling, Step, Trace
+from .engine import MODES, MergeSettings, MergingEngine, Sampling, Trace, interleave
 from .merge import CHOICES, METHODS, POSITION_MODES
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
 
@@ -220,32 +220,6 @@ def parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_en
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def side_by_side(base: Run, merged: Run, device_lock: threading.Lock | None = None
-                 ) -> Iterator[tuple[Step | None, Step | None]]:
-    """Step the base and the merged run in turn, one token each; a run that has finished gives None.
-
-    Each step is timed inside the engine on its own, so neither generation is charged for the other. Closing this
-    iterator (Stop, or a client that goes away) closes both runs at once.
-    """
-    lock = device_lock or threading.Lock()
-    runs, done = (base, merged), [False, False]
-    try:
-        while not all(done):
-            steps: list[Step | None] = []
-            for index, run in enumerate(runs):
-                step = None
-                if not done[index]:
-                    with lock:
-                        step = next(run, None)
-                    done[index] = step is None
-                steps.append(step)
-            if any(step is not None for step in steps):
-                yield steps[0], steps[1]
-    finally:
-        base.close()
-        merged.close()
-
-
 @gpu_task
 def generation_steps(request: Request) -> Iterator[tuple[Trace, Trace]]:
     """The GPU part of a request: both generations, yielding (base trace, merged trace) after every step pair.
@@ -258,7 +232,7 @@ def generation_steps(request: Request) -> Iterator[tuple[Trace, Trace]]:
     ids = engine.encode(request.prompt, request.chat)
     base = engine.start(ids, MergeSettings(), request.sampling, request.mode)
     merged = engine.start(ids, request.settings, request.sampling, request.mode)
-    for _ in side_by_side(base, merged, holder.device_lock):
+    for _ in interleave(base, merged, lock=holder.device_lock):
         yield base.trace, merged.trace
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -14,7 +13,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from slerpviz import ui
-from slerpviz.engine import Run
+from slerpviz.engine import Run, interleave
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."
@@ -38,21 +37,9 @@ def page(engine):
     return ui.Page()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def client(engine):
-    demo = ui.build_app(EMBEDDED, preload=False)
-    port = free_port()
-    ui.serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False, download_files=False)
-    finally:
-        demo.close()
+def client(app_url):
+    return Client(app_url, verbose=False, analytics_enabled=False, download_files=False)
 
 
 @pytest.fixture
@@ -133,18 +120,18 @@ class FakeRun:
         self.closed = True
 
 
-def test_side_by_side_alternates_and_lets_the_longer_run_finish():
+def test_interleave_alternates_and_lets_the_longer_run_finish():
     log = []
     base, merged = FakeRun("base", 2, log), FakeRun("merged", 4, log)
-    pairs = list(ui.side_by_side(base, merged))
+    pairs = list(interleave(base, merged))
     assert log == ["base", "merged", "base", "merged", "merged", "merged"]
     assert pairs == [("base", "merged"), ("base", "merged"), (None, "merged"), (None, "merged")]
     assert base.closed and merged.closed
 
 
-def test_closing_side_by_side_closes_both_runs():
+def test_closing_interleave_closes_both_runs():
     base, merged = FakeRun("base", 10, []), FakeRun("merged", 10, [])
-    pairs = ui.side_by_side(base, merged)
+    pairs = interleave(base, merged)
     next(pairs)
     pairs.close()
     assert base.closed and merged.closed and base.steps == merged.steps == 9

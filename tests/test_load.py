@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -10,7 +9,6 @@ import pytest
 from gradio_client import Client
 from gradio_client.utils import Status
 
-from slerpviz import ui
 from slerpviz.models import EMBEDDED
 
 CLIENTS = 20
@@ -20,17 +18,8 @@ DEADLINE_S = 300
 
 
 @pytest.fixture(scope="module")
-def url():
-    ui.ENGINES.ensure(EMBEDDED)
-    demo = ui.build_app(EMBEDDED, preload=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ui.serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+def url(app_url):
+    return app_url
 
 
 def one_user(url: str, number: int) -> dict:
