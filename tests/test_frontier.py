@@ -1,0 +1,76 @@
+"""The frontier benchmark: its front, its files and columns, on a tiny random-weight model. No timing asserted."""
+
+import csv
+import json
+
+import pytest
+
+from slerpviz.bench import limits
+from slerpviz.bench.engines import shape_config
+from slerpviz.bench.frontier import (FRONTIER_COLUMNS, best_at, default_grid, frontier_main, is_article_setting,
+                                     pareto_front)
+from slerpviz.engine import MergeSettings
+from slerpviz.merge import merged_length
+
+
+def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
+    rows = [dict(prefill_speedup=s, top1=t) for s, t in [(1.0, 1.0), (1.2, 0.9), (1.1, 0.8), (1.5, 0.5), (1.5, 0.4)]]
+    assert pareto_front(rows) == [True, True, False, True, False]
+
+
+def test_best_at_picks_the_most_faithful_setting_fast_enough():
+    rows = [dict(prefill_speedup=1.35, top1=0.8, kl_mean=0.1), dict(prefill_speedup=1.6, top1=0.85, kl_mean=0.3),
+            dict(prefill_speedup=1.2, top1=0.99, kl_mean=0.0)]
+    assert best_at(rows, 1.3) is rows[1]
+    assert best_at(rows, 1.7) is None
+
+
+def test_default_grid_spans_choices_and_holds_the_article_setting():
+    grid = default_grid(30, quick=False)
+    assert {s.choice for s in grid} == {"consecutive", "uniform", "similar"}
+    assert any(s.proportional for s in grid) and len({s.ratio for s in grid}) == 4
+    article = [s for s in grid if is_article_setting(s)]
+    assert len(article) == len({s.cutoffs for s in grid}) and all(0 < s.cutoffs[0] < 30 for s in grid)
+    assert not is_article_setting(MergeSettings(cutoffs=(5,), ratio=0.5))
+
+
+def test_frontier_command_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "frontier"
+    code = frontier_main(["--shape", "tiny", "--quick", "--out", str(out), "--prefixes", "48", "--speed-length", "96",
+                          "--repeats", "1", "--continuation", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Pareto front" in printed and "best at 1.3x" in printed
+    with open(out / "frontier.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FRONTIER_COLUMNS
+        rows = list(reader)
+    grid = default_grid(4, quick=True)
+    assert len(rows) == len(grid)
+    assert any(r["on_front"] == "True" for r in rows)
+    for row in rows:
+        assert 0 <= float(row["top1"]) <= 1 and float(row["prefill_speedup"]) > 0
+        assert float(row["prefill_speedup_limit"]) >= 1
+    shape = limits.Shape.from_config(shape_config("tiny"))
+    for row in rows:
+        if row["article"] == "True":  # all pairs at one cutoff: the limit is the plain merge's
+            cutoff = int(row["cutoffs"])
+            merged = [96] * cutoff + [merged_length(96)] * (4 - cutoff)
+            expected = limits.prefill_speedup_limit(shape, [96] * 4, merged)
+            assert float(row["prefill_speedup_limit"]) == pytest.approx(expected, rel=1e-5)  # CSV keeps 6 digits
+    data = json.loads((out / "frontier.json").read_text())
+    assert {"machine", "model", "rows", "best_at_1.3x", "best_at_1.5x"} <= data.keys()
+    assert "<html>" in (out / "frontier.html").read_text().lower() or "plotly" in (out / "frontier.html").read_text()
+
+
+def test_frontier_refuses_a_speed_length_longer_than_the_texts(tmp_path, capsys):
+    code = frontier_main(["--quick", "--out", str(tmp_path), "--texts", str(_short_text(tmp_path)),
+                          "--speed-length", "600"])
+    assert code == 2
+    assert "--speed-length 600 needs at least that many" in capsys.readouterr().err
+
+
+def _short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("A short text.")
+    return path
