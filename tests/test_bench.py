@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -229,6 +230,8 @@ def test_texts_file_is_split_and_short_prefixes_skipped(tmp_path):
     plan = FidelityPlan(prefixes=(5, 40), schedules=((3,),), methods=("slerp",), positions=("mean",), continuation=3)
     rows = run_fidelity(engine, token_texts, plan, log=lambda m: None)
     assert [(r["text"], r["prefix"]) for r in rows] == [("mine#1", 5), ("mine#1", 40), ("mine#2", 5)]
+    with pytest.raises(ValueError, match="long enough"):
+        run_fidelity(engine, token_texts, replace(plan, prefixes=(100,)), log=lambda m: None)
 
 
 def test_default_texts_are_long_enough():
@@ -237,20 +240,26 @@ def test_default_texts_are_long_enough():
     assert all(len(text.split()) > 900 for _, text in texts)
 
 
-def test_best_combination_skips_schedules_that_merge_nothing():
-    def row(schedule, method, positions, top1, kl, stages=1):
-        return {"schedule": schedule, "stages": stages, "first_cutoff": int(schedule.split("+")[0]),
-                "method": method, "positions": positions, "choice": "consecutive", "proportional": False,
-                "top1": top1, "kl_mean": kl, "tokens_to_divergence_mean": 1.0}
+def test_best_variant_ranks_by_kl_at_each_merging_cutoff():
+    def row(schedule, method, positions, top1, kl):
+        return {"schedule": schedule, "stages": 1, "first_cutoff": int(schedule), "method": method,
+                "positions": positions, "choice": "consecutive", "proportional": False, "top1": top1, "kl_mean": kl,
+                "tokens_to_divergence_mean": 1.0}
 
     summary = [
-        row("2", "slerp", "mean", 0.9, 0.1), row("3", "slerp", "mean", 1.0, 0.0), row("4", "slerp", "mean", 1.0, 0.0),
-        row("2", "lerp", "mean", 0.9, 0.2), row("3", "lerp", "mean", 1.0, 0.1), row("4", "lerp", "mean", 1.0, 0.0),
-        row("1", "seed-2024", "first", 0.5, 1.0), row("4", "seed-2024", "first", 1.0, 0.0),
+        # cutoff 4 of 4 merges nothing (all equal the base); seed-2024 listed first would take rank 1 there
+        row("4", "seed-2024", "first", 1.0, 0.0), row("4", "slerp", "mean", 1.0, 0.0),
+        row("4", "lerp", "mean", 1.0, 0.0),
+        row("1", "slerp", "mean", 0.5, 1.0), row("2", "slerp", "mean", 0.9, 0.1), row("3", "slerp", "mean", 1.0, 0.0),
+        row("1", "lerp", "mean", 0.5, 1.2), row("2", "lerp", "mean", 0.9, 0.2), row("3", "lerp", "mean", 1.0, 0.1),
+        row("1", "seed-2024", "first", 0.6, 0.9), row("2", "seed-2024", "first", 0.8, 0.3),
+        row("3", "seed-2024", "first", 0.9, 0.4),
     ]
     best = best_combination(summary, num_layers=4)
-    assert (best["method"], best["positions"], best["label"]) == ("slerp", "mean", "slerp/mean")  # tie -> lower KL
-    assert best["ranking"][-1]["method"] == "seed-2024"  # its cutoff-4 row (no merging) does not rescue it
+    assert (best["method"], best["positions"], best["label"]) == ("slerp", "mean", "slerp/mean")
+    assert best["kl_rank"] == pytest.approx(4 / 3)
+    # lerp and seed-2024 tie on KL rank (7/3) once cutoff 4 is left out; the lower mean KL goes first
+    assert [r["method"] for r in best["ranking"]] == ["slerp", "lerp", "seed-2024"]
     assert earliest_cutoff(summary, best, 4, threshold=0.95) == 3
     assert earliest_cutoff(summary, best, 4, threshold=0.85) == 2
     assert earliest_cutoff(summary, best["ranking"][-1], 4, threshold=0.95) is None

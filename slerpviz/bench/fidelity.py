@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..engine import MergeSettings, MergingEngine
+from ..engine import MergeSettings, MergingEngine, Sampling
 from ..merge import METHODS, POSITION_MODES
 from .schedules import Schedule, label
 
@@ -94,26 +94,26 @@ class TokenText:
 def prefill_with_cache(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings):
     stages = engine.plan(ids, settings)
     cache = DynamicCache(config=engine.config)
-    logits, segments, _ = engine.prefill(ids, stages, settings, cache)
-    return logits[0], segments, cache
+    logits, layout, _ = engine.prefill(ids, stages, settings, cache)
+    return logits[0], layout, cache
 
 
-def decode_token(engine: MergingEngine, token: int, position: int, segments, cache) -> torch.Tensor:
-    return engine.decode(torch.tensor([[token]], device=engine.device), position, segments, cache)[0]
+def decode_token(engine: MergingEngine, token: int, position: int, layout, cache) -> torch.Tensor:
+    return engine.decode(torch.tensor([[token]], device=engine.device), position, layout, cache)[0]
 
 
 def base_reference(engine: MergingEngine, ids: torch.Tensor, continuation: int) -> Reference:
     """The base model's next-token distribution at `ids` and its greedy continuation of `continuation` tokens."""
-    logits, segments, cache = prefill_with_cache(engine, ids, MergeSettings())
+    logits, layout, cache = prefill_with_cache(engine, ids, MergeSettings())
     tokens = [int(logits.argmax())]
     for step in range(1, continuation):
-        tokens.append(int(decode_token(engine, tokens[-1], ids.shape[-1] + step - 1, segments, cache).argmax()))
+        tokens.append(int(decode_token(engine, tokens[-1], ids.shape[-1] + step - 1, layout, cache).argmax()))
     return Reference(torch.log_softmax(logits, -1), tokens)
 
 
 def compare(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, reference: Reference) -> dict:
     """The merged model at `ids` against the base reference."""
-    logits, segments, cache = prefill_with_cache(engine, ids, settings)
+    logits, layout, cache = prefill_with_cache(engine, ids, settings)
     log_probs = torch.log_softmax(logits, -1)
     base_top5 = reference.log_probs.topk(5).indices
     merged_top5 = log_probs.topk(5).indices
@@ -124,17 +124,17 @@ def compare(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, r
         "top5": float(base_top1 in merged_top5.tolist()),
         "top5_overlap": len(set(base_top5.tolist()) & set(merged_top5.tolist())) / 5,
         "kl": max(float(kl), 0.0),  # KL is never negative; a tiny negative value is rounding
-        **divergence(engine, ids.shape[-1], logits, segments, cache, reference.continuation),
+        **divergence(engine, ids.shape[-1], logits, layout, cache, reference.continuation),
     }
 
 
-def divergence(engine, length: int, logits, segments, cache, continuation: list[int]) -> dict:
+def divergence(engine, length: int, logits, layout, cache, continuation: list[int]) -> dict:
     """How many tokens of the base's greedy continuation the merged model would also choose, in a row."""
     agreed = 0
     while agreed < len(continuation) and int(logits.argmax()) == continuation[agreed]:
         agreed += 1
         if agreed < len(continuation):
-            logits = decode_token(engine, continuation[agreed - 1], length + agreed - 1, segments, cache)
+            logits = decode_token(engine, continuation[agreed - 1], length + agreed - 1, layout, cache)
     return {"tokens_to_divergence": agreed, "censored": agreed == len(continuation)}
 
 
@@ -150,8 +150,10 @@ def usable_prefixes(text: TokenText, prefixes: tuple[int, ...]) -> list[int]:
 
 def run_fidelity(engine: MergingEngine, texts: list[TokenText], plan: FidelityPlan, log=print) -> list[dict]:
     settings_grid = plan.settings()
-    for settings in settings_grid:
-        engine.validate(max(plan.prefixes), settings)
+    for settings in settings_grid:  # the context must hold the longest prefix and its continuation
+        engine.validate(max(plan.prefixes), settings, Sampling(max_new_tokens=plan.continuation))
+    if not any(usable_prefixes(text, plan.prefixes) for text in texts):
+        raise ValueError(f"no text is long enough for any prefix length in {plan.prefixes}")
     rows = []
     for text in texts:
         prefixes = usable_prefixes(text, plan.prefixes)
@@ -212,18 +214,29 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def best_combination(summary: list[dict], num_layers: int) -> dict | None:
-    """The variant (method, positions, ...) with the highest mean top-1 agreement over every schedule that merges
-    anything; ties go to the lower mean KL. Also the full ranking, to show how close the others came."""
-    scores: dict[tuple, list[dict]] = {}
-    for row in summary:
-        if merges_anything(row["schedule"], num_layers):
-            scores.setdefault(tuple(row[k] for k in VARIANT_KEYS), []).append(row)
-    if not scores:
+    """The variant (method, positions, ...) that ranks best by KL at the schedules that merge anything.
+
+    Each schedule ranks the variants by mean KL(base ‖ merged), and the ranks are averaged, so every cutoff counts
+    the same: a mean KL itself would be decided by the earliest cutoffs, where every variant is far off. KL is used
+    rather than top-1 because it compares whole distributions on the same samples, while top-1 agreement moves in
+    steps of one sample; ties go to the lower mean KL. The ranking lists every variant with both figures.
+    """
+    merging = [r for r in summary if merges_anything(r["schedule"], num_layers)]
+    if not merging:
         return None
-    ranked = sorted(scores.items(), key=lambda item: (-_mean(item[1], "top1"), _mean(item[1], "kl_mean")))
-    ranking = [{**dict(zip(VARIANT_KEYS, key)), "label": variant_label(dict(zip(VARIANT_KEYS, key))),
-                "top1": _mean(rows, "top1"), "kl_mean": _mean(rows, "kl_mean"),
-                "tokens_to_divergence_mean": _mean(rows, "tokens_to_divergence_mean")} for key, rows in ranked]
+    ranks: dict[tuple, list[float]] = {}
+    for schedule in dict.fromkeys(r["schedule"] for r in merging):
+        rows = sorted((r for r in merging if r["schedule"] == schedule), key=lambda r: r["kl_mean"])
+        for rank, row in enumerate(rows, start=1):
+            ranks.setdefault(tuple(row[k] for k in VARIANT_KEYS), []).append(rank)
+    ranking = []
+    for key, variant_ranks in ranks.items():
+        rows = [r for r in merging if tuple(r[k] for k in VARIANT_KEYS) == key]
+        variant = dict(zip(VARIANT_KEYS, key))
+        ranking.append({**variant, "label": variant_label(variant), "kl_rank": statistics.fmean(variant_ranks),
+                        "top1": _mean(rows, "top1"), "kl_mean": _mean(rows, "kl_mean"),
+                        "tokens_to_divergence_mean": _mean(rows, "tokens_to_divergence_mean")})
+    ranking.sort(key=lambda r: (r["kl_rank"], r["kl_mean"]))
     return {**ranking[0], "ranking": ranking}
 
 
