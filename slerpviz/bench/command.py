@@ -1,4 +1,4 @@
-"""python -m slerpviz.bench speed|fidelity [--model NAME | --shape SHAPE] [--quick] [--out DIR] [...]
+"""python -m slerpviz.bench speed|fidelity|frontier [--model NAME | --shape SHAPE] [--quick] [--out DIR] [...]
 
 Writes DIR/<benchmark>.csv, .json and .html and prints a short table. `--quick` is a smoke run sized to finish in
 under three minutes on a 2-core CPU with the embedded model; without it the grid is the README's.
@@ -37,7 +37,8 @@ PROPORTIONAL = {"off": (False,), "on": (True,), "both": (False, True)}
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m slerpviz.bench", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=("speed", "fidelity"))
+    p.add_argument("benchmark", choices=("speed", "fidelity", "frontier"),
+                   help="frontier: see python -m slerpviz.bench frontier --help")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
     which.add_argument("--shape", choices=SHAPES,
@@ -359,6 +360,11 @@ def fidelity_main(args, argv=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["frontier"]:  # the speed x fidelity frontier has its own options
+        from .frontier import frontier_main
+
+        return frontier_main(argv[1:])
     args = parser().parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
