@@ -268,19 +268,12 @@ class MergingEngine:
                 start = end
             if cutoff is None:
                 break
-            if stages is not None:
-                stage = stages[index]
-            else:
-                similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
-                stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratios[index],
-                                   settings.choice, similarity, settings.size_weighted)
-            cosines.append(pair_cosines(h, stage.plan))
-            h = apply_plan(h, stage.plan, settings.method)
-            first, last = stage.first, stage.last
-            positions = slot_positions(first, last, settings.positions)
-            if settings.proportional and bool((stage.sizes > 1).any()):
-                log_sizes = stage.sizes.float().log()
-            realised.append(stage)
+            merged = merge_at_cutoff(h, first, last, cutoff, settings, ratios[index],
+                                     stages[index] if stages is not None else None)
+            h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes
+            first, last = merged.stage.first, merged.stage.last
+            cosines.append(merged.cosines)
+            realised.append(merged.stage)
         return self._logits(h), Layout(segments, realised), cosines
 
     @torch.inference_mode()
@@ -415,6 +408,34 @@ def interleave(*runs: Run, lock=None) -> Iterator[tuple[Step | None, ...]]:
     finally:
         for run in runs:
             run.close()
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The hidden states after a cutoff's merge, with what the layers after it need to know."""
+
+    hidden: torch.Tensor  # [1, slots, d]
+    stage: Stage
+    cosines: torch.Tensor  # [1, pairs]: cosine of each merged pair before merging
+    positions: torch.Tensor  # [slots]: RoPE positions of the slots
+    log_sizes: torch.Tensor | None  # log(tokens per slot) for proportional attention, when any slot holds several
+
+
+def merge_at_cutoff(
+    h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, cutoff: int, settings: MergeSettings, ratio: float,
+    stage: Stage | None = None,
+) -> Merged:
+    """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar`) unless
+    it is given, the pair cosines, the interpolation, the slots' positions and sizes."""
+    if stage is None:
+        similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
+        stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
+                           similarity, settings.size_weighted)
+    cosines = pair_cosines(h, stage.plan)
+    hidden = apply_plan(h, stage.plan, settings.method)
+    positions = slot_positions(stage.first, stage.last, settings.positions)
+    several = settings.proportional and bool((stage.sizes > 1).any())
+    return Merged(hidden, stage, cosines, positions, stage.sizes.float().log() if several else None)
 
 
 def record_plan(trace: Trace, stages: list[Stage]) -> None:

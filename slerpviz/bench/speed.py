@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import adjacent_cosines, apply_plan, next_stage, pair_cosines, ratio_per_stage, slot_positions
+from ..engine import MergeSettings, MergingEngine, Sampling, merge_at_cutoff
+from ..merge import ratio_per_stage
 from . import limits
 from .engines import never_stops
 from .machine import PeakMemory
@@ -114,20 +114,11 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
 
 
 def merge_step(h: torch.Tensor, settings: MergeSettings) -> None:
-    """Everything a prefill does at its cutoffs besides running layers, as the engine does it: plan each stage
-    (from the hidden states for `similar`), the pair cosines, the interpolation, the slots' positions and sizes."""
+    """Everything a prefill does at its cutoffs besides running layers, through the engine's own merge."""
     first = last = torch.arange(h.shape[1])
-    ratios = ratio_per_stage(settings.ratio, len(settings.cutoffs))
-    for cutoff, stage_ratio in zip(settings.cutoffs, ratios):
-        similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
-        stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, stage_ratio, settings.choice,
-                           similarity, settings.size_weighted)
-        pair_cosines(h, stage.plan)
-        h = apply_plan(h, stage.plan, settings.method)
-        first, last = stage.first, stage.last
-        slot_positions(first, last, settings.positions)
-        if settings.proportional:
-            stage.sizes.float().log()
+    for cutoff, ratio in zip(settings.cutoffs, ratio_per_stage(settings.ratio, len(settings.cutoffs))):
+        merged = merge_at_cutoff(h, first, last, cutoff, settings, ratio)
+        h, first, last = merged.hidden, merged.stage.first, merged.stage.last
 
 
 def time_merge(engine: MergingEngine, length: int, settings: MergeSettings, repeats: int) -> float:
