@@ -579,21 +579,32 @@ CSS = """
 """
 
 
+# The article's merge: every eligible pair, consecutive, no proportional attention.
+PLAIN_MERGE = (1.0, "consecutive", False)
+# From the speed x fidelity frontier on the embedded model (README, `python -m slerpviz.bench frontier`).
+RECOMMENDED = dict(cutoff=15, ratio=1.0, choice="similar", proportional=False,
+                   label="Recommended preset: cutoff 15, most similar pairs")
+
+
 def example_rows() -> tuple[list[list], list[str]]:
-    """Clickable examples: (prompt, cutoff, keep start, keep end, method, positions, mode, max new tokens)."""
+    """Clickable examples: (prompt, cutoff, keep start, keep end, method, positions, mode, max new tokens, merge
+    ratio, pair choice, proportional attention)."""
     rows = [
         ["Explain in three short sentences why the sky is blue.", 15, 0, 0, "slerp", "mean", "cached", 48],
         ["Write a haiku about a lighthouse in winter.", 10, 0, 0, "slerp", "mean", "cached", 32],
         ["List five uses of a paperclip, one per line.", 20, 0, 0, "lerp", "mean", "cached", 48],
         ["What is the capital of France? Answer in one word.", 8, 0, 0, "seed-2024", "renumber", "recompute", 12],
     ]
+    rows = [row + list(PLAIN_MERGE) for row in rows]
+    rows.append(["Explain in three short sentences why the sky is blue.", RECOMMENDED["cutoff"], 0, 0, "slerp",
+                 "mean", "cached", 48, RECOMMENDED["ratio"], RECOMMENDED["choice"], RECOMMENDED["proportional"]])
     labels = ["Why is the sky blue? (cutoff 15)", "Haiku (cutoff 10)", "Paperclips, lerp (cutoff 20)",
-              "Article's seed-2024 code, recompute"]
+              "Article's seed-2024 code, recompute", RECOMMENDED["label"]]
     document = ASSETS / "examples" / "long_document.txt"
     if document.exists():
         text = document.read_text(encoding="utf-8").strip()
         prompt = f"Summarise the following report in three sentences.\n\n{text}"
-        rows.append([prompt, 4, 0, 8, "slerp", "mean", "cached", 16])
+        rows.append([prompt, 4, 0, 8, "slerp", "mean", "cached", 16, *PLAIN_MERGE])
         labels.append("Long report (~1,500 tokens): the speed difference shows")
     return rows, labels
 
@@ -657,7 +668,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         with examples_place:
             rows, labels = example_rows()
             examples = gr.Examples(rows, [prompt, cutoff, keep_start, keep_end, method, positions, mode,
-                                          max_new_tokens], example_labels=labels, cache_examples=False,
+                                          max_new_tokens, ratio, choice, proportional], example_labels=labels, cache_examples=False,
                                    label="Examples (click to fill in, then Run)")
 
         with gr.Row(equal_height=True):
