@@ -705,8 +705,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         generating = planned.success(page.generate, inputs, outputs, api_name="generate",
                                      concurrency_id="device", concurrency_limit=1,
                                      show_progress_on=[base_text, merged_text])
-        stop_button.click(page.stopped, None, [status], cancels=[generating], api_visibility="private",
-                          queue=False)
+        # Cancel first, then say so: a status written with the cancel could be overwritten by the last message the
+        # cancelled generation had already sent.
+        stop_button.click(None, None, None, cancels=[generating], api_visibility="private", queue=False).then(
+            page.stopped, None, [status], api_visibility="private", queue=False)
 
         preview = dict(fn=page.preview, inputs=inputs, outputs=[pairing, lengths, status], api_visibility="private",
                        concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
