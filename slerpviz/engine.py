@@ -18,8 +18,8 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .merge import (
-    CHOICES, POSITION_MODES, Stage, adjacent_cosines, apply_plan, check_method, check_spans, next_stage, pair_cosines,
-    plan_stages, ratio_per_stage, slot_positions,
+    Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans, next_stage,
+    pair_cosines, plan_stages, ratio_per_stage, slot_positions,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
@@ -165,10 +165,8 @@ class MergingEngine:
                 raise ValueError(f"cutoff {cutoff!r} is out of range: choose a layer from 0 to {self.num_layers}")
         check_spans(length, settings.keep_start, settings.keep_end)
         check_method(settings.method)
-        if settings.positions not in POSITION_MODES:
-            raise ValueError(f"unknown positions mode {settings.positions!r}; choose one of {', '.join(POSITION_MODES)}")
-        if settings.choice not in CHOICES:
-            raise ValueError(f"unknown pair choice {settings.choice!r}; choose one of {', '.join(CHOICES)}")
+        check_positions(settings.positions)
+        check_choice(settings.choice)
         ratio_per_stage(settings.ratio, len(settings.cutoffs))
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

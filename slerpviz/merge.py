@@ -102,6 +102,16 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def check_positions(mode: str) -> None:
+    if mode not in POSITION_MODES:
+        raise ValueError(f"unknown positions mode {mode!r}; choose one of {', '.join(POSITION_MODES)}")
+
+
+def check_choice(choice: str) -> None:
+    if choice not in CHOICES:
+        raise ValueError(f"unknown pair choice {choice!r}; choose one of {', '.join(CHOICES)}")
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per vector over the last dimension, float32, 0 for zero vectors."""
     a32, b32 = a.float(), b.float()
@@ -187,6 +197,7 @@ def choose_pairs(
     """
     check_spans(length, keep_start, keep_end)
     check_ratio(ratio)
+    check_choice(choice)
     lead, end = _middle(length, keep_start, keep_end)
     grid = torch.arange(lead, max(end - 1, lead), 2)
     count = math.floor(ratio * grid.numel() + 0.5)
@@ -194,11 +205,9 @@ def choose_pairs(
         return grid[:count]
     if choice == "uniform":
         return grid[((torch.arange(count) + 0.5) * grid.numel() / max(count, 1)).long()]
-    if choice == "similar":
-        if similarity is None:
-            raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
-        return most_similar_pairs(similarity, lead, end, count)
-    raise ValueError(f"unknown pair choice {choice!r}; choose one of {', '.join(CHOICES)}")
+    if similarity is None:
+        raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
+    return most_similar_pairs(similarity, lead, end, count)
 
 
 def most_similar_pairs(similarity: torch.Tensor, lead: int, end: int, count: int) -> torch.Tensor:
@@ -367,10 +376,9 @@ def plan_stages(
 
 def slot_positions(first: torch.Tensor, last: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """RoPE position of each slot: the mean of its tokens' positions, its first token's, or 0..slots-1."""
+    check_positions(mode)
     if mode == "mean":
         return (first + last).float() / 2
     if mode == "first":
         return first.float()
-    if mode == "renumber":
-        return torch.arange(first.numel(), dtype=torch.float32)
-    raise ValueError(f"unknown positions mode {mode!r}; choose one of {', '.join(POSITION_MODES)}")
+    return torch.arange(first.numel(), dtype=torch.float32)  # renumber
