@@ -9,11 +9,30 @@ through every layer with the position that token has in that layer's sequence.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
+import transformers
+
+# The engine calls decoder layers with transformers 5.x keyword arguments (`cache`, `position_embeddings`, a tensor
+# returned) and builds masks per layer index; other major versions differ there, so refuse them with a clear message.
+TESTED_TRANSFORMERS = ("5.0", "6.0")  # [low, high)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+if not _version_tuple(TESTED_TRANSFORMERS[0]) <= _version_tuple(transformers.__version__) < _version_tuple(
+        TESTED_TRANSFORMERS[1]):
+    raise ImportError(
+        f"slerpviz needs transformers >={TESTED_TRANSFORMERS[0]},<{TESTED_TRANSFORMERS[1]} (tested with 5.24); "
+        f"this environment has {transformers.__version__}"
+    )
+
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -41,7 +60,15 @@ class MergeSettings:
     size_weighted: bool = True  # t follows the tokens each side holds when merged slots merge again
 
     def __post_init__(self):
-        object.__setattr__(self, "cutoffs", tuple(sorted(self.cutoffs)))
+        # Stages run in layer order; per-cutoff ratios travel with their cutoffs (cutoffs 20, 10 with ratios 1, 0.5
+        # merge half at layer 10 and all at layer 20).
+        order = sorted(range(len(self.cutoffs)), key=lambda i: self.cutoffs[i])
+        if isinstance(self.ratio, (tuple, list)):
+            ratios = tuple(self.ratio)
+            if len(ratios) == len(self.cutoffs):
+                ratios = tuple(ratios[i] for i in order)
+            object.__setattr__(self, "ratio", ratios)
+        object.__setattr__(self, "cutoffs", tuple(self.cutoffs[i] for i in order))
 
 
 @dataclass(frozen=True)
@@ -114,6 +141,18 @@ class Layout:
     stages: list[Stage]
 
 
+def check_sampling(sampling: Sampling) -> None:
+    """Decoding settings that no model can use, refused before any model work."""
+    if not isinstance(sampling.max_new_tokens, int) or sampling.max_new_tokens < 1:
+        raise ValueError("max new tokens must be a whole number of at least 1")
+    if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+        raise ValueError("temperature must be a finite number, 0 (greedy) or more")
+    if not math.isfinite(sampling.top_p) or not 0 < sampling.top_p <= 1:
+        raise ValueError("top-p must be in (0, 1]")
+    if not isinstance(sampling.seed, int) or not 0 <= sampling.seed < 2**63:
+        raise ValueError("seed must be a whole number from 0 to 2**63 - 1")
+
+
 def check_supported(model) -> None:
     family = getattr(model.config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
@@ -171,12 +210,7 @@ class MergingEngine:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if sampling is not None:
-            if sampling.max_new_tokens < 1:
-                raise ValueError("max new tokens must be at least 1")
-            if sampling.temperature < 0:
-                raise ValueError("temperature must not be negative")
-            if not 0 < sampling.top_p <= 1:
-                raise ValueError("top-p must be in (0, 1]")
+            check_sampling(sampling)
             context = getattr(self.config, "max_position_embeddings", None)
             if context is not None and length + sampling.max_new_tokens > context:
                 raise ValueError(

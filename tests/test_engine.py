@@ -307,3 +307,26 @@ def test_bad_ratio_and_choice_are_refused():
         engine.start(random_ids(20), MergeSettings(cutoffs=(2,), ratio=2))
     with pytest.raises(ValueError, match="3 merge ratios for 2 cutoffs"):
         engine.start(random_ids(20), MergeSettings(cutoffs=(2, 3), ratio=(1.0, 0.5, 0.2)))
+
+
+def test_per_cutoff_ratios_follow_their_cutoffs(engine):
+    """Cutoffs are run in layer order; each ratio stays with the cutoff it was given for."""
+    given = MergeSettings(cutoffs=(4, 2), ratio=(1.0, 0.5))
+    assert given.cutoffs == (2, 4) and given.ratio == (0.5, 1.0)
+    ids = random_ids(41)
+    stages = engine.plan(ids, given)
+    sorted_first = engine.plan(ids, MergeSettings(cutoffs=(2, 4), ratio=(0.5, 1.0)))
+    assert [s.plan.merged_length for s in stages] == [s.plan.merged_length for s in sorted_first]
+    assert stages[0].plan.merged_length == 41 - 10  # half of the 19 eligible pairs, rounded
+
+
+def test_sampling_that_no_model_can_use_is_refused():
+    from slerpviz.engine import check_sampling
+
+    for sampling, field in [(Sampling(temperature=float("inf")), "temperature"),
+                            (Sampling(temperature=float("nan")), "temperature"), (Sampling(seed=-5), "seed"),
+                            (Sampling(seed=2**70), "seed"), (Sampling(max_new_tokens=0), "max new tokens"),
+                            (Sampling(top_p=float("nan")), "top-p")]:
+        with pytest.raises(ValueError, match=field):
+            check_sampling(sampling)
+    check_sampling(Sampling(temperature=0.7, top_p=0.9, seed=2**62))

@@ -37,8 +37,8 @@ PROPORTIONAL = {"off": (False,), "on": (True,), "both": (False, True)}
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m slerpviz.bench", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=("speed", "fidelity", "frontier"),
-                   help="frontier: see python -m slerpviz.bench frontier --help")
+    p.add_argument("benchmark", choices=("speed", "fidelity", "frontier", "retrieval"),
+                   help="frontier and retrieval: see python -m slerpviz.bench frontier --help (or retrieval)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
     which.add_argument("--shape", choices=SHAPES,
@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         from .frontier import frontier_main
 
         return frontier_main(argv[1:])
+    if argv[:1] == ["retrieval"]:
+        from .retrieval_command import retrieval_main
+
+        return retrieval_main(argv[1:])
     args = parser().parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

@@ -33,10 +33,19 @@ def shape_config(name: str):
 
 
 class IdTokenizer:
-    """Stands in for a tokenizer where a benchmark feeds token ids: the engine only decodes ids for its trace."""
+    """Stands in for a tokenizer for random weights: the engine decodes ids for its trace, and a prompt built from
+    text (retrieval) gets one id per character, within the vocabulary. Only the code path means anything."""
 
     eos_token_id = None
+    bos_token_id = None
     chat_template = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_tensors=None) -> dict:
+        ids = [ord(c) % self.vocab_size for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(str(i) for i in ids)
@@ -55,7 +64,7 @@ def random_weight_engine(shape: str, device: str = "cpu", dtype: torch.dtype | N
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return MergingEngine(model, IdTokenizer())
+    return MergingEngine(model, IdTokenizer(config.vocab_size))
 
 
 def named_engine(name: str, device: str = "cpu") -> MergingEngine:

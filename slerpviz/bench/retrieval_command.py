@@ -1,0 +1,202 @@
+"""python -m slerpviz.bench retrieval [--quick] [--model NAME | --shape ...] [--texts FILE] [--lengths ...] [...]
+
+Writes DIR/retrieval.csv (one row per trial), retrieval_summary.csv, retrieval.json (machine, command, commit) and
+retrieval.html (Plotly heatmaps, depth × length → accuracy, base and every variant side by side), and prints a
+table with n beside every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from ..engine import MergeSettings
+from ..merge import CHOICES
+from . import report, schedules
+from .machine import machine_info
+from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
+                        summarise)
+from .texts import read_texts
+
+
+def parser() -> argparse.ArgumentParser:
+    from .engines import SHAPES
+
+    p = argparse.ArgumentParser(prog="python -m slerpviz.bench retrieval", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
+    which.add_argument("--shape", choices=SHAPES, help="random weights (tiny: for tests; accuracy means nothing)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="for --shape")
+    p.add_argument("--quick", action="store_true", help="a small run: under three minutes on a 2-core CPU")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the CSV, JSON and HTML files")
+    p.add_argument("--texts", type=Path, action="append",
+                   help="filler: a text file or folder of .txt, repeatable (default: assets/texts)")
+    p.add_argument("--tasks", help=f"comma-separated: {', '.join(TASKS)} (default: both)")
+    p.add_argument("--lengths", help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; "
+                                     "--quick 256,512)")
+    p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=int, help="prompts per length and depth (default 4: 20 per length)")
+    p.add_argument("--cutoffs", help="merged variants, comma-separated schedules: 15,22,7+15 (default: N/2 and "
+                                     "3N/4; --quick N/2)")
+    p.add_argument("--ratio", type=float, default=1.0, help="share of eligible pairs merged at each cutoff")
+    p.add_argument("--choice", default="consecutive", help=f"which pairs merge: {', '.join(CHOICES)}")
+    p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
+    p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
+    p.add_argument("--preset", action="append", default=[],
+                   help="add a named preset as a variant (see slerpviz.presets); repeatable")
+    p.add_argument("--seed", type=int, default=0, help="keys, needle words and filler offsets")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    return p
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"bad list of numbers {text!r}: write them comma-separated, like 0,0.5,1") from None
+
+
+def ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"bad list of whole numbers {text!r}: write them comma-separated, like 512,1024") from None
+
+
+def variant_label(settings: MergeSettings) -> str:
+    """'cutoff 15', 'cutoff 7+15, ratio 0.5, similar', ..."""
+    parts = [f"cutoff {schedules.label(settings.cutoffs)}"]
+    if settings.ratio != 1.0:
+        ratio = settings.ratio if isinstance(settings.ratio, tuple) else (settings.ratio,)
+        parts.append("ratio " + "/".join(f"{r:g}" for r in ratio))
+    if settings.choice != "consecutive":
+        parts.append(settings.choice)
+    if settings.keep_start or settings.keep_end:
+        parts.append(f"keep {settings.keep_start}/{settings.keep_end}")
+    if settings.proportional:
+        parts.append("proportional")
+    return ", ".join(parts)
+
+
+def retrieval_plan(args, engine) -> RetrievalPlan:
+    layers = engine.num_layers
+    context = getattr(engine.config, "max_position_embeddings", None)
+    if args.lengths:
+        lengths = ints(args.lengths)
+    else:
+        lengths = (256, 512) if args.quick else (512, 1024, 2048, 4096)
+        skipped = [n for n in lengths if context is not None and n + 16 > context]
+        if skipped:
+            print(f"note: skipping lengths {skipped}: beyond the model's context of {context} tokens", file=sys.stderr)
+        lengths = tuple(n for n in lengths if n not in skipped)
+    chosen = schedules.parse(args.cutoffs) if args.cutoffs else (
+        [(layers // 2,)] if args.quick else [(layers // 2,), (3 * layers // 4,)])
+    schedules.check(chosen, layers)
+    variants = [MergeSettings(cutoffs=s, keep_start=args.keep_start, keep_end=args.keep_end, ratio=args.ratio,
+                              choice=args.choice) for s in chosen]
+    if args.preset:
+        from ..presets import preset
+
+        variants = [*(preset(name, layers) for name in args.preset), *(variants if args.cutoffs else [])]
+    tasks = tuple(t for t in (args.tasks or ",".join(TASKS)).replace(" ", "").split(",") if t)
+    return RetrievalPlan(
+        tasks=tasks,
+        lengths=lengths,
+        depths=floats(args.depths) if args.depths else ((0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75,
+                                                                                              1.0)),
+        samples=args.samples or (2 if args.quick else 4),
+        variants=tuple((variant_label(s), s) for s in variants),
+        seed=args.seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def heatmaps(summary: list[dict], task: str) -> go.Figure:
+    """Depth × length → accuracy for base and every variant side by side, each cell labelled correct/n."""
+    cells = [r for r in summary if r["task"] == task]
+    variants = list(dict.fromkeys(r["variant"] for r in cells))
+    lengths = sorted({r["length"] for r in cells})
+    depths = sorted({r["depth"] for r in cells})
+    fig = make_subplots(rows=1, cols=len(variants), subplot_titles=variants, shared_yaxes=True,
+                        horizontal_spacing=0.03)
+    for col, variant in enumerate(variants, start=1):
+        lookup = {(r["depth"], r["length"]): r for r in cells if r["variant"] == variant}
+        z = [[lookup[(d, n)]["accuracy"] if (d, n) in lookup else None for n in lengths] for d in depths]
+        text = [[f"{lookup[(d, n)]['correct']}/{lookup[(d, n)]['n']}" if (d, n) in lookup else "" for n in lengths]
+                for d in depths]
+        fig.add_trace(go.Heatmap(
+            z=z, x=[str(n) for n in lengths], y=[f"{d:g}" for d in depths], text=text, texttemplate="%{text}",
+            zmin=0, zmax=1, colorscale="RdYlGn", showscale=col == len(variants),
+            colorbar=dict(title="accuracy"),
+            hovertemplate=f"{variant}<br>length %{{x}}, depth %{{y}}<br>%{{text}} correct<extra></extra>",
+        ), row=1, col=col)
+        fig.update_xaxes(title_text="prompt length (tokens)", type="category", row=1, col=col)
+    fig.update_yaxes(title_text="needle depth (0 = start)", type="category", autorange="reversed", row=1, col=1)
+    fig.update_layout(title=f"{task}: does the answer survive the merge? (accuracy, correct/n per cell)",
+                      template="plotly_white", height=380, width=max(520, 300 * len(variants) + 120))
+    return fig
+
+
+SUMMARY_TABLE = [("task", "task", ""), ("variant", "variant", ""), ("length", "length", ""),
+                 ("score", "correct/n", ""), ("accuracy", "accuracy", ".2f"), ("flop_limit", "FLOP limit", ".2f"),
+                 ("prefill_s", "prefill s", ".2f")]
+
+
+def write_report(out: Path, rows: list[dict], plan: RetrievalPlan, machine: dict, model: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    cells = summarise(rows)
+    by_length = [{**r, "score": f"{r['correct']}/{r['n']}"} for r in summarise(rows, ("task", "variant", "length"))]
+    report.write_csv(out / "retrieval.csv", rows, RETRIEVAL_COLUMNS)
+    report.write_csv(out / "retrieval_summary.csv", cells + by_length, SUMMARY_COLUMNS)
+    report.write_json(out / "retrieval.json", {
+        "benchmark": "retrieval", "machine": machine, "model": model,
+        "plan": {**asdict(plan), "variants": [{"label": label, **asdict(s)} for label, s in plan.variants]},
+        "by_length": by_length, "cells": cells, "rows": rows,
+    })
+    notes = ["Each prompt is filler prose with a needle at the given depth and a question at the end; a trial is "
+             "correct when the exact answer appears in the greedy continuation. Base and every merged variant run "
+             "on the very same prompts. FLOP limit: base prefill FLOPs ÷ merged, from the config and the lengths "
+             "each layer saw."]
+    report.write_html(out / "retrieval.html", f"slerpviz retrieval: {model['name']}", machine,
+                      [heatmaps(cells, task) for task in plan.tasks], notes)
+    return report.format_table(by_length, SUMMARY_TABLE)
+
+
+def retrieval_main(argv: list[str] | None = None) -> int:
+    from .command import build_engine, describe_model
+
+    args = parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        engine, name = build_engine(args)
+        plan = retrieval_plan(args, engine)
+        haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])
+        began = time.perf_counter()
+        rows = run_retrieval(engine, haystack, plan, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    machine, model = machine_info(engine.device, ["retrieval", *(argv or [])]), describe_model(engine, name)
+    print(f"retrieval on {machine['gpu'] or machine['cpu']} ({machine['device']}), model {name}, "
+          f"{time.perf_counter() - began:.0f} s")
+    print(write_report(args.out, rows, plan, machine, model))
+    print(f"\nwrote {args.out / 'retrieval.csv'}, retrieval_summary.csv, retrieval.json, retrieval.html")
+    return 0
+
