@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,8 +38,8 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .merge import (
-    Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans, next_stage,
-    pair_cosines, plan_stages, ratio_per_stage, slot_positions,
+    PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
+    next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
@@ -55,9 +56,11 @@ class MergeSettings:
     method: str = "slerp"
     positions: str = "mean"
     ratio: float | tuple[float, ...] = 1.0  # share of eligible pairs merged, one for all cutoffs or one each
-    choice: str = "consecutive"  # which pairs: consecutive, uniform, or the most similar at the cutoff
+    choice: str = "consecutive"  # which pairs: consecutive, uniform, the most similar or least attended at the cutoff
     proportional: bool = False  # add log(tokens held) to a merged key's attention logit
     size_weighted: bool = True  # t follows the tokens each side holds when merged slots merge again
+    attention_window: int = 32  # `attention` choice: the last W prompt tokens whose attention scores the others
+    attention_keep: int = 0  # `attention` choice: the most-attended tokens that never merge
 
     def __post_init__(self):
         # Stages run in layer order; per-cutoff ratios travel with their cutoffs (cutoffs 20, 10 with ratios 1, 0.5
@@ -94,13 +97,15 @@ class Trace:
     mode: str
     settings: dict
     pair_cosines: list[list[float]] = field(default_factory=list)  # per stage: cosine of each merged pair
+    # per stage, for the `attention` choice: attention each slot received from the last prompt tokens at the cutoff
+    attention_scores: list[list[float]] = field(default_factory=list)
     kv_bytes_per_layer: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)
     generated_ids: list[int] = field(default_factory=list)
     text: str = ""
     finished: bool = False
-    plan_pending: bool = False  # the `similar` choice is planned at the cutoff, during the prefill
+    plan_pending: bool = False  # `similar` and `attention` are planned at the cutoff, during the prefill
     slot_sizes: list[list[int]] = field(default_factory=list)  # per stage: original tokens in each slot
 
     @property
@@ -139,6 +144,7 @@ class Layout:
 
     segments: list[_Segment]
     stages: list[Stage]
+    attention: list[torch.Tensor | None] = field(default_factory=list)  # per stage: scores of the `attention` choice
 
 
 def check_sampling(sampling: Sampling) -> None:
@@ -207,6 +213,10 @@ class MergingEngine:
         check_positions(settings.positions)
         check_choice(settings.choice)
         ratio_per_stage(settings.ratio, len(settings.cutoffs))
+        if not isinstance(settings.attention_window, int) or settings.attention_window < 1:
+            raise ValueError(f"attention window {settings.attention_window!r} must be a whole number of at least 1")
+        if not isinstance(settings.attention_keep, int) or settings.attention_keep < 0:
+            raise ValueError(f"attention keep {settings.attention_keep!r} must be a whole number, 0 or more")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if sampling is not None:
@@ -219,9 +229,9 @@ class MergingEngine:
                 )
 
     def plan(self, input_ids: torch.Tensor, settings: MergeSettings) -> list[Stage] | None:
-        """The merge stages for a prompt, or None for the `similar` choice, which is planned at each cutoff."""
+        """The merge stages for a prompt, or None for `similar` and `attention`, which are planned at each cutoff."""
         self.validate(input_ids.shape[-1], settings)
-        if settings.choice == "similar":
+        if settings.choice in PLANNED_AT_CUTOFF:
             return None
         return plan_stages(input_ids.shape[-1], settings.cutoffs, settings.keep_start, settings.keep_end,
                            settings.ratio, settings.choice, settings.size_weighted)
@@ -290,7 +300,7 @@ class MergingEngine:
         positions = torch.arange(length, dtype=torch.float32)
         first = last = torch.arange(length)
         log_sizes = None
-        segments, realised, cosines, start = [], [], [], 0
+        segments, realised, cosines, scores, start = [], [], [], [], 0
         for index, cutoff in enumerate([*cutoffs, None]):
             end = self.num_layers if cutoff is None else cutoff
             if end > start:
@@ -300,13 +310,14 @@ class MergingEngine:
                 start = end
             if cutoff is None:
                 break
-            merged = merge_at_cutoff(h, first, last, cutoff, settings, ratios[index],
-                                     stages[index] if stages is not None else None)
+            merged = self.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings, ratios[index],
+                                          stages[index] if stages is not None else None)
             h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes
             first, last = merged.stage.first, merged.stage.last
             cosines.append(merged.cosines)
             realised.append(merged.stage)
-        return self._logits(h), Layout(segments, realised), cosines
+            scores.append(merged.attention)
+        return self._logits(h), Layout(segments, realised, scores), cosines
 
     @torch.inference_mode()
     def decode(self, token: torch.Tensor, position: int, layout: Layout, cache) -> torch.Tensor:
@@ -316,6 +327,60 @@ class MergingEngine:
             h = self._run_layers(h, segment.start, segment.end, torch.tensor([position + segment.offset]), cache,
                                  segment.log_sizes)
         return self._logits(h)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # The merge at a cutoff
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def merge_at_cutoff(
+        self, h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, positions: torch.Tensor,
+        log_sizes: torch.Tensor | None, cutoff: int, settings: MergeSettings, ratio: float, stage: Stage | None = None,
+    ) -> "Merged":
+        """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar` and
+        `attention`) unless it is given, the pair cosines, the interpolation, the slots' positions and sizes."""
+        attention = None
+        if stage is None:
+            similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
+            if settings.choice == "attention":
+                attention = self.attention_received(cutoff, h, positions, settings.attention_window, log_sizes)
+            stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
+                               similarity, settings.size_weighted, attention, settings.attention_keep)
+        cosines = pair_cosines(h, stage.plan)
+        hidden = apply_plan(h, stage.plan, settings.method)
+        slots = slot_positions(stage.first, stage.last, settings.positions)
+        several = settings.proportional and bool((stage.sizes > 1).any())
+        return Merged(hidden, stage, cosines, slots, stage.sizes.float().log() if several else None, attention)
+
+    def attention_received(
+        self, cutoff: int, h: torch.Tensor, positions: torch.Tensor, window: int,
+        log_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention each of the L items of h [1, L, d] receives from the last `window` items, at the layer after
+        the cutoff: [L], averaged over heads and queries.
+
+        The layer's own input norm, q/k projections, RoPE at the items' positions and grouped KV heads, causal, with
+        proportional attention's log(size) when it is on; W queries against L keys, never the whole L × L matrix.
+        """
+        layer = self.decoder.layers[min(cutoff, self.num_layers - 1)]
+        attention = layer.self_attn
+        length = h.shape[1]
+        queries = min(window, length)
+        x = layer.input_layernorm(h)
+        head_dim = attention.head_dim
+        q = attention.q_proj(x[:, -queries:]).view(1, queries, -1, head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(1, length, -1, head_dim).transpose(1, 2)
+        cos, sin = self.decoder.rotary_emb(h, positions[None].to(h.device))
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        q, _ = rotate(q, q, cos[:, -queries:], sin[:, -queries:])
+        _, k = rotate(k, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling  # [1, heads, W, L]
+        if log_sizes is not None:
+            logits = logits + log_sizes.to(logits.device)
+        future = torch.arange(length, device=h.device)[None] > torch.arange(length - queries, length,
+                                                                             device=h.device)[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+        return logits.softmax(-1).mean(dim=(0, 1, 2))
 
     # ---------------------------------------------------------------------------------------------------------------
     # Generation
@@ -396,8 +461,10 @@ class Run:
             if step == 0:
                 trace.prefill_s = seconds
                 trace.pair_cosines = [c.flatten().tolist() for c in cosines]
+                ran = layout if self.mode == "recompute" else self.layout
+                trace.attention_scores = [a.tolist() if a is not None else [] for a in ran.attention]
                 if trace.plan_pending:
-                    record_plan(trace, (layout if self.mode == "recompute" else self.layout).stages)
+                    record_plan(trace, ran.stages)
             else:
                 trace.decode_s.append(seconds)
             if self.cache is not None:
@@ -451,23 +518,7 @@ class Merged:
     cosines: torch.Tensor  # [1, pairs]: cosine of each merged pair before merging
     positions: torch.Tensor  # [slots]: RoPE positions of the slots
     log_sizes: torch.Tensor | None  # log(tokens per slot) for proportional attention, when any slot holds several
-
-
-def merge_at_cutoff(
-    h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, cutoff: int, settings: MergeSettings, ratio: float,
-    stage: Stage | None = None,
-) -> Merged:
-    """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar`) unless
-    it is given, the pair cosines, the interpolation, the slots' positions and sizes."""
-    if stage is None:
-        similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
-        stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
-                           similarity, settings.size_weighted)
-    cosines = pair_cosines(h, stage.plan)
-    hidden = apply_plan(h, stage.plan, settings.method)
-    positions = slot_positions(stage.first, stage.last, settings.positions)
-    several = settings.proportional and bool((stage.sizes > 1).any())
-    return Merged(hidden, stage, cosines, positions, stage.sizes.float().log() if several else None)
+    attention: torch.Tensor | None = None  # [items]: attention received, when the `attention` choice planned the stage
 
 
 def record_plan(trace: Trace, stages: list[Stage]) -> None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("slerp", "lerp", "slerp-dir", "seed-2024")
-CHOICES = ("consecutive", "uniform", "similar")
+CHOICES = ("consecutive", "uniform", "similar", "attention")
+# Choices planned from the hidden states at each cutoff, so only a running model can plan them.
+PLANNED_AT_CUTOFF = ("similar", "attention")
 POSITION_MODES = ("mean", "first", "renumber")
 
 # |cos| above this and SLERP's sin(theta) denominator loses precision; plain interpolation is then accurate.
@@ -187,13 +189,14 @@ def check_ratio(ratio: float) -> None:
 
 def choose_pairs(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
-    similarity: torch.Tensor | None = None,
+    similarity: torch.Tensor | None = None, attention: torch.Tensor | None = None, keep_top: int = 0,
 ) -> torch.Tensor:
     """First items of the pairs (i, i + 1) to merge, sorted, never overlapping, never protected, first or last.
 
     The eligible pairs are the consecutive pairs of the middle, (lead, lead+1), (lead+2, lead+3), ...; `ratio` of
-    them are merged: the first ones (`consecutive`), spread evenly (`uniform`), or, for `similar`, the most similar
-    adjacent pairs by `similarity` [length - 1], the cosine of items i and i + 1, at any offset.
+    them are merged: the first ones (`consecutive`), spread evenly (`uniform`), for `similar` the most similar
+    adjacent pairs by `similarity` [length - 1], the cosine of items i and i + 1, at any offset, and for
+    `attention` the least-attended eligible pairs by `attention` [length] (see least_attended_pairs).
     """
     check_spans(length, keep_start, keep_end)
     check_ratio(ratio)
@@ -205,9 +208,34 @@ def choose_pairs(
         return grid[:count]
     if choice == "uniform":
         return grid[((torch.arange(count) + 0.5) * grid.numel() / max(count, 1)).long()]
+    if choice == "attention":
+        if attention is None:
+            raise ValueError("the 'attention' pair choice needs the attention each item receives")
+        return least_attended_pairs(attention, grid, count, keep_top)
     if similarity is None:
         raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
     return most_similar_pairs(similarity, lead, end, count)
+
+
+def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int, keep_top: int = 0
+                         ) -> torch.Tensor:
+    """The `count` pairs of the grid (i, i + 1 for i in grid) whose more-attended member receives the least
+    attention; a pair holding one of the `keep_top` most-attended items never merges (so fewer may merge).
+
+    A pair is scored by its maximum, not its sum: one token the prompt looks at is reason enough to keep a pair.
+    Ties go to the earlier pair, so the result is deterministic.
+    """
+    scores = attention.detach().float().cpu()
+    if grid.numel() == 0 or count <= 0:
+        return grid[:0]
+    pair_score = torch.maximum(scores[grid], scores[grid + 1])
+    if keep_top > 0:
+        kept = torch.zeros(scores.numel(), dtype=torch.bool)
+        kept[scores.topk(min(keep_top, scores.numel())).indices] = True
+        allowed = ~(kept[grid] | kept[grid + 1])
+        grid, pair_score = grid[allowed], pair_score[allowed]
+    order = torch.sort(pair_score, stable=True).indices[:count]
+    return grid[order].sort().values
 
 
 def most_similar_pairs(similarity: torch.Tensor, lead: int, end: int, count: int) -> torch.Tensor:
@@ -275,13 +303,14 @@ def plan_from_pairs(
 def plan_merge(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    attention: torch.Tensor | None = None, keep_top: int = 0,
 ) -> MergePlan:
     """Pair consecutive items, except the protected spans and the first and last item, which stay alone.
 
     By default the whole unprotected middle is cut into consecutive pairs; when it has odd length its last item
     stays alone. `ratio` and `choice` merge only some of the pairs (see choose_pairs).
     """
-    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity)
+    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top)
     return plan_from_pairs(length, pairs, keep_start, keep_end, weights)
 
 
@@ -334,6 +363,7 @@ class Stage:
 def next_stage(
     first: torch.Tensor, last: torch.Tensor, cutoff: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0,
     choice: str = "consecutive", similarity: torch.Tensor | None = None, size_weighted: bool = True,
+    attention: torch.Tensor | None = None, keep_top: int = 0,
 ) -> Stage:
     """Merge the slots [first, last] of the stage before (or the tokens) once more.
 
@@ -341,7 +371,7 @@ def next_stage(
     protect the same original tokens at every stage.
     """
     weights = (last - first + 1) if size_weighted else None
-    plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights)
+    plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights, attention, keep_top)
     return Stage(cutoff, plan, first[plan.starts], last[plan.starts + plan.sizes - 1])
 
 
@@ -361,7 +391,8 @@ def plan_stages(
 ) -> list[Stage]:
     """One plan per cutoff, each over the slots of the stage before; the spans compose to original tokens.
 
-    The `similar` choice depends on the hidden states at each cutoff, so only the engine can plan it.
+    The `similar` and `attention` choices depend on the hidden states at each cutoff, so only the engine can plan
+    them.
     """
     check_spans(length, keep_start, keep_end)
     ratios = ratio_per_stage(ratio, len(cutoffs))

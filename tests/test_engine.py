@@ -330,3 +330,101 @@ def test_sampling_that_no_model_can_use_is_refused():
         with pytest.raises(ValueError, match=field):
             check_sampling(sampling)
     check_sampling(Sampling(temperature=0.7, top_p=0.9, seed=2**62))
+
+
+# ------------------------------------------------------------------------- the attention choice: merge what is ignored
+
+ATTENTION_SETTINGS = [
+    MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=4),
+    MergeSettings(cutoffs=(1, 4), ratio=(0.75, 0.5), choice="attention", attention_window=6, attention_keep=3,
+                  keep_start=2, keep_end=2, method="lerp", positions="first", proportional=True),
+    MergeSettings(cutoffs=(3,), choice="attention", attention_keep=2, method="slerp-dir", positions="renumber"),
+    MergeSettings(cutoffs=(0, 3), ratio=0.6, choice="attention", method="seed-2024", attention_window=50),
+]
+
+
+def _label(s):
+    return f"{s.cutoffs}-{s.method}-{s.positions}-W{s.attention_window}-keep{s.attention_keep}"
+
+
+@pytest.mark.parametrize("cutoff", [0, 2, N_LAYERS - 1])
+def test_attention_score_is_softmax_of_q_dot_k_from_the_layer_itself(engine, cutoff):
+    """The score equals the attention weights transformers' own eager attention computes at that layer, averaged
+    over heads and the last W queries."""
+    eager = MergingEngine(engine.model, engine.tokenizer)
+    engine.model.config._attn_implementation = "eager"
+    try:
+        ids = random_ids(29, seed=12)
+        with torch.no_grad():
+            out = engine.model(ids, output_hidden_states=True, output_attentions=True)
+        window = 7
+        reference = out.attentions[cutoff][0, :, -window:, :].float().mean(dim=(0, 1))
+        with torch.inference_mode():
+            score = eager.attention_received(cutoff, out.hidden_states[cutoff], torch.arange(29.0), window)
+    finally:
+        engine.model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(score, reference, atol=1e-5, rtol=1e-4)
+    assert score.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_most_attended_tokens_are_never_merged():
+    engine = tiny_engine("llama")
+    ids = random_ids(48, seed=13)
+    settings = MergeSettings(cutoffs=(2,), choice="attention", attention_keep=5, attention_window=8)
+    _, layout, _ = engine.prefill(ids, None, settings)
+    scores = layout.attention[0]
+    top = set(scores.topk(5).indices.tolist())
+    merged = {i for g in layout.stages[0].groups if len(g) == 2 for i in g}
+    assert merged and not top & merged
+    alone = MergeSettings(cutoffs=(2,), choice="attention", attention_window=8)
+    _, unprotected, _ = engine.prefill(ids, None, alone)
+    assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
+
+
+def _extended(stages, length, n):
+    """The same merges over the prompt followed by n tokens that stay alone (what a cached decode step sees)."""
+    from slerpviz.merge import Stage, plan_from_pairs
+
+    first = last = torch.arange(length + n)
+    out = []
+    for stage in stages:
+        pairs = stage.plan.starts[stage.plan.sizes == 2]
+        plan = plan_from_pairs(first.numel(), pairs, stage.plan.keep_start, stage.plan.keep_end + n, last - first + 1)
+        out.append(Stage(stage.cutoff, plan, first[plan.starts], last[plan.starts + plan.sizes - 1]))
+        first, last = out[-1].first, out[-1].last
+    return out
+
+
+# seed-2024 divides by the norm of the whole sequence, which the appended tokens change: no full pass equals it.
+@pytest.mark.parametrize("settings", [s for s in ATTENTION_SETTINGS if s.method != "seed-2024"], ids=_label)
+def test_cached_decoding_with_attention_choice_equals_a_full_pass(engine, settings):
+    ids = random_ids(30, seed=6)
+    n = 4
+    tokens, run = greedy(engine, ids, settings, n + 1)
+    full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
+    reference, _, _ = engine.prefill(full, _extended(run.layout.stages, 30, n), settings)
+    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", ATTENTION_SETTINGS, ids=_label)
+def test_cached_and_recompute_agree_with_attention_choice(engine, settings):
+    ids = random_ids(27, seed=8)
+    cached, layout, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
+    recomputed, again, _ = engine.prefill(ids, None, settings)
+    torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+    assert [s.groups for s in layout.stages] == [s.groups for s in again.stages]
+    assert all(a is not None and a.shape[0] == (27 if i == 0 else len(layout.stages[i - 1].groups))
+               for i, a in enumerate(layout.attention))
+
+
+def test_attention_choice_records_its_plan_and_scores_in_the_trace():
+    engine = tiny_engine("mistral")
+    ids = random_ids(40, seed=4)
+    run = engine.start(ids, ATTENTION_SETTINGS[1], Sampling(max_new_tokens=3), "recompute")
+    assert run.trace.plan_pending
+    list(run)
+    trace = run.trace
+    assert not trace.plan_pending and len(trace.groups) == 2 and len(trace.attention_scores) == 2
+    assert len(trace.attention_scores[0]) == 40  # scored over the prompt at the first step
+    assert trace.seq_len_per_layer[1] == len(trace.groups[0]) < 40

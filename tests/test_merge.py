@@ -254,7 +254,8 @@ def test_every_choice_keeps_the_plan_invariants(length, keep_start, keep_end, ra
     if keep_start + keep_end > length:
         return
     similarity = torch.rand(length - 1, generator=torch.Generator().manual_seed(seed))
-    plan = plan_merge(length, keep_start, keep_end, ratio, choice, similarity)
+    attention = torch.rand(length, generator=torch.Generator().manual_seed(seed + 1))
+    plan = plan_merge(length, keep_start, keep_end, ratio, choice, similarity, attention=attention)
     groups = plan.groups
     assert [i for g in groups for i in g] == list(range(length))
     assert int(plan.sizes.sum()) == length
@@ -334,3 +335,27 @@ def test_slerp_dir_keeps_slerps_direction_with_the_mean_norm():
     torch.testing.assert_close(torch.nn.functional.normalize(out, dim=-1), unit_slerp, atol=1e-5, rtol=1e-5)
     assert torch.equal(slerp_dir(a, b, 0.0), a) and torch.equal(slerp_dir(a, b, 1.0), b)
     assert torch.isfinite(slerp_dir(a, torch.zeros_like(a), 0.5)).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(length=st.integers(1, 60), keep_start=st.integers(0, 6), keep_end=st.integers(0, 6),
+       ratio=st.floats(0, 1), keep_top=st.integers(0, 8), seed=st.integers(0, 10_000))
+def test_attention_choice_merges_the_least_attended_pairs_and_never_the_most_attended(
+        length, keep_start, keep_end, ratio, keep_top, seed):
+    if keep_start + keep_end > length:
+        return
+    attention = torch.rand(length, generator=torch.Generator().manual_seed(seed))
+    plan = plan_merge(length, keep_start, keep_end, ratio, "attention", attention=attention, keep_top=keep_top)
+    top = set(attention.topk(min(keep_top, length)).indices.tolist()) if keep_top else set()
+    merged = [g for g in plan.groups if len(g) == 2]
+    assert not top & {i for g in merged for i in g}  # the most-attended tokens stay alone
+    lead = min(max(keep_start, 1), length)
+    end = max(length - max(keep_end, 1), lead)
+    grid = [(i, i + 1) for i in range(lead, end - 1, 2)]
+    assert all(g in grid for g in merged)
+    eligible = [g for g in grid if not top & set(g)]
+    assert len(merged) == min(math.floor(ratio * len(grid) + 0.5), len(eligible))
+    if merged:  # every merged pair is attended no more than any eligible pair left alone
+        worst_merged = max(float(attention[list(g)].max()) for g in merged)
+        left = [float(attention[list(g)].max()) for g in eligible if g not in merged]
+        assert all(worst_merged <= score for score in left)

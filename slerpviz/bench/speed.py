@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..engine import MergeSettings, MergingEngine, Sampling, merge_at_cutoff
+from ..engine import MergeSettings, MergingEngine, Sampling
 from ..merge import ratio_per_stage
 from . import limits
 from .engines import never_stops
@@ -113,12 +113,15 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
     }
 
 
-def merge_step(h: torch.Tensor, settings: MergeSettings) -> None:
-    """Everything a prefill does at its cutoffs besides running layers, through the engine's own merge."""
+def merge_step(engine: MergingEngine, h: torch.Tensor, settings: MergeSettings) -> None:
+    """Everything a prefill does at its cutoffs besides running layers (the attention choice's scoring included),
+    through the engine's own merge."""
     first = last = torch.arange(h.shape[1])
+    positions, log_sizes = first.float(), None
     for cutoff, ratio in zip(settings.cutoffs, ratio_per_stage(settings.ratio, len(settings.cutoffs))):
-        merged = merge_at_cutoff(h, first, last, cutoff, settings, ratio)
+        merged = engine.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings, ratio)
         h, first, last = merged.hidden, merged.stage.first, merged.stage.last
+        positions, log_sizes = merged.positions, merged.log_sizes
 
 
 def time_merge(engine: MergingEngine, length: int, settings: MergeSettings, repeats: int) -> float:
@@ -127,12 +130,12 @@ def time_merge(engine: MergingEngine, length: int, settings: MergeSettings, repe
     embed = engine.decoder.embed_tokens.weight
     hidden = torch.randn(1, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
     with torch.inference_mode():
-        merge_step(hidden, settings)  # warm-up
+        merge_step(engine, hidden, settings)  # warm-up
         times = []
         for _ in range(repeats):
             engine.sync()
             began = time.perf_counter()
-            merge_step(hidden, settings)
+            merge_step(engine, hidden, settings)
             engine.sync()
             times.append(time.perf_counter() - began)
     return statistics.median(times)
