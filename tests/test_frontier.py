@@ -8,7 +8,7 @@ import pytest
 from slerpviz.bench import limits
 from slerpviz.bench.engines import shape_config
 from slerpviz.bench.frontier import (FRONTIER_COLUMNS, best_at, default_grid, frontier_main, is_article_setting,
-                                     pareto_front)
+                                     named_grid, pareto_front)
 from slerpviz.engine import MergeSettings
 from slerpviz.merge import merged_length
 
@@ -37,10 +37,11 @@ def test_default_grid_spans_choices_and_holds_the_article_setting():
 def test_frontier_command_writes_its_files(tmp_path, capsys):
     out = tmp_path / "frontier"
     code = frontier_main(["--shape", "tiny", "--quick", "--out", str(out), "--prefixes", "48", "--speed-length", "96",
-                          "--repeats", "1", "--continuation", "3"])
+                          "--repeats", "1", "--continuation", "3", "--retrieval-lengths", "300"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "Pareto front" in printed and "best at 1.3x" in printed
+    assert "Pareto front" in printed and "best at 1.3x" in printed and "best at 1.3x (by FLOP limit)" in printed
+    assert "base: pass key" in printed
     with open(out / "frontier.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == FRONTIER_COLUMNS
@@ -51,6 +52,7 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
     for row in rows:
         assert 0 <= float(row["top1"]) <= 1 and float(row["prefill_speedup"]) > 0
         assert float(row["prefill_speedup_limit"]) >= 1
+        assert int(row["passkey_n"]) == 3 and 0 <= int(row["passkey_correct"]) <= 3  # three depths, one sample
     shape = limits.Shape.from_config(shape_config("tiny"))
     for row in rows:
         if row["article"] == "True":  # all pairs at one cutoff: the limit is the plain merge's
@@ -59,7 +61,8 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
             expected = limits.prefill_speedup_limit(shape, [96] * 4, merged)
             assert float(row["prefill_speedup_limit"]) == pytest.approx(expected, rel=1e-5)  # CSV keeps 6 digits
     data = json.loads((out / "frontier.json").read_text())
-    assert {"machine", "model", "rows", "best_at_1.3x", "best_at_1.5x"} <= data.keys()
+    assert {"machine", "model", "rows", "best_at_1.3x", "best_at_1.5x", "best_at_1.3x_by_limit"} <= data.keys()
+    assert data["base_passkey"]["passkey_n"] == 3
     assert "<html>" in (out / "frontier.html").read_text().lower() or "plotly" in (out / "frontier.html").read_text()
 
 
@@ -74,3 +77,38 @@ def _short_text(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("A short text.")
     return path
+
+
+def test_pareto_front_over_three_axes_keeps_what_retrieval_alone_wins():
+    rows = [dict(s=1.3, t=0.9, p=0.0), dict(s=1.3, t=0.8, p=0.9), dict(s=1.2, t=0.8, p=0.8), dict(s=1.3, t=0.9, p=None)]
+    assert pareto_front(rows, ("s", "t", "p")) == [True, True, False, False]
+
+
+def test_attention_grid_explores_attention_with_consecutive_beside_it():
+    grid = named_grid("attention", 30, quick=False)
+    choices = {s.choice for s in grid}
+    assert choices == {"attention", "consecutive"}
+    assert len({s.attention_window for s in grid}) >= 3 and len({s.attention_keep for s in grid}) >= 3
+    assert any(len(s.cutoffs) == 3 for s in grid) and any(s.keep_end for s in grid)
+    assert len(set(grid)) == len(grid)
+
+
+def test_presets_grid_judges_every_preset():
+    from slerpviz.presets import PRESETS, recommended
+
+    grid = named_grid("presets", 30, quick=False)
+    assert len(grid) == len(PRESETS) and recommended(30) in grid
+
+
+def test_frontier_without_timing_uses_the_flop_limit(tmp_path, capsys):
+    out = tmp_path / "frontier"
+    code = frontier_main(["--shape", "tiny", "--quick", "--grid", "attention", "--out", str(out), "--prefixes", "40",
+                          "--offsets", "0,20", "--speed-length", "64", "--repeats", "0", "--continuation", "2",
+                          "--retrieval-lengths", "none"])
+    assert code == 0
+    with open(out / "frontier.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(named_grid("attention", 4, quick=True))
+    assert all(r["prefill_speedup"] == "" and float(r["prefill_speedup_limit"]) >= 1 for r in rows)
+    assert all(int(r["samples"]) == 4 for r in rows)  # two texts, each from offsets 0 and 20
+    assert "(by FLOP limit)" in capsys.readouterr().out

@@ -22,9 +22,11 @@ from .fidelity import TokenText, base_reference, compare, usable_prefixes
 from .limits import Shape, prefill_flops
 
 FRONTIER_COLUMNS = (
-    "cutoffs", "ratio", "choice", "proportional", "method", "positions", "article",
+    "cutoffs", "ratio", "choice", "proportional", "method", "positions", "keep_start", "keep_end",
+    "attention_window", "attention_keep", "article",
     "prefill_speedup", "prefill_speedup_limit", "achieved_over_limit", "merged_length", "base_prefill_s",
-    "merged_prefill_s", "samples", "top1", "top5", "kl_mean", "tokens_to_divergence_mean", "on_front",
+    "merged_prefill_s", "samples", "top1", "top5", "kl_mean", "tokens_to_divergence_mean",
+    "passkey_correct", "passkey_n", "passkey_accuracy", "on_front",
 )
 
 
@@ -32,9 +34,12 @@ FRONTIER_COLUMNS = (
 class FrontierPlan:
     settings: tuple[MergeSettings, ...]
     prefixes: tuple[int, ...]  # fidelity is measured at these prompt lengths
-    speed_length: int  # prefill is timed at this prompt length
-    repeats: int
+    speed_length: int  # prefill is timed at this prompt length (and the FLOP limit taken there)
+    repeats: int  # 0: no timing, the FLOP limit alone
     continuation: int
+    retrieval_lengths: tuple[int, ...] = (1024,)  # pass-key prompts of these lengths
+    retrieval_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    retrieval_samples: int = 2  # per length and depth
 
 
 def default_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
@@ -50,6 +55,53 @@ def default_grid(num_layers: int, quick: bool, method: str = "slerp", positions:
                       proportional=proportional)
         for cutoff in cutoffs for ratio in ratios for choice, proportional in variants
     )
+
+
+def attention_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
+                   ) -> tuple[MergeSettings, ...]:
+    """The exploration around attention-guided merging: where to cut, how much to merge, the window W, a budget of
+    most-attended tokens kept, a protected recent window, pyramids of several cutoffs, proportional attention;
+    consecutive pairs beside each for comparison. Cutoffs are shares of the depth so the grid fits any model."""
+    def at(share: float) -> int:
+        return max(1, round(share * num_layers))
+
+    def make(cutoffs, ratio, choice="attention", **extra) -> MergeSettings:
+        return MergeSettings(cutoffs=tuple(at(c) for c in cutoffs), ratio=ratio, choice=choice, method=method,
+                             positions=positions, **extra)
+
+    if quick:
+        return (make((0.5,), 0.5), make((0.5,), 0.5, "consecutive"), make((0.25, 0.5), (0.5, 0.5), attention_keep=8))
+    grid = []
+    for cutoffs, ratio in [((0.5,), 0.5), ((0.5,), 0.75), ((0.5,), 1.0), ((0.27,), 0.5), ((0.27,), 0.75),
+                           ((0.13,), 0.5), ((0.13,), 0.75), ((0.07,), 0.5),
+                           ((0.13, 0.5), (0.5, 0.5)), ((0.27, 0.5), (0.5, 0.75)), ((0.13, 0.27, 0.5), (0.3, 0.5, 0.5)),
+                           ((0.27, 0.5), (0.5, 0.5))]:
+        grid.append(make(cutoffs, ratio))
+        grid.append(make(cutoffs, ratio, "consecutive"))
+    for window in (8, 64):
+        grid.append(make((0.27,), 0.75, attention_window=window))
+    for keep in (16, 64):
+        grid.append(make((0.27,), 0.75, attention_keep=keep))
+        grid.append(make((0.5,), 1.0, attention_keep=keep))
+    grid.append(make((0.27,), 0.75, keep_end=32))
+    grid.append(make((0.27,), 0.75, proportional=True))
+    grid.append(make((0.27, 0.5), (0.5, 0.75), keep_end=32, attention_keep=16))
+    return tuple(dict.fromkeys(grid))  # shares may round to the same layer on shallow models
+
+
+def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
+               ) -> tuple[MergeSettings, ...]:
+    """`default` (cutoff × ratio × pair choice), `attention` (the attention-guided exploration) or `presets` (the
+    named presets of slerpviz.presets, to judge them)."""
+    if name == "default":
+        return default_grid(num_layers, quick, method, positions)
+    if name == "attention":
+        return attention_grid(num_layers, quick, method, positions)
+    if name == "presets":
+        from ..presets import PRESETS, preset
+
+        return tuple(preset(p, num_layers) for p in PRESETS)
+    raise ValueError(f"unknown grid {name!r}; choose default, attention or presets")
 
 
 def is_article_setting(settings: MergeSettings) -> bool:
@@ -79,11 +131,12 @@ def measure_speed(engine: MergingEngine, ids: torch.Tensor, settings: tuple[Merg
                   log=print) -> list[dict]:
     """Base and each merged setting timed in turn (base, merged, base, merged ...), repeated; medians."""
     shape = Shape.from_config(engine.config, engine.decoder.embed_tokens.weight.dtype)
-    timed_prefill(engine, ids, MergeSettings())  # warm-up, not counted
+    _, base_lengths = timed_prefill(engine, ids, MergeSettings())  # warm-up, not counted
     base_times: dict[int, list[float]] = {i: [] for i in range(len(settings))}
     merged_times: dict[int, list[float]] = {i: [] for i in range(len(settings))}
     lengths: dict[int, list[int]] = {}
-    base_lengths: list[int] = []
+    if repeats == 0:  # no timing: one prefill each for the lengths every layer sees, and so the FLOP limit
+        lengths = {index: timed_prefill(engine, ids, setting)[1] for index, setting in enumerate(settings)}
     for repeat in range(repeats):
         log(f"frontier speed: repeat {repeat + 1} of {repeats}, {len(settings)} settings at {ids.shape[-1]} tokens")
         for index, setting in enumerate(settings):
@@ -94,11 +147,14 @@ def measure_speed(engine: MergingEngine, ids: torch.Tensor, settings: tuple[Merg
     base_flops = prefill_flops(shape, base_lengths)
     rows = []
     for index in range(len(settings)):
-        base_s, merged_s = statistics.median(base_times[index]), statistics.median(merged_times[index])
         limit = base_flops / prefill_flops(shape, lengths[index])
-        rows.append({"base_prefill_s": base_s, "merged_prefill_s": merged_s, "prefill_speedup": base_s / merged_s,
-                     "prefill_speedup_limit": limit, "achieved_over_limit": base_s / merged_s / limit,
-                     "merged_length": lengths[index][-1]})
+        row = {"prefill_speedup_limit": limit, "merged_length": lengths[index][-1], "base_prefill_s": None,
+               "merged_prefill_s": None, "prefill_speedup": None, "achieved_over_limit": None}
+        if repeats:
+            base_s, merged_s = statistics.median(base_times[index]), statistics.median(merged_times[index])
+            row.update(base_prefill_s=base_s, merged_prefill_s=merged_s, prefill_speedup=base_s / merged_s,
+                       achieved_over_limit=base_s / merged_s / limit)
+        rows.append(row)
     return rows
 
 
@@ -133,77 +189,145 @@ def measure_fidelity(engine: MergingEngine, texts: list[TokenText], settings: tu
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pareto_front(rows: list[dict], x: str = "prefill_speedup", y: str = "top1") -> list[bool]:
-    """True for each row no other row beats on both x and y (at least as good on both, better on one)."""
-    return [not any(o[x] >= r[x] and o[y] >= r[y] and (o[x] > r[x] or o[y] > r[y]) for o in rows) for r in rows]
+def measure_retrieval(engine: MergingEngine, haystack, settings: tuple[MergeSettings, ...], plan: FrontierPlan,
+                      log=print) -> tuple[list[dict], list[dict]]:
+    """Pass-key accuracy of the base and of each setting on the very same prompts: (one row per setting with
+    passkey_correct / passkey_n / passkey_accuracy, and every trial)."""
+    from .retrieval import RetrievalPlan, passkey_accuracy, run_retrieval
+
+    labels = [f"setting {index}" for index in range(len(settings))]
+    retrieval = RetrievalPlan(tasks=("passkey",), lengths=plan.retrieval_lengths, depths=plan.retrieval_depths,
+                              samples=plan.retrieval_samples, variants=tuple(zip(labels, settings)))
+    trials = run_retrieval(engine, haystack, retrieval, log)
+    rows = []
+    for label in ["base", *labels]:
+        correct, n = passkey_accuracy(trials, label)
+        rows.append({"passkey_correct": correct, "passkey_n": n, "passkey_accuracy": correct / n if n else None})
+    return rows, trials
+
+
+def speed_key(rows: list[dict]) -> str:
+    """Measured speed-up where it was timed, else the FLOP limit."""
+    return "prefill_speedup" if all(r.get("prefill_speedup") is not None for r in rows) else "prefill_speedup_limit"
+
+
+def pareto_front(rows: list[dict], keys: tuple[str, ...] = ("prefill_speedup", "top1")) -> list[bool]:
+    """True for each row no other row beats on every key (at least as good on all, better on one). A key a row has
+    no figure for (None) does not count."""
+    def value(row, key):
+        return row.get(key) if row.get(key) is not None else float("-inf")
+
+    def beats(o, r):
+        return (all(value(o, k) >= value(r, k) for k in keys) and any(value(o, k) > value(r, k) for k in keys))
+
+    return [not any(beats(o, r) for o in rows) for r in rows]
 
 
 def run_frontier(engine: MergingEngine, texts: list[TokenText], plan: FrontierPlan, speed_ids: torch.Tensor,
-                 log=print) -> list[dict]:
+                 log=print, haystack=None) -> tuple[list[dict], dict | None]:
+    """One row per setting: speed, fidelity and (with a haystack) pass-key retrieval; and the base's retrieval."""
     for setting in plan.settings:
         engine.validate(max(plan.prefixes + (plan.speed_length,)), setting)
     speed = measure_speed(engine, speed_ids[:, : plan.speed_length].to(engine.device), plan.settings, plan.repeats,
                           log)
     fidelity = measure_fidelity(engine, texts, plan.settings, plan.prefixes, plan.continuation, log)
+    retrieval, base = [{} for _ in plan.settings], None
+    if haystack is not None and plan.retrieval_lengths:
+        found, _ = measure_retrieval(engine, haystack, plan.settings, plan, log)
+        base, retrieval = found[0], found[1:]
     rows = [{
         "cutoffs": "+".join(map(str, s.cutoffs)), "ratio": s.ratio, "choice": s.choice,
-        "proportional": s.proportional, "method": s.method, "positions": s.positions,
-        "article": is_article_setting(s), **timing, **quality,
-    } for s, timing, quality in zip(plan.settings, speed, fidelity)]
-    for row, on_front in zip(rows, pareto_front(rows)):
+        "proportional": s.proportional, "method": s.method, "positions": s.positions, "keep_start": s.keep_start,
+        "keep_end": s.keep_end, "attention_window": s.attention_window, "attention_keep": s.attention_keep,
+        "article": is_article_setting(s), **timing, **quality, **found,
+    } for s, timing, quality, found in zip(plan.settings, speed, fidelity, retrieval)]
+    keys = (speed_key(rows), "top1", *(("passkey_accuracy",) if base else ()))
+    for row, on_front in zip(rows, pareto_front(rows, keys)):
         row["on_front"] = on_front
-    return rows
+    return rows, base
 
 
-def best_at(rows: list[dict], speedup: float) -> dict | None:
-    """The most faithful setting (top-1, then KL) among those measured at least `speedup` times faster."""
-    fast = [r for r in rows if r["prefill_speedup"] >= speedup]
-    return max(fast, key=lambda r: (r["top1"], -r["kl_mean"])) if fast else None
+def best_at(rows: list[dict], speedup: float, key: str = "prefill_speedup") -> dict | None:
+    """The most faithful setting (top-1, then pass-key accuracy, then KL) among those at least `speedup` times
+    faster by `key` (measured, or the FLOP limit)."""
+    fast = [r for r in rows if r.get(key) is not None and r[key] >= speedup]
+    return max(fast, key=lambda r: (r["top1"], r.get("passkey_accuracy") or 0, -r["kl_mean"])) if fast else None
 
 
 def setting_label(row: dict) -> str:
-    proportional = " + prop. attn" if row["proportional"] else ""
-    return f"cutoff {row['cutoffs']}, ratio {row['ratio']:g}, {row['choice']}{proportional}"
+    ratio = row["ratio"] if isinstance(row["ratio"], (tuple, list)) else (row["ratio"],)
+    parts = [f"cutoff {row['cutoffs']}", "ratio " + "/".join(f"{r:g}" for r in ratio), row["choice"]]
+    if row["choice"] == "attention":
+        parts.append(f"W {row.get('attention_window', 32)}")
+        if row.get("attention_keep"):
+            parts.append(f"keep top {row['attention_keep']}")
+    if row.get("keep_start") or row.get("keep_end"):
+        parts.append(f"protect {row.get('keep_start', 0)}/{row.get('keep_end', 0)}")
+    if row["proportional"]:
+        parts.append("prop. attn")
+    return ", ".join(parts)
 
 
-def frontier_figure(rows: list[dict]) -> go.Figure:
-    """Top-1 agreement against measured prefill speed-up: every setting, the front, and the article's setting."""
-    fig = go.Figure()
+def retrieval_text(row: dict, base: dict | None) -> str:
+    if row.get("passkey_n"):
+        against = f" (base {base['passkey_correct']}/{base['passkey_n']})" if base else ""
+        return f"pass key {row['passkey_correct']}/{row['passkey_n']}{against}"
+    return "pass key not measured"
+
+
+def frontier_figure(rows: list[dict], base: dict | None = None) -> go.Figure:
+    """Top-1 agreement (and pass-key accuracy, when measured) against prefill speed-up: every setting, the front,
+    and the article's setting."""
+    from plotly.subplots import make_subplots
+
+    x_key = speed_key(rows)
+    panels = [("top1", "next-token top-1 agreement with base")]
+    if any(r.get("passkey_accuracy") is not None for r in rows):
+        panels.append(("passkey_accuracy", "pass-key accuracy" + (
+            f" (base {base['passkey_correct']}/{base['passkey_n']})" if base else "")))
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for _, title in panels],
+                        horizontal_spacing=0.08)
     styles = {("consecutive", False): ("#4C78A8", "circle"), ("uniform", False): ("#72B7B2", "square"),
-              ("similar", False): ("#F58518", "diamond"), ("similar", True): ("#E45756", "star")}
-    for (choice, proportional), (color, symbol) in styles.items():
-        group = [r for r in rows if r["choice"] == choice and r["proportional"] == proportional and not r["article"]]
-        if group:
-            fig.add_scatter(
-                x=[r["prefill_speedup"] for r in group], y=[r["top1"] for r in group], mode="markers",
-                name=choice + (" + proportional attention" if proportional else ""),
-                marker=dict(color=color, symbol=symbol, size=9, opacity=0.8),
-                text=[_hover(r) for r in group], hoverinfo="text",
-            )
-    article = [r for r in rows if r["article"]]
-    if article:
-        fig.add_scatter(x=[r["prefill_speedup"] for r in article], y=[r["top1"] for r in article],
-                        mode="markers+text", name="the article's setting (all pairs, one cutoff)",
-                        marker=dict(color="black", symbol="x", size=11), text=[r["cutoffs"] for r in article],
-                        textposition="top center", hovertext=[_hover(r) for r in article], hoverinfo="text")
-    front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["prefill_speedup"])
-    fig.add_scatter(x=[r["prefill_speedup"] for r in front], y=[r["top1"] for r in front], mode="lines",
-                    name="Pareto front", line=dict(color="rgba(0,0,0,0.45)", dash="dot", shape="hv"),
-                    hoverinfo="skip")
-    fig.add_vline(x=1.0, line=dict(color="grey", width=1))
-    fig.update_layout(
-        title="Speed × fidelity: measured prefill speed-up against next-token top-1 agreement with base",
-        xaxis_title="prefill speed-up, measured (base time ÷ merged time)",
-        yaxis_title="top-1 agreement with the base model", yaxis_range=[0, 1.02], template="plotly_white",
-        legend=dict(orientation="h", y=-0.2),
-    )
+              ("similar", False): ("#F58518", "diamond"), ("similar", True): ("#E45756", "star"),
+              ("attention", False): ("#54A24B", "triangle-up"), ("attention", True): ("#B279A2", "triangle-down")}
+    for col, (y_key, _) in enumerate(panels, start=1):
+        for (choice, proportional), (color, symbol) in styles.items():
+            group = [r for r in rows if r["choice"] == choice and r["proportional"] == proportional
+                     and not r["article"]]
+            if group:
+                fig.add_scatter(
+                    x=[r[x_key] for r in group], y=[r[y_key] for r in group], mode="markers",
+                    name=choice + (" + proportional attention" if proportional else ""), legendgroup=choice + str(
+                        proportional), showlegend=col == 1,
+                    marker=dict(color=color, symbol=symbol, size=9, opacity=0.8),
+                    text=[_hover(r, x_key, base) for r in group], hoverinfo="text", row=1, col=col,
+                )
+        article = [r for r in rows if r["article"]]
+        if article:
+            fig.add_scatter(x=[r[x_key] for r in article], y=[r[y_key] for r in article], mode="markers+text",
+                            name="the article's setting (all pairs, one cutoff)", legendgroup="article",
+                            showlegend=col == 1, marker=dict(color="black", symbol="x", size=11),
+                            text=[r["cutoffs"] for r in article], textposition="top center",
+                            hovertext=[_hover(r, x_key, base) for r in article], hoverinfo="text", row=1, col=col)
+        front = sorted((r for r in rows if r["on_front"]), key=lambda r: r[x_key])
+        fig.add_scatter(x=[r[x_key] for r in front], y=[r[y_key] for r in front], mode="markers",
+                        name="Pareto front (speed, top-1, pass key)", legendgroup="front", showlegend=col == 1,
+                        marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color="black", width=1)),
+                        hoverinfo="skip", row=1, col=col)
+        fig.add_vline(x=1.0, line=dict(color="grey", width=1), row=1, col=col)
+        fig.update_xaxes(title_text="prefill speed-up, " + (
+            "measured (base time ÷ merged time)" if x_key == "prefill_speedup" else "FLOP limit"), row=1, col=col)
+        fig.update_yaxes(range=[-0.02, 1.02], row=1, col=col)
+    fig.update_layout(title="Speed × fidelity × retrieval: each setting against the base model",
+                      template="plotly_white", legend=dict(orientation="h", y=-0.25), height=520)
     return fig
 
 
-def _hover(row: dict) -> str:
-    return (f"{setting_label(row)}<br>speed-up {row['prefill_speedup']:.2f}× (limit {row['prefill_speedup_limit']:.2f}×)"
-            f"<br>top-1 {row['top1']:.3f}, KL {row['kl_mean']:.3f}, "
-            f"{row['tokens_to_divergence_mean']:.1f} tokens to diverge")
+def _hover(row: dict, x_key: str, base: dict | None) -> str:
+    measured = (f"speed-up {row['prefill_speedup']:.2f}× " if row.get("prefill_speedup") is not None else "")
+    return (f"{setting_label(row)}<br>{measured}(FLOP limit {row['prefill_speedup_limit']:.2f}×)"
+            f"<br>top-1 {row['top1']:.3f} (n={row['samples']}), KL {row['kl_mean']:.3f}, "
+            f"{row['tokens_to_divergence_mean']:.1f} tokens to diverge<br>{retrieval_text(row, base)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,11 +335,15 @@ def _hover(row: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 FRONTIER_TABLE = [
-    ("cutoffs", "cutoff", ""), ("ratio", "ratio", ".2f"), ("choice", "choice", ""),
-    ("proportional", "prop.", ""), ("prefill_speedup", "speed-up", ".2f"), ("prefill_speedup_limit", "limit", ".2f"),
-    ("top1", "top-1", ".3f"), ("top5", "top-5", ".3f"), ("kl_mean", "KL", ".3f"),
-    ("tokens_to_divergence_mean", "tokens to diverge", ".1f"),
+    ("label", "setting", ""), ("prefill_speedup", "speed-up", ".2f"), ("prefill_speedup_limit", "limit", ".2f"),
+    ("samples", "n", ""), ("top1", "top-1", ".3f"), ("kl_mean", "KL", ".3f"),
+    ("tokens_to_divergence_mean", "to diverge", ".1f"), ("passkey", "pass key", ""),
 ]
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    return [{**r, "label": setting_label(r),
+             "passkey": f"{r['passkey_correct']}/{r['passkey_n']}" if r.get("passkey_n") else None} for r in rows]
 
 
 def frontier_parser():
@@ -233,11 +361,19 @@ def frontier_parser():
     p.add_argument("--seed", type=int, default=0, help="for --shape: the random weights and texts")
     p.add_argument("--quick", action="store_true", help="a small grid that runs in a few minutes on a CPU")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for frontier.csv, .json, .html")
+    p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention (the "
+                                                     "attention-guided exploration) or presets (judge the presets)")
     p.add_argument("--texts", type=Path, action="append", help="text files or folders (default: assets/texts)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
+    p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
+                                     "(default 0): more samples from the same texts")
     p.add_argument("--speed-length", type=int, help="prompt length the prefill is timed at (default 1024)")
-    p.add_argument("--repeats", type=int, help="interleaved timing repeats (default 3)")
+    p.add_argument("--repeats", type=int, help="interleaved timing repeats (default 3; 0 = FLOP limit only)")
     p.add_argument("--continuation", type=int, help="greedy tokens compared after each prefix (default 8)")
+    p.add_argument("--retrieval-lengths", help="pass-key prompt lengths, comma-separated (default 1024; --quick 512; "
+                                               "'none' to skip)")
+    p.add_argument("--retrieval-samples", type=int, help="pass-key prompts per length and depth, five depths "
+                                                         "(default 2: 10 per length)")
     p.add_argument("--method", default="slerp", help="interpolation used for every setting")
     p.add_argument("--positions", default="mean", help="positions mode used for every setting")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -250,7 +386,8 @@ def frontier_main(argv: list[str] | None = None) -> int:
     from . import report
     from .command import build_engine, describe_model, int_list
     from .machine import machine_info
-    from .texts import random_texts, read_texts, tokenize
+    from .retrieval import Haystack
+    from .texts import random_texts, read_texts, tokenize, windows
 
     args = frontier_parser().parse_args(argv)
     if args.threads:
@@ -258,49 +395,69 @@ def frontier_main(argv: list[str] | None = None) -> int:
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
         engine, name = build_engine(args)
+        retrieval_lengths = (() if args.retrieval_lengths == "none" else int_list(args.retrieval_lengths)
+                             if args.retrieval_lengths else ((512,) if args.quick else (1024,)))
         plan = FrontierPlan(
-            settings=default_grid(engine.num_layers, args.quick, args.method, args.positions),
+            settings=named_grid(args.grid, engine.num_layers, args.quick, args.method, args.positions),
             prefixes=int_list(args.prefixes) if args.prefixes else ((128,) if args.quick else (128, 512)),
             speed_length=args.speed_length or (512 if args.quick else 1024),
-            repeats=args.repeats or (2 if args.quick else 3),
+            repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3),
             continuation=args.continuation or (4 if args.quick else 8),
+            retrieval_lengths=retrieval_lengths,
+            retrieval_depths=(0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75, 1.0),
+            retrieval_samples=args.retrieval_samples or (1 if args.quick else 2),
         )
+        named_texts = read_texts(args.texts)
         if args.shape:  # random weights: only the code path is exercised, the figures mean nothing
             texts = random_texts(engine.config.vocab_size, 2, max(*plan.prefixes, plan.speed_length), args.seed)
         else:
-            texts = tokenize(engine.tokenizer, read_texts(args.texts))[: 2 if args.quick else None]
+            texts = tokenize(engine.tokenizer, named_texts)[: 2 if args.quick else None]
         longest = max(texts, key=lambda t: t.ids.shape[-1])
         if longest.ids.shape[-1] < plan.speed_length:
             raise ValueError(f"the longest text has {longest.ids.shape[-1]} tokens; --speed-length "
                              f"{plan.speed_length} needs at least that many")
+        samples = windows(texts, int_list(args.offsets) if args.offsets else (0,))
+        haystack = Haystack(engine.tokenizer, [text for _, text in named_texts]) if plan.retrieval_lengths else None
         began = time.perf_counter()
-        rows = run_frontier(engine, texts, plan, longest.ids, log)
+        rows, base = run_frontier(engine, samples, plan, longest.ids, log, haystack)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     machine, model = machine_info(engine.device, ["frontier", *(argv or [])]), describe_model(engine, name)
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_csv(args.out / "frontier.csv", rows, FRONTIER_COLUMNS)
-    targets = {f"best_at_{s:g}x": best_at(rows, s) for s in (1.3, 1.5)}
+    x_key = speed_key(rows)
+    targets = {f"best_at_{s:g}x": best_at(rows, s, x_key) for s in (1.3, 1.5)}
+    by_limit = {f"best_at_{s:g}x_by_limit": best_at(rows, s, "prefill_speedup_limit") for s in (1.3, 1.5)}
     report.write_json(args.out / "frontier.json", {
-        "benchmark": "frontier", "machine": machine, "model": model, "rows": rows, **targets,
-        "plan": {"prefixes": plan.prefixes, "speed_length": plan.speed_length, "repeats": plan.repeats,
-                 "continuation": plan.continuation, "texts": [t.name for t in texts]},
+        "benchmark": "frontier", "machine": machine, "model": model, "rows": rows, **targets, **by_limit,
+        "base_passkey": base,
+        "plan": {"grid": args.grid, "prefixes": plan.prefixes, "offsets": args.offsets or "0",
+                 "speed_length": plan.speed_length, "repeats": plan.repeats, "continuation": plan.continuation,
+                 "retrieval_lengths": plan.retrieval_lengths, "retrieval_depths": plan.retrieval_depths,
+                 "retrieval_samples": plan.retrieval_samples, "texts": [t.name for t in texts]},
     })
     notes = ["Speed-up: base prefill time ÷ merged prefill time at the same prompt length, measured interleaved in "
              "this run (medians); the limit is the FLOP ratio from the config for the lengths each layer saw. "
-             "Top-1: the merged model's next token equals the base model's, over the texts and prefix lengths."]
-    report.write_html(args.out / "frontier.html", f"slerpviz frontier: {name}", machine, [frontier_figure(rows)],
-                      notes)
-    print(f"frontier on {machine['gpu'] or machine['cpu']} ({machine['device']}), model {name}, "
+             "Top-1: the merged model's next token equals the base model's, over the texts and prefix lengths (n "
+             "samples). Pass key: a 5-digit key hidden at five depths of filler, found in the greedy continuation "
+             f"(correct/n), at {', '.join(map(str, plan.retrieval_lengths)) or 'no'} tokens."]
+    report.write_html(args.out / "frontier.html", f"slerpviz frontier: {name}", machine,
+                      [frontier_figure(rows, base)], notes)
+    print(f"frontier on {machine['gpu'] or machine['cpu']} ({machine['device']}), model {name}, grid {args.grid}, "
           f"{len(rows)} settings, {time.perf_counter() - began:.0f} s")
-    front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["prefill_speedup"])
-    print("Pareto front (speed-up against top-1):")
-    print(report.format_table(front, FRONTIER_TABLE))
-    print("the article's setting (all pairs, one cutoff, consecutive):")
-    print(report.format_table([r for r in rows if r["article"]], FRONTIER_TABLE))
-    for key, row in targets.items():
-        print(f"{key.replace('_', ' ')}: " + (f"{setting_label(row)}: top-1 {row['top1']:.3f}, "
-                                              f"{row['prefill_speedup']:.2f}x" if row else "none measured"))
+    if base:
+        print(f"base: {retrieval_text(base, None)}")
+    front = sorted((r for r in rows if r["on_front"]), key=lambda r: r[x_key])
+    print("Pareto front (speed-up, top-1" + (", pass key):" if base else "):"))
+    print(report.format_table(table_rows(front), FRONTIER_TABLE))
+    article = [r for r in rows if r["article"]]
+    if article:
+        print("the article's setting (all pairs, one cutoff, consecutive):")
+        print(report.format_table(table_rows(article), FRONTIER_TABLE))
+    for key, row in {**targets, **by_limit}.items():
+        what = key.replace("_by_limit", " (by FLOP limit)").replace("_", " ")
+        print(f"{what}: " + (f"{setting_label(row)}: top-1 {row['top1']:.3f} (n={row['samples']}), "
+                             f"{retrieval_text(row, base)}, {row[x_key]:.2f}x" if row else "none measured"))
     print(f"\nwrote {args.out / 'frontier.csv'}, frontier.json, frontier.html")
     return 0

@@ -41,3 +41,16 @@ def random_texts(vocab_size: int, count: int, length: int, seed: int = 0) -> lis
     generator = torch.Generator().manual_seed(seed)
     return [TokenText(f"random-{i + 1}", torch.randint(0, vocab_size, (1, length), generator=generator))
             for i in range(count)]
+
+
+def windows(texts: list[TokenText], offsets: tuple[int, ...]) -> list[TokenText]:
+    """Each text read from each offset on (`name@offset`): more prefixes from the same prose. Offset 0 is the text
+    itself; an offset that leaves fewer than 16 tokens is skipped."""
+    out = []
+    for text in texts:
+        for offset in offsets:
+            if offset == 0:
+                out.append(text)
+            elif text.ids.shape[-1] - offset >= 16:
+                out.append(TokenText(f"{text.name}@{offset}", text.ids[:, offset:]))
+    return out

@@ -1,0 +1,56 @@
+"""Named merge settings, as data: the one place the recommended setting lives.
+
+The app's "Recommended preset", the CLI's `--preset NAME`, the benchmarks' `--preset` / `--grid presets` and the
+README all read this module. Cutoffs are written as shares of the model's depth, so one preset fits a 30-layer
+SmolLM2 and a 32-layer Mistral alike.
+
+How `recommended` was chosen, and what it keeps, is in the README ("Merge what the prompt is not looking at"): it
+was tuned on assets/texts only and judged on assets/heldout, which no setting was tuned on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import MergeSettings
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    depth_shares: tuple[float, ...]  # each cutoff as a share of the number of layers
+    ratio: float | tuple[float, ...] = 1.0
+    choice: str = "consecutive"
+    attention_window: int = 32
+    attention_keep: int = 0
+    keep_start: int = 0
+    keep_end: int = 0
+
+    def settings(self, num_layers: int) -> MergeSettings:
+        cutoffs = tuple(max(1, min(num_layers, round(share * num_layers))) for share in self.depth_shares)
+        return MergeSettings(cutoffs=cutoffs, ratio=self.ratio, choice=self.choice,
+                             attention_window=self.attention_window, attention_keep=self.attention_keep,
+                             keep_start=self.keep_start, keep_end=self.keep_end)
+
+
+PRESETS: dict[str, Preset] = {
+    "recommended": Preset(
+        description="merge the least-attended pairs: 3/4 of them at 27 % of the depth",
+        depth_shares=(0.27,), ratio=0.75, choice="attention", attention_window=32,
+    ),
+    "article": Preset(
+        description="the April 2024 article: every consecutive pair at half the depth",
+        depth_shares=(0.5,), ratio=1.0, choice="consecutive",
+    ),
+}
+
+
+def preset(name: str, num_layers: int) -> MergeSettings:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].settings(num_layers)
+
+
+def recommended(num_layers: int) -> MergeSettings:
+    """The recommended setting for a model of `num_layers` decoder layers."""
+    return preset("recommended", num_layers)
