@@ -10,6 +10,7 @@ import html
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -27,6 +28,8 @@ PASS_COLOR = "rgba(157, 157, 157, 0.35)"
 # prompt stays readable instead of becoming a smear of overlapping labels.
 PAIRING_WINDOW = 48
 LABEL_CHARS = 8
+# Prompt tokens drawn in full (labels, hover text, links); a longer prompt gets an overview elsewhere.
+DETAIL_TOKENS = 256
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -109,17 +112,42 @@ def protected_spans(trace: Trace) -> list[tuple[int, int, str]]:
     return spans
 
 
-def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
+def same_pairing(shown: Trace, new: Trace) -> bool:
+    """Would `new` draw the picture `shown` already draws (or a poorer one: `shown` may have its cosines already)?"""
+    keys = ("keep_start", "keep_end", "method", "size_weighted")
+    return (shown.tokens == new.tokens and shown.groups == new.groups and shown.protected == new.protected
+            and shown.cutoffs == new.cutoffs and shown.plan_pending == new.plan_pending
+            and all(shown.settings.get(k) == new.settings.get(k) for k in keys)
+            and (not new.pair_cosines or shown.pair_cosines == new.pair_cosines))
+
+
+def detail_span(length: int, start: int = 0, detail: int = DETAIL_TOKENS) -> tuple[int, int]:
+    """The prompt positions [first, end) drawn in full: all of a short prompt, `detail` tokens from `start` else."""
+    if length <= detail:
+        return 0, length
+    first = min(max(int(start), 0), length - detail)
+    return first, first + detail
+
+
+def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
+                   detail: int = DETAIL_TOKENS) -> go.Figure:
     """Prompt tokens in the top row, the slots of each merge stage in the rows below, a link for each pair.
 
     Protected spans are shaded; hovering a slot shows its tokens and the cosine of the pair it merged (known once the
-    prompt has run). The view opens on the first `window` tokens; drag, zoom or use the range slider for the rest.
+    prompt has run). The view opens on `window` tokens from `start`; drag, zoom or use the range slider for the rest.
+    A long prompt is drawn in full (labels, hover text, links) for `detail` tokens from `start`; everywhere else as
+    an overview of WebGL markers (position, and the pair cosine as colour) in compact arrays, so an 8k-token prompt
+    stays a figure of a few hundred KB rather than megabytes.
     """
     tokens = trace.tokens
     n = len(tokens)
     stages = len(trace.groups)
+    low, high = detail_span(n, start, detail)
     fig = go.Figure()
     row_names = [f"prompt<br>{n} tokens"]
+
+    def in_detail(group) -> bool:
+        return low <= group[0] < high
 
     # Where each item of the row above sits on the x axis (tokens at their positions, slots at their centres).
     above_x = [float(i) for i in range(n)]
@@ -132,10 +160,12 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
         slot_x = [sum(group) / len(group) for group in groups]
         cutoff = trace.cutoffs[stage]
         row_names.append(f"after layer {cutoff}<br>{len(groups)} slots")
+        shown = [slot for slot, group in enumerate(groups) if in_detail(group)]
 
         # All links of a kind in one trace, segments separated by None: a 500-token prompt stays two traces.
         link_x, link_y, pass_x, pass_y = [], [], [], []
-        for slot, members in enumerate(parents):
+        for slot in shown:
+            members = parents[slot]
             xs, ys = (link_x, link_y) if len(members) == 2 else (pass_x, pass_y)
             for member in members:
                 xs += [above_x[member], slot_x[slot], None]
@@ -145,8 +175,9 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
         fig.add_trace(go.Scatter(x=link_x, y=link_y, mode="lines", line=dict(color=LINK_COLOR, width=1.5),
                                  hoverinfo="skip", showlegend=False, name=f"links of merged pairs, layer {cutoff}"))
 
-        hover, labels, colors = [], [], []
-        for slot, (group, members) in enumerate(zip(groups, parents)):
+        hover, labels = {}, {}
+        for slot in shown:
+            group, members = groups[slot], parents[slot]
             text = "".join(tokens[p] for p in group)
             span = f"token {group[0]}" if len(group) == 1 else f"tokens {group[0]}–{group[-1]}"
             lines = [f"<b>slot {slot}</b> after layer {cutoff} · {span}"]
@@ -168,42 +199,49 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
                 lines.append(token_hover(text) + " · kept alone")
             if trace.protected[stage][slot]:
                 lines.append("protected")
-            hover.append("<br>".join(lines))
-            labels.append(token_label(text))
-            colors.append(cosines[slot])
+            hover[slot] = "<br>".join(lines)
+            labels[slot] = token_label(text)
         is_pair = [len(m) == 2 for m in parents]
-        known = [c for c, pair in zip(colors, is_pair) if pair and c is not None]
+        known = any(c is not None for c, pair in zip(cosines, is_pair) if pair)
         pair_marker = dict(size=11, line=dict(width=1, color="white"))
         if known:
-            pair_marker.update(color=[c if c is not None else 0.0 for c in colors], colorscale="Viridis", cmin=0.0,
-                               cmax=1.0, showscale=stage == 0,
+            pair_marker.update(colorscale="Viridis", cmin=0.0, cmax=1.0, showscale=stage == 0,
                                colorbar=dict(title=dict(text="pair<br>cosine"), thickness=12, len=0.6))
         else:
             pair_marker.update(color=MERGED_COLOR)
-        pair_slots = [i for i, pair in enumerate(is_pair) if pair]
-        single_slots = [i for i, pair in enumerate(is_pair) if not pair]
+        pair_slots = [i for i in shown if is_pair[i]]
+        single_slots = [i for i in shown if not is_pair[i]]
         for name, chosen, marker in (
             (f"merged slots, layer {cutoff}", pair_slots, pair_marker),
             (f"single slots, layer {cutoff}", single_slots, dict(size=9, color=SINGLE_COLOR)),
         ):
             if known and chosen is pair_slots:
-                marker = {**marker, "color": [marker["color"][i] for i in chosen]}
+                marker = {**marker, "color": [cosines[i] if cosines[i] is not None else 0.0 for i in chosen]}
             fig.add_trace(go.Scatter(
                 x=[slot_x[i] for i in chosen], y=[y] * len(chosen), mode="markers+text",
                 text=[labels[i] for i in chosen], textposition="bottom center", textfont=dict(size=10),
                 hovertext=[hover[i] for i in chosen], hoverinfo="text", marker=marker, name=name, showlegend=False,
             ))
+        if len(shown) < len(groups):
+            _overview_slots(fig, stage, cutoff, y, groups, slot_x, is_pair, cosines if known else None, low, high)
         above_x, above_y = slot_x, y
 
-    token_hovers = [f"<b>token {i}</b><br>{token_hover(t)}" for i, t in enumerate(tokens)]
+    token_hovers = [f"<b>token {i}</b><br>{token_hover(tokens[i])}" for i in range(low, high)]
     fig.add_trace(go.Scatter(
-        x=list(range(n)), y=[0] * n, mode="markers+text", name="prompt tokens", showlegend=False,
-        text=[token_label(t) for t in tokens],
+        x=list(range(low, high)), y=[0] * (high - low), mode="markers+text", name="prompt tokens",
+        showlegend=False, text=[token_label(tokens[i]) for i in range(low, high)],
         # Alternate labels above and below the row so neighbours do not overprint each other.
-        textposition=["top center" if i % 2 == 0 else "bottom center" for i in range(n)],
+        textposition=["top center" if i % 2 == 0 else "bottom center" for i in range(low, high)],
         textfont=dict(size=10), hovertext=token_hovers, hoverinfo="text",
         marker=dict(size=8, color=BASE_COLOR),
     ))
+    for first, end in ((0, low), (high, n)):  # the tokens outside the detailed span: positions step by one
+        if end > first:
+            fig.add_trace(go.Scattergl(
+                x0=first, dx=1, y=np.zeros(end - first, dtype=np.int8), mode="markers",
+                name="overview: prompt tokens", showlegend=False, marker=dict(size=5, color=BASE_COLOR),
+                hovertemplate=f"token %{{x}} (labels are drawn for tokens {low}–{high - 1})<extra></extra>",
+            ))
 
     top, bottom = 0.75, -stages - 0.75
     for first, last, label in protected_spans(trace):
@@ -212,11 +250,11 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
         fig.add_annotation(x=(first + last) / 2, y=top, text=label, showarrow=False, yanchor="bottom",
                            font=dict(size=11, color="#2E7D32"))
     if trace.plan_pending:
-        fig.add_annotation(x=min(n, window) / 2, y=-0.6, showarrow=False,
+        fig.add_annotation(x=low + min(n, window) / 2, y=-0.6, showarrow=False,
                            text="the <i>similar</i> choice picks its pairs from the hidden states at the cutoff: "
                                 "the pairing appears once the prompt has run")
     elif stages == 0:
-        fig.add_annotation(x=min(n, window) / 2, y=-0.6, showarrow=False,
+        fig.add_annotation(x=low + min(n, window) / 2, y=-0.6, showarrow=False,
                            text="no cutoff: the base model, nothing is merged")
 
     title = f"Token pairing · {n} prompt tokens"
@@ -229,13 +267,40 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW) -> go.Figure:
         template="plotly_white", height=260 + 110 * max(stages, 1), margin=dict(l=90, r=30, t=60, b=40),
         dragmode="pan", hovermode="closest", showlegend=False,
         # The same plan keeps the reader's pan and zoom when the figure is re-sent with the cosines filled in.
-        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}",
+        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}:{low}",
     )
-    fig.update_xaxes(range=[-1, min(n, window)], title=dict(text="prompt position (drag or use the slider below)"),
+    fig.update_xaxes(range=[low - 1, low + min(n, window)], title=dict(text="prompt position (drag or use the slider below)"),
                      rangeslider=dict(visible=n > window, thickness=0.08), zeroline=False, showgrid=False)
     fig.update_yaxes(tickvals=[-s for s in range(stages + 1)], ticktext=row_names, range=[bottom - 0.1, top + 0.45],
                      fixedrange=True, zeroline=False, showgrid=False)
     return fig
+
+
+def _overview_slots(fig: go.Figure, stage: int, cutoff: int, y: int, groups, slot_x, is_pair, cosines,
+                    low: int, high: int) -> None:
+    """The slots of a stage outside the detailed span: WebGL markers from compact typed arrays, no text per point."""
+    outside = [i for i, group in enumerate(groups) if not low <= group[0] < high]
+    for kind, chosen in (("merged", [i for i in outside if is_pair[i]]), ("single", [i for i in outside
+                                                                                   if not is_pair[i]])):
+        if not chosen:
+            continue
+        marker = dict(size=7 if kind == "merged" else 5)
+        hover = f"slot at position %{{x}} after layer {cutoff}"
+        if kind == "single":
+            marker["color"] = SINGLE_COLOR
+            hover += " · kept alone"
+        elif cosines is not None:
+            marker.update(color=np.array([cosines[i] if cosines[i] is not None else 0.0 for i in chosen],
+                                         dtype=np.float32),
+                          colorscale="Viridis", cmin=0.0, cmax=1.0)
+            hover += " · pair cosine %{marker.color:.3f}"
+        else:
+            marker["color"] = MERGED_COLOR
+        fig.add_trace(go.Scattergl(
+            x=np.array([slot_x[i] for i in chosen], dtype=np.float32), y=np.full(len(chosen), y, dtype=np.int8),
+            mode="markers", marker=marker, name=f"overview: {kind} slots, layer {cutoff}", showlegend=False,
+            hovertemplate=hover + "<extra></extra>",
+        ))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -312,9 +377,33 @@ def latency_figure(base: Trace, merged: Trace) -> go.Figure:
     )
     fig.update_xaxes(title=dict(text="generated token"), rangemode="tozero")
     # Ticks at 1-2-5 steps: the prefill is often ten times a decode step, and a log axis keeps both readable.
-    ticks = [m * 10**e for e in range(-1, 6) for m in (1, 2, 5)]
-    fig.update_yaxes(title=dict(text="ms (log)"), type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    milliseconds = [s * 1000 for trace in (base, merged) for s in step_seconds(trace) if s > 0]
+    fig.update_yaxes(title=dict(text="ms (log)"), type="log", tickvals=list(LATENCY_TICKS),
+                     ticktext=[f"{t:g}" for t in LATENCY_TICKS], range=latency_range(milliseconds))
     return fig
+
+
+LATENCY_TICKS = tuple(m * 10**e for e in range(-2, 7) for m in (1, 2, 5))
+
+
+def latency_range(milliseconds: Sequence[float]) -> list[float] | None:
+    """The log-axis range (in log10 units) from the tick at or below the fastest step to the tick above the slowest,
+    so the axis always shows at least two labelled ticks, even for a single point (which Plotly would otherwise
+    zoom into between two ticks, leaving the axis unlabelled)."""
+    if not milliseconds:
+        return None
+    low, high = min(milliseconds), max(milliseconds)
+    below = max([t for t in LATENCY_TICKS if t <= low], default=LATENCY_TICKS[0])
+    above = min([t for t in LATENCY_TICKS if t > high], default=LATENCY_TICKS[-1])
+    return [math.log10(below) - 0.05, math.log10(above) + 0.05]
+
+
+def kv_comparison(base_bytes: int, merged_bytes: int) -> str:
+    """The merged KV cache against the base one, in the one wording the panel and the plot share."""
+    change = 1 - merged_bytes / base_bytes
+    if round(change * 100) == 0:
+        return "the same size as base"
+    return f"{abs(change):.0%} {'smaller' if change > 0 else 'larger'} than base"
 
 
 def kv_figure(base: Trace, merged: Trace) -> go.Figure:
@@ -326,7 +415,7 @@ def kv_figure(base: Trace, merged: Trace) -> go.Figure:
                              hovertemplate="layer %{x}: %{y:,.1f} KiB<extra>" + name + "</extra>"))
     total_base, total_merged = sum(base.kv_bytes_per_layer), sum(merged.kv_bytes_per_layer)
     if total_base and total_merged:
-        title = f"KV cache per layer · merged holds {total_merged / total_base:.0%} of base"
+        title = f"KV cache per layer · merged: {kv_comparison(total_base, total_merged)}"
     else:
         title = "KV cache per layer"
     if not (base.kv_bytes_per_layer or merged.kv_bytes_per_layer):

@@ -10,6 +10,7 @@ and a bounded queue tells everyone else their place in line.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import html
 import logging
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from gradio.components.plot import PlotData
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import plots
-from .engine import MODES, MergeSettings, MergingEngine, Sampling, Trace, interleave
+from . import inputs, plots
+from .engine import MODES, MergeSettings, MergingEngine, Sampling, Trace, check_sampling, interleave
 from .merge import CHOICES, METHODS, POSITION_MODES
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
 
@@ -36,6 +39,13 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Streaming a latency or KV figure costs more than a line of text; refresh them every few tokens and at the end.
 PLOT_EVERY = 8
 
+# The page's own limits, which every API client meets too: the longest generation one request may hold the device for,
+# and the temperature slider's range.
+MAX_NEW_TOKENS = 512
+MAX_TEMPERATURE = 2.0
+# The page takes no files; Gradio's upload route exists anyway, so cap what it accepts.
+MAX_FILE_SIZE = "1mb"
+
 try:  # On a ZeroGPU Space the GPU is attached only inside functions under this decorator; elsewhere a no-op.
     import spaces
 
@@ -45,11 +55,21 @@ except ImportError:  # pragma: no cover - depends on the machine
         return function
 
 
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space says so in its environment; there the GPU exists only inside `gpu_task` functions."""
+    return bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
 def default_model() -> str:
-    """$SLERPVIZ_MODEL if set; Mistral-7B-Instruct where a GPU has room for it; else the embedded model."""
+    """$SLERPVIZ_MODEL if set; Mistral-7B-Instruct on ZeroGPU or where a GPU has room for it; else the embedded model.
+
+    On ZeroGPU the GPU cannot be asked about outside a `gpu_task`, and its slices hold a 7B model in bf16.
+    """
     chosen = os.environ.get("SLERPVIZ_MODEL")
     if chosen:
         return chosen
+    if on_zero_gpu():
+        return GPU_MODEL
     if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= GPU_MODEL_MEMORY:
         return GPU_MODEL
     return EMBEDDED
@@ -65,16 +85,52 @@ def load_on_device(name: str, progress: Callable[[str], None]) -> MergingEngine:
     return load(name, device="cuda" if torch.cuda.is_available() else None, progress=progress)
 
 
+def fetch_weights(name: str, progress: Callable[[str], None]) -> None:
+    """Bring a hub model's files onto this machine, so that a model out of reach fails here, before anything is freed.
+
+    The embedded model is already here. Only the files `load` reads are fetched (safetensors, not the .bin copies).
+    """
+    if name == EMBEDDED:
+        return
+    from huggingface_hub import snapshot_download
+
+    progress(f"Fetching {name}")
+    snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+
+
+def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> MergingEngine:
+    """ZeroGPU's documented pattern: load whole on the CPU (no device_map: there is no GPU to map onto yet), then move
+    to "cuda" at module level; `spaces` completes the move when a `gpu_task` gets a GPU."""
+    check_allowed(name)
+    if name == EMBEDDED:
+        engine = load(name, device="cpu", progress=progress)
+    else:
+        progress(f"Loading {name} (bf16, for ZeroGPU)")
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16, attn_implementation="sdpa")
+        engine = MergingEngine(model, tokenizer)  # refuses an unsupported family
+    engine.model.to("cuda")
+    return engine
+
+
 class EngineHolder:
     """The one engine on this device.
 
     A load runs in a background thread so callers can show its progress instead of a frozen page; callers that
-    arrive while a load is under way follow that load rather than start another. `device_lock` is held around every
+    arrive while a load is under way follow it rather than start another. Only `switch` starts a load (the page's
+    model control, and a page opening on an empty device); generations and plans only follow one.
+
+    A switch never leaves the device empty: a hub model's files are fetched before the resident model is freed (a
+    GPU holds one 7B model, so there it is freed before the new one loads, under `device_lock` so never during a
+    step), and if the new model still fails, the previous one is loaded back. `device_lock` is held around every
     forward step, so at most one step runs on the device at any moment, whatever the queue does on a cancel.
     """
 
-    def __init__(self, loader: Callable[..., MergingEngine] | None = None):
+    def __init__(self, loader: Callable[..., MergingEngine] | None = None,
+                 fetcher: Callable[[str, Callable[[str], None]], None] | None = None, free_first: bool | None = None):
         self._loader = loader or load_on_device
+        self._fetcher = fetcher or fetch_weights
+        self._free_first = free_first  # None: where there is a GPU
         self._state = threading.Lock()  # guards the fields below
         self.device_lock = threading.Lock()
         self.name: str | None = None
@@ -89,43 +145,69 @@ class EngineHolder:
         with self._state:
             return self._target if self._thread is not None and self._thread.is_alive() else None
 
-    def loading(self, name: str, poll: float = 0.25) -> Iterator[str]:
-        """Make `name` the loaded model, yielding progress lines until it is; raise if its load fails."""
+    def install(self, name: str, engine: MergingEngine) -> None:
+        """Hold an engine loaded elsewhere (on ZeroGPU, at import)."""
+        with self._state:
+            self.engine, self.name, self._outcome = engine, name, (name, None)
+
+    def switch(self, name: str, poll: float = 0.25) -> Iterator[str]:
+        """Make `name` the loaded model, yielding progress lines until it is; raise if its load fails (the previous
+        model then stays loaded)."""
         check_allowed(name)
         while True:
             with self._state:
-                if self.name == name and self.engine is not None:
+                if self.name == name and self.engine is not None and not self._loading_locked():
                     return
-                if self._thread is None or not self._thread.is_alive():
+                if not self._loading_locked():
                     self._start(name)
                 thread, target = self._thread, self._target
-            while thread.is_alive():
-                yield self.message or f"Loading {target}"
-                thread.join(poll)
+            yield from self._wait(thread, target, poll)
+            with self._state:
+                outcome = self._outcome
+            if outcome is not None and outcome[0] == name and outcome[1] is not None:
+                raise outcome[1]
+
+    def following(self, name: str, poll: float = 0.25) -> Iterator[str]:
+        """Wait until `name` is loaded, following a load under way; never start one. Raise ValueError when `name`
+        is neither loaded nor loading: switching is the page's model control's job alone."""
+        check_allowed(name)
+        while True:
+            with self._state:
+                loading = self._loading_locked()
+                if not loading and self.name == name and self.engine is not None:
+                    return
+                thread, target = self._thread, self._target
+            if not loading:
+                serving = f"the app serves {self.name}" if self.name else "no model is loaded yet"
+                raise ValueError(f"model {name!r} is not loaded: {serving}. Only the page's Model menu switches "
+                                 "models; choose it there, or ask for the model that is loaded.")
+            yield from self._wait(thread, target, poll)
             with self._state:
                 outcome = self._outcome
             if outcome is not None and outcome[0] == name and outcome[1] is not None:
                 raise outcome[1]
 
     def ensure(self, name: str) -> MergingEngine:
-        for _ in self.loading(name):
+        for _ in self.switch(name):
             pass
         return self.engine
 
     def preload(self, name: str) -> None:
         """Start loading in the background now (at startup), so the first visitor finds the model ready sooner."""
         with self._state:
-            if self.name != name and (self._thread is None or not self._thread.is_alive()):
+            if self.name != name and not self._loading_locked():
                 self._start(name)
+
+    def _loading_locked(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _wait(self, thread: threading.Thread, target: str, poll: float) -> Iterator[str]:
+        while thread.is_alive():
+            yield self.message or f"Loading {target}"
+            thread.join(poll)
 
     def _start(self, name: str) -> None:
         self._target, self._outcome, self.message = name, None, f"Loading {name}"
-        if torch.cuda.is_available():
-            # Free the old model first: two 7B models do not fit on one GPU. On a CPU the old one keeps serving
-            # until the new one is ready, and stays if the new one fails to load.
-            self.engine, self.name = None, None
-            gc.collect()
-            torch.cuda.empty_cache()
         self._thread = threading.Thread(target=self._load, args=(name,), name=f"load {name}", daemon=True)
         self._thread.start()
 
@@ -133,15 +215,51 @@ class EngineHolder:
         def progress(message: str) -> None:
             self.message = message
 
+        previous, freed = self.name, False
         try:
+            self._fetcher(name, progress)
+            free_first = torch.cuda.is_available() if self._free_first is None else self._free_first
+            if free_first and self.engine is not None:
+                # Two 7B models do not fit on one GPU: free the old one, but never in the middle of a step.
+                with self.device_lock, self._state:
+                    self.engine, self.name, freed = None, None, True
+                release_memory()
             engine = self._loader(name, progress=progress)
+            progress(f"Warming up {name}")
+            engine.warm_up()  # one-time setup now, so the first timed comparison is not charged for it
         except BaseException as error:  # reported to every caller following this load
             log.exception("loading %s failed", name)
+            if freed and previous is not None:
+                self._restore(previous, progress)
             with self._state:
                 self._outcome = (name, error)
             return
         with self._state:
             self.engine, self.name, self._outcome = engine, name, (name, None)
+
+    def _restore(self, name: str, progress: Callable[[str], None]) -> None:
+        """Load back the model a failed switch freed (its files are on this machine already)."""
+        try:
+            progress(f"Loading {name} back")
+            engine = self._loader(name, progress=progress)
+            engine.warm_up()
+        except BaseException:  # noqa: BLE001 - the device stays empty; the next page to open loads a model
+            log.exception("loading %s back failed", name)
+            return
+        with self._state:
+            self.engine, self.name = engine, name
+
+
+def release_memory() -> None:
+    """Hand freed memory back: Python's garbage, the CUDA cache, and glibc's free lists (which otherwise keep a long
+    prompt's figures and activations counted against the process long after they are gone)."""
+    gc.collect()
+    if not on_zero_gpu() and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 ENGINES = EngineHolder()
@@ -164,55 +282,36 @@ class Request:
 
 def parse_cutoffs(cutoff, more_cutoffs) -> tuple[int, ...]:
     """The main cutoff plus any further ones (a list, or text like "20, 25"), each layer once, in order."""
-    if more_cutoffs is None:
-        more = []
-    elif isinstance(more_cutoffs, str):
-        more = [part for part in more_cutoffs.replace(";", ",").split(",") if part.strip()]
-    else:
-        more = list(more_cutoffs)
-    layers = set()
-    for value in [cutoff, *more]:
-        if value is None or value == "":
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"cutoff {value!r} is not a layer number") from None
-        if number != int(number):
-            raise ValueError(f"cutoff {value!r} is not a whole layer number")
-        layers.add(int(number))
-    return tuple(sorted(layers))
-
-
-def whole(value, name: str) -> int:
-    if value is None or float(value) != int(float(value)):
-        raise ValueError(f"{name} must be a whole number (got {value!r})")
-    return int(float(value))
+    return inputs.layers(cutoff, more_cutoffs)
 
 
 def parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
                   max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False) -> Request:
-    """The page's raw inputs as engine settings; a bad value raises ValueError with a message for the page."""
-    if not prompt or not str(prompt).strip():
-        raise ValueError("the prompt is empty: type a prompt or click an example")
-    model = model or EMBEDDED
+    """The page's raw inputs, as any client may send them, as engine settings.
+
+    Every field is checked here, before any model work, and a bad one raises ValueError naming the field and what
+    is allowed. What depends on the model (a cutoff past its depth, spans longer than the tokenised prompt, the
+    context) is checked by the engine once the prompt is tokenised.
+    """
+    prompt = inputs.text(prompt, "prompt")
+    model = EMBEDDED if model is None or model == "" else model
+    if not isinstance(model, str):
+        raise ValueError(f"model must be one of: {', '.join(ALLOWED_MODELS)} (got {model!r})")
     check_allowed(model)
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    if positions not in POSITION_MODES:
-        raise ValueError(f"unknown positions mode {positions!r}; choose one of {', '.join(POSITION_MODES)}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if choice not in CHOICES:
-        raise ValueError(f"unknown pair choice {choice!r}; choose one of {', '.join(CHOICES)}")
+    chat = inputs.flag(chat, "chat")
     settings = MergeSettings(
-        cutoffs=parse_cutoffs(cutoff, more_cutoffs), keep_start=whole(keep_start, "keep start"),
-        keep_end=whole(keep_end, "keep end"), method=method, positions=positions,
-        ratio=1.0 if ratio is None else float(ratio), choice=choice, proportional=bool(proportional),
+        cutoffs=inputs.layers(cutoff, more_cutoffs), keep_start=inputs.whole(keep_start, "keep start", 0),
+        keep_end=inputs.whole(keep_end, "keep end", 0), method=inputs.one_of(method, "merge method", METHODS),
+        positions=inputs.one_of(positions, "positions mode", POSITION_MODES),
+        ratio=inputs.real(ratio, "merge ratio", 0.0, 1.0), choice=inputs.one_of(choice, "pair choice", CHOICES),
+        proportional=inputs.flag(proportional, "proportional attention"),
     )
-    sampling = Sampling(max_new_tokens=whole(max_new_tokens, "max new tokens"),
-                        temperature=float(temperature or 0.0), seed=whole(seed or 0, "seed"))
-    return Request(str(prompt), model, bool(chat), settings, sampling, mode)
+    mode = inputs.one_of(mode, "mode", MODES)
+    sampling = Sampling(max_new_tokens=inputs.whole(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
+                        temperature=inputs.real(temperature, "temperature", 0.0, MAX_TEMPERATURE),
+                        seed=inputs.whole(seed, "seed", 0, inputs.SEED_LIMIT - 1))
+    check_sampling(sampling)
+    return Request(prompt, model, chat, settings, sampling, mode)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -229,6 +328,9 @@ def generation_steps(request: Request) -> Iterator[tuple[Trace, Trace]]:
     """
     holder = ENGINES
     engine = holder.engine
+    if on_zero_gpu():
+        # Each GPU worker meets the model fresh: pay its one-time setup before the timed steps, not in the first.
+        engine.warm_up()
     ids = engine.encode(request.prompt, request.chat)
     base = engine.start(ids, MergeSettings(), request.sampling, request.mode)
     merged = engine.start(ids, request.settings, request.sampling, request.mode)
@@ -296,22 +398,22 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 
 
-def panel_markdown(trace: Trace, base: Trace | None = None) -> str:
+def panel_markdown(trace: Trace, base: Trace | None = None, stopped: bool = False) -> str:
     """The live figures of one panel; the merged panel (given the base trace) adds what merging saved."""
     figures = panel_figures(trace)
+    end = " · done" if trace.finished else " · stopped" if stopped else ""
     rows = [
         ("time to first token", _seconds(figures.first_token_s)),
         ("tokens per second (decode)", "—" if figures.tokens_per_s is None else f"{figures.tokens_per_s:.1f}"),
         ("elapsed (own steps)", _seconds(figures.elapsed_s if figures.tokens else None)),
-        ("tokens generated", f"{figures.tokens}" + (" · done" if trace.finished else "")),
+        ("tokens generated", f"{figures.tokens}{end}"),
     ]
     if trace.mode == "recompute":
         rows.append(("KV cache", "none (recompute mode re-runs the whole sequence each step)"))
     else:
         kv = human_bytes(figures.kv_bytes) if figures.kv_bytes else "—"
         if base is not None and figures.kv_bytes and sum(base.kv_bytes_per_layer):
-            share = figures.kv_bytes / sum(base.kv_bytes_per_layer)
-            kv += f" · {1 - share:.0%} smaller than base"
+            kv += " · " + plots.kv_comparison(sum(base.kv_bytes_per_layer), figures.kv_bytes)
             if len(base.generated_ids) != figures.tokens:
                 kv += f" (base at {len(base.generated_ids)} tokens)"
         rows.append(("KV cache", kv))
@@ -326,10 +428,21 @@ def panel_markdown(trace: Trace, base: Trace | None = None) -> str:
     return "| live figure | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
-def comparison_markdown(base: Trace, merged: Trace, token_text: Callable[[int], str]) -> str:
-    """Where the two generations part, and how much of them agrees; filled in once both have finished."""
-    if not (base.finished and merged.finished):
-        return "*The comparison appears when both generations have finished.*"
+GREETING = "Type a prompt or click an example, then press **Run**."
+PENDING_COMPARISON = "*The comparison appears when both generations have finished.*"
+
+
+def comparison_markdown(base: Trace, merged: Trace, token_text: Callable[[int], str], stopped: bool = False) -> str:
+    """Where the two generations part, and how much of them agrees: once both have finished, or over the tokens
+    generated before a Stop."""
+    prefix = ""
+    if stopped and not (base.finished and merged.finished):
+        reached = max(len(base.generated_ids), len(merged.generated_ids))
+        prefix = f"**Stopped at token {reached}**; over the tokens generated so far: "
+        if not reached:
+            return "**Stopped at token 0**: the prompt was still running, nothing to compare."
+    elif not (base.finished and merged.finished):
+        return PENDING_COMPARISON
     result = agreement(base.generated_ids, merged.generated_ids)
     if result.first_difference is None:
         first = f"**Identical**: all {result.compared} generated tokens match."
@@ -341,11 +454,15 @@ def comparison_markdown(base: Trace, merged: Trace, token_text: Callable[[int], 
 
         first = f"**First difference at generated token {i + 1}**: base {shown(base.generated_ids)} · merged " \
                 f"{shown(merged.generated_ids)}."
-    return f"{first} **{result.share:.0%}** of tokens agree position by position ({result.agreeing} of " \
+    return f"{prefix}{first} **{result.share:.0%}** of tokens agree position by position ({result.agreeing} of " \
            f"{result.compared})."
 
 
-def status_markdown(base: Trace, merged: Trace, sampling: Sampling) -> str:
+def status_markdown(base: Trace, merged: Trace, sampling: Sampling, stopped: bool = False) -> str:
+    if stopped and not (base.finished and merged.finished):
+        return f"**Stopped** at token {max(len(base.generated_ids), len(merged.generated_ids))}: both generations " \
+               f"were cancelled together (base {len(base.generated_ids)} tokens, merged " \
+               f"{len(merged.generated_ids)} tokens)."
     if base.finished and merged.finished:
         return f"**Done**: base {len(base.generated_ids)} tokens, merged {len(merged.generated_ids)} tokens."
     return f"**Generating…** base {len(base.generated_ids)}/{sampling.max_new_tokens} · merged " \
@@ -369,7 +486,7 @@ def message_for(error: BaseException) -> str:
 
 
 def page_error(error: BaseException) -> gr.Error:
-    if torch.cuda.is_available():
+    if not on_zero_gpu() and torch.cuda.is_available():  # on ZeroGPU the GPU was the worker's, and is gone
         torch.cuda.empty_cache()
     return gr.Error(escape(message_for(error)), print_exception=not isinstance(error, ValueError))
 
@@ -398,6 +515,25 @@ class Outputs:
         return iter(self.__dict__.values())
 
 
+def plot_data(figure) -> PlotData:
+    """A figure serialised once. A stream that yields the same PlotData again sends nothing for it (Gradio streams the
+    difference from the last message), so a long prompt's pairing plot crosses the wire once per run, while an API
+    client's last message still holds every view."""
+    return PlotData(type="plotly", plot=figure.to_json())
+
+
+@dataclass
+class PageView:
+    """What one page shows, kept in its session (a gr.State, changed in place): the trace its pairing plot was drawn
+    from, and the generation under way, so that Stop can finalise the panels from where the runs stopped."""
+
+    pairing: Trace | None = None
+    base: Trace | None = None
+    merged: Trace | None = None
+    sampling: Sampling | None = None
+    token_text: Callable[[int], str] | None = None
+
+
 class Page:
     """The callbacks, as plain methods so tests can call them without a browser."""
 
@@ -408,39 +544,63 @@ class Page:
 
     def _layer_controls(self, engine: MergingEngine, cutoff=None, more=None):
         layers = engine.num_layers
-        value = min(int(cutoff), layers) if cutoff is not None else layers // 2
+        try:
+            value = min(inputs.whole(cutoff, "cutoff", 0), layers)
+        except ValueError:
+            value = layers // 2
         kept = [c for c in (more or []) if str(c).strip().isdigit() and int(c) <= layers]  # drop typed-in junk
         return (gr.update(maximum=layers, value=value),
                 gr.update(choices=list(range(layers + 1)), value=kept))
 
+    def _ready(self) -> str:
+        return f"**Ready**: {escape(self.holder.name)} ({self.holder.engine.num_layers} layers). {GREETING}"
+
+    def _greeting(self) -> str:
+        loaded = self.holder.name is not None and self.holder.busy_loading is None
+        return self._ready() if loaded else GREETING
+
     def load_model(self, model: str, cutoff=None, more_cutoffs=None):
-        """Swap the model on the device, streaming progress to the status line; then fit the cutoff controls."""
+        """The page's model control: switch the shared model, streaming progress to the status line, then fit the
+        cutoff controls. It runs in the device's queue, so it waits for running generations and none runs during it.
+
+        A failed switch keeps the previous model: the status says why and the dropdown goes back to it.
+        """
+        skip = gr.skip()
+        if on_zero_gpu():
+            yield ("**The model is fixed on this Space**: ZeroGPU loads it when the app starts.",
+                   gr.update(value=self.holder.name), skip, skip)
+            return
         try:
-            for message in self.holder.loading(model):
-                yield f"**Loading…** {escape(message)}", gr.skip(), gr.skip()
+            for message in self.holder.switch(model):
+                yield f"**Loading…** {escape(message)}", skip, skip, skip
         except Exception as error:  # noqa: BLE001 - shown in the page, the app keeps serving
-            raise page_error(error) from None
-        yield (f"**Ready**: {escape(model)} ({self.holder.engine.num_layers} layers).",
-               *self._layer_controls(self.holder.engine, cutoff, more_cutoffs))
+            serving = self.holder.name
+            reason = message_for(error) if isinstance(error, ValueError) else inputs.one_line(error)
+            message = f"Could not load {model}: {reason}"
+            message += f" Still serving {serving}." if serving else ""
+            gr.Warning(escape(message))
+            yield (f"**Could not load** {escape(str(model))}: {escape(reason)}"
+                   + (f" Still serving **{escape(serving)}**." if serving else ""),
+                   gr.update(value=serving) if serving else skip, skip, skip)
+            return
+        yield self._ready(), gr.update(value=self.holder.name), *self._layer_controls(
+            self.holder.engine, cutoff, more_cutoffs)
 
     def on_open(self, model: str, cutoff=None, more_cutoffs=None):
-        """When a page opens: follow a load under way, or show the model the device holds now.
-
-        A page never swaps the shared model just by opening; that is what the model dropdown is for.
-        """
-        loaded = self.holder.name
-        if loaded is not None and self.holder.busy_loading is None:
-            yield (f"**Ready**: {escape(loaded)} ({self.holder.engine.num_layers} layers).",
-                   gr.update(value=loaded), *self._layer_controls(self.holder.engine, cutoff, more_cutoffs))
-            return
-        target = self.holder.busy_loading or model or default_model()
+        """When a page opens: show the model the device holds, follow a load under way, or (on an empty device only)
+        load the page's model. A page never swaps a loaded model just by opening."""
+        skip = gr.skip()
         try:
-            for message in self.holder.loading(target):
-                yield f"**Loading…** {escape(message)}", gr.skip(), gr.skip(), gr.skip()
+            if self.holder.name is None and self.holder.busy_loading is None:
+                messages = self.holder.switch(model if model in ALLOWED_MODELS else default_model())
+            else:
+                messages = self.holder.following(self.holder.busy_loading or self.holder.name)
+            for message in messages:
+                yield f"**Loading…** {escape(message)}", skip, skip, skip
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
-        yield (f"**Ready**: {escape(target)} ({self.holder.engine.num_layers} layers).",
-               gr.update(value=target), *self._layer_controls(self.holder.engine, cutoff, more_cutoffs))
+        yield self._ready(), gr.update(value=self.holder.name), *self._layer_controls(
+            self.holder.engine, cutoff, more_cutoffs)
 
     # The plan -------------------------------------------------------------------------------------------------------
 
@@ -451,28 +611,43 @@ class Page:
         return engine.new_trace(ids, request.settings, request.mode)
 
     def plan(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-             max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False):
-        """The pairing plot (and sequence lengths per layer) for a prompt, without generating."""
+             max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
+        """The pairing plot (and sequence lengths per layer) for a prompt, without generating. It follows a model
+        load under way but never starts one."""
         try:
             request = parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method,
                                     positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional)
-            for message in self.holder.loading(request.model):
+            for message in self.holder.following(request.model):
                 yield gr.skip(), gr.skip(), f"**Loading…** {escape(message)}"
             trace = self.plan_trace(request)
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
+        if view is not None:
+            view.pairing = trace
         yield plots.pairing_figure(trace), plots.length_figure(trace), self._plan_status(trace)
 
-    def preview(self, *inputs):
-        """The plan as settings change: problems go to the status line, not a pop-up, while the user is typing."""
+    def preview(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
+                max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
+        """The plan as settings change: problems go to the status line, not a pop-up, while the user is typing. The
+        pairing plot is re-sent only when the plan it shows has changed."""
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            return gr.skip(), gr.skip(), self._greeting()
         try:
-            request = parse_request(*inputs)
-            if self.holder.name != request.model:
+            request = parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method,
+                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional)
+            if self.holder.name != request.model or self.holder.busy_loading is not None:
                 return gr.skip(), gr.skip(), "*The pairing plot appears once the model is loaded.*"
             trace = self.plan_trace(request)
         except Exception as error:  # noqa: BLE001
             return gr.skip(), gr.skip(), f"**Cannot plan**: {escape(message_for(error))}"
-        return plots.pairing_figure(trace), plots.length_figure(trace), self._plan_status(trace)
+        shown = view.pairing if view is not None else None
+        if shown is not None and plots.same_pairing(shown, trace):
+            pairing = gr.skip()
+        else:
+            pairing = plots.pairing_figure(trace)
+            if view is not None:
+                view.pairing = trace
+        return pairing, plots.length_figure(trace), self._plan_status(trace)
 
     @staticmethod
     def _plan_status(trace: Trace) -> str:
@@ -487,55 +662,79 @@ class Page:
     # The generation -------------------------------------------------------------------------------------------------
 
     def generate(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-                 max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False):
-        """Stream the base and the merged generation side by side, token by token, with the four views."""
+                 max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
+        """Stream the base and the merged generation side by side, token by token, with the four views.
+
+        Every input is checked before any model work; the model must be the one loaded (or loading): a generation
+        never switches the shared model. Each view is serialised when it changes and yielded as is in between, so
+        the stream carries it once (the pairing plot, heavy for a long prompt, once per run).
+        """
         skip = gr.skip()
+        view = view if view is not None else PageView()
         try:
             request = parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method,
                                     positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional)
-            for message in self.holder.loading(request.model):
+            for message in self.holder.following(request.model):
                 yield (skip,) * 9 + (f"**Loading…** {escape(message)}",)
             engine = self.holder.engine
             plan = self.plan_trace(request)  # validates everything before the first step
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
 
-        pending = "*The comparison appears when both generations have finished.*"
-        yield ("", "", "", "", pending, plots.pairing_figure(plan), plots.length_figure(plan), skip, skip,
+        def token_text(token: int) -> str:
+            return engine.tokenizer.decode([token])
+
+        view.base = view.merged = None
+        view.sampling, view.token_text = request.sampling, token_text
+        pairing = lengths = latency = kv = skip
+        yield ("", "", "", "", PENDING_COMPARISON, skip, plot_data(plots.length_figure(plan)), skip, skip,
                "**Prefill**: running the prompt through both models…")
         base = merged = None
         steps = 0
         pairs = generation_steps(request)
         try:
             for base, merged in pairs:
+                view.base, view.merged = base, merged
                 steps += 1
-                first = steps == 1
-                views = first or steps % PLOT_EVERY == 0
-                yield (
-                    base.text, merged.text, panel_markdown(base), panel_markdown(merged, base),
-                    pending,
-                    plots.pairing_figure(merged) if first else skip,  # now with the pair cosines
-                    plots.length_figure(merged, base) if first else skip,
-                    plots.latency_figure(base, merged) if views else skip,
-                    plots.kv_figure(base, merged) if views else skip,
-                    status_markdown(base, merged, request.sampling),
-                )
+                if steps == 1:  # the prompt has run: the pair cosines (and a `similar` plan) are known
+                    pairing = plot_data(plots.pairing_figure(merged))
+                    lengths = plot_data(plots.length_figure(merged, base))
+                    view.pairing = merged
+                if steps == 1 or steps % PLOT_EVERY == 0:
+                    latency = plot_data(plots.latency_figure(base, merged))
+                    kv = plot_data(plots.kv_figure(base, merged))
+                yield (base.text, merged.text, panel_markdown(base), panel_markdown(merged, base),
+                       PENDING_COMPARISON, pairing, lengths, latency, kv,
+                       status_markdown(base, merged, request.sampling))
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
         finally:
             pairs.close()  # Stop, or a client gone: both runs end here, at once
+            release_memory()
         if base is None:
             return
         # The runs mark themselves finished only once exhausted, after the last step was shown: show the end, with
-        # every view in full so that an API client's last message holds the whole picture.
+        # every view final, so that an API client's last message holds the whole picture.
         yield (base.text, merged.text, panel_markdown(base), panel_markdown(merged, base),
-               comparison_markdown(base, merged, lambda token: engine.tokenizer.decode([token])),
-               plots.pairing_figure(merged), plots.length_figure(merged, base), plots.latency_figure(base, merged),
-               plots.kv_figure(base, merged), status_markdown(base, merged, request.sampling))
+               comparison_markdown(base, merged, token_text), pairing, lengths,
+               plot_data(plots.latency_figure(base, merged)), plot_data(plots.kv_figure(base, merged)),
+               status_markdown(base, merged, request.sampling))
 
-    @staticmethod
-    def stopped():
-        return "**Stopped**: both generations were cancelled together."
+    def stopped(self, view=None):
+        """After Stop has cancelled a generation: finalise every panel at the token where the runs stopped."""
+        skip = gr.skip()
+        if view is None or view.base is None or view.merged is None:
+            return skip, skip, skip, skip, skip, "**Stopped**: nothing was generating."
+        # A step already under way when Stop came finishes on its own; wait for it, so the panels show its token.
+        if self.holder.device_lock.acquire(timeout=30):
+            self.holder.device_lock.release()
+        base, merged = view.base, view.merged
+        if base.finished and merged.finished:  # it had ended before Stop: its "Done" stands
+            return skip, skip, skip, skip, skip, skip
+        return (panel_markdown(base, stopped=True), panel_markdown(merged, base, stopped=True),
+                comparison_markdown(base, merged, view.token_text, stopped=True),
+                plots.latency_figure(base, merged), plots.kv_figure(base, merged),
+                status_markdown(base, merged, view.sampling, stopped=True))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -610,10 +809,14 @@ def example_rows() -> tuple[list[list], list[str]]:
 
 
 def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
-    """The whole page. `model` picks the dropdown's default; `preload` starts loading it before anyone asks."""
-    model = model or default_model()
+    """The whole page. `model` picks the dropdown's default; `preload` starts loading it before anyone asks.
+
+    On ZeroGPU the model was loaded at import (`load_for_zero_gpu`); the page shows it and cannot switch it.
+    """
+    zero_gpu = on_zero_gpu()
+    model = ENGINES.name if zero_gpu and ENGINES.name else model or default_model()
     check_allowed(model)
-    if preload:
+    if preload and not zero_gpu:
         ENGINES.preload(model)
     page = Page()
     layers = ENGINES.engine.num_layers if ENGINES.engine is not None else 30
@@ -625,14 +828,18 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=6, max_lines=14, elem_id="prompt",
                                     placeholder="Type a prompt, or click an example below")
                 with gr.Row():
-                    model_box = gr.Dropdown(list(ALLOWED_MODELS), value=model, label="Model", scale=3,
-                                            info="One model on the device at a time; changing it reloads.")
+                    model_box = gr.Dropdown(
+                        [model] if zero_gpu else list(ALLOWED_MODELS), value=model, label="Model", scale=3,
+                        interactive=not zero_gpu, elem_id="model",
+                        info="Loaded when the Space starts (ZeroGPU)." if zero_gpu else
+                        "One model on the device at a time, shared by everyone; changing it waits for running "
+                        "generations, then reloads.")
                     chat = gr.Checkbox(value=True, label="Chat template", scale=1,
                                        info="Wrap the prompt as a user turn (instruct models).")
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary", elem_id="run")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                status = gr.Markdown("**Starting…**", elem_id="status")
+                status = gr.Markdown("**Starting…**", elem_id="status", label="Status")
                 examples_place = gr.Column()  # filled below, once the controls the examples set exist
             with gr.Column(scale=2):
                 cutoff = gr.Slider(0, layers, value=min(15, layers), step=1, precision=0, label="Cutoff layer",
@@ -659,9 +866,9 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                     proportional = gr.Checkbox(value=False, label="Proportional attention",
                                                info="Add log(tokens held) to a merged key's attention logit.")
                 with gr.Row():
-                    max_new_tokens = gr.Slider(1, 512, value=48, step=1, precision=0, label="Max new tokens",
-                                               elem_id="max-new-tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, precision=0,
+                                               label="Max new tokens", elem_id="max-new-tokens")
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature",
                                             info="0 = greedy")
                     seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
 
@@ -676,13 +883,13 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                 gr.Markdown("### Base model")
                 base_text = gr.Textbox(label="Base output", lines=8, max_lines=16, interactive=False,
                                        elem_id="base-text", elem_classes="generation", buttons=["copy"])
-                base_stats = gr.Markdown(elem_id="base-stats")
+                base_stats = gr.Markdown(elem_id="base-stats", label="Base figures")
             with gr.Column(elem_classes="panel-merged"):
                 gr.Markdown("### Merged model")
                 merged_text = gr.Textbox(label="Merged output", lines=8, max_lines=16, interactive=False,
                                          elem_id="merged-text", elem_classes="generation", buttons=["copy"])
-                merged_stats = gr.Markdown(elem_id="merged-stats")
-        comparison = gr.Markdown(elem_id="comparison")
+                merged_stats = gr.Markdown(elem_id="merged-stats", label="Merged figures")
+        comparison = gr.Markdown(elem_id="comparison", label="Comparison")
 
         pairing = gr.Plot(label="Token pairing", elem_id="pairing-plot", show_label=False)
         lengths = gr.Plot(label="Sequence length and attention cost per layer", elem_id="length-plot",
@@ -693,25 +900,33 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         with gr.Accordion("Notes: SLERP vs LERP, positions, modes, timing", open=False):
             gr.Markdown(NOTES)
 
+        # What this page shows, per session: Stop finalises the panels from it; previews skip re-sending a plot.
+        view = gr.State(lambda: PageView())  # a fresh one per session
+
         # Later additions go at the end, so that positional API calls written for fewer inputs keep working.
         inputs = [prompt, model_box, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
                   max_new_tokens, temperature, seed, ratio, choice, proportional]
         outputs = list(Outputs(base_text, merged_text, base_stats, merged_stats, comparison, pairing, lengths,
                                latency, kv, status))
 
-        # Planning only tokenises, so it never waits behind a generation; the generation queues for the device.
-        planned = run_button.click(page.plan, inputs, [pairing, lengths, status], api_name="plan",
-                                   concurrency_limit=None, show_progress="hidden")
-        generating = planned.success(page.generate, inputs, outputs, api_name="generate",
-                                     concurrency_id="device", concurrency_limit=1,
+        # preprocess=False: the callbacks get the values as sent and check each one themselves (parse_request), so
+        # a bad value from any client gets a message naming the field, never a silent rounding or Gradio's generic
+        # error. Planning only tokenises, so it never waits behind a generation; the generation queues for the
+        # device. Neither ever starts a model load.
+        planned = run_button.click(page.plan, [*inputs, view], [pairing, lengths, status], api_name="plan",
+                                   preprocess=False, concurrency_limit=None, show_progress="hidden")
+        generating = planned.success(page.generate, [*inputs, view], outputs, api_name="generate",
+                                     preprocess=False, concurrency_id="device", concurrency_limit=1,
                                      show_progress_on=[base_text, merged_text])
-        # Cancel first, then say so: a status written with the cancel could be overwritten by the last message the
+        # Cancel first, then finalise: panels written with the cancel could be overwritten by the last message the
         # cancelled generation had already sent.
         stop_button.click(None, None, None, cancels=[generating], api_visibility="private", queue=False).then(
-            page.stopped, None, [status], api_visibility="private", queue=False)
+            page.stopped, [view], [base_stats, merged_stats, comparison, latency, kv, status],
+            api_visibility="private", queue=False)
 
-        preview = dict(fn=page.preview, inputs=inputs, outputs=[pairing, lengths, status], api_visibility="private",
-                       concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
+        preview = dict(fn=page.preview, inputs=[*inputs, view], outputs=[pairing, lengths, status],
+                       preprocess=False, api_visibility="private", concurrency_limit=None, show_progress="hidden",
+                       trigger_mode="always_last")
         prompt.blur(**preview)
         examples.load_input_event.then(**preview)
         for slider in (cutoff, keep_start, keep_end, ratio):
@@ -719,9 +934,11 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         for control in (more_cutoffs, chat, choice):
             control.change(**preview)
 
+        # Switching the shared model is the page's own control, not an API: private (no client library reaches it),
+        # and in the device's queue, so it waits for running generations and none starts during it.
         layer_controls = [cutoff, more_cutoffs]
-        model_box.input(page.load_model, [model_box, cutoff, more_cutoffs], [status, *layer_controls],
-                        api_name="load_model", concurrency_id="device", concurrency_limit=1)
+        model_box.input(page.load_model, [model_box, cutoff, more_cutoffs], [status, model_box, *layer_controls],
+                        api_visibility="private", concurrency_id="device", concurrency_limit=1)
         demo.load(page.on_open, [model_box, cutoff, more_cutoffs], [status, model_box, *layer_controls],
                   api_visibility="private", concurrency_limit=None)
 
@@ -731,5 +948,6 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
 
 def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **options):
     """Launch the page with its theme and styles (gradio 6 takes those at launch)."""
+    options.setdefault("max_file_size", MAX_FILE_SIZE)
     return demo.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
                        footer_links=["api"], **options)

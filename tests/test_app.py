@@ -10,6 +10,7 @@ import gradio as gr
 import pytest
 import torch
 from gradio_client import Client
+from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
 from slerpviz import ui
@@ -55,9 +56,34 @@ def closed_runs(monkeypatch):
     return closed
 
 
+def figure(plot) -> dict:
+    """A plot as Plotly JSON, whichever way it came: a Figure from a callback, PlotData from the stream, a dict from
+    the client."""
+    if isinstance(plot, dict):
+        return json.loads(plot["plot"])
+    if isinstance(plot, PlotData):
+        return json.loads(plot.plot)
+    return json.loads(plot.to_json())
+
+
 def plot_trace_names(plot) -> list[str]:
-    figure = json.loads(plot["plot"]) if isinstance(plot, dict) else json.loads(plot.to_json())
-    return [trace.get("name") for trace in figure["data"]]
+    return [trace.get("name") for trace in figure(plot)["data"]]
+
+
+def annotation_texts(plot) -> list[str]:
+    return [a.get("text", "") for a in figure(plot)["layout"].get("annotations", [])]
+
+
+class FakeEngine:
+    """What a holder needs of an engine: a name to show and a warm-up to count."""
+
+    num_layers = 4
+
+    def __init__(self, name: str = "engine"):
+        self.name, self.warm_ups = name, 0
+
+    def warm_up(self):
+        self.warm_ups += 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -68,11 +94,12 @@ def plot_trace_names(plot) -> list[str]:
 def test_cutoffs_parse_from_slider_list_and_text():
     assert ui.parse_cutoffs(15, [20, 15]) == (15, 20)
     assert ui.parse_cutoffs(10.0, "25, 20") == (10, 20, 25)
-    assert ui.parse_cutoffs(None, None) == ()
-    with pytest.raises(ValueError, match="not a layer number"):
+    with pytest.raises(ValueError, match="further cutoff must be a whole number"):
         ui.parse_cutoffs(10, "twenty")
-    with pytest.raises(ValueError, match="whole layer number"):
+    with pytest.raises(ValueError, match=r"cutoff must be a whole number, 0 or more \(got 2.5\)"):
         ui.parse_cutoffs(2.5, [])
+    with pytest.raises(ValueError, match=r"cutoff must be a whole number, 0 or more \(got None\)"):
+        ui.parse_cutoffs(None, None)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -138,16 +165,16 @@ def test_closing_interleave_closes_both_runs():
 
 
 def test_holder_streams_progress_and_shares_one_load():
-    release, calls = threading.Event(), []
+    release, calls, engine = threading.Event(), [], FakeEngine()
 
     def loader(name, progress):
         calls.append(name)
         progress(f"fetching {name}")
         release.wait(10)
-        return "engine"
+        return engine
 
     holder = ui.EngineHolder(loader)
-    first = holder.loading(EMBEDDED, poll=0.01)
+    first = holder.switch(EMBEDDED, poll=0.01)
     assert next(first) in (f"fetching {EMBEDDED}", f"Loading {EMBEDDED}")
     # A second caller during the load follows it instead of starting another.
     follower = threading.Thread(target=holder.ensure, args=(EMBEDDED,))
@@ -155,8 +182,8 @@ def test_holder_streams_progress_and_shares_one_load():
     release.set()
     list(first)
     follower.join(10)
-    assert calls == [EMBEDDED] and holder.name == EMBEDDED and holder.engine == "engine"
-    assert list(holder.loading(EMBEDDED)) == []  # loaded: nothing to wait for
+    assert calls == [EMBEDDED] and holder.name == EMBEDDED and holder.engine is engine
+    assert list(holder.switch(EMBEDDED)) == []  # loaded: nothing to wait for
 
 
 def test_holder_reports_a_failed_load_and_tries_again_later():
@@ -210,8 +237,8 @@ def test_generate_streams_both_sides_token_by_token(page):
     assert "smaller than base" in merged_stats
     assert "agree position by position" in comparison
     assert {"base", "merged"} <= set(plot_trace_names(latency)) and {"base", "merged"} <= set(plot_trace_names(kv))
-    merged_slots = next(t for t in pairing.data if t.name == "merged slots, layer 15")
-    assert all("pair cosine: " in h and "known once" not in h for h in merged_slots.hovertext)
+    merged_slots = next(t for t in figure(pairing)["data"] if t["name"] == "merged slots, layer 15")
+    assert all("pair cosine: " in h and "known once" not in h for h in merged_slots["hovertext"])
 
 
 def test_similar_choice_shows_its_pairing_once_the_prompt_has_run(page):
@@ -220,15 +247,15 @@ def test_similar_choice_shows_its_pairing_once_the_prompt_has_run(page):
     assert [t.name for t in pairing.data] == ["prompt tokens"]
     outputs = list(page.generate(*inputs(choice="similar", ratio=0.5, max_new_tokens=2)))
     first_step = next(o for o in outputs if isinstance(o[9], str) and o[9].startswith("**Generating"))
-    merged_slots = next(t for t in first_step[5].data if t.name == "merged slots, layer 15")
-    assert len(merged_slots.x) > 0 and all("pair cosine: " in h for h in merged_slots.hovertext)
+    merged_slots = next(t for t in figure(first_step[5])["data"] if t["name"] == "merged slots, layer 15")
+    assert len(merged_slots["x"]) > 0 and all("pair cosine: " in h for h in merged_slots["hovertext"])
     assert "after layer 15" in outputs[-1][3]
 
 
 def test_generate_recompute_mode_has_no_kv_cache(page):
     *_, last = page.generate(*inputs(mode="recompute", max_new_tokens=1, chat=False, prompt="Once upon a time"))
     assert "none (recompute mode" in last[3]
-    assert any("recompute mode keeps no KV cache" in a.text for a in last[8].layout.annotations)
+    assert any("recompute mode keeps no KV cache" in text for text in annotation_texts(last[8]))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -236,7 +263,8 @@ def test_generate_recompute_mode_has_no_kv_cache(page):
     (dict(cutoff=31), "cutoff 31 is out of range"),
     (dict(more_cutoffs=["99"]), "cutoff 99 is out of range"),
     (dict(keep_start=300, keep_end=200), "longer than the prompt"),
-    (dict(max_new_tokens=9000), "longer than the model's context"),
+    (dict(max_new_tokens=9000), "max new tokens must be a whole number from 1 to 512"),
+    (dict(max_new_tokens=300, prompt="word " * 8000, chat=False), "longer than the model's context"),
     (dict(model="openai/gpt-oss"), "not on the allow-list"),
 ])
 def test_bad_inputs_become_page_messages(page, changes, message):
@@ -274,8 +302,8 @@ def test_closing_the_stream_stops_both_generations(page, closed_runs):
 
 
 def test_load_model_fits_the_cutoff_controls(page, engine):
-    *_, (status, cutoff, more) = page.load_model(EMBEDDED, 99, [3, 45])
-    assert status.startswith("**Ready**")
+    *_, (status, model, cutoff, more) = page.load_model(EMBEDDED, 99, [3, 45])
+    assert status.startswith("**Ready**") and model["value"] == EMBEDDED
     assert cutoff["maximum"] == engine.num_layers and cutoff["value"] == engine.num_layers
     assert more["choices"] == list(range(engine.num_layers + 1)) and more["value"] == [3]
 

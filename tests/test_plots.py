@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import plotly.graph_objects as go
 import pytest
@@ -149,9 +150,12 @@ def test_long_prompt_opens_on_a_window_with_a_range_slider():
     assert high - low <= plots.PAIRING_WINDOW + 1
     assert fig.layout.xaxis.rangeslider.visible
     (tokens,) = traces_named(fig, "prompt tokens")
-    assert len(tokens.x) == 600  # all tokens are there to pan to, not just the window
-    # Links stay two traces whatever the length, so the figure stays light.
-    assert len(fig.data) == 5
+    (rest,) = traces_named(fig, "overview: prompt tokens")
+    # All tokens are there to pan to, not just the window: labelled near the view, as plain markers further on.
+    assert list(tokens.x) == list(range(plots.DETAIL_TOKENS)) and rest.x0 == plots.DETAIL_TOKENS
+    assert len(tokens.x) + len(rest.y) == 600
+    # Links stay two traces whatever the length, the overview one per kind of slot, so the figure stays light.
+    assert len(fig.data) == 8
     short = plots.pairing_figure(make_trace(words(20)))
     assert not short.layout.xaxis.rangeslider.visible
 
@@ -257,9 +261,46 @@ def test_kv_figure_compares_totals():
     merged.kv_bytes_per_layer = [2048, 2048, 1024, 1024]
     fig = plots.kv_figure(base, merged)
     assert list(fig.data[1].y) == [2.0, 2.0, 1.0, 1.0]
-    assert "merged holds 75% of base" in fig.layout.title.text
+    assert "merged: 25% smaller than base" in fig.layout.title.text
+    assert plots.kv_comparison(2048, 2048) == "the same size as base"
+    assert plots.kv_comparison(1000, 1500) == "50% larger than base"
 
 
 def test_kv_figure_explains_an_empty_cache():
     fig = plots.kv_figure(make_trace(words(5), cutoffs=(), mode="recompute"), make_trace(words(5), mode="recompute"))
     assert any("recompute mode keeps no KV cache" in a.text for a in fig.layout.annotations)
+
+
+def test_a_long_prompt_pairing_plot_stays_small():
+    """8k tokens, two stages, cosines known: well under 300 KB as it crosses the wire (JSON inside JSON)."""
+    trace = make_trace(words(8192), cutoffs=(4, 8), keep_start=4, keep_end=8)
+    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in plots.slot_parents(trace.groups, s)) for s in range(2)]
+    fig = plots.pairing_figure(trace)
+    assert len(json.dumps(fig.to_json())) < 300_000
+    overview = [t for t in fig.data if t.name.startswith("overview")]
+    assert overview and all(t.type == "scattergl" for t in overview)
+    # Every token and slot is still drawn: in full near the start, as overview markers elsewhere.
+    tokens = traces_named(fig, "prompt tokens") + traces_named(fig, "overview: prompt tokens")
+    assert sum(len(t.y) for t in tokens) == 8192
+    for stage, cutoff in enumerate(trace.cutoffs):
+        slots = [t for t in fig.data if t.name.endswith(f"slots, layer {cutoff}") and not t.name.startswith("links")]
+        assert sum(len(t.x) for t in slots) == len(trace.groups[stage])
+
+
+def test_a_single_latency_point_still_has_labelled_ticks():
+    base, merged = make_trace(words(5), cutoffs=()), make_trace(words(5))
+    base.generated_ids, base.prefill_s = [1], 0.0734
+    merged.generated_ids, merged.prefill_s = [1], 0.0701
+    axis = plots.latency_figure(base, merged).layout.yaxis
+    low, high = axis.range
+    labelled = [tick for tick in axis.tickvals if low <= math.log10(tick) <= high]
+    assert len(labelled) >= 2 and min(labelled) <= 70.1 and max(labelled) >= 73.4
+
+
+def test_a_detailed_window_can_start_anywhere():
+    trace = make_trace(words(1000), cutoffs=(4,))
+    fig = plots.pairing_figure(trace, start=700)
+    (tokens,) = traces_named(fig, "prompt tokens")
+    assert list(tokens.x) == list(range(700, 700 + plots.DETAIL_TOKENS))
+    assert fig.layout.xaxis.range[0] == 699
+    assert plots.detail_span(1000, start=900) == (1000 - plots.DETAIL_TOKENS, 1000)

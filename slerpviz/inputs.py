@@ -1,0 +1,121 @@
+"""Raw input values, checked one field at a time before any model work.
+
+The page, its API and the command line all take values from outside: JSON from any client, text from a shell. Each
+function here turns one raw value into the type the engine takes, or raises ValueError with one line that names
+the field and says what is allowed. Nothing is rounded or coerced behind the caller's back: 2.5 is not a whole
+number, "no" is not a yes/no answer, NaN is not a temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+SEED_LIMIT = 2**63  # the seed feeds torch.Generator.manual_seed, which takes a signed 64-bit integer
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_number(value, field: str, allowed: str) -> float | int:
+    """A real number from a JSON number or numeric text; booleans, NaN and infinities are refused."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{field} must be {allowed} (got {_shown(value)})")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)  # exact, however large
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{field} must be {allowed} (got {_shown(value)})") from None
+    else:
+        raise ValueError(f"{field} must be {allowed} (got {_shown(value)})")
+    if not math.isfinite(number):
+        raise ValueError(f"{field} must be {allowed} (got {_shown(value)})")
+    return number
+
+
+def whole(value, field: str, low: int, high: int | None = None) -> int:
+    """A whole number in [low, high]; 3.0 passes as 3, 3.5 is refused (never rounded)."""
+    allowed = f"a whole number from {low} to {high}" if high is not None else f"a whole number, {low} or more"
+    number = _as_number(value, field, allowed)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ValueError(f"{field} must be {allowed} (got {_shown(value)})")
+        number = int(number)
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{field} must be {allowed} (got {_shown(value)})")
+    return number
+
+
+def real(value, field: str, low: float, high: float, low_open: bool = False) -> float:
+    """A finite number in [low, high] (or (low, high] with low_open)."""
+    allowed = f"a number from {low:g} to {high:g}" if not low_open else f"a number above {low:g}, up to {high:g}"
+    number = float(_as_number(value, field, allowed))
+    if number < low or number > high or (low_open and number == low):
+        raise ValueError(f"{field} must be {allowed} (got {_shown(value)})")
+    return number
+
+
+def flag(value, field: str) -> bool:
+    """True or false, and only those: the text "no" is not a no."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false (got {_shown(value)})")
+    return value
+
+
+def one_of(value, field: str, choices: Sequence[str]) -> str:
+    """A name from a fixed list (worded as the engine words it: "unknown merge method 'avg'; choose one of ...")."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {field} {_shown(value)}; choose one of {', '.join(choices)}")
+    return value
+
+
+def text(value, field: str) -> str:
+    """Text a tokenizer can read: a string of valid Unicode (no lone surrogates), not blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"the {field} is empty")
+    if not isinstance(value, str):
+        raise ValueError(f"the {field} must be text (got {_shown(value)})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"the {field} holds a lone surrogate ({value[error.start]!r} at character {error.start}), which is not "
+            "valid Unicode text"
+        ) from None
+    return value
+
+
+def layers(cutoff, more_cutoffs, low: int = 0, high: int | None = None) -> tuple[int, ...]:
+    """The cutoff plus any further cutoffs (a list, or text like "20, 25"), each layer once, in order.
+
+    The main cutoff is required; further cutoffs are optional. `high` (the model's depth) is checked where it is known.
+    """
+    if more_cutoffs is None or more_cutoffs == "":
+        more = []
+    elif isinstance(more_cutoffs, str):
+        more = [part for part in more_cutoffs.replace(";", ",").split(",") if part.strip()]
+    elif isinstance(more_cutoffs, (list, tuple)):
+        more = list(more_cutoffs)
+    else:
+        raise ValueError(f"further cutoffs must be a list of layer numbers (got {_shown(more_cutoffs)})")
+    chosen = {whole(cutoff, "cutoff", low, high)}
+    chosen.update(whole(value, "further cutoff", low, high) for value in more)
+    return tuple(sorted(chosen))
+
+
+def one_line(error: BaseException) -> str:
+    """An error in one line: hub errors run to a paragraph with links; the first sentence says what happened."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    cut = message.find(". ")
+    return message[: cut + 1] if 0 < cut < 200 else message[:200]

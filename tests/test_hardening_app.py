@@ -1,0 +1,330 @@
+"""The app against hostile or unlucky use: model switches, bad values from any client, uploads, Stop, long prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+
+import gradio as gr
+import httpx
+import pytest
+from gradio.components.plot import PlotData
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from slerpviz import ui
+from slerpviz.models import EMBEDDED
+
+PROMPT = "Why is the sky blue? One sentence."
+OTHER = "Qwen/Qwen2.5-0.5B-Instruct"  # on the allow-list, never loaded in these tests
+DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
+                method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0, seed=0,
+                ratio=1.0, choice="consecutive", proportional=False)
+
+
+def inputs(**changes) -> list:
+    return list({**DEFAULTS, **changes}.values())
+
+
+def as_json(plot) -> dict:
+    if isinstance(plot, PlotData):
+        return json.loads(plot.plot)
+    if isinstance(plot, dict):
+        return json.loads(plot["plot"])
+    return json.loads(plot.to_json())
+
+
+class FakeEngine:
+    num_layers = 4
+
+    def __init__(self, name: str):
+        self.name, self.warm_ups = name, 0
+
+    def warm_up(self):
+        self.warm_ups += 1
+
+
+def recording_holder(fail: set[str] = frozenset(), fetch_fail: set[str] = frozenset(), free_first: bool = False):
+    """A holder whose loads are recorded (name, and whether the device lock was free), failing for names in `fail`."""
+    calls = []
+
+    def loader(name, progress):
+        calls.append(name)
+        if name in fail:
+            raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}. Check your connection.\n"
+                          "See https://huggingface.co/docs for more.")
+        return FakeEngine(name)
+
+    def fetcher(name, progress):
+        if name in fetch_fail:
+            raise OSError(f"cannot reach the hub for {name}")
+
+    return ui.EngineHolder(loader, fetcher, free_first=free_first), calls
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ui.ENGINES.ensure(EMBEDDED)
+
+
+@pytest.fixture(scope="module")
+def page(engine):
+    return ui.Page()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False, analytics_enabled=False, download_files=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The shared model: only the page's control switches it, and a failed switch keeps the old one
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_model_switch_is_not_an_api_endpoint(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/load_model" not in endpoints and {"/generate", "/plan"} <= set(endpoints)
+    with pytest.raises(ValueError):
+        client.predict(OTHER, 15, [], api_name="/load_model")
+
+
+def test_model_switch_waits_in_the_device_queue(engine):
+    """The switch shares the generations' concurrency group (one at a time), so it waits for a running one."""
+    demo = ui.build_app(EMBEDDED, preload=False)
+    fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
+    switch, generate, plan = fns["load_model"], fns["generate"], fns["plan"]
+    assert switch.api_visibility == "private"
+    assert switch.concurrency_id == generate.concurrency_id and generate.concurrency_limit == 1
+    assert not plan.preprocess and not generate.preprocess  # the callbacks check raw values themselves
+
+
+@pytest.mark.parametrize("callback", ["plan", "generate"])
+def test_plan_and_generate_never_start_a_load(engine, callback):
+    holder, calls = recording_holder()
+    holder.install(EMBEDDED, engine)
+    page = ui.Page()
+    page.holder = holder
+    with pytest.raises(gr.Error, match="is not loaded: the app serves .*Model menu"):
+        list(getattr(page, callback)(*inputs(model=OTHER)))
+    assert calls == [] and holder.busy_loading is None and holder.name == EMBEDDED
+    pairing, lengths, status = page.preview(*inputs(model=OTHER))
+    assert calls == [] and "once the model is loaded" in status
+
+
+def test_a_failed_switch_keeps_the_previous_model_and_says_why():
+    holder, calls = recording_holder(fail={OTHER})
+    holder.ensure(EMBEDDED)
+    previous = holder.engine
+    page = ui.Page()
+    page.holder = holder
+    *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
+    assert holder.name == EMBEDDED and holder.engine is previous
+    assert dropdown["value"] == EMBEDDED  # the menu goes back to the model still serving
+    assert status.startswith("**Could not load**") and "couldn't connect" in status and "Still serving" in status
+    assert "\n" not in status and "docs" not in status  # one line: the first sentence of the hub's paragraph
+    # A later run uses the model still loaded, without trying the failed one again.
+    assert list(holder.following(EMBEDDED)) == [] and calls == [EMBEDDED, OTHER]
+
+
+def test_a_switch_that_cannot_fetch_never_frees_the_resident_model():
+    holder, calls = recording_holder(fetch_fail={OTHER}, free_first=True)
+    holder.ensure(EMBEDDED)
+    previous = holder.engine
+    with pytest.raises(OSError, match="cannot reach the hub"):
+        holder.ensure(OTHER)
+    assert holder.engine is previous and calls == [EMBEDDED]
+
+
+def test_a_switch_that_fails_after_freeing_loads_the_previous_model_back():
+    holder, calls = recording_holder(fail={OTHER}, free_first=True)
+    holder.ensure(EMBEDDED)
+    with pytest.raises(OSError):
+        holder.ensure(OTHER)
+    assert holder.name == EMBEDDED and holder.engine is not None and calls == [EMBEDDED, OTHER, EMBEDDED]
+
+
+def test_freeing_the_resident_model_waits_for_the_step_on_the_device():
+    holder, calls = recording_holder(free_first=True)
+    holder.ensure(EMBEDDED)
+    previous = holder.engine
+    seen_during_step = []
+    fetched = threading.Event()
+    holder._fetcher = lambda name, progress: fetched.set()
+    with holder.device_lock:  # a generation step is running
+        switching = threading.Thread(target=holder.ensure, args=(OTHER,))
+        switching.start()
+        assert fetched.wait(10)
+        switching.join(0.5)  # time for a switch that ignored the lock to free the model
+        seen_during_step.append(holder.engine)
+    switching.join(10)
+    assert seen_during_step == [previous] and holder.name == OTHER
+
+
+def test_every_load_is_warmed_up_before_it_serves():
+    holder, _ = recording_holder()
+    engine = holder.ensure(EMBEDDED)
+    assert engine.warm_ups == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad values, as any client may send them
+# --------------------------------------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    (dict(cutoff="abc"), r"cutoff must be a whole number, 0 or more \(got 'abc'\)"),
+    (dict(cutoff=None), r"cutoff must be a whole number, 0 or more \(got None\)"),
+    (dict(cutoff=3.5), r"cutoff must be a whole number, 0 or more \(got 3.5\)"),
+    (dict(more_cutoffs=["x"]), r"further cutoff must be a whole number"),
+    (dict(max_new_tokens="ten"), r"max new tokens must be a whole number from 1 to 512 \(got 'ten'\)"),
+    (dict(temperature="hot"), r"temperature must be a number from 0 to 2 \(got 'hot'\)"),
+    (dict(temperature=math.nan), r"temperature must be a number from 0 to 2 \(got nan\)"),
+    (dict(ratio="abc"), r"merge ratio must be a number from 0 to 1 \(got 'abc'\)"),
+    (dict(seed=math.nan), r"seed must be a whole number from 0 to 9223372036854775807 \(got nan\)"),
+    (dict(seed=math.inf), r"seed must be a whole number from 0 to 9223372036854775807 \(got inf\)"),
+    (dict(seed=2**70), r"seed must be a whole number from 0 to 9223372036854775807"),
+    (dict(seed=1.5), r"seed must be a whole number from 0 to 9223372036854775807 \(got 1.5\)"),
+    (dict(seed=-1), r"seed must be a whole number from 0 to 9223372036854775807 \(got -1\)"),
+    (dict(keep_start=2.5), r"keep start must be a whole number, 0 or more \(got 2.5\)"),
+    (dict(chat="no"), r"chat must be true or false \(got 'no'\)"),
+    (dict(proportional=1), r"proportional attention must be true or false \(got 1\)"),
+    (dict(method=["slerp"]), r"unknown merge method \['slerp'\]; choose one of"),
+    (dict(prompt="hello \ud800 there"), r"the prompt holds a lone surrogate .* not valid Unicode text"),
+    (dict(prompt=42), r"the prompt must be text \(got 42\)"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_VALUES)
+def test_bad_values_are_refused_field_by_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ui.parse_request(*inputs(**changes))
+
+
+@pytest.mark.parametrize("changes, message", BAD_VALUES)
+def test_bad_values_are_refused_before_any_model_work(page, monkeypatch, changes, message):
+    monkeypatch.setattr(ui.ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
+    for callback in (page.plan, page.generate):
+        with pytest.raises(gr.Error, match=message):
+            list(callback(*inputs(**changes)))
+
+
+def raw_call(app_url: str, endpoint: str, data: list) -> tuple[str, dict | list]:
+    """One call as any HTTP client may make it (NaN and Infinity included, which gradio_client will not send):
+    the event's kind ("error" or "complete") and its payload."""
+    url = f"{app_url}gradio_api/call/{endpoint}"
+    body = json.dumps({"data": data})  # allow_nan: NaN and Infinity go out as JSON literals
+    event_id = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60).json()[
+        "event_id"]
+    kind = None
+    with httpx.stream("GET", f"{url}/{event_id}", timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: ") and kind in ("error", "complete"):
+                return kind, json.loads(line.removeprefix("data: "))
+    raise AssertionError("the stream ended without a result")
+
+
+@pytest.mark.parametrize("changes, message", [case for case in BAD_VALUES if "proportional" not in case[0]])
+def test_bad_values_through_the_api_get_one_line_naming_the_field(app_url, changes, message):
+    for endpoint in ("plan", "generate"):
+        kind, payload = raw_call(app_url, endpoint, inputs(**changes))
+        assert kind == "error" and payload["error"] is not None, payload
+        assert re.search(message, payload["error"]) and "\n" not in payload["error"]
+
+
+def test_the_client_library_gets_the_message_too(client):
+    for endpoint in ("/plan", "/generate"):
+        with pytest.raises(AppError, match=r"max new tokens must be a whole number from 1 to 512 \(got 'ten'\)"):
+            client.predict(*inputs(max_new_tokens="ten"), api_name=endpoint)
+
+
+def test_whole_numbers_sent_as_floats_or_text_are_taken_as_they_are():
+    request = ui.parse_request(*inputs(cutoff=15.0, more_cutoffs=["20", 25.0], keep_start="3", seed=2**63 - 1,
+                                       max_new_tokens=512.0))
+    assert request.settings.cutoffs == (15, 20, 25) and request.settings.keep_start == 3
+    assert request.sampling.seed == 2**63 - 1 and request.sampling.max_new_tokens == 512
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Uploads, API names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_uploads_are_capped(app_url):
+    big = b"x" * (2 * 2**20)
+    response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("big.bin", big)}, timeout=60)
+    assert response.status_code == 413
+    small = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=60)
+    assert small.status_code == 200
+
+
+def test_api_outputs_have_names(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for endpoint in ("/generate", "/plan"):
+        names = [item["label"] for item in endpoints[endpoint]["returns"]]
+        assert names and all(name and not name.startswith("value_") for name in names), names
+    assert [item["label"] for item in endpoints["/plan"]["returns"]] == [
+        "Token pairing", "Sequence length and attention cost per layer", "Status"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stop finalises every panel; the page greets instead of complaining
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_stop_finalises_every_panel(page):
+    view = ui.PageView()
+    stream = page.generate(*inputs(max_new_tokens=40), view=view)
+    for output in stream:
+        if isinstance(output[9], str) and output[9].startswith("**Generating") and len(view.merged.generated_ids) >= 3:
+            break
+    stream.close()
+    base_stats, merged_stats, comparison, latency, kv, status = page.stopped(view)
+    reached = max(len(view.base.generated_ids), len(view.merged.generated_ids))
+    assert 3 <= reached < 40
+    assert f"**Stopped at token {reached}**" in comparison and "agree position by position" in comparison
+    assert "appears when both" not in comparison
+    assert "· stopped" in base_stats and "· stopped" in merged_stats
+    assert status.startswith(f"**Stopped** at token {reached}")
+    latency_points = [len(trace.y) for trace in latency.data]
+    assert latency_points == [len(view.base.generated_ids), len(view.merged.generated_ids)]
+    assert [sum(trace.y) * 1024 for trace in kv.data] == pytest.approx(
+        [sum(view.base.kv_bytes_per_layer), sum(view.merged.kv_bytes_per_layer)])
+
+
+def test_stop_after_the_end_leaves_done_alone(page):
+    view = ui.PageView()
+    *_, last = page.generate(*inputs(max_new_tokens=2), view=view)
+    assert last[9].startswith("**Done**")
+    assert all(output == gr.skip() for output in page.stopped(view))
+    assert page.stopped(ui.PageView())[-1].startswith("**Stopped**: nothing was generating")
+
+
+def test_an_empty_prompt_gets_a_greeting_not_a_complaint(page):
+    pairing, lengths, status = page.preview(*inputs(prompt=""))
+    assert "Cannot plan" not in status and "Type a prompt" in status and status.startswith("**Ready**")
+
+
+def test_panel_and_plot_word_the_kv_saving_alike(page):
+    *_, last = page.generate(*inputs(max_new_tokens=3))
+    merged_stats, kv = last[3], as_json(last[8])
+    saving = re.search(r"\d+% smaller than base", merged_stats).group(0)
+    assert saving in kv["layout"]["title"]["text"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Long prompts: the pairing plot is light and crosses the stream once
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
+    released = []
+    monkeypatch.setattr(ui, "release_memory", lambda: released.append(True))
+    outputs = list(page.generate(*inputs(prompt="word " * 300, chat=False, max_new_tokens=12)))
+    pairings = [o[5] for o in outputs if isinstance(o[5], PlotData)]
+    assert len({id(p) for p in pairings}) == 1  # one figure, serialised once, yielded as is after that
+    assert isinstance(outputs[-1][5], PlotData)  # and still in the last message, for API clients
+    assert released == [True]  # memory handed back once the run is over
