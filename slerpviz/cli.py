@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from .engine import MODES, MergeSettings, Sampling, Trace, interleave
-from .merge import CHOICES, METHODS, POSITION_MODES
-from .models import ALLOWED_MODELS, EMBEDDED, load
+from . import inputs
+from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
+from .merge import CHOICES, METHODS, POSITION_MODES, ratio_per_stage
+from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +51,39 @@ def summary(trace: Trace) -> dict:
     }
 
 
-def generate(args) -> dict:
-    engine = load(args.model, progress=lambda message: print(message, file=sys.stderr))
-    cutoffs = tuple(args.cutoff) if args.cutoff is not None else (engine.num_layers // 2,)
-    ratio = 1.0 if args.ratio is None else args.ratio[0] if len(args.ratio) == 1 else tuple(args.ratio)
-    merged_settings = MergeSettings(cutoffs, args.keep_start, args.keep_end, args.method, args.positions, ratio,
-                                    args.choice, args.proportional)
+def check_arguments(args) -> Sampling:
+    """Everything that can be checked without the model, checked before it loads (seconds saved on every typo), by
+    the same rules as the app: a negative seed or an infinite temperature is refused here as it is there."""
+    check_allowed(args.model)
+    inputs.text(args.prompt, "prompt")
+    for cutoff in args.cutoff or ():
+        inputs.whole(cutoff, "cutoff", 0)
+    inputs.whole(args.keep_start, "keep start", 0)
+    inputs.whole(args.keep_end, "keep end", 0)
+    inputs.one_of(args.method, "merge method", METHODS)
+    inputs.one_of(args.positions, "positions mode", POSITION_MODES)
+    inputs.one_of(args.choice, "pair choice", CHOICES)
+    inputs.one_of(args.mode, "mode", MODES)
+    if args.ratio is not None:
+        ratio_per_stage(merge_ratio(args), len(args.cutoff) if args.cutoff else 1)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    check_sampling(sampling)
+    return sampling
+
+
+def merge_ratio(args) -> float | tuple[float, ...]:
+    return 1.0 if args.ratio is None else args.ratio[0] if len(args.ratio) == 1 else tuple(args.ratio)
+
+
+def generate(args) -> dict:
+    sampling = check_arguments(args)
+    try:
+        engine = load(args.model, progress=lambda message: print(message, file=sys.stderr))
+    except (OSError, RuntimeError) as error:  # a hub model out of reach, a missing package: one line, like bad input
+        raise ValueError(f"could not load {args.model}: {inputs.one_line(error)}") from None
+    cutoffs = tuple(args.cutoff) if args.cutoff is not None else (engine.num_layers // 2,)
+    merged_settings = MergeSettings(cutoffs, args.keep_start, args.keep_end, args.method, args.positions,
+                                    merge_ratio(args), args.choice, args.proportional)
     ids = engine.encode(args.prompt, chat=not args.no_chat)
     # Both runs are created (and so validated) before either generates: bad input changes nothing.
     base = engine.start(ids, MergeSettings(), sampling, args.mode)

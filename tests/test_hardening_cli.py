@@ -1,0 +1,65 @@
+"""The command line refuses bad input in one line, with status 2, before it spends seconds loading the model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from slerpviz import cli
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any load fails the test: these inputs must be refused before the model is loaded."""
+    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "inf"], "temperature must be a finite number"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--seed", "-5"], "seed must be a whole number from 0 to 2**63 - 1"),
+    (["--seed", str(2**64)], "seed must be a whole number from 0 to 2**63 - 1"),
+    (["--top-p", "0"], "top-p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "max new tokens must be a whole number of at least 1"),
+    (["--method", "avg"], "unknown merge method 'avg'"),
+    (["--positions", "middle"], "unknown positions mode 'middle'"),
+    (["--choice", "random"], "unknown pair choice 'random'"),
+    (["--mode", "fast"], "unknown mode 'fast'"),
+    (["--keep-start", "-1"], "keep start must be a whole number, 0 or more"),
+    (["--cutoff", "-3"], "cutoff must be a whole number, 0 or more"),
+    (["--ratio", "1.5"], "merge ratio 1.5 must be between 0 and 1"),
+    (["--cutoff", "5", "--ratio", "0.5", "--ratio", "1"], "2 merge ratios for 1 cutoffs"),
+    (["--model", "gpt2"], "not on the allow-list"),
+    (["--prompt", "  "], "the prompt is empty"),
+])
+def test_bad_input_is_refused_before_loading(no_model, capsys, args, message):
+    argv = ["generate", *(args if "--prompt" in args else ["--prompt", "hi", *args])]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_model_that_cannot_load_is_one_line(monkeypatch, capsys):
+    def unreachable(name, progress):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}. Check your "
+                      "internet connection or see\nhttps://huggingface.co/docs/transformers/installation#offline-mode")
+
+    monkeypatch.setattr(cli, "load", unreachable)
+    assert cli.main(["generate", "--prompt", "hi", "--model", "Qwen/Qwen2.5-0.5B-Instruct"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: could not load Qwen/Qwen2.5-0.5B-Instruct: We couldn't connect to 'https://huggingface.co' "
+                   "to load the files of Qwen/Qwen2.5-0.5B-Instruct.\n")
+
+
+def test_an_unreachable_hub_model_exits_2_with_one_line(tmp_path):
+    """The real thing, offline with an empty cache: the hub cannot be reached; one line, not a traceback."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "slerpviz", "generate", "--prompt", "hi", "--model",
+                             "Qwen/Qwen2.5-1.5B-Instruct"], capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not load Qwen/Qwen2.5-1.5B-Instruct: ")
