@@ -5,15 +5,26 @@ It only builds the Blocks from the library and launches them. Flags win over the
   --port  / $SLERPVIZ_PORT, else $GRADIO_SERVER_PORT, else 7860
   --share / $SLERPVIZ_SHARE=1 for a public gradio.live link
   --model / $SLERPVIZ_MODEL, else Mistral-7B-Instruct where a GPU has room, else the embedded SmolLM2
+
+On a ZeroGPU Space ($SPACES_ZERO_GPU set) the model loads here, at import, and moves to "cuda" at module level, as
+ZeroGPU documents: `spaces` attaches a GPU only inside the functions under its decorator (the generation), and
+completes the move then. Everywhere else the page loads the model in the background once it is built.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
+if os.environ.get("SPACES_ZERO_GPU"):
+    import spaces  # noqa: F401  - first, before torch initialises CUDA: it patches torch for ZeroGPU
+
+import argparse
+
 from slerpviz.models import ALLOWED_MODELS
-from slerpviz.ui import build_app, default_model, serve
+from slerpviz.ui import ENGINES, build_app, default_model, load_for_zero_gpu, on_zero_gpu, serve
+
+if on_zero_gpu():
+    ENGINES.install(default_model(), load_for_zero_gpu(default_model()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=ALLOWED_MODELS, default=None, metavar="NAME",
                         help="model loaded when the app starts, one of: " + "; ".join(ALLOWED_MODELS)
                         + " (default: $SLERPVIZ_MODEL, else Mistral-7B-Instruct where a GPU has room, else the "
-                        "embedded SmolLM2)")
+                        "embedded SmolLM2; on ZeroGPU only $SLERPVIZ_MODEL, read at import)")
     return parser.parse_args(argv)
 
 
