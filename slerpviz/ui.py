@@ -775,6 +775,9 @@ CSS = """
 .panel-base h3 { color: #4C78A8; }
 .panel-merged h3 { color: #F58518; }
 .generation textarea { font-size: 0.95rem; line-height: 1.45; }
+/* A slider's track keeps a 112px minimum width, so in a narrow column it pushes the maximum's label ("512") out of
+   its box, clipped to "51"; letting the track shrink keeps every label whole. */
+.slider_input_container input[type=range] { min-width: 0; }
 """
 
 

@@ -106,6 +106,24 @@ def test_stop_cancels_both_generations(page):
         " && document.querySelector('#base-text textarea')?.value.length > 20")
     page.click("#stop")
     status_has(page, "Stopped")
-    # Neither panel reached its end, and no comparison of finished generations appeared.
+    # Neither panel reached its end; every panel says where the runs stopped, and compares what they generated.
     assert "done" not in page.inner_text("#base-stats") and "done" not in page.inner_text("#merged-stats")
-    assert "agree" not in page.inner_text("#comparison")
+    assert "stopped" in page.inner_text("#base-stats") and "stopped" in page.inner_text("#merged-stats")
+    comparison = page.inner_text("#comparison")
+    assert "Stopped at token" in comparison and "appears when both" not in comparison
+    assert page.locator("#latency-plot .scatterlayer .trace").count() == 2
+
+
+def test_a_fresh_page_greets_instead_of_complaining(page):
+    # Opening the page sets the cutoff controls, which re-plans: with no prompt yet that is a greeting.
+    page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('Type a prompt')",
+                           timeout=60_000)
+    assert "Cannot plan" not in page.inner_text("#status")
+
+
+def test_slider_labels_are_whole(page):
+    set_number(page, "max-new-tokens", 512)
+    assert page.inner_text("#max-new-tokens [data-testid=max-value]") == "512"
+    clipped = page.locator("#max-new-tokens").evaluate(
+        "e => [...e.querySelectorAll('*')].filter(x => x.scrollWidth > x.clientWidth).map(x => x.className)")
+    assert clipped == []
