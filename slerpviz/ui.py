@@ -532,6 +532,7 @@ class PageView:
     merged: Trace | None = None
     sampling: Sampling | None = None
     token_text: Callable[[int], str] | None = None
+    labels_from: int = 0  # where the pairing plot's labelled span starts (long prompts)
 
 
 class Page:
@@ -624,7 +625,7 @@ class Page:
             raise page_error(error) from None
         if view is not None:
             view.pairing = trace
-        yield plots.pairing_figure(trace), plots.length_figure(trace), self._plan_status(trace)
+        yield self._pairing_figure(trace, view), plots.length_figure(trace), self._plan_status(trace)
 
     def preview(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
                 max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
@@ -644,10 +645,25 @@ class Page:
         if shown is not None and plots.same_pairing(shown, trace):
             pairing = gr.skip()
         else:
-            pairing = plots.pairing_figure(trace)
+            pairing = self._pairing_figure(trace, view)
             if view is not None:
                 view.pairing = trace
         return pairing, plots.length_figure(trace), self._plan_status(trace)
+
+    @staticmethod
+    def _pairing_figure(trace: Trace, view: PageView | None):
+        return plots.pairing_figure(trace, start=view.labels_from if view is not None else 0)
+
+    def pairing_window(self, labels_from, view=None):
+        """Redraw the pairing plot with its labels (a long prompt's detailed span) from another token."""
+        try:
+            start = inputs.whole(labels_from, "labels from token", 0)
+        except ValueError as error:
+            raise gr.Error(escape(str(error))) from None
+        if view is None or view.pairing is None:
+            return gr.skip()
+        view.labels_from = start
+        return self._pairing_figure(view.pairing, view)
 
     @staticmethod
     def _plan_status(trace: Trace) -> str:
@@ -697,7 +713,7 @@ class Page:
                 view.base, view.merged = base, merged
                 steps += 1
                 if steps == 1:  # the prompt has run: the pair cosines (and a `similar` plan) are known
-                    pairing = plot_data(plots.pairing_figure(merged))
+                    pairing = plot_data(self._pairing_figure(merged, view))
                     lengths = plot_data(plots.length_figure(merged, base))
                     view.pairing = merged
                 if steps == 1 or steps % PLOT_EVERY == 0:
@@ -895,6 +911,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         comparison = gr.Markdown(elem_id="comparison", label="Comparison")
 
         pairing = gr.Plot(label="Token pairing", elem_id="pairing-plot", show_label=False)
+        labels_from = gr.Number(
+            value=0, precision=0, minimum=0, label="Token labels from", elem_id="labels-from",
+            info=f"A long prompt's pairing plot labels {plots.DETAIL_TOKENS} tokens from here (with hover text and "
+                 "links); the rest shows as markers coloured by pair cosine.")
         lengths = gr.Plot(label="Sequence length and attention cost per layer", elem_id="length-plot",
                           show_label=False)
         with gr.Row():
@@ -936,6 +956,9 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
             slider.release(**preview)
         for control in (more_cutoffs, chat, choice):
             control.change(**preview)
+
+        labels_from.submit(page.pairing_window, [labels_from, view], [pairing], api_visibility="private",
+                           concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
 
         # Switching the shared model is the page's own control, not an API: private (no client library reaches it),
         # and in the device's queue, so it waits for running generations and none starts during it.

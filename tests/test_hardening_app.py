@@ -328,3 +328,18 @@ def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
     assert len({id(p) for p in pairings}) == 1  # one figure, serialised once, yielded as is after that
     assert isinstance(outputs[-1][5], PlotData)  # and still in the last message, for API clients
     assert released == [True]  # memory handed back once the run is over
+
+
+def test_the_pairing_labels_can_move_along_a_long_prompt(page):
+    view = ui.PageView()
+    *_, (pairing, lengths, status) = page.plan(*inputs(prompt="word " * 800, chat=False), view=view)
+    first = next(t for t in pairing.data if t.name == "prompt tokens")
+    assert first.x[0] == 0
+    moved = page.pairing_window(400, view)
+    labelled = next(t for t in moved.data if t.name == "prompt tokens")
+    assert labelled.x[0] == 400 and moved.layout.xaxis.range[0] == 399
+    # The next plan of this page keeps the place.
+    *_, (again, _, _) = page.plan(*inputs(prompt="word " * 800, chat=False, cutoff=10), view=view)
+    assert next(t for t in again.data if t.name == "prompt tokens").x[0] == 400
+    with pytest.raises(gr.Error, match="labels from token must be a whole number"):
+        page.pairing_window(-1, view)
