@@ -739,12 +739,15 @@ class Page:
     def stopped(self, view=None):
         """After Stop has cancelled a generation: finalise every panel at the token where the runs stopped."""
         skip = gr.skip()
-        if view is None or view.base is None or view.merged is None:
+        if view is None or view.sampling is None:
             return skip, skip, skip, skip, skip, "**Stopped**: nothing was generating."
         # A step already under way when Stop came finishes on its own; wait for it, so the panels show its token.
         if self.holder.device_lock.acquire(timeout=30):
             self.holder.device_lock.release()
         base, merged = view.base, view.merged
+        if base is None or merged is None:
+            return (skip, skip, "**Stopped at token 0**: the prompt was still running, nothing to compare.", skip,
+                    skip, "**Stopped** during the prefill: no tokens were generated.")
         if base.finished and merged.finished:  # it had ended before Stop: its "Done" stands
             return skip, skip, skip, skip, skip, skip
         return (panel_markdown(base, stopped=True), panel_markdown(merged, base, stopped=True),

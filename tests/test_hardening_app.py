@@ -301,6 +301,9 @@ def test_stop_after_the_end_leaves_done_alone(page):
     assert last[9].startswith("**Done**")
     assert all(output == gr.skip() for output in page.stopped(view))
     assert page.stopped(ui.PageView())[-1].startswith("**Stopped**: nothing was generating")
+    prefilling = ui.PageView(sampling=ui.Sampling(max_new_tokens=4))  # Run pressed, no token yet
+    *_, comparison, latency, kv, status = page.stopped(prefilling)
+    assert "Stopped at token 0" in comparison and status.startswith("**Stopped** during the prefill")
 
 
 def test_an_empty_prompt_gets_a_greeting_not_a_complaint(page):
