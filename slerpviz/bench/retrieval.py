@@ -66,7 +66,7 @@ class Prompt:
 
 def passkey_pieces(rng: random.Random) -> tuple[str, str, str]:
     key = str(rng.randint(10000, 99999))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key."
     return needle, "\n\nWhat is the pass key? The pass key is", key
 
 
@@ -74,7 +74,7 @@ def multikey_pieces(rng: random.Random) -> tuple[str, list[str], str, str]:
     """The asked needle, the distractor needles, the question and the answer."""
     words = rng.sample(KEY_WORDS, DISTRACTORS + 1)
     numbers = [str(rng.randint(1000000, 9999999)) for _ in words]
-    lines = [f" The special magic number for {w} is {n}. " for w, n in zip(words, numbers)]
+    lines = [f"\n\nThe special magic number for {w} is {n}." for w, n in zip(words, numbers)]
     question = f"\n\nWhat is the special magic number for {words[0]}? The special magic number for {words[0]} is"
     return lines[0], lines[1:], question, numbers[0]
 
@@ -101,12 +101,13 @@ class Haystack:
         return len(self.ids)
 
     def take(self, start: int, count: int) -> tuple[list[int], list[str]]:
-        """`count` filler tokens from `start`, wrapping around; starts at a sentence start when it can."""
+        """`count` filler tokens ending near `start`, wrapping around; they end at a sentence end when they can,
+        so the question does not read as the end of a broken sentence."""
         if count > len(self.ids):
             raise ValueError(f"the filler text has {len(self.ids)} tokens; a prompt needs {count} of them: "
                              f"give longer --texts or shorter --lengths")
-        begin = nearest([e % len(self.ids) for e in sentence_ends(self.strings)], start % len(self.ids), 0)
-        index = [(begin + k) % len(self.ids) for k in range(count)]
+        end = nearest([e % len(self.ids) for e in sentence_ends(self.strings)], start % len(self.ids), 0)
+        index = [(end - count + k) % len(self.ids) for k in range(count)]
         return [self.ids[i] for i in index], [self.strings[i] for i in index]
 
     def encode(self, text: str) -> list[int]:
