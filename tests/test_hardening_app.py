@@ -326,7 +326,7 @@ def test_panel_and_plot_word_the_kv_saving_alike(page):
 def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
     released = []
     monkeypatch.setattr(ui, "release_memory", lambda: released.append(True))
-    outputs = list(page.generate(*inputs(prompt="word " * 300, chat=False, max_new_tokens=12)))
+    outputs = list(page.generate(*inputs(prompt="word " * 40, chat=False, max_new_tokens=ui.PLOT_EVERY + 1)))
     pairings = [o[5] for o in outputs if isinstance(o[5], PlotData)]
     assert len({id(p) for p in pairings}) == 1  # one figure, serialised once, yielded as is after that
     assert isinstance(outputs[-1][5], PlotData)  # and still in the last message, for API clients
