@@ -145,3 +145,17 @@ def test_filler_too_short_exits_2(tmp_path, capsys):
     assert command.main(["retrieval", "--shape", "tiny", "--texts", str(text), "--lengths", "900",
                          "--out", str(tmp_path)]) == 2
     assert "filler text has" in capsys.readouterr().err
+
+
+def test_find_passkey_locates_the_needle_tokens(haystack, embedded):
+    from slerpviz.bench.retrieval import find_passkey
+
+    prompt = build_prompt(haystack, "passkey", 700, 0.5, 2)
+    tokens = embedded.token_strings(prompt.ids)
+    needle = find_passkey(tokens)
+    assert needle.answer == prompt.answer
+    assert needle.start <= prompt.needle_start + 2 and needle.end >= prompt.needle_end - 1
+    assert prompt.answer in "".join(tokens[needle.start:needle.end])
+    assert find_passkey(embedded.token_strings(build_prompt(haystack, "multikey", 700, 0.5, 2).ids)) is None
+    assert find_passkey(["What", " is", " the", " pass", " key", "?"]) is None
+    assert find_passkey(["the", " pass", " key", " is", " 123", "45", "."]).answer == "12345"

@@ -17,6 +17,7 @@ start the answer ("The pass key is"), which a small instruct model completes rel
 from __future__ import annotations
 
 import random
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -158,6 +159,36 @@ def _bos(tokenizer) -> list[int]:
     probe = tokenizer("a")["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos] if bos is not None and probe[:1] == [bos] else []
+
+
+# A pass-key needle as passkey_pieces writes it, or any "pass key is <digits>" a user wrote.
+_NEEDLE = re.compile(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.|pass key is (\d+)")
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A pass key found in a prompt: the answer and the tokens [start, end) that state it."""
+
+    answer: str
+    start: int
+    end: int
+
+
+def find_passkey(tokens: list[str]) -> Needle | None:
+    """The first pass-key statement in a prompt given as token strings, or None.
+
+    Skips a statement that is the prompt's own question ("The pass key is" at the very end has no digits)."""
+    text = "".join(tokens)
+    match = _NEEDLE.search(text)
+    if match is None:
+        return None
+    bounds, offset = [], 0
+    for token in tokens:
+        bounds.append(offset)
+        offset += len(token)
+    start = max(i for i, b in enumerate(bounds) if b <= match.start())
+    end = max(i for i, b in enumerate(bounds) if b < match.end()) + 1
+    return Needle(match.group(1) or match.group(2), start, end)
 
 
 def is_correct(answer: str, output: str) -> bool:
