@@ -213,6 +213,9 @@ class MergingEngine:
         check_positions(settings.positions)
         check_choice(settings.choice)
         ratio_per_stage(settings.ratio, len(settings.cutoffs))
+        if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
+            # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
+            raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
         if not isinstance(settings.attention_window, int) or settings.attention_window < 1:
             raise ValueError(f"attention window {settings.attention_window!r} must be a whole number of at least 1")
         if not isinstance(settings.attention_keep, int) or settings.attention_keep < 0:
@@ -262,21 +265,25 @@ class MergingEngine:
         raised by log(tokens), through an additive float mask (works with sdpa and eager alike).
         """
         position_embeddings = self.decoder.rotary_emb(h, positions[None].to(h.device))
-        masks = {}  # one mask per attention type, sized against this segment's own cache
+        # One mask per attention type, all built before any layer of the segment writes its cache, each sized
+        # against the cache of the segment's first layer of that type (as transformers builds them per forward).
+        first_of_type: dict[bool, int] = {}
         for index in range(start, end):
-            sliding = _is_sliding(self.config, index)
-            if sliding not in masks:
-                build = create_sliding_window_causal_mask if sliding else create_causal_mask
-                # position_ids=None: merged positions do not step by 1 and would read as packed sequences.
-                masks[sliding] = build(
-                    config=self.config, inputs_embeds=h, attention_mask=None, cache=cache, position_ids=None,
-                    layer_idx=start, allow_is_causal_skip=log_sizes is None,
-                )
-                if log_sizes is not None:
-                    masks[sliding] = _add_key_bias(masks[sliding], log_sizes, h.dtype)
+            first_of_type.setdefault(_is_sliding(self.config, index), index)
+        masks = {}
+        for sliding, layer_idx in first_of_type.items():
+            build = create_sliding_window_causal_mask if sliding else create_causal_mask
+            # position_ids=None: merged positions do not step by 1 and would read as packed sequences.
+            masks[sliding] = build(
+                config=self.config, inputs_embeds=h, attention_mask=None, cache=cache, position_ids=None,
+                layer_idx=layer_idx, allow_is_causal_skip=log_sizes is None,
+            )
+            if log_sizes is not None:
+                masks[sliding] = _add_key_bias(masks[sliding], log_sizes, h.dtype)
+        for index in range(start, end):
             h = self.decoder.layers[index](
-                h, attention_mask=masks[sliding], position_ids=None, cache=cache, use_cache=cache is not None,
-                position_embeddings=position_embeddings,
+                h, attention_mask=masks[_is_sliding(self.config, index)], position_ids=None, cache=cache,
+                use_cache=cache is not None, position_embeddings=position_embeddings,
             )
         return h
 

@@ -428,3 +428,39 @@ def test_attention_choice_records_its_plan_and_scores_in_the_trace():
     assert not trace.plan_pending and len(trace.groups) == 2 and len(trace.attention_scores) == 2
     assert len(trace.attention_scores[0]) == 40  # scored over the prompt at the first step
     assert trace.seq_len_per_layer[1] == len(trace.groups[0]) < 40
+
+
+# --------------------------------------------------------------------------------- sliding-window attention layers
+
+
+def _sliding_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=3,
+                         attn_implementation="sdpa")
+    assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+    return MergingEngine(Qwen2ForCausalLM(config).eval(), word_tokenizer())
+
+
+def test_sliding_window_layers_without_merging_are_the_model():
+    """Every attention type's mask is built before the segment's layers write their caches."""
+    engine = _sliding_qwen2()
+    ids = random_ids(20)
+    tokens, _ = greedy(engine, ids, MergeSettings(), 6)
+    reference = engine.model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, 20:]
+    stop = tokens.index(2) + 1 if 2 in tokens else len(tokens)
+    assert tokens == reference.tolist()[:stop]
+
+
+def test_sliding_window_layers_merge_and_refuse_proportional_attention():
+    engine = _sliding_qwen2()
+    ids = random_ids(24, seed=3)
+    settings = MergeSettings(cutoffs=(2, 4), ratio=0.5, choice="attention", attention_window=4)
+    cached, _, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
+    recomputed, _, _ = engine.prefill(ids, None, settings)
+    torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+    assert len(greedy(engine, ids, settings, 4)[0]) >= 1
+    with pytest.raises(ValueError, match="proportional attention is not supported"):
+        engine.start(ids, MergeSettings(cutoffs=(2,), proportional=True))
