@@ -56,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
                    help="proportional attention (log of tokens held added to merged keys); fidelity takes both")
     p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
+    p.add_argument("--attention-window", type=int, default=32,
+                   help="attention choice: the last W prompt tokens whose attention scores the others")
+    p.add_argument("--attention-keep", type=int, default=0,
+                   help="attention choice: the most-attended tokens that never merge")
+    p.add_argument("--preset", help="speed: time a named preset of slerpviz.presets (its cutoffs, ratios, choice and "
+                                    "protection) instead of --cutoffs/--ratio/--choice")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice; 1 with --quick on a CPU). On a CPU shared "
@@ -143,6 +149,15 @@ def speed_plan(args, engine) -> SpeedPlan:
         context = getattr(engine.config, "max_position_embeddings", None) or lengths[-1] + 64
         lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
     chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.speed_defaults(layers, args.quick)
+    variant = dict(keep_start=args.keep_start, keep_end=args.keep_end, ratio=args.ratio,
+                   attention_window=args.attention_window, attention_keep=args.attention_keep,
+                   choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
+    if args.preset:
+        from ..presets import preset
+
+        settings = preset(args.preset, layers)
+        chosen = [settings.cutoffs]
+        variant = {key: getattr(settings, key) for key in variant}
     schedules.check(chosen, layers)
     return SpeedPlan(
         lengths=lengths,
@@ -152,14 +167,11 @@ def speed_plan(args, engine) -> SpeedPlan:
         new_tokens=args.new_tokens or (8 if args.quick else 16),
         recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
         recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
-        keep_start=args.keep_start,
-        keep_end=args.keep_end,
         method=args.method,
         positions=args.position_mode,
-        choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"),
         proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"),
-        ratio=args.ratio,
         seed=args.seed,
+        **variant,
     )
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import ratio_per_stage
+from ..merge import PLANNED_AT_CUTOFF, ratio_per_stage
 from . import limits
 from .engines import never_stops
 from .machine import PeakMemory
@@ -56,7 +56,9 @@ class SpeedPlan:
     positions: str = "mean"
     choice: str = "consecutive"
     proportional: bool = False
-    ratio: float = 1.0
+    ratio: float | tuple[float, ...] = 1.0
+    attention_window: int = 32
+    attention_keep: int = 0
     seed: int = 0
     warmup: bool = True
 
@@ -65,7 +67,8 @@ class SpeedPlan:
             return MergeSettings()
         return MergeSettings(cutoffs=schedule, keep_start=self.keep_start, keep_end=self.keep_end,
                              method=self.method, positions=self.positions, choice=self.choice,
-                             proportional=self.proportional, ratio=self.ratio)
+                             proportional=self.proportional, ratio=self.ratio,
+                             attention_window=self.attention_window, attention_keep=self.attention_keep)
 
     def modes_at(self, length: int) -> list[str]:
         too_long = self.recompute_max_length is not None and length > self.recompute_max_length
@@ -210,12 +213,13 @@ def ratio(numerator, denominator) -> float | None:
 
 
 def layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -> list[int]:
-    """Each layer's sequence length under the engine's own plan for these settings. `similar` is planned from
-    hidden states at run time; its limit is taken from the consecutive plan with the same pair budget, and where
-    the greedy matching merges fewer pairs the measured KV fraction shows it (achieved ÷ limit above 1)."""
+    """Each layer's sequence length under the engine's own plan for these settings. `similar` and `attention` are
+    planned from hidden states at run time; their limit is taken from the consecutive plan with the same pair
+    budget, and where they merge fewer pairs (the greedy matching, or the attention choice's kept tokens) the
+    measured KV fraction shows it (achieved ÷ limit above 1)."""
     if not settings.cutoffs:
         return [length] * engine.num_layers
-    if settings.choice == "similar":
+    if settings.choice in PLANNED_AT_CUTOFF:
         settings = replace(settings, choice="consecutive")
     stages = engine.plan(torch.zeros(1, length, dtype=torch.long), settings)
     return limits.layer_lengths(length, stages, engine.num_layers)
