@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -10,24 +11,58 @@ from . import inputs
 from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
 from .merge import CHOICES, METHODS, POSITION_MODES, ratio_per_stage
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
+from .presets import PRESETS, preset
+
+DEFAULTS = MergeSettings()
+# The flags that set one merge setting each; given with --preset, each overrides the preset's value.
+MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "method", "positions", "ratio", "choice", "proportional",
+               "attention_window", "attention_keep")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line on stderr and status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m slerpviz", description=__doc__)
+    parser = Parser(prog="python -m slerpviz", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="run base and merged on one prompt")
+    gen = commands.add_parser(
+        "generate", help="run base and merged on one prompt",
+        description="Run the base model and the merged one on one prompt, step by step, each timed on its own. "
+                    "Merge settings come from the flags below, or from --preset; a merge flag given with --preset "
+                    "overrides that one setting of the preset.")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model", default=EMBEDDED, help=f"one of: {', '.join(ALLOWED_MODELS)}")
+    # argparse expands % in help text: a description saying "27 %" must reach it as "27 %%".
+    presets_help = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()).replace("%", "%%")
+    gen.add_argument("--preset", metavar="NAME",
+                     help=f"named merge settings from slerpviz.presets ({presets_help}). The preset supplies every "
+                          "merge setting (cutoffs as shares of the model's depth); a merge flag given with it "
+                          "(--cutoff, --ratio, --choice, --keep-start, --attention-window, ...) overrides that one "
+                          "setting")
     gen.add_argument("--cutoff", type=int, action="append", default=None,
                      help="decoder layer where tokens merge; repeat for a multi-stage schedule (default: half depth)")
-    gen.add_argument("--keep-start", type=int, default=0, help="tokens at the start never merged")
-    gen.add_argument("--keep-end", type=int, default=0, help="tokens at the end never merged")
-    gen.add_argument("--method", default="slerp", help=f"one of: {', '.join(METHODS)}")
-    gen.add_argument("--positions", default="mean", help=f"one of: {', '.join(POSITION_MODES)}")
+    gen.add_argument("--keep-start", type=int, default=None, help="tokens at the start never merged (default 0)")
+    gen.add_argument("--keep-end", type=int, default=None, help="tokens at the end never merged (default 0)")
+    gen.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS)} (default {DEFAULTS.method})")
+    gen.add_argument("--positions", default=None,
+                     help=f"one of: {', '.join(POSITION_MODES)} (default {DEFAULTS.positions})")
     gen.add_argument("--ratio", type=float, action="append", default=None,
-                     help="share of eligible pairs merged at each cutoff (one for all, or one per --cutoff)")
-    gen.add_argument("--choice", default="consecutive", help=f"which pairs: {', '.join(CHOICES)}")
-    gen.add_argument("--proportional", action="store_true",
+                     help="share of eligible pairs merged at each cutoff (one for all, or one per --cutoff; "
+                          "default 1)")
+    gen.add_argument("--choice", default=None,
+                     help=f"which pairs: {', '.join(CHOICES)} (default {DEFAULTS.choice}); attention merges the "
+                          "pairs the last prompt tokens attend to least at the cutoff layer")
+    gen.add_argument("--attention-window", type=int, default=None, metavar="W",
+                     help="with --choice attention: score each token by the attention the last W prompt tokens pay "
+                          f"it at the cutoff layer (a whole number, 1 or more; default {DEFAULTS.attention_window})")
+    gen.add_argument("--attention-keep", type=int, default=None, metavar="K",
+                     help="with --choice attention: the K most-attended tokens never merge (0 or more; default "
+                          f"{DEFAULTS.attention_keep})")
+    gen.add_argument("--proportional", action="store_true", default=None,
                      help="proportional attention: add log(tokens held) to a merged key's attention logit")
     gen.add_argument("--mode", default="cached", help=f"one of: {', '.join(MODES)}")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -56,23 +91,75 @@ def check_arguments(args) -> Sampling:
     the same rules as the app: a negative seed or an infinite temperature is refused here as it is there."""
     check_allowed(args.model)
     inputs.text(args.prompt, "prompt")
+    if args.preset is not None:
+        inputs.one_of(args.preset, "preset", tuple(PRESETS))
     for cutoff in args.cutoff or ():
         inputs.whole(cutoff, "cutoff", 0)
-    inputs.whole(args.keep_start, "keep start", 0)
-    inputs.whole(args.keep_end, "keep end", 0)
-    inputs.one_of(args.method, "merge method", METHODS)
-    inputs.one_of(args.positions, "positions mode", POSITION_MODES)
-    inputs.one_of(args.choice, "pair choice", CHOICES)
+    if args.keep_start is not None:
+        inputs.whole(args.keep_start, "keep start", 0)
+    if args.keep_end is not None:
+        inputs.whole(args.keep_end, "keep end", 0)
+    if args.method is not None:
+        inputs.one_of(args.method, "merge method", METHODS)
+    if args.positions is not None:
+        inputs.one_of(args.positions, "positions mode", POSITION_MODES)
+    if args.choice is not None:
+        inputs.one_of(args.choice, "pair choice", CHOICES)
+    if args.attention_window is not None:
+        inputs.whole(args.attention_window, "attention window", 1)
+    if args.attention_keep is not None:
+        inputs.whole(args.attention_keep, "attention keep", 0)
     inputs.one_of(args.mode, "mode", MODES)
+    chosen = PRESETS[args.preset] if args.preset is not None else None
+    stages = len(args.cutoff) if args.cutoff else len(chosen.depth_shares) if chosen else 1
     if args.ratio is not None:
-        ratio_per_stage(merge_ratio(args), len(args.cutoff) if args.cutoff else 1)
+        ratio_per_stage(merge_ratio(args), stages)
+    elif chosen is not None and args.cutoff:
+        check_preset_ratio(args.preset, stages)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     check_sampling(sampling)
     return sampling
 
 
+def check_preset_ratio(name: str, stages: int) -> None:
+    ratio = PRESETS[name].ratio
+    try:
+        ratio_per_stage(ratio, stages)
+    except ValueError:
+        raise ValueError(f"preset {name} gives one merge ratio per cutoff ({', '.join(f'{r:g}' for r in ratio)}), "
+                         f"and --cutoff gives {stages} cutoffs: give --ratio too") from None
+
+
 def merge_ratio(args) -> float | tuple[float, ...]:
     return 1.0 if args.ratio is None else args.ratio[0] if len(args.ratio) == 1 else tuple(args.ratio)
+
+
+def merge_settings(args, num_layers: int) -> MergeSettings:
+    """The merged side's settings: the preset's (or the defaults, with one cutoff at half the depth), with every merge
+    flag given on the command line in place of its setting."""
+    base = preset(args.preset, num_layers) if args.preset is not None else MergeSettings(cutoffs=(num_layers // 2,))
+    changes = {}
+    if args.cutoff is not None:
+        changes["cutoffs"] = tuple(args.cutoff)
+    if args.ratio is not None:
+        changes["ratio"] = merge_ratio(args)
+    for flag in MERGE_FLAGS:
+        if flag not in ("cutoff", "ratio") and getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag)
+    return dataclasses.replace(base, **changes)
+
+
+def describe(settings: dict) -> str:
+    """The merged side's settings in one line."""
+    ratio = settings["ratio"]
+    ratio = ", ".join(f"{r:g}" for r in ratio) if isinstance(ratio, (list, tuple)) else f"{ratio:g}"
+    line = (f"cutoffs {', '.join(map(str, settings['cutoffs']))} · ratio {ratio} · {settings['choice']} pairs · "
+            f"{settings['method']} / {settings['positions']}")
+    if settings["choice"] == "attention":
+        line += f" · attention window {settings['attention_window']}, keep {settings['attention_keep']}"
+    if settings["keep_start"] or settings["keep_end"]:
+        line += f" · keep start {settings['keep_start']}, end {settings['keep_end']}"
+    return line + (" · proportional attention" if settings["proportional"] else "")
 
 
 def generate(args) -> dict:
@@ -81,9 +168,7 @@ def generate(args) -> dict:
         engine = load(args.model, progress=lambda message: print(message, file=sys.stderr))
     except (OSError, RuntimeError) as error:  # a hub model out of reach, a missing package: one line, like bad input
         raise ValueError(f"could not load {args.model}: {inputs.one_line(error)}") from None
-    cutoffs = tuple(args.cutoff) if args.cutoff is not None else (engine.num_layers // 2,)
-    merged_settings = MergeSettings(cutoffs, args.keep_start, args.keep_end, args.method, args.positions,
-                                    merge_ratio(args), args.choice, args.proportional)
+    merged_settings = merge_settings(args, engine.num_layers)
     ids = engine.encode(args.prompt, chat=not args.no_chat)
     # Both runs are created (and so validated) before either generates: bad input changes nothing.
     base = engine.start(ids, MergeSettings(), sampling, args.mode)
@@ -92,6 +177,7 @@ def generate(args) -> dict:
     for _ in interleave(base, merged):  # step by step, each run timed on its own
         pass
     return {
+        "preset": args.preset,
         "base": summary(base.trace),
         "merged": summary(merged.trace),
         "plan": {
@@ -100,6 +186,7 @@ def generate(args) -> dict:
             "groups": merged.trace.groups,
             "protected": merged.trace.protected,
             "pair_cosines": merged.trace.pair_cosines,
+            "attention_scores": merged.trace.attention_scores,
             "slot_sizes": merged.trace.slot_sizes,
             "settings": merged.trace.settings,
         },
@@ -112,6 +199,9 @@ def print_text(result: dict) -> None:
         side = result[name]
         per_token = side["decode_ms_per_token"]
         print(f"== {name} ==")
+        if name == "merged":
+            preset_name = f"preset {result['preset']}: " if result.get("preset") else ""
+            print(f"({preset_name}{describe(result['plan']['settings'])})")
         print(side["text"])
         print(
             f"-- {side['tokens_generated']} tokens, first token after {side['time_to_first_token_s'] * 1000:.1f} ms, "

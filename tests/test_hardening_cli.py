@@ -34,12 +34,27 @@ def no_model(monkeypatch):
     (["--cutoff", "5", "--ratio", "0.5", "--ratio", "1"], "2 merge ratios for 1 cutoffs"),
     (["--model", "gpt2"], "not on the allow-list"),
     (["--prompt", "  "], "the prompt is empty"),
+    (["--attention-window", "0"], "attention window must be a whole number, 1 or more (got 0)"),
+    (["--attention-keep", "-1"], "attention keep must be a whole number, 0 or more (got -1)"),
+    (["--preset", "fast"], "unknown preset 'fast'; choose one of recommended"),
 ])
 def test_bad_input_is_refused_before_loading(no_model, capsys, args, message):
     argv = ["generate", *(args if "--prompt" in args else ["--prompt", "hi", *args])]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention-window", "2.5"], "argument --attention-window: invalid int value: '2.5'"),
+    (["--cutoff", "abc"], "argument --cutoff: invalid int value: 'abc'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_a_value_argparse_refuses_is_one_line_too(no_model, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--prompt", "hi", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_a_model_that_cannot_load_is_one_line(monkeypatch, capsys):
