@@ -89,7 +89,7 @@ def test_attention_grid_explores_attention_with_consecutive_beside_it():
     choices = {s.choice for s in grid}
     assert choices == {"attention", "consecutive"}
     assert len({s.attention_window for s in grid}) >= 2 and len({s.attention_keep for s in grid}) >= 2
-    assert any(len(s.cutoffs) == 3 for s in grid) and any(s.keep_end for s in grid)
+    assert any(len(s.cutoffs) == 3 for s in grid) and any(len(s.cutoffs) == 2 for s in grid)
     assert len(set(grid)) == len(grid)
 
 

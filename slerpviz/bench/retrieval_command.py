@@ -49,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
                                      "3N/4; --quick N/2)")
     p.add_argument("--ratio", type=float, default=1.0, help="share of eligible pairs merged at each cutoff")
     p.add_argument("--choice", default="consecutive", help=f"which pairs merge: {', '.join(CHOICES)}")
+    p.add_argument("--attention-window", type=int, default=32,
+                   help="attention choice: the last W prompt tokens whose attention scores the others")
+    p.add_argument("--attention-keep", type=int, default=0,
+                   help="attention choice: the most-attended tokens that never merge")
     p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
     p.add_argument("--preset", action="append", default=[],
@@ -80,6 +84,10 @@ def variant_label(settings: MergeSettings) -> str:
         parts.append("ratio " + "/".join(f"{r:g}" for r in ratio))
     if settings.choice != "consecutive":
         parts.append(settings.choice)
+    if settings.choice == "attention":
+        parts.append(f"W {settings.attention_window}")
+        if settings.attention_keep:
+            parts.append(f"keep top {settings.attention_keep}")
     if settings.keep_start or settings.keep_end:
         parts.append(f"keep {settings.keep_start}/{settings.keep_end}")
     if settings.proportional:
@@ -102,7 +110,8 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
         [(layers // 2,)] if args.quick else [(layers // 2,), (3 * layers // 4,)])
     schedules.check(chosen, layers)
     variants = [MergeSettings(cutoffs=s, keep_start=args.keep_start, keep_end=args.keep_end, ratio=args.ratio,
-                              choice=args.choice) for s in chosen]
+                              choice=args.choice, attention_window=args.attention_window,
+                              attention_keep=args.attention_keep) for s in chosen]
     if args.preset:
         from ..presets import preset
 
