@@ -114,6 +114,28 @@ def layers(cutoff, more_cutoffs, low: int = 0, high: int | None = None) -> tuple
     return tuple(sorted(chosen))
 
 
+def ratios(value, field: str = "ratio per cutoff") -> float | tuple[float, ...] | None:
+    """Optional merge ratios, one per cutoff in layer order (a list, or text like "0.5, 1"): None when empty, one
+    number when one is given (it applies to every cutoff), else a tuple. Each is a number from 0 to 1."""
+    if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple))
+                                                                          and not value):
+        return None
+    if isinstance(value, str):
+        parts = [part for part in value.replace(";", ",").split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    numbers = tuple(real(part, field, 0.0, 1.0) for part in parts)
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+def attention_budget(window, keep) -> tuple[int, int]:
+    """The `attention` pair choice's two numbers: the window W (the last W prompt tokens whose attention scores the
+    others, at least 1) and the budget of most-attended tokens that never merge (0 or more)."""
+    return whole(window, "attention window", 1), whole(keep, "attention keep", 0)
+
+
 def one_line(error: BaseException) -> str:
     """An error in one line: hub errors run to a paragraph with links; the first sentence says what happened."""
     message = " ".join(str(error).split()) or type(error).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import plotly.graph_objects as go
@@ -23,6 +24,9 @@ PROTECTED_FILL = "rgba(84, 162, 75, 0.14)"
 SINGLE_COLOR = "#9D9D9D"
 LINK_COLOR = "rgba(245, 133, 24, 0.75)"
 PASS_COLOR = "rgba(157, 157, 157, 0.35)"
+NEEDLE_COLOR = "#D62728"
+NEEDLE_FILL = "rgba(214, 39, 40, 0.12)"
+ATTENTION_SCALE = "YlOrRd"
 
 # How many prompt tokens the pairing plot shows at first; the range slider and pan reach the rest, so a long
 # prompt stays readable instead of becoming a smear of overlapping labels.
@@ -63,6 +67,50 @@ def token_hover(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # 1. Token pairing
 # --------------------------------------------------------------------------------------------------------------------
+
+# Why a plan chosen at the cutoff is not drawn before the prompt has run, per pair choice.
+PENDING_WHY = {
+    "similar": "the <i>similar</i> choice picks its pairs from the hidden states at the cutoff",
+    "attention": "the <i>attention</i> choice merges the pairs the last prompt tokens attend to least at the cutoff",
+}
+
+
+def pending_why(trace: Trace) -> str:
+    choice = trace.settings.get("choice", "similar")
+    return PENDING_WHY.get(choice, f"the <i>{_escape(str(choice))}</i> choice picks its pairs at the cutoff")
+
+
+class NeedleSpan(Protocol):
+    """Where a pass key sits in the prompt: tokens [start, end), and the key (slerpviz.bench.retrieval.Needle)."""
+
+    answer: str
+    start: int
+    end: int
+
+
+def token_attention(trace: Trace) -> list[float] | None:
+    """The attention each prompt token received at the first cutoff (the `attention` choice), once the prompt has
+    run; None otherwise."""
+    scores = trace.attention_scores[0] if trace.attention_scores else []
+    return [float(s) for s in scores] if scores and len(scores) == trace.prompt_length else None
+
+
+def attention_scale(scores: Sequence[float]) -> tuple[list[float], float, float, list[float], list[str]]:
+    """Attention scores on a log scale (a few tokens, the first above all, draw most of it): the colour value of
+    each, the colour range, and colour-bar ticks at powers of ten labelled with the scores themselves."""
+    logs = [math.log10(max(s, 1e-12)) for s in scores]
+    low, high = min(logs), max(logs)
+    if high - low < 1e-6:
+        low, high = low - 0.5, high + 0.5
+    powers = list(range(math.ceil(low), math.floor(high) + 1))
+    step = max(1, math.ceil(len(powers) / 3))  # three labels at most: the colour bar is short
+    ticks = [float(e) for e in powers[::-1][::step][::-1]]  # from the top power down, so the largest is labelled
+    return logs, low, high, ticks, [f"{10 ** e:g}" for e in ticks]
+
+
+def needle_slots(groups: list[list[int]], needle: NeedleSpan) -> list[int]:
+    """The slots of a stage holding at least one of the needle's tokens."""
+    return [i for i, group in enumerate(groups) if group[0] < needle.end and group[-1] >= needle.start]
 
 
 def slot_parents(groups: list[list[list[int]]], stage: int) -> list[list[int]]:
@@ -130,7 +178,7 @@ def detail_span(length: int, start: int = 0, detail: int = DETAIL_TOKENS) -> tup
 
 
 def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
-                   detail: int = DETAIL_TOKENS) -> go.Figure:
+                   detail: int = DETAIL_TOKENS, needle: NeedleSpan | None = None) -> go.Figure:
     """Prompt tokens in the top row, the slots of each merge stage in the rows below, a link for each pair.
 
     Protected spans are shaded; hovering a slot shows its tokens and the cosine of the pair it merged (known once the
@@ -138,6 +186,11 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
     A long prompt is drawn in full (labels, hover text, links) for `detail` tokens from `start`; everywhere else as
     an overview of WebGL markers (position, and the pair cosine as colour) in compact arrays, so an 8k-token prompt
     stays a figure of a few hundred KB rather than megabytes.
+
+    With the `attention` choice, once the prompt has run, the prompt tokens are coloured by the attention they
+    received (log scale, with its colour bar). A `needle` (a pass key's token span) is shaded, its tokens and the
+    slots they fell into are ringed (legend: "pass key"), and the view opens on it when it lies outside the first
+    window.
     """
     tokens = trace.tokens
     n = len(tokens)
@@ -148,6 +201,18 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
 
     def in_detail(group) -> bool:
         return low <= group[0] < high
+
+    attention = token_attention(trace)
+    if attention is not None:
+        colours, cmin, cmax, tickvals, ticktext = attention_scale(attention)
+    # The needle's tokens and the slots holding them: ringed on top of the rows, with hover text of their own.
+    ring_x, ring_y, ring_hover, ring_text = [], [], [], []
+    if needle is not None:
+        for i in range(max(needle.start, 0), min(needle.end, n)):
+            ring_x.append(i)
+            ring_y.append(0)
+            ring_hover.append(f"<b>pass key {_escape(needle.answer)}</b> · token {i}<br>{token_hover(tokens[i])}")
+            ring_text.append("" if low <= i < high else token_label(tokens[i]))  # labelled once, detail or not
 
     # Where each item of the row above sits on the x axis (tokens at their positions, slots at their centres).
     above_x = [float(i) for i in range(n)]
@@ -205,8 +270,10 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
         known = any(c is not None for c, pair in zip(cosines, is_pair) if pair)
         pair_marker = dict(size=11, line=dict(width=1, color="white"))
         if known:
-            pair_marker.update(colorscale="Viridis", cmin=0.0, cmax=1.0, showscale=stage == 0,
-                               colorbar=dict(title=dict(text="pair<br>cosine"), thickness=12, len=0.6))
+            colorbar = dict(title=dict(text="pair<br>cosine"), thickness=12, len=0.6)
+            if attention is not None:  # the attention colour bar takes the top half
+                colorbar.update(len=0.45, y=0.0, yanchor="bottom")
+            pair_marker.update(colorscale="Viridis", cmin=0.0, cmax=1.0, showscale=stage == 0, colorbar=colorbar)
         else:
             pair_marker.update(color=MERGED_COLOR)
         pair_slots = [i for i in shown if is_pair[i]]
@@ -224,24 +291,56 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
             ))
         if len(shown) < len(groups):
             _overview_slots(fig, stage, cutoff, y, groups, slot_x, is_pair, cosines if known else None, low, high)
+        if needle is not None:
+            for slot in needle_slots(groups, needle):
+                group = groups[slot]
+                held = [p for p in group if needle.start <= p < needle.end]
+                span = f"token {held[0]}" if len(held) == 1 else f"tokens {held[0]}–{held[-1]}"
+                others = len(group) - len(held)
+                alone = " (kept alone)" if len(parents[slot]) == 1 else \
+                    f" and {others} other token{'s' if others != 1 else ''}" if others else ""
+                ring_x.append(slot_x[slot])
+                ring_y.append(y)
+                ring_hover.append(f"<b>pass key {_escape(needle.answer)}</b> · slot {slot} after layer {cutoff}<br>"
+                                  f"holds pass-key {span}{alone}<br>{token_hover(''.join(tokens[p] for p in group))}")
+                ring_text.append("")
         above_x, above_y = slot_x, y
 
     token_hovers = [f"<b>token {i}</b><br>{token_hover(tokens[i])}" for i in range(low, high)]
+    token_marker = dict(size=8, color=BASE_COLOR)
+    if attention is not None:
+        token_hovers = [f"{text}<br>attention received: {attention[i]:.4f}"
+                        for text, i in zip(token_hovers, range(low, high))]
+        token_marker = dict(size=9, color=colours[low:high], colorscale=ATTENTION_SCALE, cmin=cmin, cmax=cmax,
+                            line=dict(width=0.5, color="#555"), showscale=True,
+                            colorbar=dict(title=dict(text="attention<br>received"), thickness=12, len=0.45, y=1.0,
+                                          yanchor="top", tickvals=tickvals, ticktext=ticktext))
     fig.add_trace(go.Scatter(
         x=list(range(low, high)), y=[0] * (high - low), mode="markers+text", name="prompt tokens",
         showlegend=False, text=[token_label(tokens[i]) for i in range(low, high)],
         # Alternate labels above and below the row so neighbours do not overprint each other.
         textposition=["top center" if i % 2 == 0 else "bottom center" for i in range(low, high)],
-        textfont=dict(size=10), hovertext=token_hovers, hoverinfo="text",
-        marker=dict(size=8, color=BASE_COLOR),
+        textfont=dict(size=10), hovertext=token_hovers, hoverinfo="text", marker=token_marker,
     ))
     for first, end in ((0, low), (high, n)):  # the tokens outside the detailed span: positions step by one
         if end > first:
+            marker = dict(size=5, color=BASE_COLOR)
+            hover = f"token %{{x}} (labels are drawn for tokens {low}–{high - 1})"
+            if attention is not None:
+                marker = dict(size=6, color=np.array(colours[first:end], dtype=np.float32),
+                              colorscale=ATTENTION_SCALE, cmin=cmin, cmax=cmax)
+                hover += " · attention received 10^%{marker.color:.2f}"
             fig.add_trace(go.Scattergl(
                 x0=first, dx=1, y=np.zeros(end - first, dtype=np.int8), mode="markers",
-                name="overview: prompt tokens", showlegend=False, marker=dict(size=5, color=BASE_COLOR),
-                hovertemplate=f"token %{{x}} (labels are drawn for tokens {low}–{high - 1})<extra></extra>",
+                name="overview: prompt tokens", showlegend=False, marker=marker,
+                hovertemplate=hover + "<extra></extra>",
             ))
+    if needle is not None:
+        fig.add_trace(go.Scatter(
+            x=ring_x, y=ring_y, mode="markers+text", name="pass key", showlegend=True, text=ring_text,
+            textposition="top center", textfont=dict(size=10, color=NEEDLE_COLOR), hovertext=ring_hover,
+            hoverinfo="text", marker=dict(symbol="circle-open", size=17, color=NEEDLE_COLOR, line=dict(width=2.5)),
+        ))
 
     top, bottom = 0.75, -stages - 0.75
     for first, last, label in protected_spans(trace):
@@ -249,12 +348,19 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
                       line=dict(width=0), layer="below")
         fig.add_annotation(x=(first + last) / 2, y=top, text=label, showarrow=False, yanchor="bottom",
                            font=dict(size=11, color="#2E7D32"))
+    if needle is not None:
+        fig.add_shape(type="rect", x0=needle.start - 0.5, x1=needle.end - 0.5, y0=bottom, y1=top,
+                      fillcolor=NEEDLE_FILL, line=dict(width=0), layer="below")
+        fig.add_annotation(x=(needle.start + needle.end - 1) / 2, y=top, text=f"pass key {_escape(needle.answer)}",
+                           showarrow=False, yanchor="bottom", font=dict(size=11, color=NEEDLE_COLOR))
+    view_from = low
+    if needle is not None and not low <= needle.start < low + window and start == 0:
+        view_from = max(0, min(needle.start - window // 4, n - window))  # open on the needle, not the first tokens
     if trace.plan_pending:
-        fig.add_annotation(x=low + min(n, window) / 2, y=-0.6, showarrow=False,
-                           text="the <i>similar</i> choice picks its pairs from the hidden states at the cutoff: "
-                                "the pairing appears once the prompt has run")
+        fig.add_annotation(x=view_from + min(n, window) / 2, y=-0.6, showarrow=False,
+                           text=f"{pending_why(trace)}: the pairing appears once the prompt has run")
     elif stages == 0:
-        fig.add_annotation(x=low + min(n, window) / 2, y=-0.6, showarrow=False,
+        fig.add_annotation(x=view_from + min(n, window) / 2, y=-0.6, showarrow=False,
                            text="no cutoff: the base model, nothing is merged")
 
     title = f"Token pairing · {n} prompt tokens"
@@ -265,11 +371,14 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
     fig.update_layout(
         title=dict(text=title, x=0.01, font=dict(size=14)),
         template="plotly_white", height=260 + 110 * max(stages, 1), margin=dict(l=90, r=30, t=60, b=40),
-        dragmode="pan", hovermode="closest", showlegend=False,
+        dragmode="pan", hovermode="closest", showlegend=needle is not None,
+        legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
         # The same plan keeps the reader's pan and zoom when the figure is re-sent with the cosines filled in.
-        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}:{low}",
+        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}:{low}:"
+                   f"{view_from}",
     )
-    fig.update_xaxes(range=[low - 1, low + min(n, window)], title=dict(text="prompt position (drag or use the slider below)"),
+    fig.update_xaxes(range=[view_from - 1, view_from + min(n, window)],
+                     title=dict(text="prompt position (drag or use the slider below)"),
                      rangeslider=dict(visible=n > window, thickness=0.08), zeroline=False, showgrid=False)
     fig.update_yaxes(tickvals=[-s for s in range(stages + 1)], ticktext=row_names, range=[bottom - 0.1, top + 0.45],
                      fixedrange=True, zeroline=False, showgrid=False)

@@ -25,7 +25,8 @@ import torch
 from gradio.components.plot import PlotData
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import inputs, plots
+from . import inputs, plots, presets
+from .bench.retrieval import find_passkey, is_correct
 from .engine import MODES, MergeSettings, MergingEngine, Sampling, Trace, check_sampling, interleave
 from .merge import CHOICES, METHODS, POSITION_MODES
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
@@ -33,6 +34,7 @@ from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
 log = logging.getLogger(__name__)
 
 GPU_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+DEFAULT_LAYERS = 30  # the controls' range before a model is loaded (the embedded model's depth)
 GPU_MODEL_MEMORY = 20 * 2**30  # bf16 weights (~14.5 GB) plus room for the caches of both generations
 QUEUE_SIZE = 64  # bounded: twenty users at once all get a place in line, a flood gets "queue full"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -285,13 +287,19 @@ def parse_cutoffs(cutoff, more_cutoffs) -> tuple[int, ...]:
     return inputs.layers(cutoff, more_cutoffs)
 
 
+DEFAULT_SETTINGS = MergeSettings()
+
+
 def parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-                  max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False) -> Request:
+                  max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False,
+                  attention_window=DEFAULT_SETTINGS.attention_window, attention_keep=DEFAULT_SETTINGS.attention_keep,
+                  ratios="") -> Request:
     """The page's raw inputs, as any client may send them, as engine settings.
 
     Every field is checked here, before any model work, and a bad one raises ValueError naming the field and what
     is allowed. What depends on the model (a cutoff past its depth, spans longer than the tokenised prompt, the
-    context) is checked by the engine once the prompt is tokenised.
+    context) is checked by the engine once the prompt is tokenised. `ratios` (one per cutoff, in layer order)
+    overrides `ratio` when given.
     """
     prompt = inputs.text(prompt, "prompt")
     model = EMBEDDED if model is None or model == "" else model
@@ -299,12 +307,20 @@ def parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_en
         raise ValueError(f"model must be one of: {', '.join(ALLOWED_MODELS)} (got {model!r})")
     check_allowed(model)
     chat = inputs.flag(chat, "chat")
+    cutoffs = inputs.layers(cutoff, more_cutoffs)
+    ratio = inputs.real(ratio, "merge ratio", 0.0, 1.0)
+    per_cutoff = inputs.ratios(ratios, "ratio per cutoff")
+    if isinstance(per_cutoff, tuple) and len(per_cutoff) != len(cutoffs):
+        raise ValueError(f"ratio per cutoff: {len(per_cutoff)} ratios for {len(cutoffs)} cutoffs ("
+                         f"{', '.join(map(str, cutoffs))}): give one per cutoff, in layer order, or leave it empty")
+    window, keep = inputs.attention_budget(attention_window, attention_keep)
     settings = MergeSettings(
-        cutoffs=inputs.layers(cutoff, more_cutoffs), keep_start=inputs.whole(keep_start, "keep start", 0),
+        cutoffs=cutoffs, keep_start=inputs.whole(keep_start, "keep start", 0),
         keep_end=inputs.whole(keep_end, "keep end", 0), method=inputs.one_of(method, "merge method", METHODS),
         positions=inputs.one_of(positions, "positions mode", POSITION_MODES),
-        ratio=inputs.real(ratio, "merge ratio", 0.0, 1.0), choice=inputs.one_of(choice, "pair choice", CHOICES),
-        proportional=inputs.flag(proportional, "proportional attention"),
+        ratio=ratio if per_cutoff is None else per_cutoff, choice=inputs.one_of(choice, "pair choice", CHOICES),
+        proportional=inputs.flag(proportional, "proportional attention"), attention_window=window,
+        attention_keep=keep,
     )
     mode = inputs.one_of(mode, "mode", MODES)
     sampling = Sampling(max_new_tokens=inputs.whole(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
@@ -455,7 +471,19 @@ def comparison_markdown(base: Trace, merged: Trace, token_text: Callable[[int], 
         first = f"**First difference at generated token {i + 1}**: base {shown(base.generated_ids)} · merged " \
                 f"{shown(merged.generated_ids)}."
     return f"{prefix}{first} **{result.share:.0%}** of tokens agree position by position ({result.agreeing} of " \
-           f"{result.compared})."
+           f"{result.compared})." + passkey_markdown(base, merged, stopped)
+
+
+def passkey_markdown(base: Trace, merged: Trace, stopped: bool = False) -> str:
+    """When the prompt holds a pass key: did each side answer it? (Empty otherwise.)"""
+    needle = find_passkey(base.tokens)
+    if needle is None:
+        return ""
+    found = is_correct(needle.answer, base.text), is_correct(needle.answer, merged.text)
+    verdict = {(True, True): "both found it", (False, False): "neither found it",
+               (True, False): "base found it, merged did not", (False, True): "merged found it, base did not"}[found]
+    when = " (in the tokens generated before Stop)" if stopped and not (base.finished and merged.finished) else ""
+    return f"\n\n**Pass key {escape(needle.answer)}**: {verdict}{when}."
 
 
 def status_markdown(base: Trace, merged: Trace, sampling: Sampling, stopped: bool = False) -> str:
@@ -540,6 +568,25 @@ class Page:
 
     def __init__(self):
         self.holder = ENGINES
+        self.examples = examples()
+
+    def _num_layers(self) -> int:
+        engine = self.holder.engine
+        return engine.num_layers if engine is not None else DEFAULT_LAYERS
+
+    # Examples and presets -------------------------------------------------------------------------------------------
+
+    def fill_example(self, index):
+        """Every control an example sets (EXAMPLE_FIELDS + MERGE_FIELDS); a preset is read now, for the loaded model."""
+        if not isinstance(index, int) or not 0 <= index < len(self.examples):
+            return [gr.skip()] * (len(EXAMPLE_FIELDS) + len(MERGE_FIELDS))
+        values = example_values(self.examples[index], self._num_layers())
+        return [values[name] for name in (*EXAMPLE_FIELDS, *MERGE_FIELDS)]
+
+    def fill_preset(self, name: str = "recommended"):
+        """The merge controls (MERGE_FIELDS) set to a preset, for the loaded model's depth; the prompt stays."""
+        values = merge_controls(presets.preset(name, self._num_layers()), self._num_layers())
+        return [values[field] for field in MERGE_FIELDS]
 
     # The model ------------------------------------------------------------------------------------------------------
 
@@ -612,12 +659,15 @@ class Page:
         return engine.new_trace(ids, request.settings, request.mode)
 
     def plan(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-             max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
+             max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False,
+             attention_window=DEFAULT_SETTINGS.attention_window,
+             attention_keep=DEFAULT_SETTINGS.attention_keep, ratios="", view=None):
         """The pairing plot (and sequence lengths per layer) for a prompt, without generating. It follows a model
         load under way but never starts one."""
         try:
             request = parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method,
-                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional)
+                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional,
+                                    attention_window, attention_keep, ratios)
             for message in self.holder.following(request.model):
                 yield gr.skip(), gr.skip(), f"**Loading…** {escape(message)}"
             trace = self.plan_trace(request)
@@ -628,14 +678,17 @@ class Page:
         yield self._pairing_figure(trace, view), plots.length_figure(trace), self._plan_status(trace)
 
     def preview(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-                max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
+                max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False,
+                attention_window=DEFAULT_SETTINGS.attention_window,
+                attention_keep=DEFAULT_SETTINGS.attention_keep, ratios="", view=None):
         """The plan as settings change: problems go to the status line, not a pop-up, while the user is typing. The
         pairing plot is re-sent only when the plan it shows has changed."""
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
             return gr.skip(), gr.skip(), self._greeting()
         try:
             request = parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method,
-                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional)
+                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional,
+                                    attention_window, attention_keep, ratios)
             if self.holder.name != request.model or self.holder.busy_loading is not None:
                 return gr.skip(), gr.skip(), "*The pairing plot appears once the model is loaded.*"
             trace = self.plan_trace(request)
@@ -652,7 +705,9 @@ class Page:
 
     @staticmethod
     def _pairing_figure(trace: Trace, view: PageView | None):
-        return plots.pairing_figure(trace, start=view.labels_from if view is not None else 0)
+        """The pairing plot, with a pass key in the prompt marked (its tokens and the slots they fell into)."""
+        return plots.pairing_figure(trace, start=view.labels_from if view is not None else 0,
+                                    needle=find_passkey(trace.tokens))
 
     def pairing_window(self, labels_from, view=None):
         """Redraw the pairing plot with its labels (a long prompt's detailed span) from another token."""
@@ -667,18 +722,24 @@ class Page:
 
     @staticmethod
     def _plan_status(trace: Trace) -> str:
+        needle = find_passkey(trace.tokens)
+        found = "" if needle is None else (f" The prompt holds **pass key {escape(needle.answer)}** (tokens "
+                                           f"{needle.start}–{needle.end - 1}), marked in the pairing plot.")
         if trace.plan_pending:
-            return (f"{trace.prompt_length} prompt tokens. The *similar* choice picks its pairs from the hidden "
-                    "states at the cutoff: the pairing appears once the prompt has run. Press Run to generate.")
+            why = plots.pending_why(trace).replace("<i>", "*").replace("</i>", "*")
+            return (f"{trace.prompt_length} prompt tokens. {why[0].upper()}{why[1:]}: the pairing appears once the "
+                    f"prompt has run.{found} Press Run to generate.")
         if not trace.cutoffs:
-            return f"{trace.prompt_length} prompt tokens; no cutoff, so the merged side runs the base model."
+            return f"{trace.prompt_length} prompt tokens; no cutoff, so the merged side runs the base model.{found}"
         after = ", ".join(f"{len(g)} after layer {c}" for g, c in zip(trace.groups, trace.cutoffs))
-        return f"{trace.prompt_length} prompt tokens → {after}. Press Run to generate."
+        return f"{trace.prompt_length} prompt tokens → {after}.{found} Press Run to generate."
 
     # The generation -------------------------------------------------------------------------------------------------
 
     def generate(self, prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-                 max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False, view=None):
+                 max_new_tokens, temperature, seed, ratio=1.0, choice="consecutive", proportional=False,
+                 attention_window=DEFAULT_SETTINGS.attention_window,
+                 attention_keep=DEFAULT_SETTINGS.attention_keep, ratios="", view=None):
         """Stream the base and the merged generation side by side, token by token, with the four views.
 
         Every input is checked before any model work; the model must be the one loaded (or loading): a generation
@@ -689,7 +750,8 @@ class Page:
         view = view if view is not None else PageView()
         try:
             request = parse_request(prompt, model, chat, cutoff, more_cutoffs, keep_start, keep_end, method,
-                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional)
+                                    positions, mode, max_new_tokens, temperature, seed, ratio, choice, proportional,
+                                    attention_window, attention_keep, ratios)
             for message in self.holder.following(request.model):
                 yield (skip,) * 9 + (f"**Loading…** {escape(message)}",)
             engine = self.holder.engine
@@ -779,9 +841,14 @@ slots are renumbered 0, 1, 2, … (the article). **Modes.** *cached*: the prompt
 tokens decode against a KV cache per layer (shorter after the cutoff). *recompute*: no cache; every step re-runs and
 re-merges the whole sequence (the article's semantics, slower).
 
-**More merge settings.** *Merge ratio* merges only that share of the eligible pairs; *pair choice* picks them:
-the first ones (*consecutive*), spread evenly (*uniform*), or the most similar neighbours at the cutoff (*similar*,
-planned from the hidden states during the prefill, so its pairing plot appears once the prompt has run).
+**More merge settings.** *Merge ratio* merges only that share of the eligible pairs (*ratio per cutoff* gives one
+for each cutoff); *pair choice* picks them: the first ones (*consecutive*), spread evenly (*uniform*), the most
+similar neighbours at the cutoff (*similar*), or the pairs the prompt attends to least (*attention*: each token is
+scored by the attention the last *W* prompt tokens pay it at the cutoff layer, and the *keep most attended* budget
+never merges). *similar* and *attention* are planned from the hidden states during the prefill, so their pairing
+plot appears once the prompt has run; with *attention* the prompt tokens are then coloured by the attention they
+received. A prompt holding a pass key ("The pass key is 71152 …") gets it marked in the pairing plot, and the
+comparison says whether each side answered it.
 *Proportional attention* raises each merged key's attention logit by log(tokens it holds), so a slot standing for two
 tokens draws about as much attention as the two did.
 
@@ -800,34 +867,85 @@ CSS = """
 """
 
 
-# The article's merge: every eligible pair, consecutive, no proportional attention.
-PLAIN_MERGE = (1.0, "consecutive", False)
-# From the speed x fidelity frontier on the embedded model (README, `python -m slerpviz.bench frontier`).
-RECOMMENDED = dict(cutoff=15, ratio=1.0, choice="similar", proportional=False,
-                   label="Recommended preset: cutoff 15, most similar pairs")
+# --------------------------------------------------------------------------------------------------------------------
+# Examples and presets
+# --------------------------------------------------------------------------------------------------------------------
+
+# The controls an example fills in, by name, in the order the click handler returns them.
+EXAMPLE_FIELDS = ("prompt", "chat", "mode", "max_new_tokens")
+MERGE_FIELDS = ("cutoff", "more_cutoffs", "keep_start", "keep_end", "method", "positions", "ratio", "ratios", "choice",
+                "proportional", "attention_window", "attention_keep")
 
 
-def example_rows() -> tuple[list[list], list[str]]:
-    """Clickable examples: (prompt, cutoff, keep start, keep end, method, positions, mode, max new tokens, merge
-    ratio, pair choice, proportional attention)."""
-    rows = [
-        ["Explain in three short sentences why the sky is blue.", 15, 0, 0, "slerp", "mean", "cached", 48],
-        ["Write a haiku about a lighthouse in winter.", 10, 0, 0, "slerp", "mean", "cached", 32],
-        ["List five uses of a paperclip, one per line.", 20, 0, 0, "lerp", "mean", "cached", 48],
-        ["What is the capital of France? Answer in one word.", 8, 0, 0, "seed-2024", "renumber", "recompute", 12],
+@dataclass(frozen=True)
+class Example:
+    """A clickable example. `settings` is the merged side's MergeSettings, or a preset's name: a preset is read at
+    click time for the loaded model's depth, so it always says what slerpviz.presets says now."""
+
+    label: str
+    prompt: str
+    settings: MergeSettings | str
+    max_new_tokens: int = 48
+    mode: str = "cached"
+    chat: bool = True
+
+    def merge_settings(self, num_layers: int) -> MergeSettings:
+        if isinstance(self.settings, str):
+            return presets.preset(self.settings, num_layers)
+        return self.settings
+
+
+def merge_controls(settings: MergeSettings, num_layers: int) -> dict:
+    """A MergeSettings as the values of the page's merge controls (MERGE_FIELDS): the first cutoff on the slider, the
+    rest as further cutoffs; one ratio on the slider, or per-cutoff ratios as text when they differ."""
+    cutoffs = sorted(settings.cutoffs) or [num_layers]  # no cutoff: merge after the last layer, i.e. never
+    ratios = settings.ratio if isinstance(settings.ratio, tuple) else (settings.ratio,)
+    uniform = len(set(ratios)) == 1
+    return dict(
+        cutoff=cutoffs[0], more_cutoffs=list(cutoffs[1:]), keep_start=settings.keep_start,
+        keep_end=settings.keep_end, method=settings.method, positions=settings.positions, ratio=float(ratios[0]),
+        ratios="" if uniform else ", ".join(f"{r:g}" for r in ratios), choice=settings.choice,
+        proportional=settings.proportional, attention_window=settings.attention_window,
+        attention_keep=settings.attention_keep,
+    )
+
+
+def example_values(example: Example, num_layers: int) -> dict:
+    """Every control an example fills in (EXAMPLE_FIELDS + MERGE_FIELDS), by name."""
+    return dict(prompt=example.prompt, chat=example.chat, mode=example.mode, max_new_tokens=example.max_new_tokens,
+                **merge_controls(example.merge_settings(num_layers), num_layers))
+
+
+def preset_note() -> str:
+    recommended = presets.PRESETS["recommended"]
+    return (f"**Recommended preset** (`slerpviz.presets`): {escape(recommended.description)}. The button fills in "
+            "its merge settings for the loaded model.")
+
+
+def examples() -> list[Example]:
+    def at(cutoff: int, **changes) -> MergeSettings:
+        return MergeSettings(cutoffs=(cutoff,), **changes)
+
+    sky = "Explain in three short sentences why the sky is blue."
+    chosen = [
+        Example("Why is the sky blue? (cutoff 15)", sky, at(15)),
+        Example("Haiku (cutoff 10)", "Write a haiku about a lighthouse in winter.", at(10), 32),
+        Example("Paperclips, lerp (cutoff 20)", "List five uses of a paperclip, one per line.", at(20, method="lerp")),
+        Example("Article's seed-2024 code, recompute", "What is the capital of France? Answer in one word.",
+                at(8, method="seed-2024", positions="renumber"), 12, mode="recompute"),
+        Example("Why is the sky blue? Recommended preset", sky, "recommended"),
     ]
-    rows = [row + list(PLAIN_MERGE) for row in rows]
-    rows.append(["Explain in three short sentences why the sky is blue.", RECOMMENDED["cutoff"], 0, 0, "slerp",
-                 "mean", "cached", 48, RECOMMENDED["ratio"], RECOMMENDED["choice"], RECOMMENDED["proportional"]])
-    labels = ["Why is the sky blue? (cutoff 15)", "Haiku (cutoff 10)", "Paperclips, lerp (cutoff 20)",
-              "Article's seed-2024 code, recompute", RECOMMENDED["label"]]
     document = ASSETS / "examples" / "long_document.txt"
     if document.exists():
         text = document.read_text(encoding="utf-8").strip()
-        prompt = f"Summarise the following report in three sentences.\n\n{text}"
-        rows.append([prompt, 4, 0, 8, "slerp", "mean", "cached", 16, *PLAIN_MERGE])
-        labels.append("Long report (~1,500 tokens): the speed difference shows")
-    return rows, labels
+        chosen.append(Example("Long report (~1,500 tokens): the speed difference shows",
+                              f"Summarise the following report in three sentences.\n\n{text}", at(4, keep_end=8), 16))
+    passkey = ASSETS / "examples" / "passkey.txt"
+    if passkey.exists():
+        # Raw text ending in "The pass key is": the model completes it best without the chat template.
+        chosen.append(Example("Find the pass key (~1,500 tokens), recommended preset",
+                              passkey.read_text(encoding="utf-8").strip(), "recommended", 10, chat=False))
+    return chosen
 
 
 def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
@@ -841,7 +959,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     if preload and not zero_gpu:
         ENGINES.preload(model)
     page = Page()
-    layers = ENGINES.engine.num_layers if ENGINES.engine is not None else 30
+    layers = page._num_layers()
 
     with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -856,7 +974,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                         info="Loaded when the Space starts (ZeroGPU)." if zero_gpu else
                         "One model on the device at a time, shared by everyone; changing it waits for running "
                         "generations, then reloads.")
-                    chat = gr.Checkbox(value=True, label="Chat template", scale=1,
+                    chat = gr.Checkbox(value=True, label="Chat template", scale=1, elem_id="chat",
                                        info="Wrap the prompt as a user turn (instruct models).")
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary", elem_id="run")
@@ -879,12 +997,28 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                     method = gr.Radio(list(METHODS), value="slerp", label="Method")
                     positions = gr.Radio(list(POSITION_MODES), value="mean", label="Positions")
                 mode = gr.Radio(list(MODES), value="cached", label="Mode")
-                with gr.Accordion("More merge settings: ratio, pair choice, proportional attention", open=False):
+                with gr.Group():
+                    gr.Markdown(preset_note(), elem_id="preset-note", padding=True)
+                    preset_button = gr.Button("Use the recommended preset", size="sm", elem_id="preset")
+                with gr.Accordion("More merge settings: ratio, pair choice, attention, proportional attention",
+                                  open=False):
                     ratio = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Merge ratio", elem_id="ratio",
                                       info="Share of the eligible pairs merged at each cutoff (1 = all).")
-                    choice = gr.Radio(list(CHOICES), value="consecutive", label="Pair choice",
+                    ratios = gr.Textbox(value="", label="Ratio per cutoff (optional)", elem_id="ratios",
+                                        placeholder="e.g. 0.5, 1",
+                                        info="One ratio per cutoff, in layer order; overrides the slider.")
+                    choice = gr.Radio(list(CHOICES), value="consecutive", label="Pair choice", elem_id="choice",
                                       info="Which pairs, when the ratio is below 1: the first ones, spread evenly, "
-                                           "or the most similar at the cutoff.")
+                                           "the most similar at the cutoff, or the least attended there.")
+                    with gr.Row(visible=False, elem_id="attention-controls") as attention_controls:
+                        attention_window = gr.Number(
+                            value=DEFAULT_SETTINGS.attention_window, precision=0, minimum=1,
+                            label="Attention window W", elem_id="attention-window",
+                            info="Tokens are scored by the attention the last W prompt tokens pay them at the cutoff.")
+                        attention_keep = gr.Number(
+                            value=DEFAULT_SETTINGS.attention_keep, precision=0, minimum=0,
+                            label="Keep most attended", elem_id="attention-keep",
+                            info="This many of the most-attended tokens never merge.")
                     proportional = gr.Checkbox(value=False, label="Proportional attention",
                                                info="Add log(tokens held) to a merged key's attention logit.")
                 with gr.Row():
@@ -895,10 +1029,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                     seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
 
         with examples_place:
-            rows, labels = example_rows()
-            examples = gr.Examples(rows, [prompt, cutoff, keep_start, keep_end, method, positions, mode,
-                                          max_new_tokens, ratio, choice, proportional], example_labels=labels, cache_examples=False,
-                                   label="Examples (click to fill in, then Run)")
+            # Labels only: a click asks the page for the values, so a preset is read for the model loaded then.
+            example_list = gr.Dataset(components=[prompt], samples=[[e.label] for e in page.examples],
+                                      sample_labels=[e.label for e in page.examples], type="index",
+                                      label="Examples (click to fill in, then Run)", elem_id="examples")
 
         with gr.Row(equal_height=True):
             with gr.Column(elem_classes="panel-base"):
@@ -931,7 +1065,8 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
 
         # Later additions go at the end, so that positional API calls written for fewer inputs keep working.
         inputs = [prompt, model_box, chat, cutoff, more_cutoffs, keep_start, keep_end, method, positions, mode,
-                  max_new_tokens, temperature, seed, ratio, choice, proportional]
+                  max_new_tokens, temperature, seed, ratio, choice, proportional, attention_window, attention_keep,
+                  ratios]
         outputs = list(Outputs(base_text, merged_text, base_stats, merged_stats, comparison, pairing, lengths,
                                latency, kv, status))
 
@@ -954,11 +1089,23 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                        preprocess=False, api_visibility="private", concurrency_limit=None, show_progress="hidden",
                        trigger_mode="always_last")
         prompt.blur(**preview)
-        examples.load_input_event.then(**preview)
+        controls = dict(prompt=prompt, chat=chat, mode=mode, max_new_tokens=max_new_tokens, cutoff=cutoff,
+                        more_cutoffs=more_cutoffs, keep_start=keep_start, keep_end=keep_end, method=method,
+                        positions=positions, ratio=ratio, ratios=ratios, choice=choice, proportional=proportional,
+                        attention_window=attention_window, attention_keep=attention_keep)
+        example_list.click(page.fill_example, [example_list], [controls[f] for f in (*EXAMPLE_FIELDS, *MERGE_FIELDS)],
+                           api_visibility="private", queue=False, show_progress="hidden").then(**preview)
+        preset_button.click(page.fill_preset, None, [controls[f] for f in MERGE_FIELDS], api_visibility="private",
+                            queue=False, show_progress="hidden").then(**preview)
         for slider in (cutoff, keep_start, keep_end, ratio):
             slider.release(**preview)
         for control in (more_cutoffs, chat, choice):
             control.change(**preview)
+        for control in (ratios, attention_window, attention_keep):
+            control.submit(**preview)
+        # The attention window and budget mean something for the `attention` choice only.
+        choice.change(lambda chosen: gr.update(visible=chosen == "attention"), [choice], [attention_controls],
+                      api_visibility="private", queue=False, show_progress="hidden")
 
         labels_from.submit(page.pairing_window, [labels_from, view], [pairing], api_visibility="private",
                            concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -11,6 +13,13 @@ from transformers import (
 )
 
 from slerpviz.engine import MergingEngine
+
+# One torch thread unless told otherwise: on a 2-core machine shared with other jobs, two threads waiting on a busy
+# core stall each other (a 77-token prefill of the embedded model: 0.3 s on one thread, 3 to 7 s on two), and on an
+# idle one the tests' short prompts gain little from a second thread. SLERPVIZ_TEST_THREADS=0 keeps torch's choice.
+_threads = int(os.environ.get("SLERPVIZ_TEST_THREADS", "1"))
+if _threads > 0:
+    torch.set_num_threads(_threads)
 
 VOCAB = 96
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]

@@ -21,7 +21,8 @@ PROMPT = "Why is the sky blue? One sentence."
 # The page's inputs, by name, in the order the callbacks take them.
 DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
                 method="slerp", positions="mean", mode="cached", max_new_tokens=6, temperature=0.0, seed=0,
-                ratio=1.0, choice="consecutive", proportional=False)
+                ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
+                ratios="")
 
 
 def inputs(**changes) -> list:
@@ -125,6 +126,16 @@ def test_parse_request_builds_engine_settings():
     assert (request.sampling.max_new_tokens, request.sampling.temperature, request.sampling.seed) == (12, 0.7, 5)
 
 
+def test_parse_request_takes_the_attention_settings_and_ratios_per_cutoff():
+    request = ui.parse_request(*inputs(choice="attention", attention_window=16.0, attention_keep="4",
+                                       more_cutoffs=[20], ratios="0.5; 1"))
+    settings = request.settings
+    assert (settings.choice, settings.attention_window, settings.attention_keep) == ("attention", 16, 4)
+    assert settings.cutoffs == (15, 20) and settings.ratio == (0.5, 1.0)
+    assert ui.parse_request(*inputs(ratio=0.25, ratios="")).settings.ratio == 0.25  # empty: the slider's
+    assert ui.parse_request(*inputs(more_cutoffs=[20], ratios="0.5")).settings.ratio == 0.5  # one: for all
+
+
 def test_agreement_position_by_position():
     assert ui.agreement([1, 2, 3], [1, 2, 3]) == ui.Agreement(None, 3, 3)
     assert ui.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == ui.Agreement(1, 3, 4)
@@ -206,9 +217,119 @@ def test_messages_for_errors_are_short_and_clear():
     assert ui.message_for(ValueError("cutoff 40 is out of range")) == "cutoff 40 is out of range"
 
 
+PASSKEY_TOKENS = ["<s>", "Filler", ".", "\n\n", "The", " pass", " key", " is", " ", "7", "1", "1", "5", "2", ".",
+                  " Remember", " it", ".", " ", "7", "1", "1", "5", "2", " is", " the", " pass", " key", ".", "\n\n",
+                  "What", " is", " the", " pass", " key", "?", " The", " pass", " key", " is"]
+
+
+def finished_trace(text: str, tokens=PASSKEY_TOKENS) -> ui.Trace:
+    return ui.Trace(tokens=list(tokens), groups=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=4,
+                    mode="cached", settings={}, generated_ids=[1, 2, 3], text=text, finished=True)
+
+
+@pytest.mark.parametrize("base_text, merged_text, verdict", [
+    (" 71152.", " 71152. The", "both found it"),
+    (" 71152.", " 7115.", "base found it, merged did not"),
+    (" 12345", " 71152", "merged found it, base did not"),
+    (" the pass key", " 711520", "neither found it"),
+])
+def test_the_comparison_says_whether_each_side_found_the_pass_key(base_text, merged_text, verdict):
+    comparison = ui.comparison_markdown(finished_trace(base_text), finished_trace(merged_text), str)
+    assert comparison.endswith(f"**Pass key 71152**: {verdict}.")
+
+
+def test_no_pass_key_no_verdict():
+    tokens = ["<s>", "Why", " is", " the", " sky", " blue", "?"]
+    comparison = ui.comparison_markdown(finished_trace(" 71152", tokens), finished_trace(" 71152", tokens), str)
+    assert "Pass key" not in comparison and "agree position by position" in comparison
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The callbacks, called directly on the embedded model
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def example_index(page, label: str) -> int:
+    return next(i for i, example in enumerate(page.examples) if example.label.startswith(label))
+
+
+def as_request(values: dict):
+    """The values an example or preset filled in, sent back as the page sends them."""
+    return ui.parse_request(*inputs(**{k: v for k, v in values.items() if k in DEFAULTS}))
+
+
+def test_examples_and_the_preset_button_read_the_preset_when_clicked(page, engine, monkeypatch):
+    fields = (*ui.EXAMPLE_FIELDS, *ui.MERGE_FIELDS)
+    for label in ("Why is the sky blue? Recommended preset", "Find the pass key (~1,500 tokens)"):
+        values = dict(zip(fields, page.fill_example(example_index(page, label))))
+        assert as_request(values).settings == ui.presets.recommended(engine.num_layers)
+    # Whatever the preset says at click time, not a copy taken earlier: two stages, a ratio each, spans kept.
+    monkeypatch.setitem(ui.presets.PRESETS, "recommended", ui.presets.Preset(
+        "test", (0.5, 0.25), ratio=(1.0, 0.5), choice="similar", attention_window=7, attention_keep=2,
+        keep_start=3, keep_end=5))
+    expected = ui.presets.recommended(engine.num_layers)
+    values = dict(zip(fields, page.fill_example(example_index(page, "Why is the sky blue? Recommended"))))
+    assert values["ratios"] == "0.5, 1" and as_request(values).settings == expected
+    values = dict(zip(ui.MERGE_FIELDS, page.fill_preset()))
+    assert as_request(values).settings == expected
+
+
+def test_the_pass_key_example_is_raw_text_ending_in_the_question(page):
+    values = dict(zip((*ui.EXAMPLE_FIELDS, *ui.MERGE_FIELDS),
+                      page.fill_example(example_index(page, "Find the pass key (~1,500 tokens)"))))
+    assert values["chat"] is False and values["prompt"].endswith("What is the pass key? The pass key is")
+    assert values["max_new_tokens"] >= 8  # a space and five digits, one token each at worst
+    assert all(output == gr.skip() for output in page.fill_example(99))
+
+
+def test_the_page_says_what_the_recommended_preset_is(engine):
+    demo = ui.build_app(EMBEDDED, preload=False)
+    config = demo.get_config_file()
+    texts = [c["props"].get("value") for c in config["components"] if c["props"].get("elem_id") == "preset-note"]
+    assert texts and ui.presets.PRESETS["recommended"].description in texts[0]
+    (examples,) = [c for c in config["components"] if c["props"].get("elem_id") == "examples"]
+    labels = examples["props"]["sample_labels"]
+    assert "Find the pass key (~1,500 tokens), recommended preset" in labels
+    assert "Why is the sky blue? Recommended preset" in labels
+    # The example list and the preset button fill the controls in the order the callbacks return their values.
+    fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
+    merge = ["Cutoff layer", "Further cutoffs (optional)", "Keep start", "Keep end", "Method", "Positions",
+             "Merge ratio", "Ratio per cutoff (optional)", "Pair choice", "Proportional attention",
+             "Attention window W", "Keep most attended"]
+    assert [c.label for c in fns["fill_example"].outputs] == ["Prompt", "Chat template", "Mode", "Max new tokens",
+                                                               *merge]
+    assert [c.label for c in fns["fill_preset"].outputs] == merge
+    assert not fns["fill_preset"].inputs and fns["fill_preset"].api_visibility == "private"
+
+
+SHORT_PASSKEY = ("There is a pass key hidden in this text. Remember it.\n\nThe grass is green. The sky is blue.\n\n"
+                 "The pass key is 48213. Remember it. 48213 is the pass key.\n\nThe sun is warm. Birds sing in the "
+                 "morning.\n\nWhat is the pass key? The pass key is")
+
+
+def test_a_pass_key_prompt_under_the_attention_choice(page, engine):
+    chosen = dict(prompt=SHORT_PASSKEY, chat=False, cutoff=8, choice="attention", ratio=0.5, attention_window=8,
+                  attention_keep=2, max_new_tokens=7)
+    *_, (pairing, lengths, status) = page.plan(*inputs(**chosen))
+    assert "*attention* choice" in status and "**pass key 48213**" in status
+    view = ui.PageView()
+    *_, last = page.generate(*inputs(**chosen), view=view)
+    base, merged = view.base, view.merged
+    found = {(True, True): "both found it", (False, False): "neither found it",
+             (True, False): "base found it, merged did not", (False, True): "merged found it, base did not"}[
+        ("48213" in base.text, "48213" in merged.text)]
+    assert last[4].endswith(f"**Pass key 48213**: {found}.")
+    # The window and the budget reached the engine: the two most-attended tokens stayed alone.
+    scores = merged.attention_scores[0]
+    assert merged.settings["attention_window"] == 8 and len(scores) == merged.prompt_length
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:2]
+    assert all([i] in merged.groups[0] for i in top)
+    drawn = figure(last[5])
+    (rings,) = [t for t in drawn["data"] if t["name"] == "pass key"]
+    assert 0 in rings["y"] and -1 in rings["y"]
+    tokens = next(t for t in drawn["data"] if t["name"] == "prompt tokens")
+    assert "attention" in tokens["marker"]["colorbar"]["title"]["text"]
+
 
 
 def test_plan_draws_the_pairing_before_generating(page, engine):

@@ -127,3 +127,36 @@ def test_slider_labels_are_whole(page):
     clipped = page.locator("#max-new-tokens").evaluate(
         "e => [...e.querySelectorAll('*')].filter(x => x.scrollWidth > x.clientWidth).map(x => x.className)")
     assert clipped == []
+
+
+def test_the_pass_key_example_fills_the_page_from_the_preset(page):
+    import re
+
+    from slerpviz import presets
+
+    # The attention numbers show only for the attention choice (toggled before there is a prompt to plan).
+    page.get_by_text("More merge settings").click()
+    page.locator("#choice").get_by_text("attention", exact=True).click()
+    page.wait_for_selector("#attention-window input", state="visible")
+    page.locator("#choice").get_by_text("consecutive", exact=True).click()
+    page.wait_for_selector("#attention-window input", state="hidden")
+
+    text = (ROOT / "assets" / "examples" / "passkey.txt").read_text(encoding="utf-8")
+    answer = re.search(r"The pass key is (\d+)", text).group(1)
+    page.get_by_text("Find the pass key (~1,500 tokens)").click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea')?.value.endsWith('The pass key is')")
+    assert not page.is_checked("#chat input")
+    # The plan follows the example: its status and the pairing plot mark the pass key.
+    status_has(page, f"pass key {answer}")
+    page.wait_for_function(f"() => document.querySelector('#pairing-plot')?.innerText.includes('pass key {answer}')")
+    # The merge controls hold the preset, read for the loaded model.
+    expected = presets.recommended(30)
+    ratio = expected.ratio if isinstance(expected.ratio, float) else expected.ratio[0]
+    assert float(page.input_value("#ratio input[type=number]")) == pytest.approx(ratio)
+    assert page.locator("#choice input:checked").get_attribute("value") == expected.choice
+    if expected.choice == "attention":
+        page.wait_for_selector("#attention-window input", state="visible")
+        assert int(float(page.input_value("#attention-window input"))) == expected.attention_window
+    page.evaluate("() => window.scrollTo(0, 0)")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "passkey-example.png"), full_page=True)

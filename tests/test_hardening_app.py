@@ -21,7 +21,8 @@ PROMPT = "Why is the sky blue? One sentence."
 OTHER = "Qwen/Qwen2.5-0.5B-Instruct"  # on the allow-list, never loaded in these tests
 DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
                 method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0, seed=0,
-                ratio=1.0, choice="consecutive", proportional=False)
+                ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
+                ratios="")
 
 
 def inputs(**changes) -> list:
@@ -208,6 +209,39 @@ def test_bad_values_are_refused_before_any_model_work(page, monkeypatch, changes
     for callback in (page.plan, page.generate):
         with pytest.raises(gr.Error, match=message):
             list(callback(*inputs(**changes)))
+
+
+# The attention choice's numbers and the per-cutoff ratios, checked like every other field.
+MERGE_VALUES = [
+    (dict(attention_window=0), r"attention window must be a whole number, 1 or more \(got 0\)"),
+    (dict(attention_window=2.5), r"attention window must be a whole number, 1 or more \(got 2.5\)"),
+    (dict(attention_window=None), r"attention window must be a whole number, 1 or more \(got None\)"),
+    (dict(attention_keep=-1), r"attention keep must be a whole number, 0 or more \(got -1\)"),
+    (dict(attention_keep="many"), r"attention keep must be a whole number, 0 or more \(got 'many'\)"),
+    (dict(ratios="0.5, x"), r"ratio per cutoff must be a number from 0 to 1 \(got ' x'\)"),
+    (dict(ratios=[1.5]), r"ratio per cutoff must be a number from 0 to 1 \(got 1.5\)"),
+    (dict(ratios="0.5, 1"), r"ratio per cutoff: 2 ratios for 1 cutoffs \(15\): give one per cutoff, in layer order"),
+]
+
+
+@pytest.mark.parametrize("changes, message", MERGE_VALUES)
+def test_merge_values_are_refused_field_by_field_before_any_model_work(page, monkeypatch, changes, message):
+    with pytest.raises(ValueError, match=message):
+        ui.parse_request(*inputs(**changes))
+    monkeypatch.setattr(ui.ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
+    for callback in (page.plan, page.generate):
+        with pytest.raises(gr.Error, match=message):
+            list(callback(*inputs(**changes)))
+
+
+def test_the_attention_numbers_arrive_through_the_api_in_their_place(app_url, client):
+    kind, payload = raw_call(app_url, "plan", inputs(choice="attention", attention_window=0))
+    assert kind == "error" and re.search(MERGE_VALUES[0][1], payload["error"]), payload
+    kind, payload = raw_call(app_url, "plan", inputs(choice="attention", attention_window=4, attention_keep=1))
+    assert kind == "complete" and "*attention* choice" in payload[2], payload
+    # A client-library call written before these inputs existed sends fewer values: the rest take their defaults.
+    pairing, lengths, status = client.predict(*inputs(cutoff=10)[:16], api_name="/plan")
+    assert "after layer 10" in status
 
 
 def raw_call(app_url: str, endpoint: str, data: list) -> tuple[str, dict | list]:

@@ -304,3 +304,90 @@ def test_a_detailed_window_can_start_anywhere():
     assert list(tokens.x) == list(range(700, 700 + plots.DETAIL_TOKENS))
     assert fig.layout.xaxis.range[0] == 699
     assert plots.detail_span(1000, start=900) == (1000 - plots.DETAIL_TOKENS, 1000)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A pass key in the prompt; attention scores
+# --------------------------------------------------------------------------------------------------------------------
+
+NEEDLE_TOKENS = ["\n\n", "The", " pass", " key", " is", " ", "7", "1", "1", "5", "2", ".", " Remember", " it", ".", " ",
+                 "7", "1", "1", "5", "2", " is", " the", " pass", " key", "."]
+
+
+def with_needle(before: int, after: int) -> list[str]:
+    return words(before) + NEEDLE_TOKENS + words(after)
+
+
+def needle_of(tokens):
+    from slerpviz.bench.retrieval import find_passkey
+
+    return find_passkey(tokens)
+
+
+def test_a_pass_key_is_marked_with_the_slots_it_fell_into():
+    trace = make_trace(with_needle(10, 8), cutoffs=(3, 6), keep_start=2)
+    needle = needle_of(trace.tokens)
+    assert (needle.answer, needle.start, needle.end) == ("71152", 11, 36)
+    fig = plots.pairing_figure(trace, needle=needle)
+    (rings,) = traces_named(fig, "pass key")
+    assert rings.showlegend and fig.layout.showlegend
+    points = list(zip(rings.x, rings.y))
+    assert [x for x, y in points if y == 0] == list(range(11, 36))
+    for stage in range(2):  # every slot holding a needle token is ringed, and no other
+        slots = [sum(g) / len(g) for g in trace.groups[stage] if any(11 <= p < 36 for p in g)]
+        assert [x for x, y in points if y == -(stage + 1)] == slots
+    assert any("holds pass-key tokens" in h for h in rings.hovertext)
+    bands = [(s.x0, s.x1) for s in fig.layout.shapes if s.fillcolor == plots.NEEDLE_FILL]
+    assert bands == [(10.5, 35.5)]
+    assert "pass key 71152" in [a.text for a in fig.layout.annotations]
+    plain = plots.pairing_figure(trace)
+    assert not traces_named(plain, "pass key") and not plain.layout.showlegend
+
+
+def test_the_view_opens_on_a_pass_key_far_into_a_long_prompt():
+    trace = make_trace(with_needle(700, 300), cutoffs=(4,))
+    needle = needle_of(trace.tokens)
+    fig = plots.pairing_figure(trace, needle=needle)
+    low, high = fig.layout.xaxis.range
+    assert low < needle.start and needle.end - 1 < high and high - low <= plots.PAIRING_WINDOW + 1
+    # Outside the labelled span the needle's tokens are labelled by its own trace; inside, once only.
+    (rings,) = traces_named(fig, "pass key")
+    assert [t for t, y in zip(rings.text, rings.y) if y == 0] == [plots.token_label(t) for t in NEEDLE_TOKENS[1:]]
+    moved = plots.pairing_figure(trace, start=650, needle=needle)
+    assert moved.layout.xaxis.range[0] == 649
+    (rings,) = traces_named(moved, "pass key")
+    assert set(rings.text) == {""}
+
+
+def test_attention_scores_colour_the_prompt_tokens_with_a_colour_bar():
+    trace = make_trace(words(10), cutoffs=(2,))
+    trace.settings["choice"] = "attention"
+    scores = [0.5, 0.001, 0.002, 0.05, 0.01, 0.02, 0.3, 0.0005, 0.1, 0.0115]
+    trace.attention_scores = [scores]
+    fig = plots.pairing_figure(trace)
+    (tokens,) = traces_named(fig, "prompt tokens")
+    assert list(tokens.marker.color) == pytest.approx([math.log10(s) for s in scores])
+    assert tokens.marker.showscale and "attention" in tokens.marker.colorbar.title.text
+    assert [float(t) for t in tokens.marker.colorbar.ticktext] == pytest.approx(
+        [10 ** v for v in tokens.marker.colorbar.tickvals])
+    assert "attention received: 0.5000" in tokens.hovertext[0]
+    trace.attention_scores = [scores[:5]]  # scores that do not match the tokens are not drawn against them
+    (tokens,) = traces_named(plots.pairing_figure(trace), "prompt tokens")
+    assert tokens.marker.color == plots.BASE_COLOR
+
+
+def test_attention_colours_reach_the_overview_of_a_long_prompt():
+    trace = make_trace(words(600), cutoffs=(4,))
+    trace.attention_scores = [[1 / 600] * 599 + [0.5]]
+    fig = plots.pairing_figure(trace)
+    (rest,) = traces_named(fig, "overview: prompt tokens")
+    assert len(rest.marker.color) == 600 - plots.DETAIL_TOKENS
+    assert rest.marker.color[-1] == pytest.approx(math.log10(0.5))
+
+
+def test_an_attention_plan_is_announced_as_attention():
+    trace = make_trace(words(12), cutoffs=(5,))
+    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    trace.settings["choice"] = "attention"
+    texts = [a.text for a in plots.pairing_figure(trace).layout.annotations]
+    assert any("<i>attention</i> choice" in t and "appears once the prompt has run" in t for t in texts)
