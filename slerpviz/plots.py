@@ -162,7 +162,7 @@ def protected_spans(trace: Trace) -> list[tuple[int, int, str]]:
 
 def same_pairing(shown: Trace, new: Trace) -> bool:
     """Would `new` draw the picture `shown` already draws (or a poorer one: `shown` may have its cosines already)?"""
-    keys = ("keep_start", "keep_end", "method", "size_weighted")
+    keys = ("keep_start", "keep_end", "method", "size_weighted", "choice")  # a pending plan says which choice waits
     return (shown.tokens == new.tokens and shown.groups == new.groups and shown.protected == new.protected
             and shown.cutoffs == new.cutoffs and shown.plan_pending == new.plan_pending
             and all(shown.settings.get(k) == new.settings.get(k) for k in keys)

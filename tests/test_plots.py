@@ -391,3 +391,8 @@ def test_an_attention_plan_is_announced_as_attention():
     trace.settings["choice"] = "attention"
     texts = [a.text for a in plots.pairing_figure(trace).layout.annotations]
     assert any("<i>attention</i> choice" in t and "appears once the prompt has run" in t for t in texts)
+    # Switching between the two choices planned at the cutoff redraws the plot, which names the choice.
+    similar = make_trace(words(12), cutoffs=(5,))
+    similar.groups, similar.protected, similar.seq_len_per_layer, similar.plan_pending = [], [], [], True
+    similar.settings["choice"] = "similar"
+    assert not plots.same_pairing(similar, trace) and plots.same_pairing(trace, trace)
