@@ -159,3 +159,18 @@ def test_find_passkey_locates_the_needle_tokens(haystack, embedded):
     assert find_passkey(embedded.token_strings(build_prompt(haystack, "multikey", 700, 0.5, 2).ids)) is None
     assert find_passkey(["What", " is", " the", " pass", " key", "?"]) is None
     assert find_passkey(["the", " pass", " key", " is", " 123", "45", "."]).answer == "12345"
+
+
+def test_snapshot_renders_a_report_to_png(tmp_path):
+    from pathlib import Path
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian chromium is not installed")
+    from slerpviz.bench.retrieval_command import heatmaps
+    from slerpviz.bench.report import write_html
+
+    cells = [{"task": "passkey", "variant": v, "length": 512, "depth": 0.5, "n": 2, "correct": c,
+              "accuracy": c / 2} for v, c in (("base", 2), ("cutoff 15", 0))]
+    write_html(tmp_path / "r.html", "test", {}, [heatmaps(cells, "passkey")], [])
+    assert command.main(["snapshot", str(tmp_path / "r.html"), str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -377,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         from .frontier import frontier_main
 
         return frontier_main(argv[1:])
+    if argv[:1] == ["snapshot"]:  # python -m slerpviz.bench snapshot REPORT.html PICTURE.png
+        if len(argv) != 3:
+            print("usage: python -m slerpviz.bench snapshot REPORT.html PICTURE.png", file=sys.stderr)
+            return 2
+        report.write_png(Path(argv[1]), Path(argv[2]))
+        return 0
     if argv[:1] == ["retrieval"]:
         from .retrieval_command import retrieval_main
 

@@ -59,6 +59,23 @@ def write_html(path: Path, title: str, machine: dict, figures: list[go.Figure], 
                     encoding="utf-8")
 
 
+def write_png(html_path: Path, png_path: Path, width: int = 1400) -> None:
+    """A picture of an HTML report (for a README), rendered by Debian's chromium through playwright: plotly's own
+    image export needs kaleido, which this project does not install."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium")
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            page.goto(Path(html_path).resolve().as_uri())
+            page.wait_for_selector(".plot-container")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(png_path), full_page=True)
+        finally:
+            browser.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plain-text tables
 # ----------------------------------------------------------------------------------------------------------------
