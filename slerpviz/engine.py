@@ -39,7 +39,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .merge import (
     PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
-    next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
+    layer_lengths, next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
@@ -534,10 +534,7 @@ def record_plan(trace: Trace, stages: list[Stage]) -> None:
     trace.protected = [stage.plan.protected.tolist() for stage in stages]
     trace.slot_sizes = [stage.sizes.tolist() for stage in stages]
     trace.cutoffs = [stage.cutoff for stage in stages]
-    trace.seq_len_per_layer = [trace.prompt_length] * trace.num_layers
-    for stage in stages:
-        for layer in range(stage.cutoff, trace.num_layers):
-            trace.seq_len_per_layer[layer] = stage.plan.merged_length
+    trace.seq_len_per_layer = layer_lengths(trace.prompt_length, stages, trace.num_layers)
     trace.plan_pending = False
 
 

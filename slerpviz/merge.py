@@ -405,6 +405,15 @@ def plan_stages(
     return stages
 
 
+def layer_lengths(length: int, stages: list[Stage], layers: int) -> list[int]:
+    """Sequence length each decoder layer runs on: `length` until the first stage's cutoff, then each stage's."""
+    lengths = [length] * layers
+    for stage in stages:
+        for layer in range(stage.cutoff, layers):
+            lengths[layer] = stage.plan.merged_length
+    return lengths
+
+
 def slot_positions(first: torch.Tensor, last: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """RoPE position of each slot: the mean of its tokens' positions, its first token's, or 0..slots-1."""
     check_positions(mode)

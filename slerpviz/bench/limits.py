@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..merge import Stage
+from ..merge import Stage, layer_lengths  # noqa: F401  (layer_lengths: re-exported for the limits' users)
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,6 @@ def _sliding_window(config) -> int | None:
     if getattr(config, "use_sliding_window", True) is False:  # Qwen2 carries a window it does not use
         return None
     return int(window)
-
-
-def layer_lengths(length: int, stages: list[Stage], layers: int) -> list[int]:
-    """Sequence length each decoder layer runs on: `length` until the first stage's cutoff, then each stage's."""
-    lengths = [length] * layers
-    for stage in stages:
-        for layer in range(stage.cutoff, layers):
-            lengths[layer] = stage.plan.merged_length
-    return lengths
 
 
 def attention_pairs(length: int, window: int | None = None) -> int:
