@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..merge import Stage, layer_lengths  # noqa: F401  (layer_lengths: re-exported for the limits' users)
+from ..merge import layer_lengths  # noqa: F401  (re-exported: the limits are computed from it)
 
 
 @dataclass(frozen=True)
