@@ -59,8 +59,11 @@ class MergeSettings:
     choice: str = "consecutive"  # which pairs: consecutive, uniform, the most similar or least attended at the cutoff
     proportional: bool = False  # add log(tokens held) to a merged key's attention logit
     size_weighted: bool = True  # t follows the tokens each side holds when merged slots merge again
-    attention_window: int = 32  # `attention` choice: the last W prompt tokens whose attention scores the others
-    attention_keep: int = 0  # `attention` choice: the most-attended tokens that never merge
+    # `attention` choice: the last W prompt tokens whose attention scores the others, and the most-attended tokens
+    # that never merge. Defaults by measurement (README, "Merge what the prompt is not looking at"): W = 8 kept the
+    # pass key better than 32, and keeping 32 tokens lifted top-1 from 0.81 to 0.94 at 15+20 (n = 72).
+    attention_window: int = 8
+    attention_keep: int = 32
 
     def __post_init__(self):
         # Stages run in layer order; per-cutoff ratios travel with their cutoffs (cutoffs 20, 10 with ratios 1, 0.5

@@ -60,8 +60,9 @@ def test_text_output_names_the_preset_and_the_attention_settings(tiny, monkeypat
     assert cli.main(["generate", "--prompt", PROMPT, "--no-chat", "--max-new-tokens", "1", "--preset", "article",
                      "--choice", "attention", "--attention-window", "8"]) == 0
     cutoffs = ", ".join(map(str, presets.preset("article", tiny.num_layers).cutoffs))
+    keep = presets.preset("article", tiny.num_layers).attention_keep
     assert f"(preset article: cutoffs {cutoffs} · ratio 1 · attention pairs · slerp / mean · attention window 8, " \
-           "keep 0)" in capsys.readouterr().out
+           f"keep {keep})" in capsys.readouterr().out
 
 
 def test_a_per_cutoff_preset_with_other_cutoffs_asks_for_ratios(monkeypatch, capsys):

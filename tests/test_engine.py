@@ -335,11 +335,12 @@ def test_sampling_that_no_model_can_use_is_refused():
 # ------------------------------------------------------------------------- the attention choice: merge what is ignored
 
 ATTENTION_SETTINGS = [
-    MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=4),
+    MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=4, attention_keep=0),
     MergeSettings(cutoffs=(1, 4), ratio=(0.75, 0.5), choice="attention", attention_window=6, attention_keep=3,
                   keep_start=2, keep_end=2, method="lerp", positions="first", proportional=True),
     MergeSettings(cutoffs=(3,), choice="attention", attention_keep=2, method="slerp-dir", positions="renumber"),
-    MergeSettings(cutoffs=(0, 3), ratio=0.6, choice="attention", method="seed-2024", attention_window=50),
+    MergeSettings(cutoffs=(0, 3), ratio=0.6, choice="attention", method="seed-2024", attention_window=50,
+                  attention_keep=0),
 ]
 
 
@@ -376,7 +377,7 @@ def test_the_most_attended_tokens_are_never_merged():
     top = set(scores.topk(5).indices.tolist())
     merged = {i for g in layout.stages[0].groups if len(g) == 2 for i in g}
     assert merged and not top & merged
-    alone = MergeSettings(cutoffs=(2,), choice="attention", attention_window=8)
+    alone = MergeSettings(cutoffs=(2,), choice="attention", attention_window=8, attention_keep=0)
     _, unprotected, _ = engine.prefill(ids, None, alone)
     assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
 
@@ -457,7 +458,7 @@ def test_sliding_window_layers_without_merging_are_the_model():
 def test_sliding_window_layers_merge_and_refuse_proportional_attention():
     engine = _sliding_qwen2()
     ids = random_ids(24, seed=3)
-    settings = MergeSettings(cutoffs=(2, 4), ratio=0.5, choice="attention", attention_window=4)
+    settings = MergeSettings(cutoffs=(2, 4), ratio=0.5, choice="attention", attention_window=4, attention_keep=0)
     cached, _, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
     recomputed, _, _ = engine.prefill(ids, None, settings)
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
