@@ -197,12 +197,13 @@ def retrieval_main(argv: list[str] | None = None) -> int:
         haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])
         began = time.perf_counter()
         rows = run_retrieval(engine, haystack, plan, log=lambda m: print(m, file=sys.stderr))
+        # Read while --threads is still in force, so the report names the threads the run used.
+        machine, model = machine_info(engine.device, ["retrieval", *(argv or [])]), describe_model(engine, name)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
-    machine, model = machine_info(engine.device, ["retrieval", *(argv or [])]), describe_model(engine, name)
     print(f"retrieval on {machine['gpu'] or machine['cpu']} ({machine['device']}), model {name}, "
           f"{time.perf_counter() - began:.0f} s")
     print(write_report(args.out, rows, plan, machine, model))
