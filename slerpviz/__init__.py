@@ -1,9 +1,10 @@
 """slerpviz: merge consecutive tokens with SLERP inside an LLM's forward pass, and see what it does."""
 
-from .engine import MergeSettings, MergingEngine, Run, Sampling, Step, Trace
+from .engine import MergeSettings, MergingEngine, Run, Sampling, Session, Step, Trace
 from .merge import MergePlan, apply_plan, lerp, plan_merge, plan_stages, seed2024, slerp
+from .patch import apply, merging, remove
 
 __all__ = [
-    "MergePlan", "MergeSettings", "MergingEngine", "Run", "Sampling", "Step", "Trace",
-    "apply_plan", "lerp", "plan_merge", "plan_stages", "seed2024", "slerp",
+    "MergePlan", "MergeSettings", "MergingEngine", "Run", "Sampling", "Session", "Step", "Trace",
+    "apply", "apply_plan", "lerp", "merging", "plan_merge", "plan_stages", "remove", "seed2024", "slerp",
 ]

@@ -12,6 +12,7 @@ import contextlib
 import math
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +37,7 @@ if not _version_tuple(TESTED_TRANSFORMERS[0]) <= _version_tuple(transformers.__v
 
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .merge import (
     PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
@@ -184,6 +186,10 @@ class MergingEngine:
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
     # ---------------------------------------------------------------------------------------------------------------
     # Input
     # ---------------------------------------------------------------------------------------------------------------
@@ -294,19 +300,18 @@ class MergingEngine:
         """Next-token logits [1, vocab] from the last position only, as generate() computes them."""
         return self.model.lm_head(self.decoder.norm(h[:, -1:]))[:, -1].float()
 
-    @torch.inference_mode()
-    def prefill(
-        self, input_ids: torch.Tensor, stages: list[Stage] | None, settings: MergeSettings, cache=None
+    def _forward_prompt(
+        self, h: torch.Tensor, settings: MergeSettings, cache=None, stages: list[Stage] | None = None,
     ) -> tuple[torch.Tensor, Layout, list[torch.Tensor]]:
-        """Run the whole prompt, merging at each cutoff.
+        """The prompt's embeddings h [1, L, d] through every layer, merging at each cutoff (planned there, from the
+        hidden states when the choice needs them, unless `stages` replays a plan). Returns the last layer's output,
+        one row per final slot (before the final norm), the layout (for new tokens) and each merged pair's cosine.
 
-        `stages` is the plan (from plan_stages), or None to plan at each cutoff, which `similar` requires.
-        Returns the next-token logits, the layout (for decode steps) and the cosine of each merged pair.
+        The one merging forward: the engine's sessions and the patch on a model's own forward both run it.
         """
-        length = input_ids.shape[-1]
-        cutoffs = [stage.cutoff for stage in stages] if stages is not None else list(settings.cutoffs)
-        ratios = ratio_per_stage(settings.ratio, len(cutoffs))
-        h = self.decoder.embed_tokens(input_ids)
+        length = h.shape[1]
+        cutoffs = settings.cutoffs if stages is None else tuple(stage.cutoff for stage in stages)
+        ratios = ratio_per_stage(settings.ratio, len(settings.cutoffs))
         positions = torch.arange(length, dtype=torch.float32)
         first = last = torch.arange(length)
         log_sizes = None
@@ -320,23 +325,35 @@ class MergingEngine:
                 start = end
             if cutoff is None:
                 break
-            merged = self.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings, ratios[index],
+            merged = self.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings,
+                                          ratios[index] if stages is None else 1.0,
                                           stages[index] if stages is not None else None)
             h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes
             first, last = merged.stage.first, merged.stage.last
             cosines.append(merged.cosines)
             realised.append(merged.stage)
             scores.append(merged.attention)
-        return self._logits(h), Layout(segments, realised, scores), cosines
+        return h, Layout(segments, realised, scores), cosines
+
+    def _forward_new(self, h: torch.Tensor, position: int, layout: Layout, cache) -> torch.Tensor:
+        """New tokens' embeddings h [1, n, d], the first at original position `position`, through every layer's
+        cache; each layer places them after its own (possibly merged) sequence."""
+        new = torch.arange(h.shape[1], dtype=torch.float32) + position
+        for segment in layout.segments:
+            h = self._run_layers(h, segment.start, segment.end, new + segment.offset, cache, segment.log_sizes)
+        return h
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, position: int, layout: Layout, cache) -> torch.Tensor:
-        """Feed one token [1, 1] at original position `position` through every layer's cache."""
-        h = self.decoder.embed_tokens(token)
-        for segment in layout.segments:
-            h = self._run_layers(h, segment.start, segment.end, torch.tensor([position + segment.offset]), cache,
-                                 segment.log_sizes)
-        return self._logits(h)
+    def prefill(self, input_ids: torch.Tensor, settings: MergeSettings = MergeSettings(), cached: bool = True,
+                stages: list[Stage] | None = None) -> "Session":
+        """Run the prompt [1, L], merging at each cutoff, into a fresh per-layer cache (none when not `cached`).
+
+        `stages` replays a plan instead of planning (a one-pass reference for cached decoding, in the tests).
+        """
+        self.validate(input_ids.shape[-1], settings)
+        cache = DynamicCache(config=self.config) if cached else None
+        h, layout, cosines = self._forward_prompt(self.decoder.embed_tokens(input_ids), settings, cache, stages)
+        return Session(self, cache, layout, cosines, input_ids.shape[-1], self._logits(h))
 
     # ---------------------------------------------------------------------------------------------------------------
     # The merge at a cutoff
@@ -347,7 +364,7 @@ class MergingEngine:
         log_sizes: torch.Tensor | None, cutoff: int, settings: MergeSettings, ratio: float, stage: Stage | None = None,
     ) -> "Merged":
         """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar` and
-        `attention`) unless it is given, the pair cosines, the interpolation, the slots' positions and sizes."""
+        `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes."""
         attention = None
         if stage is None:
             similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
@@ -416,12 +433,45 @@ class MergingEngine:
     def warm_up(self) -> None:
         """One short forward pass, so the first timed run is not charged for one-time setup (kernels, allocator)."""
         ids = torch.zeros(1, 8, dtype=torch.long, device=self.device)
-        self.prefill(ids, plan_stages(8, (self.num_layers // 2,)), MergeSettings())
+        self.prefill(ids, MergeSettings(cutoffs=(self.num_layers // 2,))).decode(0)
         self.sync()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class Session:
+    """A prompt the engine has run: its per-layer KV caches (shorter after each cutoff), the layout the merge left,
+    the stages that actually ran, and the next-token logits. `decode` feeds generated tokens one step at a time."""
+
+    def __init__(self, engine: MergingEngine, cache, layout: Layout, cosines: list[torch.Tensor], length: int,
+                 logits: torch.Tensor):
+        self.engine, self.cache, self.layout, self.cosines = engine, cache, layout, cosines
+        self.length = length  # original tokens fed so far: the next one sits at this position
+        self.logits = logits  # [1, vocab]: the next token's
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.layout.stages
+
+    @torch.inference_mode()
+    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token (or [1, n] tokens) through every layer's cache; the next token's logits [1, vocab]."""
+        if self.cache is None:
+            raise ValueError("this session was prefilled without a cache; re-run the prompt to go on")
+        ids = torch.as_tensor(token, device=self.engine.device).reshape(1, -1)
+        h = self.engine._forward_new(self.engine.decoder.embed_tokens(ids), self.length, self.layout, self.cache)
+        self.length += ids.shape[1]
+        self.logits = self.engine._logits(h)
+        return self.logits
+
+    def kv_lengths(self) -> list[int]:
+        """Tokens (slots) each layer's cache holds."""
+        return [layer.get_seq_length() for layer in self.cache.layers] if self.cache is not None else []
+
+    def kv_bytes(self) -> list[int]:
+        return kv_bytes_per_layer(self.cache) if self.cache is not None else []
 
 
 class Run:
@@ -434,8 +484,7 @@ class Run:
     def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str):
         self.engine, self.input_ids, self.settings, self.sampling, self.mode = engine, input_ids, settings, sampling, mode
         self.trace = engine.new_trace(input_ids, settings, mode)
-        self.cache = None
-        self.layout: Layout | None = None
+        self.session: Session | None = None  # the prompt's session, from the first step on
         self._steps = self._generate()
 
     def __iter__(self) -> Iterator[Step]:
@@ -456,29 +505,25 @@ class Run:
         for step in range(sampling.max_new_tokens):
             engine.sync()
             began = time.perf_counter()
-            if self.mode == "recompute":
-                # The article's semantics: no cache, re-plan and re-merge the whole sequence every step.
-                logits, layout, cosines = engine.prefill(ids, None, self.settings)
-            elif step == 0:
-                self.cache = DynamicCache(config=engine.config)
-                logits, self.layout, cosines = engine.prefill(ids, None, self.settings, self.cache)
+            if step == 0 or self.mode == "recompute":
+                # recompute is the article's semantics: no cache, re-plan and re-merge the whole sequence every step.
+                session = engine.prefill(ids, self.settings, cached=self.mode == "cached")
+                logits = session.logits
+                if step == 0:
+                    self.session = session
             else:
-                logits = engine.decode(ids[:, -1:], ids.shape[-1] - 1, self.layout, self.cache)
+                logits = self.session.decode(ids[:, -1:])
             token = _choose(logits, ids, warp, generator)
             engine.sync()
             seconds = time.perf_counter() - began
 
             if step == 0:
                 trace.prefill_s = seconds
-                trace.pair_cosines = [c.flatten().tolist() for c in cosines]
-                ran = layout if self.mode == "recompute" else self.layout
-                trace.attention_scores = [a.tolist() if a is not None else [] for a in ran.attention]
-                if trace.plan_pending:
-                    record_plan(trace, ran.stages)
+                record_session(trace, self.session)
             else:
                 trace.decode_s.append(seconds)
-            if self.cache is not None:
-                trace.kv_bytes_per_layer = kv_bytes_per_layer(self.cache)
+            if self.session.cache is not None:
+                trace.kv_bytes_per_layer = self.session.kv_bytes()
             trace.generated_ids.append(token)
             ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
             text = engine.tokenizer.decode(trace.generated_ids, skip_special_tokens=True)
@@ -491,6 +536,58 @@ class Run:
                 break
         trace.text = engine.tokenizer.decode(trace.generated_ids, skip_special_tokens=True)
         trace.finished = True
+
+
+class MergingForward:
+    """A decoder's forward (`model.model.forward`) that merges, in the signature transformers calls it with: what
+    `slerpviz.merging` puts on a model so that its own `generate`, pipelines and harnesses merge.
+
+    A prompt fed with an empty cache (or none) runs the engine's merging forward; tokens fed with a cache that this
+    forward filled continue it, each layer after its own shorter sequence. The output has one hidden state per input
+    token: after a merge each token gets its final slot's (ToMe's "unmerge"), so the last token's, the one that
+    `generate` reads, is exact; per-token scores of merged tokens mean what their slot means.
+    """
+
+    def __init__(self, engine: MergingEngine, settings: MergeSettings):
+        # Everything but the prompt's length can be checked now; the spans are checked against each prompt.
+        engine.validate(settings.keep_start + settings.keep_end + 2, settings)
+        self.engine, self.settings = engine, settings
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> [layout, next position]
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                 use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
+        engine = self.engine
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError("slerpviz's merging forward does not return per-layer attentions or hidden states")
+        h = engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if h.shape[0] != 1:
+            raise ValueError(
+                f"slerpviz merges one sequence at a time, not a batch of {h.shape[0]}: the pairs, the positions and "
+                "the cache lengths are planned per sequence; run the prompts one by one (pipeline batch_size=1)"
+            )
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            raise ValueError("slerpviz's merging forward does not take padding: give a prompt without padded tokens")
+        use_cache = engine.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=engine.config)
+        if cache is not None and cache.get_seq_length() > 0:
+            if cache not in self._layouts:
+                raise ValueError("this cache was filled without slerpviz's merging; start from an empty cache")
+            layout, position = self._layouts[cache]
+            hidden = engine._forward_new(h, position, layout, cache)
+            self._layouts[cache][1] = position + h.shape[1]
+        else:
+            engine.validate(h.shape[1], self.settings)
+            hidden, layout, _ = engine._forward_prompt(h, self.settings, cache)
+            if layout.stages:  # one row per original token again: each gets its final slot's
+                hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
+            if cache is not None:
+                self._layouts[cache] = [layout, h.shape[1]]
+        return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
+                                       cache=cache if use_cache else None)
 
 
 def interleave(*runs: Run, lock=None) -> Iterator[tuple[Step | None, ...]]:
@@ -529,6 +626,13 @@ class Merged:
     positions: torch.Tensor  # [slots]: RoPE positions of the slots
     log_sizes: torch.Tensor | None  # log(tokens per slot) for proportional attention, when any slot holds several
     attention: torch.Tensor | None = None  # [items]: attention received, when the `attention` choice planned the stage
+
+
+def record_session(trace: Trace, session: Session) -> None:
+    """Write what the prompt's prefill did into the trace: the stages that ran, pair cosines, attention scores."""
+    record_plan(trace, session.stages)
+    trace.pair_cosines = [c.flatten().tolist() for c in session.cosines]
+    trace.attention_scores = [a.tolist() if a is not None else [] for a in session.layout.attention]
 
 
 def record_plan(trace: Trace, stages: list[Stage]) -> None:

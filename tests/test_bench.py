@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig
+from transformers import LlamaConfig
 
 from conftest import tiny_engine, word_tokenizer
 from slerpviz.bench import command, limits, schedules
@@ -66,13 +66,14 @@ def test_sliding_window_caps_attention_pairs():
 def test_predicted_kv_bytes_equal_the_engines_cache(tiny):
     ids = torch.randint(0, 128, (1, 37))
     settings = MergeSettings(cutoffs=(1, 3))
-    cache = DynamicCache(config=tiny.config)
-    stages = plan_stages(37, settings.cutoffs)
-    tiny.prefill(ids, stages, settings, cache)
+    session = tiny.prefill(ids, settings)
     measured = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in ((layer.keys, layer.values) for layer in cache.layers))
+                   for k, v in ((layer.keys, layer.values) for layer in session.cache.layers))
+    assert measured == sum(session.kv_bytes())
     shape = limits.Shape.from_config(tiny.config, torch.float32)
-    assert measured == limits.kv_bytes(shape, limits.layer_lengths(37, stages, tiny.num_layers))
+    lengths = limits.layer_lengths(37, plan_stages(37, settings.cutoffs), tiny.num_layers)
+    assert session.kv_lengths() == lengths
+    assert measured == limits.kv_bytes(shape, lengths)
 
 
 def test_decode_limits_are_above_one_and_below_prefills():

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import TINY, random_ids, tiny_engine, word_tokenizer
 from slerpviz.engine import MergeSettings, MergingEngine, Sampling, interleave
-from slerpviz.merge import plan_stages
 
 N_LAYERS = TINY["num_hidden_layers"]
 
@@ -16,9 +15,10 @@ def hf_last_logits(model, ids):
         return model(ids).logits[:, -1].float()
 
 
-def engine_prefill(engine, ids, settings, cache=None):
-    stages = plan_stages(ids.shape[-1], settings.cutoffs, settings.keep_start, settings.keep_end)
-    return engine.prefill(ids, stages, settings, cache)
+def prefilled(engine, ids, settings, cached=False, stages=None):
+    """Next-token logits, layout and pair cosines of a prefill (with a cache or without)."""
+    session = engine.prefill(ids, settings, cached, stages)
+    return session.logits, session.layout, session.cosines
 
 
 def greedy(engine, ids, settings, n, mode="cached"):
@@ -32,7 +32,7 @@ def greedy(engine, ids, settings, n, mode="cached"):
 @pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(cutoffs=(N_LAYERS,))], ids=["empty", "cutoff=N"])
 def test_without_merging_the_engine_is_the_model(engine, settings):
     ids = random_ids(23)
-    logits, _, _ = engine_prefill(engine, ids, settings)
+    logits, _, _ = prefilled(engine, ids, settings)
     torch.testing.assert_close(logits, hf_last_logits(engine.model, ids), atol=1e-5, rtol=1e-5)
 
     tokens, _ = greedy(engine, ids, settings, 12)
@@ -47,7 +47,7 @@ def test_without_merging_cached_decode_logits_match_a_full_forward(engine):
     n = 6
     tokens, run = greedy(engine, ids, MergeSettings(), n + 1)
     full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
-    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
+    cached = _rewound(run).decode(full[:, -1:])
     torch.testing.assert_close(cached, hf_last_logits(engine.model, full), atol=1e-5, rtol=1e-5)
 
 
@@ -55,8 +55,8 @@ def test_without_merging_cached_decode_logits_match_a_full_forward(engine):
 def test_eager_and_sdpa_agree_after_merging(attn):
     ids = random_ids(40, seed=5)
     settings = MergeSettings(cutoffs=(2, 4), keep_start=3, keep_end=2)
-    reference, _, _ = engine_prefill(tiny_engine("llama", "eager"), ids, settings)
-    logits, _, _ = engine_prefill(tiny_engine("llama", attn), ids, settings)
+    reference, _, _ = prefilled(tiny_engine("llama", "eager"), ids, settings)
+    logits, _, _ = prefilled(tiny_engine("llama", attn), ids, settings)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
@@ -74,8 +74,8 @@ SETTINGS = [
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.cutoffs}-{s.method}-{s.positions}")
 def test_cached_and_recompute_give_the_same_prefill(engine, settings):
     ids = random_ids(31, seed=1)
-    cached, _, _ = engine_prefill(engine, ids, settings, DynamicCache(config=engine.config))
-    recomputed, _, _ = engine_prefill(engine, ids, settings)
+    cached, _, _ = prefilled(engine, ids, settings, cached=True)
+    recomputed, _, _ = prefilled(engine, ids, settings)
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
     first_cached, _ = greedy(engine, ids, settings, 1, "cached")
     first_recomputed, _ = greedy(engine, ids, settings, 1, "recompute")
@@ -90,7 +90,7 @@ def test_cache_lengths_follow_the_plan(engine, settings):
     for _ in range(n + 1):  # the first step is the prefill, each further one feeds one token
         next(run)
     planned = run.trace.seq_len_per_layer
-    lengths = [layer.get_seq_length() for layer in run.cache.layers]
+    lengths = run.session.kv_lengths()
     assert lengths == [p + n for p in planned]
     assert planned[-1] < ids.shape[1]  # the plan did shorten the later layers
     head_bytes = 2 * TINY["num_key_value_heads"] * (TINY["hidden_size"] // TINY["num_attention_heads"]) * 4
@@ -111,17 +111,18 @@ def test_cached_decoding_equals_a_full_pass_with_the_prompt_plan_kept(engine, se
     full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
     kept = MergeSettings(settings.cutoffs, settings.keep_start, max(settings.keep_end, 1) + n, settings.method,
                          settings.positions)
-    reference, _, _ = engine_prefill(engine, full, kept)
-    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
+    reference, _, _ = prefilled(engine, full, kept)
+    cached = _rewound(run).decode(full[:, -1:])
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
 
 
 def _rewound(run):
-    """The run's cache without its last fed token, so the last decode step can be replayed and compared."""
-    cache = run.cache
-    for layer in cache.layers:
+    """The run's session without its last fed token, so the last decode step can be replayed and compared."""
+    session = run.session
+    for layer in session.cache.layers:
         layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
-    return cache
+    session.length -= 1
+    return session
 
 
 # ------------------------------------------------------------------------------------------------ sampling, trace
@@ -241,9 +242,9 @@ FRONTIER_SETTINGS = [
 
 def test_ratio_one_consecutive_without_proportional_attention_is_the_plain_merge_bit_for_bit(engine):
     ids = random_ids(33, seed=9)
-    plain, _, _ = engine_prefill(engine, ids, MergeSettings(cutoffs=(3,), keep_start=2))
-    explicit, _, _ = engine.prefill(ids, None, MergeSettings(cutoffs=(3,), keep_start=2, ratio=1.0,
-                                                             choice="consecutive", proportional=False))
+    plain, _, _ = prefilled(engine, ids, MergeSettings(cutoffs=(3,), keep_start=2))
+    explicit, _, _ = prefilled(engine, ids, MergeSettings(cutoffs=(3,), keep_start=2, ratio=1.0,
+                                                              choice="consecutive", proportional=False))
     assert torch.equal(plain, explicit)
 
 
@@ -255,28 +256,28 @@ def test_cached_decoding_with_chosen_pairs_equals_a_full_pass(engine, settings):
     full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
     kept = MergeSettings(settings.cutoffs, settings.keep_start, max(settings.keep_end, 1) + n, settings.method,
                          settings.positions, settings.ratio, settings.choice, settings.proportional)
-    reference, layout, _ = engine.prefill(full, None, kept)
+    reference, layout, _ = prefilled(engine, full, kept)
     assert [s.groups for s in layout.stages] == [[g for g in s.groups] + [(p,) for p in range(30, 30 + n)]
-                                                 for s in run.layout.stages]
-    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
+                                                 for s in run.session.stages]
+    cached = _rewound(run).decode(full[:, -1:])
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("settings", FRONTIER_SETTINGS, ids=lambda s: f"{s.choice}-{s.ratio}-{s.proportional}")
 def test_cached_and_recompute_agree_with_chosen_pairs(engine, settings):
     ids = random_ids(27, seed=8)
-    cached, _, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
-    recomputed, _, _ = engine.prefill(ids, None, settings)
+    cached, _, _ = prefilled(engine, ids, settings, cached=True)
+    recomputed, _, _ = prefilled(engine, ids, settings)
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
 
 
 def test_proportional_attention_works_with_eager_and_sdpa_and_changes_the_result():
     ids = random_ids(36, seed=2)
     settings = MergeSettings(cutoffs=(1, 3), proportional=True)
-    eager, _, _ = tiny_engine("mistral", "eager").prefill(ids, None, settings)
-    sdpa, _, _ = tiny_engine("mistral", "sdpa").prefill(ids, None, settings)
+    eager, _, _ = prefilled(tiny_engine("mistral", "eager"), ids, settings)
+    sdpa, _, _ = prefilled(tiny_engine("mistral", "sdpa"), ids, settings)
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
-    plain, _, _ = tiny_engine("mistral", "sdpa").prefill(ids, None, MergeSettings(cutoffs=(1, 3)))
+    plain, _, _ = prefilled(tiny_engine("mistral", "sdpa"), ids, MergeSettings(cutoffs=(1, 3)))
     assert not torch.allclose(plain, sdpa, atol=1e-4)
 
 
@@ -372,13 +373,13 @@ def test_the_most_attended_tokens_are_never_merged():
     engine = tiny_engine("llama")
     ids = random_ids(48, seed=13)
     settings = MergeSettings(cutoffs=(2,), choice="attention", attention_keep=5, attention_window=8)
-    _, layout, _ = engine.prefill(ids, None, settings)
+    _, layout, _ = prefilled(engine, ids, settings)
     scores = layout.attention[0]
     top = set(scores.topk(5).indices.tolist())
     merged = {i for g in layout.stages[0].groups if len(g) == 2 for i in g}
     assert merged and not top & merged
     alone = MergeSettings(cutoffs=(2,), choice="attention", attention_window=8, attention_keep=0)
-    _, unprotected, _ = engine.prefill(ids, None, alone)
+    _, unprotected, _ = prefilled(engine, ids, alone)
     assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
 
 
@@ -403,16 +404,16 @@ def test_cached_decoding_with_attention_choice_equals_a_full_pass(engine, settin
     n = 4
     tokens, run = greedy(engine, ids, settings, n + 1)
     full = torch.cat([ids, torch.tensor([tokens[:n]])], dim=1)
-    reference, _, _ = engine.prefill(full, _extended(run.layout.stages, 30, n), settings)
-    cached = engine.decode(full[:, -1:], full.shape[1] - 1, run.layout, _rewound(run))
+    reference, _, _ = prefilled(engine, full, settings, stages=_extended(run.session.stages, 30, n))
+    cached = _rewound(run).decode(full[:, -1:])
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("settings", ATTENTION_SETTINGS, ids=_label)
 def test_cached_and_recompute_agree_with_attention_choice(engine, settings):
     ids = random_ids(27, seed=8)
-    cached, layout, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
-    recomputed, again, _ = engine.prefill(ids, None, settings)
+    cached, layout, _ = prefilled(engine, ids, settings, cached=True)
+    recomputed, again, _ = prefilled(engine, ids, settings)
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
     assert [s.groups for s in layout.stages] == [s.groups for s in again.stages]
     assert all(a is not None and a.shape[0] == (27 if i == 0 else len(layout.stages[i - 1].groups))
@@ -459,8 +460,8 @@ def test_sliding_window_layers_merge_and_refuse_proportional_attention():
     engine = _sliding_qwen2()
     ids = random_ids(24, seed=3)
     settings = MergeSettings(cutoffs=(2, 4), ratio=0.5, choice="attention", attention_window=4, attention_keep=0)
-    cached, _, _ = engine.prefill(ids, None, settings, DynamicCache(config=engine.config))
-    recomputed, _, _ = engine.prefill(ids, None, settings)
+    cached, _, _ = prefilled(engine, ids, settings, cached=True)
+    recomputed, _, _ = prefilled(engine, ids, settings)
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
     assert len(greedy(engine, ids, settings, 4)[0]) >= 1
     with pytest.raises(ValueError, match="proportional attention is not supported"):

@@ -20,7 +20,6 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from ..engine import MergeSettings, MergingEngine, Sampling
 from ..merge import METHODS, POSITION_MODES
@@ -91,30 +90,20 @@ class TokenText:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prefill_with_cache(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings):
-    stages = engine.plan(ids, settings)
-    cache = DynamicCache(config=engine.config)
-    logits, layout, _ = engine.prefill(ids, stages, settings, cache)
-    return logits[0], layout, cache
-
-
-def decode_token(engine: MergingEngine, token: int, position: int, layout, cache) -> torch.Tensor:
-    return engine.decode(torch.tensor([[token]], device=engine.device), position, layout, cache)[0]
-
-
 def base_reference(engine: MergingEngine, ids: torch.Tensor, continuation: int) -> Reference:
     """The base model's next-token distribution at `ids` and its greedy continuation of `continuation` tokens."""
-    logits, layout, cache = prefill_with_cache(engine, ids, MergeSettings())
+    session = engine.prefill(ids, MergeSettings())
+    logits = session.logits[0]
     tokens = [int(logits.argmax())]
-    for step in range(1, continuation):
-        tokens.append(int(decode_token(engine, tokens[-1], ids.shape[-1] + step - 1, layout, cache).argmax()))
+    for _ in range(1, continuation):
+        tokens.append(int(session.decode(tokens[-1]).argmax()))
     return Reference(torch.log_softmax(logits, -1), tokens)
 
 
 def compare(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, reference: Reference) -> dict:
     """The merged model at `ids` against the base reference."""
-    logits, layout, cache = prefill_with_cache(engine, ids, settings)
-    log_probs = torch.log_softmax(logits, -1)
+    session = engine.prefill(ids, settings)
+    log_probs = torch.log_softmax(session.logits[0], -1)
     base_top5 = reference.log_probs.topk(5).indices
     merged_top5 = log_probs.topk(5).indices
     base_top1 = int(base_top5[0])
@@ -124,17 +113,18 @@ def compare(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, r
         "top5": float(base_top1 in merged_top5.tolist()),
         "top5_overlap": len(set(base_top5.tolist()) & set(merged_top5.tolist())) / 5,
         "kl": max(float(kl), 0.0),  # KL is never negative; a tiny negative value is rounding
-        **divergence(engine, ids.shape[-1], logits, layout, cache, reference.continuation),
+        **divergence(session, reference.continuation),
     }
 
 
-def divergence(engine, length: int, logits, layout, cache, continuation: list[int]) -> dict:
-    """How many tokens of the base's greedy continuation the merged model would also choose, in a row."""
-    agreed = 0
+def divergence(session, continuation: list[int]) -> dict:
+    """How many tokens of the base's greedy continuation the merged model (a prefilled session) would also choose,
+    in a row."""
+    agreed, logits = 0, session.logits
     while agreed < len(continuation) and int(logits.argmax()) == continuation[agreed]:
         agreed += 1
         if agreed < len(continuation):
-            logits = decode_token(engine, continuation[agreed - 1], length + agreed - 1, layout, cache)
+            logits = session.decode(continuation[agreed - 1])
     return {"tokens_to_divergence": agreed, "censored": agreed == len(continuation)}
 
 

@@ -133,21 +133,18 @@ def is_article_setting(settings: MergeSettings) -> bool:
 
 def timed_prefill(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings) -> tuple[float, list[int]]:
     """Seconds for one cached prefill (merge included), and the sequence length each layer saw."""
-    cache = DynamicCache(config=engine.config)
     engine.sync()
     began = time.perf_counter()
-    _, layout, _ = engine.prefill(ids, None, settings, cache)
+    session = engine.prefill(ids, settings)
     engine.sync()
     seconds = time.perf_counter() - began
-    lengths = [layer.get_seq_length() for layer in cache.layers]
-    del layout, cache
-    return seconds, lengths
+    return seconds, session.kv_lengths()
 
 
 def measure_speed(engine: MergingEngine, ids: torch.Tensor, settings: tuple[MergeSettings, ...], repeats: int,
                   log=print) -> list[dict]:
     """Base and each merged setting timed in turn (base, merged, base, merged ...), repeated; medians."""
-    shape = Shape.from_config(engine.config, engine.decoder.embed_tokens.weight.dtype)
+    shape = Shape.from_config(engine.config, engine.dtype)
     _, base_lengths = timed_prefill(engine, ids, MergeSettings())  # warm-up, not counted
     base_times: dict[int, list[float]] = {i: [] for i in range(len(settings))}
     merged_times: dict[int, list[float]] = {i: [] for i in range(len(settings))}

@@ -248,7 +248,7 @@ def run_retrieval(engine: MergingEngine, haystack: Haystack, plan: RetrievalPlan
     for task in plan.tasks:  # a filler too short or a length too short fails now, not an hour in
         for length in plan.lengths:
             build_prompt(haystack, task, length, plan.depths[0], 0, plan.seed)
-    shape = Shape.from_config(engine.config, engine.decoder.embed_tokens.weight.dtype)
+    shape = Shape.from_config(engine.config, engine.dtype)
     engine.warm_up()
     rows = []
     for task in plan.tasks:

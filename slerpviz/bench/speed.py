@@ -104,7 +104,7 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
     memory.start()
     with never_stops(engine):
         for index, _ in enumerate(run):
-            if index == 0 and run.cache is not None:
+            if index == 0 and run.session.cache is not None:
                 kv_bytes = sum(run.trace.kv_bytes_per_layer)  # the cache the prompt left, before decoding grows it
     peak = memory.peak()
     decode = run.trace.decode_s
@@ -130,8 +130,7 @@ def merge_step(engine: MergingEngine, h: torch.Tensor, settings: MergeSettings) 
 def time_merge(engine: MergingEngine, length: int, settings: MergeSettings, repeats: int) -> float:
     """Seconds the merge itself takes in one prefill, on hidden states of the model's width and dtype (the values
     do not change the work). Median of `repeats`."""
-    embed = engine.decoder.embed_tokens.weight
-    hidden = torch.randn(1, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
+    hidden = torch.randn(1, length, engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
     with torch.inference_mode():
         merge_step(engine, hidden, settings)  # warm-up
         times = []
@@ -165,7 +164,7 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
         for schedule in plan.schedules:
             engine.validate(length, plan.settings(schedule), Sampling(max_new_tokens=plan.new_tokens))
     memory = PeakMemory(engine.device)
-    shape = limits.Shape.from_config(engine.config, engine.decoder.embed_tokens.weight.dtype)
+    shape = limits.Shape.from_config(engine.config, engine.dtype)
     repeats, rows, sanity = [], [], []
     for length in plan.lengths:
         ids = random_prompt(engine, length, plan.seed)

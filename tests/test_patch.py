@@ -1,0 +1,177 @@
+"""The patch: a model's own forward, `generate` and pipelines merge inside `with slerpviz.merging(...)`."""
+
+import pytest
+import torch
+from transformers import DynamicCache, pipeline
+
+import slerpviz
+from conftest import FAMILIES, TINY, WORDS, random_ids, tiny_model, word_tokenizer
+from slerpviz.engine import MergeSettings, MergingEngine, MergingForward, Sampling
+
+N_LAYERS = TINY["num_hidden_layers"]
+NEW = 8
+
+
+def plain_generate(model, ids, n=NEW):
+    """Greedy tokens from the model's own generate; no EOS stop, so runs compare token for token."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def engine_tokens(model, ids, settings, n=NEW):
+    engine = MergingEngine(model, word_tokenizer())
+    engine.eos_ids = set()  # as generate above: run all n tokens
+    run = engine.start(ids, settings, Sampling(max_new_tokens=n))
+    return [step.token_id for step in run]
+
+
+def is_patched(model) -> bool:
+    return isinstance(model.model.__dict__.get("forward"), MergingForward)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def model(request):
+    return tiny_model(request.param)
+
+
+# ------------------------------------------------------------------------------------------- no cutoffs: the model
+
+
+def test_with_no_cutoffs_patched_generate_is_plain_generate(model):
+    ids = random_ids(21, seed=1)
+    reference = plain_generate(model, ids)
+    with slerpviz.merging(model, MergeSettings()):
+        assert is_patched(model)
+        patched = plain_generate(model, ids)
+        with torch.no_grad():
+            logits = model(ids).logits
+    assert patched == reference
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_on_the_embedded_model_the_patch_is_the_model_without_cutoffs_and_the_engine_with(embedded):
+    model = embedded.model
+    ids = embedded.encode("Name three rivers in Europe and say which is the longest.")
+    reference = plain_generate(model, ids, 6)
+    with slerpviz.merging(model, MergeSettings()):
+        assert plain_generate(model, ids, 6) == reference
+    settings = MergeSettings(cutoffs=(15, 20), ratio=(0.5, 1.0), choice="attention", keep_end=4)
+    with slerpviz.merging(model, settings):
+        patched = plain_generate(model, ids, 6)
+    run = embedded.start(ids, settings, Sampling(max_new_tokens=6))
+    assert patched[:len(run.trace.generated_ids) or 6] == [step.token_id for step in run]
+
+
+# ------------------------------------------------------------------------------------- with cutoffs: the engine
+
+
+SETTINGS = [
+    MergeSettings(cutoffs=(3,)),
+    MergeSettings(cutoffs=(2, 4), keep_start=3, keep_end=2, ratio=(0.5, 1.0), positions="first"),
+    MergeSettings(cutoffs=(2,), choice="similar", ratio=0.5, method="lerp"),
+    MergeSettings(cutoffs=(1, 4), choice="attention", ratio=0.5, attention_window=4, attention_keep=3),
+    MergeSettings(cutoffs=(0, 3), proportional=True),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.cutoffs}-{s.choice}-{s.proportional}")
+def test_patched_generate_equals_the_engines_run(model, settings):
+    ids = random_ids(30, seed=2)
+    with slerpviz.merging(model, settings):
+        patched = plain_generate(model, ids)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+    assert patched == engine_tokens(model, ids, settings)
+    assert cache.layers[-1].get_seq_length() < ids.shape[1]  # the model's own forward did merge
+
+
+def test_a_full_forward_has_one_row_per_token_and_the_engines_last_logits(model):
+    ids = random_ids(25, seed=3)
+    settings = MergeSettings(cutoffs=(2,), keep_end=4)
+    with slerpviz.merging(model, settings), torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    engine = MergingEngine(model, word_tokenizer())
+    assert logits.shape[1] == ids.shape[1]
+    torch.testing.assert_close(logits[:, -1].float(), engine.prefill(ids, settings).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- always taken off
+
+
+def test_the_patch_is_gone_after_the_block_and_after_an_exception(model):
+    ids = random_ids(20, seed=4)
+    reference = plain_generate(model, ids)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))):
+        pass
+    assert not is_patched(model) and "forward" not in model.model.__dict__
+    with pytest.raises(RuntimeError, match="boom"):
+        with slerpviz.merging(model, MergeSettings(cutoffs=(2,))):
+            raise RuntimeError("boom")
+    assert not is_patched(model)
+    assert plain_generate(model, ids) == reference
+
+
+def test_apply_and_remove_and_an_instance_forward_that_was_there_comes_back(model):
+    original = model.model.forward
+    model.model.forward = original  # an instance attribute, as accelerate's hooks set one
+    try:
+        slerpviz.apply(model, MergeSettings(cutoffs=(2,)))
+        with pytest.raises(ValueError, match="already merging"):
+            slerpviz.apply(model, MergeSettings(cutoffs=(3,)))
+        slerpviz.remove(model)
+        assert model.model.__dict__["forward"] is original
+        slerpviz.remove(model)  # a model without the patch is left as it is
+        assert model.model.__dict__["forward"] is original
+    finally:
+        model.model.__dict__.pop("forward", None)
+
+
+# ---------------------------------------------------------------------------------------------- what it refuses
+
+
+def test_bad_settings_batches_padding_and_foreign_caches_are_refused_clearly(model):
+    with pytest.raises(ValueError, match="cutoff 99 is out of range"):
+        slerpviz.apply(model, MergeSettings(cutoffs=(99,)))
+    assert not is_patched(model)
+    ids = random_ids(12, seed=5)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
+        with pytest.raises(ValueError, match="one sequence at a time, not a batch of 2"):
+            model.generate(ids.repeat(2, 1), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        padded = torch.ones_like(ids)
+        padded[0, :3] = 0
+        with pytest.raises(ValueError, match="padding"):
+            model(ids, attention_mask=padded)
+        with pytest.raises(ValueError, match="longer than the prompt"):
+            slerpviz.remove(model)
+            slerpviz.apply(model, MergeSettings(cutoffs=(2,), keep_start=8))
+            model(ids[:, :6])
+    foreign = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=foreign, use_cache=True)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
+        with pytest.raises(ValueError, match="filled without slerpviz's merging"):
+            model(ids[:, -1:], cache=foreign, use_cache=True)
+    assert not is_patched(model)
+
+
+# -------------------------------------------------------------------------------------------------- the pipeline
+
+
+def test_a_text_generation_pipeline_merges_under_the_patch(embedded):
+    generator = pipeline("text-generation", model=embedded.model, tokenizer=embedded.tokenizer)
+    question = "Name three rivers in Europe and say which is the longest."
+    messages = [{"role": "user", "content": question}]
+    settings = MergeSettings(cutoffs=(4,))
+    options = dict(max_new_tokens=8, do_sample=False, return_full_text=False)
+    plain = generator(messages, **options)[0]["generated_text"]
+    with slerpviz.merging(embedded.model, settings):
+        merged = generator(messages, **options)[0]["generated_text"]
+    run = embedded.start(embedded.encode(question), settings, Sampling(max_new_tokens=8))
+    for _ in run:
+        pass
+    assert merged.strip() == run.trace.text.strip()
+    assert merged != plain  # all pairs from layer 4 of 30 on: the answer changes
