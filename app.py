@@ -20,8 +20,9 @@ if os.environ.get("SPACES_ZERO_GPU"):
 
 import argparse
 
+from slerpviz.holder import ENGINES, default_model, load_for_zero_gpu, on_zero_gpu
+from slerpviz.layout import build_app, serve
 from slerpviz.models import ALLOWED_MODELS
-from slerpviz.ui import ENGINES, build_app, default_model, load_for_zero_gpu, on_zero_gpu, serve
 
 if on_zero_gpu():
     ENGINES.install(default_model(), load_for_zero_gpu(default_model()))

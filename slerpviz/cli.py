@@ -9,7 +9,7 @@ import sys
 
 from . import inputs
 from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
-from .merge import CHOICES, METHODS, POSITION_MODES, ratio_per_stage
+from .merge import CHOICES, METHODS, POSITION_MODES, check_choice, check_method, check_positions, ratio_per_stage
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
 from .presets import PRESETS, preset
 
@@ -100,11 +100,11 @@ def check_arguments(args) -> Sampling:
     if args.keep_end is not None:
         inputs.whole(args.keep_end, "keep end", 0)
     if args.method is not None:
-        inputs.one_of(args.method, "merge method", METHODS)
+        check_method(args.method)
     if args.positions is not None:
-        inputs.one_of(args.positions, "positions mode", POSITION_MODES)
+        check_positions(args.positions)
     if args.choice is not None:
-        inputs.one_of(args.choice, "pair choice", CHOICES)
+        check_choice(args.choice)
     if args.attention_window is not None:
         inputs.whole(args.attention_window, "attention window", 1)
     if args.attention_keep is not None:

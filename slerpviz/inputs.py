@@ -74,7 +74,7 @@ def flag(value, field: str) -> bool:
 
 
 def one_of(value, field: str, choices: Sequence[str]) -> str:
-    """A name from a fixed list (worded as the engine words it: "unknown merge method 'avg'; choose one of ...")."""
+    """A name from a fixed list: "unknown merge method 'avg'; choose one of ..." (the merge checks word theirs here)."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {field} {_shown(value)}; choose one of {', '.join(choices)}")
     return value

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import inputs
+
 METHODS = ("slerp", "lerp", "slerp-dir", "seed-2024")
 CHOICES = ("consecutive", "uniform", "similar", "attention")
 # Choices planned from the hidden states at each cutoff, so only a running model can plan them.
@@ -99,19 +101,18 @@ def seed2024(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch
 INTERPOLATE = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir, "seed-2024": seed2024}
 
 
-def check_method(method: str) -> None:
-    if method not in INTERPOLATE:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+def check_method(method) -> str:
+    """The merge method, checked. This check and the two below take any value, not only text: the page and the
+    command line check their raw input with them, as the engine checks its settings."""
+    return inputs.one_of(method, "merge method", METHODS)
 
 
-def check_positions(mode: str) -> None:
-    if mode not in POSITION_MODES:
-        raise ValueError(f"unknown positions mode {mode!r}; choose one of {', '.join(POSITION_MODES)}")
+def check_positions(mode) -> str:
+    return inputs.one_of(mode, "positions mode", POSITION_MODES)
 
 
-def check_choice(choice: str) -> None:
-    if choice not in CHOICES:
-        raise ValueError(f"unknown pair choice {choice!r}; choose one of {', '.join(CHOICES)}")
+def check_choice(choice) -> str:
+    return inputs.one_of(choice, "pair choice", CHOICES)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -76,15 +76,16 @@ def app_url():
     """The app launched on a free loopback port for this module, with the embedded model loaded."""
     import socket
 
-    from slerpviz import ui
+    from slerpviz import layout
+    from slerpviz.holder import ENGINES
     from slerpviz.models import EMBEDDED
 
-    ui.ENGINES.ensure(EMBEDDED)
-    demo = ui.build_app(EMBEDDED, preload=False)
+    ENGINES.ensure(EMBEDDED)
+    demo = layout.build_app(EMBEDDED, preload=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ui.serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    layout.serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -13,8 +13,9 @@ from gradio_client import Client
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
-from slerpviz import ui
-from slerpviz.engine import Run, interleave
+from slerpviz import callbacks, form, layout, panels, presets
+from slerpviz.engine import Run, Trace, interleave
+from slerpviz.holder import ENGINES, EngineHolder
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."
@@ -31,12 +32,12 @@ def inputs(**changes) -> list:
 
 @pytest.fixture(scope="module")
 def engine():
-    return ui.ENGINES.ensure(EMBEDDED)
+    return ENGINES.ensure(EMBEDDED)
 
 
 @pytest.fixture(scope="module")
 def page(engine):
-    return ui.Page()
+    return callbacks.Page()
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +94,14 @@ class FakeEngine:
 
 
 def test_cutoffs_parse_from_slider_list_and_text():
-    assert ui.parse_cutoffs(15, [20, 15]) == (15, 20)
-    assert ui.parse_cutoffs(10.0, "25, 20") == (10, 20, 25)
+    assert form.parse_cutoffs(15, [20, 15]) == (15, 20)
+    assert form.parse_cutoffs(10.0, "25, 20") == (10, 20, 25)
     with pytest.raises(ValueError, match="further cutoff must be a whole number"):
-        ui.parse_cutoffs(10, "twenty")
+        form.parse_cutoffs(10, "twenty")
     with pytest.raises(ValueError, match=r"cutoff must be a whole number, 0 or more \(got 2.5\)"):
-        ui.parse_cutoffs(2.5, [])
+        form.parse_cutoffs(2.5, [])
     with pytest.raises(ValueError, match=r"cutoff must be a whole number, 0 or more \(got None\)"):
-        ui.parse_cutoffs(None, None)
+        form.parse_cutoffs(None, None)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -113,11 +114,11 @@ def test_cutoffs_parse_from_slider_list_and_text():
 ])
 def test_parse_request_refuses_bad_inputs(changes, message):
     with pytest.raises(ValueError, match=message):
-        ui.parse_request(*inputs(**changes))
+        form.parse_request(*inputs(**changes))
 
 
 def test_parse_request_builds_engine_settings():
-    request = ui.parse_request(*inputs(more_cutoffs=[20], keep_start=3, keep_end=2.0, method="lerp",
+    request = form.parse_request(*inputs(more_cutoffs=[20], keep_start=3, keep_end=2.0, method="lerp",
                                        max_new_tokens=12.0, temperature=0.7, seed=5, ratio=0.5, choice="uniform",
                                        proportional=True))
     assert request.settings.cutoffs == (15, 20)
@@ -127,19 +128,19 @@ def test_parse_request_builds_engine_settings():
 
 
 def test_parse_request_takes_the_attention_settings_and_ratios_per_cutoff():
-    request = ui.parse_request(*inputs(choice="attention", attention_window=16.0, attention_keep="4",
+    request = form.parse_request(*inputs(choice="attention", attention_window=16.0, attention_keep="4",
                                        more_cutoffs=[20], ratios="0.5; 1"))
     settings = request.settings
     assert (settings.choice, settings.attention_window, settings.attention_keep) == ("attention", 16, 4)
     assert settings.cutoffs == (15, 20) and settings.ratio == (0.5, 1.0)
-    assert ui.parse_request(*inputs(ratio=0.25, ratios="")).settings.ratio == 0.25  # empty: the slider's
-    assert ui.parse_request(*inputs(more_cutoffs=[20], ratios="0.5")).settings.ratio == 0.5  # one: for all
+    assert form.parse_request(*inputs(ratio=0.25, ratios="")).settings.ratio == 0.25  # empty: the slider's
+    assert form.parse_request(*inputs(more_cutoffs=[20], ratios="0.5")).settings.ratio == 0.5  # one: for all
 
 
 def test_agreement_position_by_position():
-    assert ui.agreement([1, 2, 3], [1, 2, 3]) == ui.Agreement(None, 3, 3)
-    assert ui.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == ui.Agreement(1, 3, 4)
-    stopped = ui.agreement([1, 2], [1, 2, 5, 6])  # one stopped early: the missing tokens disagree
+    assert panels.agreement([1, 2, 3], [1, 2, 3]) == panels.Agreement(None, 3, 3)
+    assert panels.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == panels.Agreement(1, 3, 4)
+    stopped = panels.agreement([1, 2], [1, 2, 5, 6])  # one stopped early: the missing tokens disagree
     assert stopped.first_difference == 2 and stopped.share == 0.5
 
 
@@ -184,7 +185,7 @@ def test_holder_streams_progress_and_shares_one_load():
         release.wait(10)
         return engine
 
-    holder = ui.EngineHolder(loader)
+    holder = EngineHolder(loader)
     first = holder.switch(EMBEDDED, poll=0.01)
     assert next(first) in (f"fetching {EMBEDDED}", f"Loading {EMBEDDED}")
     # A second caller during the load follows it instead of starting another.
@@ -204,17 +205,17 @@ def test_holder_reports_a_failed_load_and_tries_again_later():
         attempts.append(name)
         raise OSError("no network")
 
-    holder = ui.EngineHolder(loader)
+    holder = EngineHolder(loader)
     for _ in range(2):
         with pytest.raises(OSError, match="no network"):
             holder.ensure(EMBEDDED)
     assert len(attempts) == 2 and holder.engine is None
-    assert ui.message_for(OSError("no network")) == "Could not load the model: no network"
+    assert panels.message_for(OSError("no network")) == "Could not load the model: no network"
 
 
 def test_messages_for_errors_are_short_and_clear():
-    assert ui.message_for(torch.OutOfMemoryError("CUDA out of memory")).startswith("Out of memory")
-    assert ui.message_for(ValueError("cutoff 40 is out of range")) == "cutoff 40 is out of range"
+    assert panels.message_for(torch.OutOfMemoryError("CUDA out of memory")).startswith("Out of memory")
+    assert panels.message_for(ValueError("cutoff 40 is out of range")) == "cutoff 40 is out of range"
 
 
 PASSKEY_TOKENS = ["<s>", "Filler", ".", "\n\n", "The", " pass", " key", " is", " ", "7", "1", "1", "5", "2", ".",
@@ -222,8 +223,8 @@ PASSKEY_TOKENS = ["<s>", "Filler", ".", "\n\n", "The", " pass", " key", " is", "
                   "What", " is", " the", " pass", " key", "?", " The", " pass", " key", " is"]
 
 
-def finished_trace(text: str, tokens=PASSKEY_TOKENS) -> ui.Trace:
-    return ui.Trace(tokens=list(tokens), groups=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=4,
+def finished_trace(text: str, tokens=PASSKEY_TOKENS) -> Trace:
+    return Trace(tokens=list(tokens), groups=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=4,
                     mode="cached", settings={}, generated_ids=[1, 2, 3], text=text, finished=True)
 
 
@@ -234,13 +235,13 @@ def finished_trace(text: str, tokens=PASSKEY_TOKENS) -> ui.Trace:
     (" the pass key", " 711520", "neither found it"),
 ])
 def test_the_comparison_says_whether_each_side_found_the_pass_key(base_text, merged_text, verdict):
-    comparison = ui.comparison_markdown(finished_trace(base_text), finished_trace(merged_text), str)
+    comparison = panels.comparison_markdown(finished_trace(base_text), finished_trace(merged_text), str)
     assert comparison.endswith(f"**Pass key 71152**: {verdict}.")
 
 
 def test_no_pass_key_no_verdict():
     tokens = ["<s>", "Why", " is", " the", " sky", " blue", "?"]
-    comparison = ui.comparison_markdown(finished_trace(" 71152", tokens), finished_trace(" 71152", tokens), str)
+    comparison = panels.comparison_markdown(finished_trace(" 71152", tokens), finished_trace(" 71152", tokens), str)
     assert "Pass key" not in comparison and "agree position by position" in comparison
 
 
@@ -255,27 +256,27 @@ def example_index(page, label: str) -> int:
 
 def as_request(values: dict):
     """The values an example or preset filled in, sent back as the page sends them."""
-    return ui.parse_request(*inputs(**{k: v for k, v in values.items() if k in DEFAULTS}))
+    return form.parse_request(*inputs(**{k: v for k, v in values.items() if k in DEFAULTS}))
 
 
 def test_examples_and_the_preset_button_read_the_preset_when_clicked(page, engine, monkeypatch):
-    fields = (*ui.EXAMPLE_FIELDS, *ui.MERGE_FIELDS)
+    fields = (*form.EXAMPLE_FIELDS, *form.MERGE_FIELDS)
     for label in ("Why is the sky blue? Recommended preset", "Find the pass key (~1,500 tokens)"):
         values = dict(zip(fields, page.fill_example(example_index(page, label))))
-        assert as_request(values).settings == ui.presets.recommended(engine.num_layers)
+        assert as_request(values).settings == presets.recommended(engine.num_layers)
     # Whatever the preset says at click time, not a copy taken earlier: two stages, a ratio each, spans kept.
-    monkeypatch.setitem(ui.presets.PRESETS, "recommended", ui.presets.Preset(
+    monkeypatch.setitem(presets.PRESETS, "recommended", presets.Preset(
         "test", (0.5, 0.25), ratio=(1.0, 0.5), choice="similar", attention_window=7, attention_keep=2,
         keep_start=3, keep_end=5))
-    expected = ui.presets.recommended(engine.num_layers)
+    expected = presets.recommended(engine.num_layers)
     values = dict(zip(fields, page.fill_example(example_index(page, "Why is the sky blue? Recommended"))))
     assert values["ratios"] == "0.5, 1" and as_request(values).settings == expected
-    values = dict(zip(ui.MERGE_FIELDS, page.fill_preset()))
+    values = dict(zip(form.MERGE_FIELDS, page.fill_preset()))
     assert as_request(values).settings == expected
 
 
 def test_the_pass_key_example_is_raw_text_ending_in_the_question(page):
-    values = dict(zip((*ui.EXAMPLE_FIELDS, *ui.MERGE_FIELDS),
+    values = dict(zip((*form.EXAMPLE_FIELDS, *form.MERGE_FIELDS),
                       page.fill_example(example_index(page, "Find the pass key (~1,500 tokens)"))))
     assert values["chat"] is False and values["prompt"].endswith("What is the pass key? The pass key is")
     assert values["max_new_tokens"] >= 8  # a space and five digits, one token each at worst
@@ -283,10 +284,10 @@ def test_the_pass_key_example_is_raw_text_ending_in_the_question(page):
 
 
 def test_the_page_says_what_the_recommended_preset_is(engine):
-    demo = ui.build_app(EMBEDDED, preload=False)
+    demo = layout.build_app(EMBEDDED, preload=False)
     config = demo.get_config_file()
     texts = [c["props"].get("value") for c in config["components"] if c["props"].get("elem_id") == "preset-note"]
-    assert texts and ui.presets.PRESETS["recommended"].description in texts[0]
+    assert texts and presets.PRESETS["recommended"].description in texts[0]
     (examples,) = [c for c in config["components"] if c["props"].get("elem_id") == "examples"]
     labels = examples["props"]["sample_labels"]
     assert "Find the pass key (~1,500 tokens), recommended preset" in labels
@@ -312,7 +313,7 @@ def test_a_pass_key_prompt_under_the_attention_choice(page, engine):
                   attention_keep=2, max_new_tokens=7)
     *_, (pairing, lengths, status) = page.plan(*inputs(**chosen))
     assert "*attention* choice" in status and "**pass key 48213**" in status
-    view = ui.PageView()
+    view = callbacks.PageView()
     *_, last = page.generate(*inputs(**chosen), view=view)
     base, merged = view.base, view.merged
     found = {(True, True): "both found it", (False, False): "neither found it",
@@ -335,7 +336,7 @@ def test_a_pass_key_prompt_under_the_attention_choice(page, engine):
 def test_plan_draws_the_pairing_before_generating(page, engine):
     *_, (pairing, lengths, status) = page.plan(*inputs(keep_start=4, keep_end=2))
     n = engine.encode(PROMPT).shape[-1]
-    trace = engine.new_trace(engine.encode(PROMPT), ui.parse_request(*inputs(keep_start=4, keep_end=2)).settings)
+    trace = engine.new_trace(engine.encode(PROMPT), form.parse_request(*inputs(keep_start=4, keep_end=2)).settings)
     tokens = next(t for t in pairing.data if t.name == "prompt tokens")
     assert len(tokens.x) == n
     assert f"{n} prompt tokens → {len(trace.groups[0])} after layer 15" in status
@@ -404,7 +405,7 @@ def test_out_of_memory_is_a_page_message(page, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         yield  # a generator, like the real one
 
-    monkeypatch.setattr(ui, "generation_steps", exhausted)
+    monkeypatch.setattr(callbacks, "generation_steps", exhausted)
     with pytest.raises(gr.Error, match="Out of memory"):
         list(page.generate(*inputs()))
 

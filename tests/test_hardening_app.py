@@ -14,7 +14,9 @@ from gradio.components.plot import PlotData
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from slerpviz import ui
+from slerpviz import callbacks, form, layout
+from slerpviz.engine import Sampling
+from slerpviz.holder import ENGINES, EngineHolder
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."
@@ -62,17 +64,17 @@ def recording_holder(fail: set[str] = frozenset(), fetch_fail: set[str] = frozen
         if name in fetch_fail:
             raise OSError(f"cannot reach the hub for {name}")
 
-    return ui.EngineHolder(loader, fetcher, free_first=free_first), calls
+    return EngineHolder(loader, fetcher, free_first=free_first), calls
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return ui.ENGINES.ensure(EMBEDDED)
+    return ENGINES.ensure(EMBEDDED)
 
 
 @pytest.fixture(scope="module")
 def page(engine):
-    return ui.Page()
+    return callbacks.Page()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_model_switch_is_not_an_api_endpoint(client):
 
 def test_model_switch_waits_in_the_device_queue(engine):
     """The switch shares the generations' concurrency group (one at a time), so it waits for a running one."""
-    demo = ui.build_app(EMBEDDED, preload=False)
+    demo = layout.build_app(EMBEDDED, preload=False)
     fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
     switch, generate, plan = fns["load_model"], fns["generate"], fns["plan"]
     assert switch.api_visibility == "private"
@@ -106,7 +108,7 @@ def test_model_switch_waits_in_the_device_queue(engine):
 def test_plan_and_generate_never_start_a_load(engine, callback):
     holder, calls = recording_holder()
     holder.install(EMBEDDED, engine)
-    page = ui.Page()
+    page = callbacks.Page()
     page.holder = holder
     with pytest.raises(gr.Error, match="is not loaded: the app serves .*Model menu"):
         list(getattr(page, callback)(*inputs(model=OTHER)))
@@ -119,7 +121,7 @@ def test_a_failed_switch_keeps_the_previous_model_and_says_why():
     holder, calls = recording_holder(fail={OTHER})
     holder.ensure(EMBEDDED)
     previous = holder.engine
-    page = ui.Page()
+    page = callbacks.Page()
     page.holder = holder
     *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
     assert holder.name == EMBEDDED and holder.engine is previous
@@ -200,12 +202,12 @@ BAD_VALUES = [
 @pytest.mark.parametrize("changes, message", BAD_VALUES)
 def test_bad_values_are_refused_field_by_field(changes, message):
     with pytest.raises(ValueError, match=message):
-        ui.parse_request(*inputs(**changes))
+        form.parse_request(*inputs(**changes))
 
 
 @pytest.mark.parametrize("changes, message", BAD_VALUES)
 def test_bad_values_are_refused_before_any_model_work(page, monkeypatch, changes, message):
-    monkeypatch.setattr(ui.ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
+    monkeypatch.setattr(ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
     for callback in (page.plan, page.generate):
         with pytest.raises(gr.Error, match=message):
             list(callback(*inputs(**changes)))
@@ -227,8 +229,8 @@ MERGE_VALUES = [
 @pytest.mark.parametrize("changes, message", MERGE_VALUES)
 def test_merge_values_are_refused_field_by_field_before_any_model_work(page, monkeypatch, changes, message):
     with pytest.raises(ValueError, match=message):
-        ui.parse_request(*inputs(**changes))
-    monkeypatch.setattr(ui.ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
+        form.parse_request(*inputs(**changes))
+    monkeypatch.setattr(ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
     for callback in (page.plan, page.generate):
         with pytest.raises(gr.Error, match=message):
             list(callback(*inputs(**changes)))
@@ -276,7 +278,7 @@ def test_the_client_library_gets_the_message_too(client):
 
 
 def test_whole_numbers_sent_as_floats_or_text_are_taken_as_they_are():
-    request = ui.parse_request(*inputs(cutoff=15.0, more_cutoffs=["20", 25.0], keep_start="3", seed=2**63 - 1,
+    request = form.parse_request(*inputs(cutoff=15.0, more_cutoffs=["20", 25.0], keep_start="3", seed=2**63 - 1,
                                        max_new_tokens=512.0))
     assert request.settings.cutoffs == (15, 20, 25) and request.settings.keep_start == 3
     assert request.sampling.seed == 2**63 - 1 and request.sampling.max_new_tokens == 512
@@ -310,7 +312,7 @@ def test_api_outputs_have_names(client):
 
 
 def test_stop_finalises_every_panel(page):
-    view = ui.PageView()
+    view = callbacks.PageView()
     stream = page.generate(*inputs(max_new_tokens=40), view=view)
     for output in stream:
         if isinstance(output[9], str) and output[9].startswith("**Generating") and len(view.merged.generated_ids) >= 3:
@@ -330,12 +332,12 @@ def test_stop_finalises_every_panel(page):
 
 
 def test_stop_after_the_end_leaves_done_alone(page):
-    view = ui.PageView()
+    view = callbacks.PageView()
     *_, last = page.generate(*inputs(max_new_tokens=2), view=view)
     assert last[9].startswith("**Done**")
     assert all(output == gr.skip() for output in page.stopped(view))
-    assert page.stopped(ui.PageView())[-1].startswith("**Stopped**: nothing was generating")
-    prefilling = ui.PageView(sampling=ui.Sampling(max_new_tokens=4))  # Run pressed, no token yet
+    assert page.stopped(callbacks.PageView())[-1].startswith("**Stopped**: nothing was generating")
+    prefilling = callbacks.PageView(sampling=Sampling(max_new_tokens=4))  # Run pressed, no token yet
     *_, comparison, latency, kv, status = page.stopped(prefilling)
     assert "Stopped at token 0" in comparison and status.startswith("**Stopped** during the prefill")
 
@@ -359,8 +361,8 @@ def test_panel_and_plot_word_the_kv_saving_alike(page):
 
 def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
     released = []
-    monkeypatch.setattr(ui, "release_memory", lambda: released.append(True))
-    outputs = list(page.generate(*inputs(prompt="word " * 40, chat=False, max_new_tokens=ui.PLOT_EVERY + 1)))
+    monkeypatch.setattr(callbacks, "release_memory", lambda: released.append(True))
+    outputs = list(page.generate(*inputs(prompt="word " * 40, chat=False, max_new_tokens=callbacks.PLOT_EVERY + 1)))
     pairings = [o[5] for o in outputs if isinstance(o[5], PlotData)]
     assert len({id(p) for p in pairings}) == 1  # one figure, serialised once, yielded as is after that
     assert isinstance(outputs[-1][5], PlotData)  # and still in the last message, for API clients
@@ -368,7 +370,7 @@ def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
 
 
 def test_the_pairing_labels_can_move_along_a_long_prompt(page):
-    view = ui.PageView()
+    view = callbacks.PageView()
     *_, (pairing, lengths, status) = page.plan(*inputs(prompt="word " * 800, chat=False), view=view)
     first = next(t for t in pairing.data if t.name == "prompt tokens")
     assert first.x[0] == 0

@@ -59,10 +59,11 @@ SCRIPT = textwrap.dedent('''
 
     started_threads = threading.active_count()
     import app  # a Space runs this file: on ZeroGPU the model loads here, at import
-    from slerpviz import engine as engine_module, ui
+    from slerpviz import callbacks, engine as engine_module, layout
+    from slerpviz.holder import ENGINES
     from slerpviz.models import EMBEDDED
 
-    holder = ui.ENGINES
+    holder = ENGINES
     facts = dict(name=holder.name, loaded=holder.engine is not None, load_thread=holder._thread is not None,
                  moved_to_cuda=spaces.CALLS["moved_to_cuda"], gpu_calls_at_import=spaces.CALLS["gpu"])
 
@@ -72,10 +73,10 @@ SCRIPT = textwrap.dedent('''
         return warm_up(self)
     engine_module.MergingEngine.warm_up = recording_warm_up
 
-    demo = ui.build_app()
+    demo = layout.build_app()
     model_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
     facts["model_menu_interactive"] = model_box.interactive
-    page = ui.Page()
+    page = callbacks.Page()
     outputs = list(page.generate("Say hi.", EMBEDDED, True, 15, [], 0, 0, "slerp", "mean", "cached", 2, 0.0, 0))
     facts.update(status=outputs[-1][9], gpu_calls=spaces.CALLS["gpu"], warmed_inside=spaces.CALLS["warmed_inside"],
                  warmed_outside=spaces.CALLS["warmed_outside"])

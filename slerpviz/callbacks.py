@@ -1,0 +1,344 @@
+"""The page's callbacks: what each control does, wired to the library.
+
+They only wire. The form's values are checked by `slerpviz.form`, the model work goes through the holder
+(`slerpviz.holder`), the text comes from `slerpviz.panels` and the pictures from `slerpviz.plots`.
+
+Each callback returns a NamedTuple named by its outputs (`Panels`, `PlanViews`, `StoppedPanels`, `ModelControls`).
+The layout gives each event its output components in that tuple's field order, so a value cannot land in the wrong
+component, and API clients, which get the values in that order, see the same outputs as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import gradio as gr
+import torch
+from gradio.components.plot import PlotData
+
+from . import panels, plots, presets
+from .bench.retrieval import find_passkey
+from .engine import Sampling, Trace
+from .examples import examples
+from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
+from .holder import ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
+from .inputs import whole
+from .models import ALLOWED_MODELS
+
+DEFAULT_LAYERS = 30  # the controls' range before a model is loaded (the embedded model's depth)
+# Streaming a latency or KV figure costs more than a line of text; refresh them every few tokens and at the end.
+PLOT_EVERY = 8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the callbacks return, by name
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Panels(NamedTuple):
+    """What /generate streams, in pairs: base | merged text, base | merged figures, then the views and the status."""
+
+    base_text: Any
+    merged_text: Any
+    base_stats: Any
+    merged_stats: Any
+    comparison: Any
+    pairing: Any
+    lengths: Any
+    latency: Any
+    kv: Any
+    status: Any
+
+
+class PlanViews(NamedTuple):
+    """What /plan and the preview show: the plan's two views and the status line."""
+
+    pairing: Any
+    lengths: Any
+    status: Any
+
+
+class StoppedPanels(NamedTuple):
+    """What Stop finalises: both sides' figures, the comparison, the per-step views and the status line."""
+
+    base_stats: Any
+    merged_stats: Any
+    comparison: Any
+    latency: Any
+    kv: Any
+    status: Any
+
+
+class ModelControls(NamedTuple):
+    """What a model switch, or a page opening, updates: the status line, the model menu and the cutoff controls."""
+
+    status: Any
+    model: Any
+    cutoff: Any
+    more_cutoffs: Any
+
+
+def only(outputs: type[NamedTuple], **shown) -> NamedTuple:
+    """`outputs` with the components named in `shown` updated and every other one left as it is."""
+    return outputs(**{name: shown.get(name, gr.skip()) for name in outputs._fields})
+
+
+def plot_data(figure) -> PlotData:
+    """A figure serialised once. A stream that yields the same PlotData again sends nothing for it (Gradio streams the
+    difference from the last message), so a long prompt's pairing plot crosses the wire once per run, while an API
+    client's last message still holds every view."""
+    return PlotData(type="plotly", plot=figure.to_json())
+
+
+def page_error(error: BaseException) -> gr.Error:
+    if not on_zero_gpu() and torch.cuda.is_available():  # on ZeroGPU the GPU was the worker's, and is gone
+        torch.cuda.empty_cache()
+    return gr.Error(panels.escape(panels.message_for(error)), print_exception=not isinstance(error, ValueError))
+
+
+@dataclass
+class PageView:
+    """What one page shows, kept in its session (a gr.State, changed in place): the trace its pairing plot was drawn
+    from, and the generation under way, so that Stop can finalise the panels from where the runs stopped."""
+
+    pairing: Trace | None = None
+    base: Trace | None = None
+    merged: Trace | None = None
+    sampling: Sampling | None = None
+    token_text: Callable[[int], str] | None = None
+    labels_from: int = 0  # where the pairing plot's labelled span starts (long prompts)
+
+
+def shown_runs(base: Trace, merged: Trace, sampling: Sampling, **views) -> Panels:
+    """Both sides' text and figures and the status as the runs stand, with the views given."""
+    return Panels(base_text=base.text, merged_text=merged.text, base_stats=panels.panel_markdown(base),
+                  merged_stats=panels.panel_markdown(merged, base),
+                  status=panels.status_markdown(base, merged, sampling), **views)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The callbacks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Page:
+    """The callbacks, as plain methods so tests can call them without a browser.
+
+    The form's callbacks (`plan`, `preview`, `generate`) take its values positionally in `form.FIELDS` order, as
+    tests and older callers pass them, or by name, as the page does; `view` is the session's PageView.
+    """
+
+    def __init__(self):
+        self.holder = ENGINES
+        self.examples = examples()
+
+    def _num_layers(self) -> int:
+        engine = self.holder.engine
+        return engine.num_layers if engine is not None else DEFAULT_LAYERS
+
+    # Examples and presets -------------------------------------------------------------------------------------------
+
+    def fill_example(self, index):
+        """Every field an example sets (EXAMPLE_FIELDS + MERGE_FIELDS); a preset is read now, for the loaded model."""
+        fields = (*EXAMPLE_FIELDS, *MERGE_FIELDS)
+        if not isinstance(index, int) or not 0 <= index < len(self.examples):
+            return [gr.skip()] * len(fields)
+        values = self.examples[index].values(self._num_layers())
+        return [values[name] for name in fields]
+
+    def fill_preset(self, name: str = "recommended"):
+        """The merge fields (MERGE_FIELDS) set to a preset, for the loaded model's depth; the prompt stays."""
+        values = merge_values(presets.preset(name, self._num_layers()), self._num_layers())
+        return [values[field] for field in MERGE_FIELDS]
+
+    # The model ------------------------------------------------------------------------------------------------------
+
+    def _ready(self) -> str:
+        return panels.ready_markdown(self.holder.name, self.holder.engine.num_layers)
+
+    def _greeting(self) -> str:
+        loaded = self.holder.name is not None and self.holder.busy_loading is None
+        return self._ready() if loaded else panels.GREETING
+
+    def _loaded(self, cutoff, more_cutoffs) -> ModelControls:
+        """The model loaded: say so, show it in the menu, and fit the cutoff controls to its depth."""
+        layers = self.holder.engine.num_layers
+        value, kept = fit_cutoffs(layers, cutoff, more_cutoffs)
+        return ModelControls(status=self._ready(), model=gr.update(value=self.holder.name),
+                             cutoff=gr.update(maximum=layers, value=value),
+                             more_cutoffs=gr.update(choices=list(range(layers + 1)), value=kept))
+
+    def load_model(self, model: str, cutoff=None, more_cutoffs=None):
+        """The page's model control: switch the shared model, streaming progress to the status line, then fit the
+        cutoff controls. It runs in the device's queue, so it waits for running generations and none runs during it.
+
+        A failed switch keeps the previous model: the status says why and the dropdown goes back to it.
+        """
+        if on_zero_gpu():
+            yield only(ModelControls, status=panels.FIXED_MODEL, model=gr.update(value=self.holder.name))
+            return
+        try:
+            for message in self.holder.switch(model):
+                yield only(ModelControls, status=panels.loading_markdown(message))
+        except Exception as error:  # noqa: BLE001 - shown in the page, the app keeps serving
+            serving = self.holder.name
+            warning, status = panels.load_failure(model, error, serving)
+            gr.Warning(panels.escape(warning))
+            yield only(ModelControls, status=status, model=gr.update(value=serving) if serving else gr.skip())
+            return
+        yield self._loaded(cutoff, more_cutoffs)
+
+    def on_open(self, model: str, cutoff=None, more_cutoffs=None):
+        """When a page opens: show the model the device holds, follow a load under way, or (on an empty device only)
+        load the page's model. A page never swaps a loaded model just by opening."""
+        try:
+            if self.holder.name is None and self.holder.busy_loading is None:
+                messages = self.holder.switch(model if model in ALLOWED_MODELS else default_model())
+            else:
+                messages = self.holder.following(self.holder.busy_loading or self.holder.name)
+            for message in messages:
+                yield only(ModelControls, status=panels.loading_markdown(message))
+        except Exception as error:  # noqa: BLE001
+            raise page_error(error) from None
+        yield self._loaded(cutoff, more_cutoffs)
+
+    # The plan -------------------------------------------------------------------------------------------------------
+
+    def _request(self, form: Form, outputs: type[NamedTuple]):
+        """The form checked, then its model followed until it is loaded, the load's progress streamed to the status
+        line as `outputs`; returns the request. It never starts a load."""
+        request = parse(form)
+        for message in self.holder.following(request.model):
+            yield only(outputs, status=panels.loading_markdown(message))
+        return request
+
+    def plan(self, *values, view: PageView | None = None, **fields):
+        """The pairing plot (and sequence lengths per layer) for a prompt, without generating. It follows a model
+        load under way but never starts one."""
+        form = Form(*values, **fields)
+        try:
+            request = yield from self._request(form, PlanViews)
+            trace = plan_trace(self.holder.engine, request)
+        except Exception as error:  # noqa: BLE001
+            raise page_error(error) from None
+        if view is not None:
+            view.pairing = trace
+        yield PlanViews(pairing=self._pairing_figure(trace, view), lengths=plots.length_figure(trace),
+                        status=panels.plan_markdown(trace))
+
+    def preview(self, *values, view: PageView | None = None, **fields):
+        """The plan as settings change: problems go to the status line, not a pop-up, while the user is typing. The
+        pairing plot is re-sent only when the plan it shows has changed."""
+        form = Form(*values, **fields)
+        if form.prompt is None or (isinstance(form.prompt, str) and not form.prompt.strip()):
+            return only(PlanViews, status=self._greeting())
+        try:
+            request = parse(form)
+            if self.holder.name != request.model or self.holder.busy_loading is not None:
+                return only(PlanViews, status=panels.WAITING_FOR_MODEL)
+            trace = plan_trace(self.holder.engine, request)
+        except Exception as error:  # noqa: BLE001
+            return only(PlanViews, status=panels.cannot_plan_markdown(error))
+        shown = view.pairing if view is not None else None
+        if shown is not None and plots.same_pairing(shown, trace):
+            pairing = gr.skip()
+        else:
+            pairing = self._pairing_figure(trace, view)
+            if view is not None:
+                view.pairing = trace
+        return PlanViews(pairing=pairing, lengths=plots.length_figure(trace), status=panels.plan_markdown(trace))
+
+    @staticmethod
+    def _pairing_figure(trace: Trace, view: PageView | None):
+        """The pairing plot, with a pass key in the prompt marked (its tokens and the slots they fell into)."""
+        return plots.pairing_figure(trace, start=view.labels_from if view is not None else 0,
+                                    needle=find_passkey(trace.tokens))
+
+    def pairing_window(self, labels_from, view=None):
+        """Redraw the pairing plot with its labels (a long prompt's detailed span) from another token."""
+        try:
+            start = whole(labels_from, "labels from token", 0)
+        except ValueError as error:
+            raise gr.Error(panels.escape(str(error))) from None
+        if view is None or view.pairing is None:
+            return gr.skip()
+        view.labels_from = start
+        return self._pairing_figure(view.pairing, view)
+
+    # The generation -------------------------------------------------------------------------------------------------
+
+    def generate(self, *values, view: PageView | None = None, **fields):
+        """Stream the base and the merged generation side by side, token by token, with the four views.
+
+        Every input is checked before any model work; the model must be the one loaded (or loading): a generation
+        never switches the shared model. Each view is serialised when it changes and yielded as is in between, so
+        the stream carries it once (the pairing plot, heavy for a long prompt, once per run).
+        """
+        form = Form(*values, **fields)
+        view = view if view is not None else PageView()
+        try:
+            request = yield from self._request(form, Panels)
+            engine = self.holder.engine
+            plan = plan_trace(engine, request)  # validates everything before the first step
+        except Exception as error:  # noqa: BLE001
+            raise page_error(error) from None
+
+        def token_text(token: int) -> str:
+            return engine.tokenizer.decode([token])
+
+        view.base = view.merged = None
+        view.sampling, view.token_text = request.sampling, token_text
+        skip = gr.skip()
+        pairing = lengths = latency = kv = skip
+        yield only(Panels, base_text="", merged_text="", base_stats="", merged_stats="",
+                   comparison=panels.PENDING_COMPARISON, lengths=plot_data(plots.length_figure(plan)),
+                   status=panels.PREFILL)
+        base = merged = None
+        steps = 0
+        pairs = generation_steps(request)
+        try:
+            for base, merged in pairs:
+                view.base, view.merged = base, merged
+                steps += 1
+                if steps == 1:  # the prompt has run: the pair cosines (and a `similar` plan) are known
+                    pairing = plot_data(self._pairing_figure(merged, view))
+                    lengths = plot_data(plots.length_figure(merged, base))
+                    view.pairing = merged
+                if steps == 1 or steps % PLOT_EVERY == 0:
+                    latency = plot_data(plots.latency_figure(base, merged))
+                    kv = plot_data(plots.kv_figure(base, merged))
+                yield shown_runs(base, merged, request.sampling, comparison=panels.PENDING_COMPARISON,
+                                 pairing=pairing, lengths=lengths, latency=latency, kv=kv)
+        except Exception as error:  # noqa: BLE001
+            raise page_error(error) from None
+        finally:
+            pairs.close()  # Stop, or a client gone: both runs end here, at once
+            release_memory()
+        if base is None:
+            return
+        # The runs mark themselves finished only once exhausted, after the last step was shown: show the end, with
+        # every view final, so that an API client's last message holds the whole picture.
+        yield shown_runs(base, merged, request.sampling,
+                         comparison=panels.comparison_markdown(base, merged, token_text), pairing=pairing,
+                         lengths=lengths, latency=plot_data(plots.latency_figure(base, merged)),
+                         kv=plot_data(plots.kv_figure(base, merged)))
+
+    def stopped(self, view=None):
+        """After Stop has cancelled a generation: finalise every panel at the token where the runs stopped."""
+        if view is None or view.sampling is None:
+            return only(StoppedPanels, status=panels.NOTHING_GENERATING)
+        # A step already under way when Stop came finishes on its own; wait for it, so the panels show its token.
+        if self.holder.device_lock.acquire(timeout=30):
+            self.holder.device_lock.release()
+        base, merged = view.base, view.merged
+        if base is None or merged is None:
+            return only(StoppedPanels, comparison=panels.NOTHING_TO_COMPARE, status=panels.STOPPED_IN_PREFILL)
+        if base.finished and merged.finished:  # it had ended before Stop: its "Done" stands
+            return only(StoppedPanels)
+        return StoppedPanels(base_stats=panels.panel_markdown(base, stopped=True),
+                             merged_stats=panels.panel_markdown(merged, base, stopped=True),
+                             comparison=panels.comparison_markdown(base, merged, view.token_text, stopped=True),
+                             latency=plots.latency_figure(base, merged), kv=plots.kv_figure(base, merged),
+                             status=panels.status_markdown(base, merged, view.sampling, stopped=True))

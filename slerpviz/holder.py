@@ -1,0 +1,281 @@
+"""The one model on this device: where it comes from, how it is switched, and the work a request does on it.
+
+One model lives on the device at a time (`ENGINES`); generations and model swaps queue for it one at a time. On a
+ZeroGPU Space the model is loaded at import (`load_for_zero_gpu`) and the GPU exists only inside `gpu_task`
+functions, so the device work of a request (`generation_steps`) is the one function under that decorator.
+
+Nothing here knows about Gradio: the page's callbacks (slerpviz.callbacks) drive it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .engine import MergeSettings, MergingEngine, Trace, interleave
+from .form import Request
+from .models import EMBEDDED, check_allowed, load
+
+log = logging.getLogger(__name__)
+
+GPU_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+GPU_MODEL_MEMORY = 20 * 2**30  # bf16 weights (~14.5 GB) plus room for the caches of both generations
+
+try:  # On a ZeroGPU Space the GPU is attached only inside functions under this decorator; elsewhere a no-op.
+    import spaces
+
+    gpu_task = spaces.GPU(duration=120)
+except ImportError:  # pragma: no cover - depends on the machine
+    def gpu_task(function):
+        return function
+
+
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space says so in its environment; there the GPU exists only inside `gpu_task` functions."""
+    return bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
+def default_model() -> str:
+    """$SLERPVIZ_MODEL if set; Mistral-7B-Instruct on ZeroGPU or where a GPU has room for it; else the embedded model.
+
+    On ZeroGPU the GPU cannot be asked about outside a `gpu_task`, and its slices hold a 7B model in bf16.
+    """
+    chosen = os.environ.get("SLERPVIZ_MODEL")
+    if chosen:
+        return chosen
+    if on_zero_gpu():
+        return GPU_MODEL
+    if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= GPU_MODEL_MEMORY:
+        return GPU_MODEL
+    return EMBEDDED
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model on this device
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_on_device(name: str, progress: Callable[[str], None]) -> MergingEngine:
+    """Load on the GPU where there is one (the embedded model too, which `load` otherwise keeps on the CPU)."""
+    return load(name, device="cuda" if torch.cuda.is_available() else None, progress=progress)
+
+
+def fetch_weights(name: str, progress: Callable[[str], None]) -> None:
+    """Bring a hub model's files onto this machine, so that a model out of reach fails here, before anything is freed.
+
+    The embedded model is already here. Only the files `load` reads are fetched (safetensors, not the .bin copies).
+    """
+    if name == EMBEDDED:
+        return
+    from huggingface_hub import snapshot_download
+
+    progress(f"Fetching {name}")
+    snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+
+
+def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> MergingEngine:
+    """ZeroGPU's documented pattern: load whole on the CPU (no device_map: there is no GPU to map onto yet), then move
+    to "cuda" at module level; `spaces` completes the move when a `gpu_task` gets a GPU."""
+    check_allowed(name)
+    if name == EMBEDDED:
+        engine = load(name, device="cpu", progress=progress)
+    else:
+        progress(f"Loading {name} (bf16, for ZeroGPU)")
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16, attn_implementation="sdpa")
+        engine = MergingEngine(model, tokenizer)  # refuses an unsupported family
+    engine.model.to("cuda")
+    return engine
+
+
+class EngineHolder:
+    """The one engine on this device.
+
+    A load runs in a background thread so callers can show its progress instead of a frozen page; callers that
+    arrive while a load is under way follow it rather than start another. Only `switch` starts a load (the page's
+    model control, and a page opening on an empty device); generations and plans only follow one.
+
+    A switch never leaves the device empty: a hub model's files are fetched before the resident model is freed (a
+    GPU holds one 7B model, so there it is freed before the new one loads, under `device_lock` so never during a
+    step), and if the new model still fails, the previous one is loaded back. `device_lock` is held around every
+    forward step, so at most one step runs on the device at any moment, whatever the queue does on a cancel.
+    """
+
+    def __init__(self, loader: Callable[..., MergingEngine] | None = None,
+                 fetcher: Callable[[str, Callable[[str], None]], None] | None = None, free_first: bool | None = None):
+        self._loader = loader or load_on_device
+        self._fetcher = fetcher or fetch_weights
+        self._free_first = free_first  # None: where there is a GPU
+        self._state = threading.Lock()  # guards the fields below
+        self.device_lock = threading.Lock()
+        self.name: str | None = None
+        self.engine: MergingEngine | None = None
+        self.message = ""
+        self._thread: threading.Thread | None = None
+        self._target: str | None = None
+        self._outcome: tuple[str, BaseException | None] | None = None
+
+    @property
+    def busy_loading(self) -> str | None:
+        with self._state:
+            return self._target if self._thread is not None and self._thread.is_alive() else None
+
+    def install(self, name: str, engine: MergingEngine) -> None:
+        """Hold an engine loaded elsewhere (on ZeroGPU, at import)."""
+        with self._state:
+            self.engine, self.name, self._outcome = engine, name, (name, None)
+
+    def switch(self, name: str, poll: float = 0.25) -> Iterator[str]:
+        """Make `name` the loaded model, yielding progress lines until it is; raise if its load fails (the previous
+        model then stays loaded)."""
+        check_allowed(name)
+        while True:
+            with self._state:
+                if self.name == name and self.engine is not None and not self._loading_locked():
+                    return
+                if not self._loading_locked():
+                    self._start(name)
+                thread, target = self._thread, self._target
+            yield from self._follow(thread, target, name, poll)
+
+    def following(self, name: str, poll: float = 0.25) -> Iterator[str]:
+        """Wait until `name` is loaded, following a load under way; never start one. Raise ValueError when `name`
+        is neither loaded nor loading: switching is the page's model control's job alone."""
+        check_allowed(name)
+        while True:
+            with self._state:
+                loading = self._loading_locked()
+                if not loading and self.name == name and self.engine is not None:
+                    return
+                thread, target = self._thread, self._target
+            if not loading:
+                serving = f"the app serves {self.name}" if self.name else "no model is loaded yet"
+                raise ValueError(f"model {name!r} is not loaded: {serving}. Only the page's Model menu switches "
+                                 "models; choose it there, or ask for the model that is loaded.")
+            yield from self._follow(thread, target, name, poll)
+
+    def ensure(self, name: str) -> MergingEngine:
+        for _ in self.switch(name):
+            pass
+        return self.engine
+
+    def preload(self, name: str) -> None:
+        """Start loading in the background now (at startup), so the first visitor finds the model ready sooner."""
+        with self._state:
+            if self.name != name and not self._loading_locked():
+                self._start(name)
+
+    def _loading_locked(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _wait(self, thread: threading.Thread, target: str, poll: float) -> Iterator[str]:
+        while thread.is_alive():
+            yield self.message or f"Loading {target}"
+            thread.join(poll)
+
+    def _follow(self, thread: threading.Thread, target: str, name: str, poll: float) -> Iterator[str]:
+        """Wait out the load under way; raise its error if it was `name`'s load and it failed."""
+        yield from self._wait(thread, target, poll)
+        with self._state:
+            outcome = self._outcome
+        if outcome is not None and outcome[0] == name and outcome[1] is not None:
+            raise outcome[1]
+
+    def _start(self, name: str) -> None:
+        self._target, self._outcome, self.message = name, None, f"Loading {name}"
+        self._thread = threading.Thread(target=self._load, args=(name,), name=f"load {name}", daemon=True)
+        self._thread.start()
+
+    def _load(self, name: str) -> None:
+        def progress(message: str) -> None:
+            self.message = message
+
+        previous, freed = self.name, False
+        try:
+            self._fetcher(name, progress)
+            free_first = torch.cuda.is_available() if self._free_first is None else self._free_first
+            if free_first and self.engine is not None:
+                # Two 7B models do not fit on one GPU: free the old one, but never in the middle of a step.
+                with self.device_lock, self._state:
+                    self.engine, self.name, freed = None, None, True
+                release_memory()
+            engine = self._loader(name, progress=progress)
+            progress(f"Warming up {name}")
+            engine.warm_up()  # one-time setup now, so the first timed comparison is not charged for it
+        except BaseException as error:  # reported to every caller following this load
+            log.exception("loading %s failed", name)
+            if freed and previous is not None:
+                self._restore(previous, progress)
+            with self._state:
+                self._outcome = (name, error)
+            return
+        with self._state:
+            self.engine, self.name, self._outcome = engine, name, (name, None)
+
+    def _restore(self, name: str, progress: Callable[[str], None]) -> None:
+        """Load back the model a failed switch freed (its files are on this machine already)."""
+        try:
+            progress(f"Loading {name} back")
+            engine = self._loader(name, progress=progress)
+            engine.warm_up()
+        except BaseException:  # noqa: BLE001 - the device stays empty; the next page to open loads a model
+            log.exception("loading %s back failed", name)
+            return
+        with self._state:
+            self.engine, self.name = engine, name
+
+
+def release_memory() -> None:
+    """Hand freed memory back: Python's garbage, the CUDA cache, and glibc's free lists (which otherwise keep a long
+    prompt's figures and activations counted against the process long after they are gone)."""
+    gc.collect()
+    if not on_zero_gpu() and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+ENGINES = EngineHolder()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A request's work on the model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plan_trace(engine: MergingEngine, request: Request) -> Trace:
+    """The merged side's plan for a request, without generating: tokenise, check everything that depends on the
+    model (a cutoff past its depth, spans longer than the prompt, the context), then plan."""
+    ids = engine.encode(request.prompt, request.chat)
+    engine.validate(ids.shape[-1], request.settings, request.sampling, request.mode)
+    return engine.new_trace(ids, request.settings, request.mode)
+
+
+@gpu_task
+def generation_steps(request: Request) -> Iterator[tuple[Trace, Trace]]:
+    """The GPU part of a request: both generations, yielding (base trace, merged trace) after every step pair.
+
+    It reaches the model through the module's holder, not an argument: on ZeroGPU the arguments and what it yields
+    are pickled across to a GPU worker process, and plain settings and traces pickle, a model and its locks do not.
+    """
+    holder = ENGINES
+    engine = holder.engine
+    if on_zero_gpu():
+        # Each GPU worker meets the model fresh: pay its one-time setup before the timed steps, not in the first.
+        engine.warm_up()
+    ids = engine.encode(request.prompt, request.chat)
+    base = engine.start(ids, MergeSettings(), request.sampling, request.mode)
+    merged = engine.start(ids, request.settings, request.sampling, request.mode)
+    for _ in interleave(base, merged, lock=holder.device_lock):
+        yield base.trace, merged.trace
+

@@ -1,0 +1,256 @@
+"""The Gradio page: base and merged generations streamed side by side, with the Plotly views.
+
+The page only lays out and wires. Its form is `slerpviz.form.Form`: one control per field, handed to /plan,
+/generate and the preview by field name, in the order the form lists them (the API's order). What the callbacks
+(`slerpviz.callbacks.Page`) return is named by their output tuples, whose field names are the names the layout
+gives its components here. The engine runs the two generations, `slerpviz.panels` writes the text and
+`slerpviz.plots` draws the pictures.
+
+One model lives on the device at a time (`slerpviz.holder.ENGINES`); generations and model swaps queue for it one
+at a time, and a bounded queue tells everyone else their place in line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from . import plots
+from .callbacks import ModelControls, Page, PageView, Panels, PlanViews, StoppedPanels
+from .engine import MODES, MergeSettings
+from .form import EXAMPLE_FIELDS, FIELDS, MAX_NEW_TOKENS, MAX_TEMPERATURE, MERGE_FIELDS
+from .holder import ENGINES, default_model, on_zero_gpu
+from .merge import CHOICES, METHODS, POSITION_MODES
+from .models import ALLOWED_MODELS, check_allowed
+from .panels import preset_note
+
+QUEUE_SIZE = 64  # bounded: twenty users at once all get a place in line, a flood gets "queue full"
+# The page takes no files; Gradio's upload route exists anyway, so cap what it accepts.
+MAX_FILE_SIZE = "1mb"
+
+INTRO = """
+# slerpviz · token merging with SLERP, live
+At the **cutoff** layer, the hidden states of neighbouring prompt tokens are paired and each pair is replaced by its
+SLERP, so every later layer runs on a sequence about half as long. The **base** model (left) and the **merged** one
+(right) generate at the same time, step by step; each is timed on its own steps only.
+"""
+
+NOTES = """
+**SLERP vs LERP at t = 0.5.** SLERP of two vectors at t = 0.5 points in exactly the same direction as their mean
+(LERP); it only rescales it, by 1 / cos(θ/2) where θ is the angle between them. So the two methods differ only in
+the norm of the merged state. **slerp-dir** keeps SLERP's direction with the average of the two norms, so it undoes
+that inflation. **seed-2024** reproduces the April 2024 article's code, which normalised whole tensors
+instead of single vectors: θ comes out near 90° for every pair and the result is about (a + b)/√2.
+
+**Positions.** *mean*: a slot sits at the mean position of its tokens; *first*: at its first token's; *renumber*:
+slots are renumbered 0, 1, 2, … (the article). **Modes.** *cached*: the prompt is merged once at prefill and later
+tokens decode against a KV cache per layer (shorter after the cutoff). *recompute*: no cache; every step re-runs and
+re-merges the whole sequence (the article's semantics, slower).
+
+**More merge settings.** *Merge ratio* merges only that share of the eligible pairs (*ratio per cutoff* gives one
+for each cutoff); *pair choice* picks them: the first ones (*consecutive*), spread evenly (*uniform*), the most
+similar neighbours at the cutoff (*similar*), or the pairs the prompt attends to least (*attention*: each token is
+scored by the attention the last *W* prompt tokens pay it at the cutoff layer, and the *keep most attended* budget
+never merges). *similar* and *attention* are planned from the hidden states during the prefill, so their pairing
+plot appears once the prompt has run; with *attention* the prompt tokens are then coloured by the attention they
+received. A prompt holding a pass key ("The pass key is 71152 …") gets it marked in the pairing plot, and the
+comparison says whether each side answered it.
+*Proportional attention* raises each merged key's attention logit by log(tokens it holds), so a slot standing for two
+tokens draws about as much attention as the two did.
+
+**Protected spans.** keep-start / keep-end tokens are never merged (for example the chat template's system header);
+the first and last prompt tokens always stay alone. **Timing.** Time to first token includes the prefill; tokens per
+second counts the decode steps; on a GPU each step is synchronised before its clock stops.
+"""
+
+CSS = """
+.panel-base h3 { color: #4C78A8; }
+.panel-merged h3 { color: #F58518; }
+.generation textarea { font-size: 0.95rem; line-height: 1.45; }
+/* A slider's track keeps a 112px minimum width, so in a narrow column it pushes the maximum's label ("512") out of
+   its box, clipped to "51"; letting the track shrink keeps every label whole. */
+.slider_input_container input[type=range] { min-width: 0; }
+"""
+
+
+
+def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
+    """The whole page. `model` picks the dropdown's default; `preload` starts loading it before anyone asks.
+
+    On ZeroGPU the model was loaded at import (`holder.load_for_zero_gpu`); the page shows it and cannot switch it.
+    """
+    zero_gpu = on_zero_gpu()
+    model = ENGINES.name if zero_gpu and ENGINES.name else model or default_model()
+    check_allowed(model)
+    if preload and not zero_gpu:
+        ENGINES.preload(model)
+    page = Page()
+    layers = page._num_layers()
+    defaults = MergeSettings()
+    # Every component an event names, by the name the form's fields and the callbacks' output tuples give it.
+    named: dict[str, gr.components.Component] = {}
+
+    def components(names) -> list:
+        return [named[name] for name in names]
+
+    with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=3):
+                named["prompt"] = gr.Textbox(label="Prompt", lines=6, max_lines=14, elem_id="prompt",
+                                             placeholder="Type a prompt, or click an example below")
+                with gr.Row():
+                    named["model"] = gr.Dropdown(
+                        [model] if zero_gpu else list(ALLOWED_MODELS), value=model, label="Model", scale=3,
+                        interactive=not zero_gpu, elem_id="model",
+                        info="Loaded when the Space starts (ZeroGPU)." if zero_gpu else
+                        "One model on the device at a time, shared by everyone; changing it waits for running "
+                        "generations, then reloads.")
+                    named["chat"] = gr.Checkbox(value=True, label="Chat template", scale=1, elem_id="chat",
+                                                info="Wrap the prompt as a user turn (instruct models).")
+                with gr.Row():
+                    run_button = gr.Button("Run", variant="primary", elem_id="run")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                named["status"] = gr.Markdown("**Starting…**", elem_id="status", label="Status")
+                examples_place = gr.Column()  # filled below, once the controls the examples set exist
+            with gr.Column(scale=2):
+                named["cutoff"] = gr.Slider(
+                    0, layers, value=min(15, layers), step=1, precision=0, label="Cutoff layer", elem_id="cutoff",
+                    info="Merge before this decoder layer (0 = at the embeddings).")
+                named["more_cutoffs"] = gr.Dropdown(
+                    list(range(layers + 1)), value=[], multiselect=True,
+                    allow_custom_value=True,  # the engine checks the range, per model
+                    label="Further cutoffs (optional)",
+                    info="Merge again at these layers: each stage halves the sequence.")
+                with gr.Row():
+                    named["keep_start"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep start",
+                                                    info="Protected tokens at the start.", elem_id="keep-start")
+                    named["keep_end"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep end",
+                                                  info="Protected tokens at the end.", elem_id="keep-end")
+                with gr.Row():
+                    named["method"] = gr.Radio(list(METHODS), value="slerp", label="Method")
+                    named["positions"] = gr.Radio(list(POSITION_MODES), value="mean", label="Positions")
+                named["mode"] = gr.Radio(list(MODES), value="cached", label="Mode")
+                with gr.Group():
+                    gr.Markdown(preset_note(), elem_id="preset-note", padding=True)
+                    preset_button = gr.Button("Use the recommended preset", size="sm", elem_id="preset")
+                with gr.Accordion("More merge settings: ratio, pair choice, attention, proportional attention",
+                                  open=False):
+                    named["ratio"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Merge ratio", elem_id="ratio",
+                                               info="Share of the eligible pairs merged at each cutoff (1 = all).")
+                    named["ratios"] = gr.Textbox(value="", label="Ratio per cutoff (optional)", elem_id="ratios",
+                                                 placeholder="e.g. 0.5, 1",
+                                                 info="One ratio per cutoff, in layer order; overrides the slider.")
+                    named["choice"] = gr.Radio(
+                        list(CHOICES), value="consecutive", label="Pair choice", elem_id="choice",
+                        info="Which pairs, when the ratio is below 1: the first ones, spread evenly, the most similar "
+                             "at the cutoff, or the least attended there.")
+                    with gr.Row(visible=False, elem_id="attention-controls") as attention_controls:
+                        named["attention_window"] = gr.Number(
+                            value=defaults.attention_window, precision=0, minimum=1,
+                            label="Attention window W", elem_id="attention-window",
+                            info="Tokens are scored by the attention the last W prompt tokens pay them at the cutoff.")
+                        named["attention_keep"] = gr.Number(
+                            value=defaults.attention_keep, precision=0, minimum=0,
+                            label="Keep most attended", elem_id="attention-keep",
+                            info="This many of the most-attended tokens never merge.")
+                    named["proportional"] = gr.Checkbox(
+                        value=False, label="Proportional attention",
+                        info="Add log(tokens held) to a merged key's attention logit.")
+                with gr.Row():
+                    named["max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, precision=0,
+                                                        label="Max new tokens", elem_id="max-new-tokens")
+                    named["temperature"] = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05,
+                                                     label="Temperature", info="0 = greedy")
+                    named["seed"] = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+
+        with examples_place:
+            # Labels only: a click asks the page for the values, so a preset is read for the model loaded then.
+            example_list = gr.Dataset(components=[named["prompt"]], samples=[[e.label] for e in page.examples],
+                                      sample_labels=[e.label for e in page.examples], type="index",
+                                      label="Examples (click to fill in, then Run)", elem_id="examples")
+
+        with gr.Row(equal_height=True):
+            with gr.Column(elem_classes="panel-base"):
+                gr.Markdown("### Base model")
+                named["base_text"] = gr.Textbox(label="Base output", lines=8, max_lines=16, interactive=False,
+                                                elem_id="base-text", elem_classes="generation", buttons=["copy"])
+                named["base_stats"] = gr.Markdown(elem_id="base-stats", label="Base figures")
+            with gr.Column(elem_classes="panel-merged"):
+                gr.Markdown("### Merged model")
+                named["merged_text"] = gr.Textbox(label="Merged output", lines=8, max_lines=16, interactive=False,
+                                                  elem_id="merged-text", elem_classes="generation", buttons=["copy"])
+                named["merged_stats"] = gr.Markdown(elem_id="merged-stats", label="Merged figures")
+        named["comparison"] = gr.Markdown(elem_id="comparison", label="Comparison")
+
+        named["pairing"] = gr.Plot(label="Token pairing", elem_id="pairing-plot", show_label=False)
+        labels_from = gr.Number(
+            value=0, precision=0, minimum=0, label="Token labels from", elem_id="labels-from",
+            info=f"A long prompt's pairing plot labels {plots.DETAIL_TOKENS} tokens from here (with hover text and "
+                 "links); the rest shows as markers coloured by pair cosine.")
+        named["lengths"] = gr.Plot(label="Sequence length and attention cost per layer", elem_id="length-plot",
+                                   show_label=False)
+        with gr.Row():
+            named["latency"] = gr.Plot(label="Per-token latency", elem_id="latency-plot", show_label=False)
+            named["kv"] = gr.Plot(label="KV cache per layer", elem_id="kv-plot", show_label=False)
+        with gr.Accordion("Notes: SLERP vs LERP, positions, modes, timing", open=False):
+            gr.Markdown(NOTES)
+
+        # What this page shows, per session: Stop finalises the panels from it; previews skip re-sending a plot.
+        view = gr.State(lambda: PageView())  # a fresh one per session
+
+        # The form goes to its callbacks by field name, in the form's order: the API takes it in that order, with
+        # those names. preprocess=False: the callbacks get the values as sent and check each one themselves
+        # (slerpviz.form), so a bad value from any client gets a message naming the field, never a silent rounding
+        # or Gradio's generic error. Planning only tokenises, so it never waits behind a generation; the generation
+        # queues for the device. Neither ever starts a model load.
+        form = {**{name: named[name] for name in FIELDS}, "view": view}
+        planned = run_button.click(page.plan, None, components(PlanViews._fields), inputs_kwargs=form,
+                                   api_name="plan", preprocess=False, concurrency_limit=None, show_progress="hidden")
+        generating = planned.success(page.generate, None, components(Panels._fields), inputs_kwargs=form,
+                                     api_name="generate", preprocess=False, concurrency_id="device",
+                                     concurrency_limit=1, show_progress_on=components(("base_text", "merged_text")))
+        # Cancel first, then finalise: panels written with the cancel could be overwritten by the last message the
+        # cancelled generation had already sent.
+        stop_button.click(None, None, None, cancels=[generating], api_visibility="private", queue=False).then(
+            page.stopped, [view], components(StoppedPanels._fields), api_visibility="private", queue=False)
+
+        preview = dict(fn=page.preview, inputs=None, inputs_kwargs=form, outputs=components(PlanViews._fields),
+                       preprocess=False, api_visibility="private", concurrency_limit=None, show_progress="hidden",
+                       trigger_mode="always_last")
+        named["prompt"].blur(**preview)
+        example_list.click(page.fill_example, [example_list], components((*EXAMPLE_FIELDS, *MERGE_FIELDS)),
+                           api_visibility="private", queue=False, show_progress="hidden").then(**preview)
+        preset_button.click(page.fill_preset, None, components(MERGE_FIELDS), api_visibility="private",
+                            queue=False, show_progress="hidden").then(**preview)
+        for slider in components(("cutoff", "keep_start", "keep_end", "ratio")):
+            slider.release(**preview)
+        for control in components(("more_cutoffs", "chat", "choice")):
+            control.change(**preview)
+        for control in components(("ratios", "attention_window", "attention_keep")):
+            control.submit(**preview)
+        # The attention window and budget mean something for the `attention` choice only.
+        named["choice"].change(lambda chosen: gr.update(visible=chosen == "attention"), [named["choice"]],
+                               [attention_controls], api_visibility="private", queue=False, show_progress="hidden")
+
+        labels_from.submit(page.pairing_window, [labels_from, view], [named["pairing"]], api_visibility="private",
+                           concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
+
+        # Switching the shared model is the page's own control, not an API: private (no client library reaches it),
+        # and in the device's queue, so it waits for running generations and none starts during it.
+        model_inputs = components(("model", "cutoff", "more_cutoffs"))  # load_model(model, cutoff, more_cutoffs)
+        named["model"].input(page.load_model, model_inputs, components(ModelControls._fields),
+                             api_visibility="private", concurrency_id="device", concurrency_limit=1)
+        demo.load(page.on_open, model_inputs, components(ModelControls._fields), api_visibility="private",
+                  concurrency_limit=None)
+
+    demo.queue(max_size=int(os.environ.get("SLERPVIZ_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=1)
+    return demo
+
+
+def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **options):
+    """Launch the page with its theme and styles (gradio 6 takes those at launch)."""
+    options.setdefault("max_file_size", MAX_FILE_SIZE)
+    return demo.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
+                       footer_links=["api"], **options)
