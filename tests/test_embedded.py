@@ -25,8 +25,7 @@ def test_embedded_without_merging_is_the_model(embedded):
     tokens = [step.token_id for step in run]
     reference = embedded.model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
     assert tokens == reference
-    stages = []
-    logits, _, _ = embedded.prefill(ids, stages, MergeSettings())
+    logits = embedded.prefill(ids, MergeSettings()).logits
     with torch.no_grad():
         torch.testing.assert_close(logits, embedded.model(ids).logits[:, -1].float(), atol=1e-4, rtol=1e-4)
 
