@@ -1,7 +1,8 @@
-"""python -m slerpviz.bench speed|fidelity|frontier [--model NAME | --shape SHAPE] [--quick] [--out DIR] [...]
+"""python -m slerpviz.bench speed|fidelity|frontier|retrieval [--model NAME | --shape SHAPE] [--quick] [--out DIR] [...]
 
 Writes DIR/<benchmark>.csv, .json and .html and prints a short table. `--quick` is a smoke run sized to finish in
 under three minutes on a 2-core CPU with the embedded model; without it the grid is the README's.
+`python -m slerpviz.bench snapshot REPORT.html PICTURE.png` draws a report as a picture.
 """
 
 from __future__ import annotations
@@ -12,124 +13,108 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
+from ..cli import Parser
 from ..merge import CHOICES, METHODS, POSITION_MODES
-from ..models import EMBEDDED
 from . import report, schedules
-from .engines import SHAPES, named_engine, random_weight_engine
 from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, FidelityPlan, best_combination,
                        earliest_cutoff, run_fidelity, same_variant, summarise, variant_label)
-from .limits import Shape
+from .frontier import frontier_main, frontier_parser
 from .machine import machine_info
+from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, merge_fields, merge_options,
+                      model_options, one_of, run_options, str_list, subcommand, text_options, torch_threads)
+from .retrieval_command import retrieval_main
+from .retrieval_command import parser as retrieval_parser
 from .speed import MODES, REPEAT_COLUMNS, SPEED_COLUMNS, SpeedPlan, run_speed
 from .texts import random_texts, read_texts, tokenize
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROPORTIONAL = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
+# Arguments: the shared options come from .options; each subcommand adds its own
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slerpviz.bench", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=("speed", "fidelity", "frontier", "retrieval"),
-                   help="frontier and retrieval: see python -m slerpviz.bench frontier --help (or retrieval)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
-    which.add_argument("--shape", choices=SHAPES,
-                       help="random weights of a known shape instead of a trained model: mistral-7b (use with "
-                            "--device cuda) times real sizes; tiny is for tests")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPES, help="for --shape: default bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--quick", action="store_true", help="a small grid that runs in under three minutes on a CPU")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the CSV, JSON and HTML files")
-    p.add_argument("--cutoffs", help="schedules, comma-separated; 7+15 is a two-stage schedule (default: by model)")
-    p.add_argument("--ratio", type=float, default=1.0, help="share of eligible pairs merged at each cutoff")
-    p.add_argument("--choice", default="consecutive",
-                   help=f"which pairs merge: {', '.join(CHOICES)}; fidelity takes a comma-separated list")
-    p.add_argument("--proportional", choices=PROPORTIONAL, default="off",
-                   help="proportional attention (log of tokens held added to merged keys); fidelity takes both")
-    p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
-    p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
-    p.add_argument("--attention-window", type=int, default=32,
-                   help="attention choice: the last W prompt tokens whose attention scores the others")
-    p.add_argument("--attention-keep", type=int, default=0,
-                   help="attention choice: the most-attended tokens that never merge")
+def speed_fidelity_parents(fidelity: bool) -> list[argparse.ArgumentParser]:
+    """What speed and fidelity share: the model, the run, one merge setting and proportional attention."""
+    proportional = argparse.ArgumentParser(add_help=False)
+    proportional.add_argument("--proportional", choices=PROPORTIONAL, default="off",
+                              help="proportional attention (log of tokens held added to merged keys); fidelity "
+                                   "takes both")
+    return [
+        model_options("random weights of a known shape instead of a trained model: mistral-7b (use with "
+                      "--device cuda) times real sizes; tiny is for tests",
+                      "for --shape: the random weights and texts" if fidelity else
+                      "the random prompts (and, for --shape, the random weights)"),
+        run_options("a small grid that runs in under three minutes on a CPU",
+                    threads_default="torch's choice; 1 with --quick on a CPU"),
+        merge_options("schedules, comma-separated; 7+15 is a two-stage schedule (default: by model)",
+                      CHOICES_HELP + ("; a comma-separated list for a grid (attention with W 32, no budget)"
+                                      if fidelity else ""),
+                      attention=not fidelity),  # fidelity's grid has no attention window or budget
+        proportional,
+    ]
+
+
+def speed_parser(add_parser=None) -> argparse.ArgumentParser:
+    description = __doc__.split("\n\n")[1]
+    p = subcommand("speed", description, speed_fidelity_parents(fidelity=False), add_parser,
+                   summary="time base and merged: prefill, decoding, KV cache, against the limits from the config")
     p.add_argument("--preset", help="speed: time a named preset of slerpviz.presets (its cutoffs, ratios, choice and "
                                     "protection) instead of --cutoffs/--ratio/--choice")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int,
-                   help="CPU threads for torch (default: torch's choice; 1 with --quick on a CPU). On a CPU shared "
-                        "with other jobs 1 is faster and far steadier: threads waiting on a busy core stall each other")
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--lengths", help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
-    speed.add_argument("--repeats", type=int, help="timed repeats of every variant (default 3; 5 on a GPU)")
-    speed.add_argument("--new-tokens", type=int, help="tokens generated per cached run, the first included")
-    speed.add_argument("--recompute-new-tokens", type=int, help="tokens generated per run without cache")
-    speed.add_argument("--recompute-max-length", type=int,
-                       help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
-    speed.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
-    speed.add_argument("--method", default="slerp", choices=METHODS, help="merge method timed")
-    speed.add_argument("--position-mode", default="mean", choices=POSITION_MODES, help="positions mode timed")
-    fidelity = p.add_argument_group("fidelity")
-    fidelity.add_argument("--texts", type=Path, action="append",
-                          help="a text file (texts separated by '---' lines) or a folder of .txt; repeatable "
-                               "(default: assets/texts)")
-    fidelity.add_argument("--prefixes", help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, "
-                                             "32..1024 on GPU)")
-    fidelity.add_argument("--methods", default=",".join(METHODS))
-    fidelity.add_argument("--positions", default=",".join(POSITION_MODES))
-    fidelity.add_argument("--continuation", type=int, help="greedy tokens compared after each prefix")
-    fidelity.add_argument("--threshold", type=float, default=0.9,
-                          help="top-1 agreement the recommended cutoff must keep (default 0.9)")
+    p.add_argument("--lengths", help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
+    p.add_argument("--repeats", type=int, help="timed repeats of every variant (default 3; 5 on a GPU)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per cached run, the first included")
+    p.add_argument("--recompute-new-tokens", type=int, help="tokens generated per run without cache")
+    p.add_argument("--recompute-max-length", type=int,
+                   help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
+    p.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
+    p.add_argument("--method", default="slerp", choices=METHODS, help="merge method timed")
+    p.add_argument("--position-mode", default="mean", choices=POSITION_MODES, help="positions mode timed")
+    p.set_defaults(run=benchmark_main(speed_main))
     return p
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+def fidelity_parser(add_parser=None) -> argparse.ArgumentParser:
+    description = __doc__.split("\n\n")[1]
+    p = subcommand("fidelity", description, [*speed_fidelity_parents(fidelity=True), text_options()], add_parser,
+                   summary="next-token agreement and KL of merged against base on real texts")
+    p.add_argument("--prefixes", help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, "
+                                      "32..1024 on GPU)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--positions", default=",".join(POSITION_MODES))
+    p.add_argument("--continuation", type=int, help="greedy tokens compared after each prefix")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="top-1 agreement the recommended cutoff must keep (default 0.9)")
+    p.set_defaults(run=benchmark_main(fidelity_main))
+    return p
 
 
-def str_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
-    items = tuple(x for x in text.replace(" ", "").split(",") if x)
-    for item in items:
-        if item not in allowed:
-            raise SystemExit(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
-    return items
+def snapshot_parser(add_parser) -> argparse.ArgumentParser:
+    p = add_parser("snapshot", help="a report as a picture, through Debian's chromium",
+                   description="Draw an HTML report as a PNG picture, through Debian's chromium.")
+    p.add_argument("report", type=Path, help="an .html report written by a benchmark")
+    p.add_argument("picture", type=Path, help="the .png to write")
+    p.set_defaults(run=snapshot_main)
+    return p
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The engine
-# ----------------------------------------------------------------------------------------------------------------
+def snapshot_main(args, argv=None) -> int:
+    report.write_png(args.report, args.picture)
+    return 0
 
 
-def device_of(args) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def on_gpu(args) -> bool:
-    return device_of(args).startswith("cuda")
-
-
-def build_engine(args):
-    device = device_of(args)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but this machine has no CUDA GPU")
-    if args.shape:
-        engine = random_weight_engine(args.shape, device, DTYPES.get(args.dtype), args.seed)
-        return engine, f"{args.shape} (random weights)"
-    name = args.model or EMBEDDED
-    return named_engine(name, device), name
-
-
-def describe_model(engine, name: str) -> dict:
-    dtype = engine.decoder.embed_tokens.weight.dtype
-    return {"name": name, "family": engine.config.model_type, "dtype": str(dtype).removeprefix("torch."),
-            **asdict(Shape.from_config(engine.config, dtype))}
+def parser() -> argparse.ArgumentParser:
+    """`python -m slerpviz.bench SUBCOMMAND [...]`; `python -m slerpviz.bench SUBCOMMAND --help` lists its options."""
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="benchmark", required=True)
+    speed_parser(commands.add_parser)
+    fidelity_parser(commands.add_parser)
+    frontier_parser(commands.add_parser).set_defaults(run=lambda args, argv: frontier_main(argv[1:], args))
+    retrieval_parser(commands.add_parser).set_defaults(run=lambda args, argv: retrieval_main(argv[1:], args))
+    snapshot_parser(commands.add_parser)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,9 +134,7 @@ def speed_plan(args, engine) -> SpeedPlan:
         context = getattr(engine.config, "max_position_embeddings", None) or lengths[-1] + 64
         lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
     chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.speed_defaults(layers, args.quick)
-    variant = dict(keep_start=args.keep_start, keep_end=args.keep_end, ratio=args.ratio,
-                   attention_window=args.attention_window, attention_keep=args.attention_keep,
-                   choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
+    variant = merge_fields(args, choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
     if args.preset:
         from ..presets import preset
 
@@ -173,13 +156,6 @@ def speed_plan(args, engine) -> SpeedPlan:
         seed=args.seed,
         **variant,
     )
-
-
-def one_of(values: tuple, flag: str):
-    """Speed times one merge variant; a list is for fidelity's grid."""
-    if len(values) != 1:
-        raise SystemExit(f"speed times one variant: give {flag} a single value")
-    return values[0]
 
 
 SPEED_TABLE = [
@@ -371,32 +347,20 @@ def fidelity_main(args, argv=None) -> int:
     return 0
 
 
+def benchmark_main(run):
+    """speed or fidelity with --threads in force (1 for --quick on a CPU), and bad settings or paths as one line."""
+    def main(args, argv) -> int:
+        with torch_threads(args, one_when_quick=True):
+            try:
+                return run(args, argv)
+            except (ValueError, FileNotFoundError) as error:  # bad settings or paths: say what is wrong, no traceback
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+
+    return main
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["frontier"]:  # the speed x fidelity frontier has its own options
-        from .frontier import frontier_main
-
-        return frontier_main(argv[1:])
-    if argv[:1] == ["snapshot"]:  # python -m slerpviz.bench snapshot REPORT.html PICTURE.png
-        if len(argv) != 3:
-            print("usage: python -m slerpviz.bench snapshot REPORT.html PICTURE.png", file=sys.stderr)
-            return 2
-        report.write_png(Path(argv[1]), Path(argv[2]))
-        return 0
-    if argv[:1] == ["retrieval"]:
-        from .retrieval_command import retrieval_main
-
-        return retrieval_main(argv[1:])
     args = parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif args.quick and not on_gpu(args):
-        torch.set_num_threads(1)  # a smoke run must finish in time on a busy machine; see --threads
-    try:
-        return speed_main(args, argv) if args.benchmark == "speed" else fidelity_main(args, argv)
-    except (ValueError, FileNotFoundError) as error:  # bad settings or paths: say what is wrong, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)  # called from Python (tests), leave the process as it was
+    return args.run(args, argv)

@@ -9,15 +9,16 @@ consecutive) is drawn beside it for comparison.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
 import torch
-from transformers import DynamicCache
 
 from ..engine import MergeSettings, MergingEngine
+from . import options
 from .fidelity import TokenText, base_reference, compare, usable_prefixes
 from .limits import Shape, prefill_flops
 
@@ -360,24 +361,17 @@ def table_rows(rows: list[dict]) -> list[dict]:
              "passkey": f"{r['passkey_correct']}/{r['passkey_n']}" if r.get("passkey_n") else None} for r in rows]
 
 
-def frontier_parser():
-    import argparse
-    from pathlib import Path
-
-    from .engines import SHAPES
-
-    p = argparse.ArgumentParser(prog="python -m slerpviz.bench frontier", description=__doc__.split("\n\n")[0])
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
-    which.add_argument("--shape", choices=SHAPES, help="random weights (tiny: for tests; fidelity means nothing)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="for --shape")
-    p.add_argument("--seed", type=int, default=0, help="for --shape: the random weights and texts")
-    p.add_argument("--quick", action="store_true", help="a small grid that runs in a few minutes on a CPU")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for frontier.csv, .json, .html")
+def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
+    """Its own options on the shared ones of .options; `add_parser`: as a subcommand of python -m slerpviz.bench."""
+    p = options.subcommand("frontier", __doc__.split("\n\n")[0], [
+        options.model_options("random weights (tiny: for tests; fidelity means nothing)",
+                              "for --shape: the random weights and texts"),
+        options.run_options("a small grid that runs in a few minutes on a CPU",
+                            "folder for frontier.csv, .json, .html"),
+        options.text_options(),
+    ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
     p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention and budget "
                                                      "(the attention-guided exploration) or presets (judge them)")
-    p.add_argument("--texts", type=Path, action="append", help="text files or folders (default: assets/texts)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
                                      "(default 0): more samples from the same texts")
@@ -390,20 +384,20 @@ def frontier_parser():
                                                          "(default 2: 10 per length)")
     p.add_argument("--method", default="slerp", help="interpolation used for every setting")
     p.add_argument("--positions", default="mean", help="positions mode used for every setting")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     return p
 
 
-def frontier_main(argv: list[str] | None = None) -> int:
+def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """`python -m slerpviz.bench frontier` with `argv` (the words after `frontier`); `args`: already parsed."""
     import sys
 
     from . import report
-    from .command import build_engine, describe_model, int_list
     from .machine import machine_info
+    from .options import build_engine, describe_model, int_list
     from .retrieval import Haystack
     from .texts import random_texts, read_texts, tokenize, windows
 
-    args = frontier_parser().parse_args(argv)
+    args = args if args is not None else frontier_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731

@@ -14,66 +14,35 @@ from dataclasses import asdict
 from pathlib import Path
 
 import plotly.graph_objects as go
-import torch
 from plotly.subplots import make_subplots
 
 from ..engine import MergeSettings
-from ..merge import CHOICES
 from . import report, schedules
 from .machine import machine_info
+from .options import (build_engine, describe_model, float_list, int_list, merge_fields, merge_options, model_options,
+                      run_options, subcommand, text_options, torch_threads)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise)
 from .texts import read_texts
 
 
-def parser() -> argparse.ArgumentParser:
-    from .engines import SHAPES
-
-    p = argparse.ArgumentParser(prog="python -m slerpviz.bench retrieval", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
-    which.add_argument("--shape", choices=SHAPES, help="random weights (tiny: for tests; accuracy means nothing)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="for --shape")
-    p.add_argument("--quick", action="store_true", help="a small run: under three minutes on a 2-core CPU")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the CSV, JSON and HTML files")
-    p.add_argument("--texts", type=Path, action="append",
-                   help="filler: a text file or folder of .txt, repeatable (default: assets/texts)")
+def parser(add_parser=None) -> argparse.ArgumentParser:
+    """Its own options on the shared ones of .options; `add_parser`: as a subcommand of python -m slerpviz.bench."""
+    p = subcommand("retrieval", __doc__.split("\n\n")[1], [
+        model_options("random weights (tiny: for tests; accuracy means nothing)",
+                      "keys, needle words and filler offsets"),
+        run_options("a small run: under three minutes on a 2-core CPU"),
+        text_options("filler: "),
+        merge_options("merged variants, comma-separated schedules: 15,22,7+15 (default: N/2 and 3N/4; --quick N/2)"),
+    ], add_parser, summary="pass-key and multi-key retrieval: does the answer survive the merge?")
     p.add_argument("--tasks", help=f"comma-separated: {', '.join(TASKS)} (default: both)")
     p.add_argument("--lengths", help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; "
                                      "--quick 256,512)")
     p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=int, help="prompts per length and depth (default 4: 20 per length)")
-    p.add_argument("--cutoffs", help="merged variants, comma-separated schedules: 15,22,7+15 (default: N/2 and "
-                                     "3N/4; --quick N/2)")
-    p.add_argument("--ratio", type=float, default=1.0, help="share of eligible pairs merged at each cutoff")
-    p.add_argument("--choice", default="consecutive", help=f"which pairs merge: {', '.join(CHOICES)}")
-    p.add_argument("--attention-window", type=int, default=32,
-                   help="attention choice: the last W prompt tokens whose attention scores the others")
-    p.add_argument("--attention-keep", type=int, default=0,
-                   help="attention choice: the most-attended tokens that never merge")
-    p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
-    p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
     p.add_argument("--preset", action="append", default=[],
                    help="add a named preset as a variant (see slerpviz.presets); repeatable")
-    p.add_argument("--seed", type=int, default=0, help="keys, needle words and filler offsets")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     return p
-
-
-def floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise ValueError(f"bad list of numbers {text!r}: write them comma-separated, like 0,0.5,1") from None
-
-
-def ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise ValueError(f"bad list of whole numbers {text!r}: write them comma-separated, like 512,1024") from None
 
 
 def variant_label(settings: MergeSettings) -> str:
@@ -99,7 +68,7 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
     layers = engine.num_layers
     context = getattr(engine.config, "max_position_embeddings", None)
     if args.lengths:
-        lengths = ints(args.lengths)
+        lengths = int_list(args.lengths)
     else:
         lengths = (256, 512) if args.quick else (512, 1024, 2048, 4096)
         skipped = [n for n in lengths if context is not None and n + 16 > context]
@@ -109,9 +78,7 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
     chosen = schedules.parse(args.cutoffs) if args.cutoffs else (
         [(layers // 2,)] if args.quick else [(layers // 2,), (3 * layers // 4,)])
     schedules.check(chosen, layers)
-    variants = [MergeSettings(cutoffs=s, keep_start=args.keep_start, keep_end=args.keep_end, ratio=args.ratio,
-                              choice=args.choice, attention_window=args.attention_window,
-                              attention_keep=args.attention_keep) for s in chosen]
+    variants = [MergeSettings(cutoffs=s, **merge_fields(args)) for s in chosen]
     if args.preset:
         from ..presets import preset
 
@@ -120,8 +87,8 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
     return RetrievalPlan(
         tasks=tasks,
         lengths=lengths,
-        depths=floats(args.depths) if args.depths else ((0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75,
-                                                                                              1.0)),
+        depths=float_list(args.depths) if args.depths else (
+            (0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75, 1.0)),
         samples=args.samples or (2 if args.quick else 4),
         variants=tuple((variant_label(s), s) for s in variants),
         seed=args.seed,
@@ -184,26 +151,21 @@ def write_report(out: Path, rows: list[dict], plan: RetrievalPlan, machine: dict
     return report.format_table(by_length, SUMMARY_TABLE)
 
 
-def retrieval_main(argv: list[str] | None = None) -> int:
-    from .command import build_engine, describe_model
-
-    args = parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        engine, name = build_engine(args)
-        plan = retrieval_plan(args, engine)
-        haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])
-        began = time.perf_counter()
-        rows = run_retrieval(engine, haystack, plan, log=lambda m: print(m, file=sys.stderr))
-        # Read while --threads is still in force, so the report names the threads the run used.
-        machine, model = machine_info(engine.device, ["retrieval", *(argv or [])]), describe_model(engine, name)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+def retrieval_main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """`python -m slerpviz.bench retrieval` with `argv` (the words after `retrieval`); `args`: already parsed."""
+    args = args if args is not None else parser().parse_args(argv)
+    with torch_threads(args):
+        try:
+            engine, name = build_engine(args)
+            plan = retrieval_plan(args, engine)
+            haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])
+            began = time.perf_counter()
+            rows = run_retrieval(engine, haystack, plan, log=lambda m: print(m, file=sys.stderr))
+            # Read while --threads is still in force, so the report names the threads the run used.
+            machine, model = machine_info(engine.device, ["retrieval", *(argv or [])]), describe_model(engine, name)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     print(f"retrieval on {machine['gpu'] or machine['cpu']} ({machine['device']}), model {name}, "
           f"{time.perf_counter() - began:.0f} s")
     print(write_report(args.out, rows, plan, machine, model))

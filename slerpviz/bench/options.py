@@ -1,0 +1,194 @@
+"""What the benchmark subcommands share: their common options, declared once, and the helpers that read them.
+
+The options come as argparse parent parsers, one per concern:
+
+- `model_options`: which model and where it runs (--model | --shape, --device, --dtype, --seed);
+- `run_options`: how big a run and where it writes (--quick, --out, --threads);
+- `text_options`: the texts read (--texts);
+- `merge_options`: one merge setting (--cutoffs, --ratio, --choice, --keep-start, --keep-end and, where the
+  subcommand uses them, --attention-window, --attention-keep).
+
+`subcommand` builds a subcommand's parser from the parents it needs, as a sub-parser of `python -m slerpviz.bench`
+or on its own (frontier_main and retrieval_main also take their own argv); the subcommand then adds only its own
+options. The helpers below (lists from the command line, the engine, the model's description) serve every
+subcommand, so the subcommand modules import this module and never each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..cli import Parser
+from ..merge import CHOICES
+from ..models import EMBEDDED
+from .engines import SHAPES, named_engine, random_weight_engine
+from .limits import Shape
+
+PROG = "python -m slerpviz.bench"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHOICES_HELP = f"which pairs merge: {', '.join(CHOICES)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parent parsers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def model_options(shape_help: str, seed_help: str | None = None) -> argparse.ArgumentParser:
+    """--model | --shape, --device, --dtype, --seed; `shape_help` says what random weights are good for here."""
+    p = _parent()
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
+    which.add_argument("--shape", choices=SHAPES, help=shape_help)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, help="for --shape: default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    return p
+
+
+def run_options(quick_help: str, out_help: str = "folder for the CSV, JSON and HTML files",
+                threads_default: str = "torch's choice") -> argparse.ArgumentParser:
+    """--quick, --out (default bench-out), --threads."""
+    p = _parent()
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help=out_help)
+    p.add_argument("--threads", type=int,
+                   help=f"CPU threads for torch (default: {threads_default}). On a CPU shared with other jobs 1 is "
+                        "faster and far steadier: threads waiting on a busy core stall each other")
+    return p
+
+
+def text_options(what: str = "") -> argparse.ArgumentParser:
+    """--texts, repeatable; `what` says what the texts are for here ("filler: ")."""
+    p = _parent()
+    p.add_argument("--texts", type=Path, action="append",
+                   help=f"{what}a text file (texts separated by '---' lines) or a folder of .txt; repeatable "
+                        "(default: assets/texts)")
+    return p
+
+
+def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
+                  attention: bool = True) -> argparse.ArgumentParser:
+    """The flags of one merge setting (read back by `merge_fields`); `attention` adds the attention choice's
+    window and budget."""
+    p = _parent()
+    p.add_argument("--cutoffs", help=cutoffs_help)
+    p.add_argument("--ratio", type=float, default=1.0, help="share of eligible pairs merged at each cutoff")
+    p.add_argument("--choice", default="consecutive", help=choice_help)
+    p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
+    p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
+    if attention:
+        p.add_argument("--attention-window", type=int, default=32,
+                       help="attention choice: the last W prompt tokens whose attention scores the others")
+        p.add_argument("--attention-keep", type=int, default=0,
+                       help="attention choice: the most-attended tokens that never merge")
+    return p
+
+
+def subcommand(name: str, description: str, parents: list[argparse.ArgumentParser], add_parser=None,
+               summary: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `python -m slerpviz.bench NAME` built on `parents`: with `add_parser` (a subparsers action's
+    add_parser) one of the main parser's subcommands, else a parser of its own. Either way a bad flag or value is
+    one line on stderr and status 2."""
+    settings = dict(description=description, parents=parents, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_parser is None:
+        return Parser(prog=f"{PROG} {name}", **settings)
+    return add_parser(name, help=summary or description, **settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the options
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """"512, 1024" -> (512, 1024)."""
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"bad list of whole numbers {text!r}: write them comma-separated, like 512,1024") from None
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """"0, 0.5, 1" -> (0.0, 0.5, 1.0)."""
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"bad list of numbers {text!r}: write them comma-separated, like 0,0.5,1") from None
+
+
+def str_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    items = tuple(x for x in text.replace(" ", "").split(",") if x)
+    for item in items:
+        if item not in allowed:
+            raise ValueError(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def one_of(values: tuple, flag: str):
+    """Speed times one merge variant; a list is for fidelity's grid."""
+    if len(values) != 1:
+        raise ValueError(f"speed times one variant: give {flag} a single value")
+    return values[0]
+
+
+def merge_fields(args, **overrides) -> dict:
+    """The merge setting `merge_options` read, as MergeSettings fields (all but the cutoffs)."""
+    return {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
+            "attention_window": args.attention_window, "attention_keep": args.attention_keep, **overrides}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def device_of(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_gpu(args) -> bool:
+    return device_of(args).startswith("cuda")
+
+
+@contextlib.contextmanager
+def torch_threads(args, one_when_quick: bool = False):
+    """--threads in force while the run lasts (with `one_when_quick`, 1 for --quick on a CPU: a smoke run must
+    finish in time on a busy machine), and torch's count as it was after it: called from Python (tests), the
+    process is left as it was."""
+    before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif one_when_quick and args.quick and not on_gpu(args):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_engine(args):
+    """(engine, name) from `model_options`: the named (or embedded) model, or random weights of --shape."""
+    device = device_of(args)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this machine has no CUDA GPU")
+    if args.shape:
+        engine = random_weight_engine(args.shape, device, DTYPES.get(args.dtype), args.seed)
+        return engine, f"{args.shape} (random weights)"
+    name = args.model or EMBEDDED
+    return named_engine(name, device), name
+
+
+def describe_model(engine, name: str) -> dict:
+    dtype = engine.dtype
+    return {"name": name, "family": engine.config.model_type, "dtype": str(dtype).removeprefix("torch."),
+            **asdict(Shape.from_config(engine.config, dtype))}

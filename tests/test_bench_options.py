@@ -1,0 +1,185 @@
+"""`python -m slerpviz.bench`'s subcommands share their common options (declared once, in slerpviz.bench.options),
+keep each option's default, list their options under --help, refuse bad input in one line with status 2, and their
+modules import in any order (no import cycle)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slerpviz.bench import command, frontier, options, retrieval_command
+
+BENCH = Path(options.__file__).parent
+SUBCOMMANDS = ("speed", "fidelity", "frontier", "retrieval")
+MODEL_AND_RUN = {"model": None, "shape": None, "device": None, "dtype": None, "seed": 0, "quick": False,
+                 "out": Path("bench-out"), "threads": None}
+MERGE = {"cutoffs": None, "ratio": 1.0, "choice": "consecutive", "keep_start": 0, "keep_end": 0}
+ATTENTION = {"attention_window": 32, "attention_keep": 0}
+SHARED = {  # what each subcommand takes from the shared parents, with the defaults the README documents
+    "speed": {**MODEL_AND_RUN, **MERGE, **ATTENTION, "proportional": "off"},
+    "fidelity": {**MODEL_AND_RUN, **MERGE, "proportional": "off", "texts": None},
+    "frontier": {**MODEL_AND_RUN, "texts": None},
+    "retrieval": {**MODEL_AND_RUN, **MERGE, **ATTENTION, "texts": None},
+}
+OWN = {  # a few options of each subcommand's own, with their defaults
+    "speed": {"preset": None, "lengths": None, "modes": "cached,recompute", "method": "slerp", "position_mode": "mean"},
+    "fidelity": {"prefixes": None, "methods": "slerp,lerp,slerp-dir,seed-2024", "threshold": 0.9},
+    "frontier": {"grid": "default", "method": "slerp", "positions": "mean", "speed_length": None, "offsets": None},
+    "retrieval": {"preset": [], "tasks": None, "lengths": None, "depths": None, "samples": None},
+}
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in command.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_takes_the_shared_options_with_their_defaults(name):
+    args = vars(command.parser().parse_args([name]))
+    assert args["benchmark"] == name and callable(args["run"])
+    assert {key: args[key] for key in SHARED[name]} == SHARED[name]
+    assert {key: args[key] for key in OWN[name]} == OWN[name]
+    given = command.parser().parse_args([name, "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--seed",
+                                         "3", "--quick", "--out", "elsewhere", "--threads", "1"])
+    assert (given.shape, given.device, given.dtype, given.seed, given.quick, given.out, given.threads) == (
+        "tiny", "cpu", "float32", 3, True, Path("elsewhere"), 1)
+
+
+def test_the_shared_options_are_the_same_actions_everywhere():
+    """One declaration: the same help and type wherever an option is shared (the texts that differ on purpose, like
+    --shape's "fidelity means nothing", are the only exceptions)."""
+    differ = {"--shape", "--seed", "--quick", "--out", "--threads", "--texts", "--cutoffs", "--choice"}
+    shared = (option_strings(options.model_options("x")) | option_strings(options.merge_options("x"))) - differ
+    seen: dict[str, tuple] = {}
+    for name, parser in subparsers().items():
+        for action in parser._actions:
+            for flag in set(action.option_strings) & shared:
+                key = (action.help, action.type, action.default, action.choices and tuple(action.choices))
+                assert seen.setdefault(flag, key) == key, f"{flag} of {name} differs"
+    assert {"--model", "--device", "--dtype", "--ratio", "--keep-start", "--attention-window"} <= set(seen)
+
+
+@pytest.mark.parametrize("name, standalone", [("frontier", frontier.frontier_parser),
+                                              ("retrieval", retrieval_command.parser)])
+def test_frontier_and_retrieval_parse_the_same_on_their_own(name, standalone):
+    """frontier_main and retrieval_main take their own argv: the same parser as the subcommand's."""
+    sub = subparsers()[name]
+    own = standalone()
+    assert own.prog == sub.prog == f"python -m slerpviz.bench {name}"
+    assert option_strings(own) == option_strings(sub)
+    assert {k: v for k, v in vars(sub.parse_args([])).items() if k != "run"} == vars(own.parse_args([]))
+
+
+@pytest.mark.parametrize("name", [*SUBCOMMANDS, "snapshot"])
+def test_help_lists_each_subcommands_options(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command.main([name, "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: python -m slerpviz.bench {name}")
+    for flag in option_strings(subparsers()[name]):
+        assert flag in printed
+    if name != "snapshot":
+        for flag in ("--model", "--shape", "--device", "--quick", "--out", "--threads"):
+            assert flag in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["speed", "--ratio", "half"], "argument --ratio: invalid float value: 'half'"),
+    (["fidelity", "--lengths", "128"], "unrecognized arguments: --lengths 128"),  # speed's, not fidelity's
+    (["speed", "--texts", "x.txt"], "unrecognized arguments: --texts x.txt"),  # fidelity's, not speed's
+    (["retrieval", "--shape", "huge"], "argument --shape: invalid choice: 'huge'"),
+    (["frontier", "--shape", "tiny", "--model", "x"], "argument --model: not allowed with argument --shape"),
+    (["benchmark"], "argument benchmark: invalid choice: 'benchmark'"),
+    ([], "the following arguments are required: benchmark"),
+    (["snapshot", "only-one.html"], "the following arguments are required: picture"),
+])
+def test_a_value_argparse_refuses_is_one_line_and_status_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        command.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_bad_list_is_one_line_and_status_2(tmp_path, capsys):
+    """Once a SystemExit with status 1; now an error line like every other bad setting."""
+    assert command.main(["speed", "--shape", "tiny", "--choice", "random", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown pair choice 'random'; choose from consecutive, uniform, similar, attention\n"
+
+
+def test_the_list_helpers():
+    assert options.int_list("512, 1024,") == (512, 1024)
+    assert options.float_list("0,0.5, 1") == (0.0, 0.5, 1.0)
+    assert options.str_list("slerp,lerp", ("slerp", "lerp"), "method") == ("slerp", "lerp")
+    with pytest.raises(ValueError, match="bad list of whole numbers"):
+        options.int_list("1,x")
+    with pytest.raises(ValueError, match="give --choice a single value"):
+        options.one_of(("a", "b"), "--choice")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No import cycle
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_imports() -> dict[str, set[str]]:
+    """Which slerpviz.bench modules each module of the package imports, at the top or inside a function."""
+    graph = {}
+    for path in BENCH.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slerpviz.bench."):
+                found.add(node.module.removeprefix("slerpviz.bench."))
+        graph[path.stem] = {name.split(".")[0] for name in found} - {path.stem}
+    return graph
+
+
+def test_the_bench_modules_import_each_other_without_a_cycle():
+    graph = bench_imports()
+    assert "command" not in set().union(*(graph[m] for m in graph if m not in ("__init__", "__main__")))
+    assert not graph["options"] & {"command", "frontier", "retrieval_command", "speed", "fidelity"}
+    state: dict[str, str] = {}
+
+    def visit(module, path):
+        if state.get(module) == "open":
+            raise AssertionError("import cycle: " + " -> ".join([*path, module]))
+        if state.get(module) != "done":
+            state[module] = "open"
+            for imported in sorted(graph.get(module, ())):
+                visit(imported, [*path, module])
+            state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_subcommand_modules_import_in_any_order():
+    modules = ("command", "frontier", "retrieval_command", "options")
+    script = "\n".join([
+        "import importlib, itertools, sys",
+        f"for order in itertools.permutations({modules!r}):",
+        "    for name in [m for m in sys.modules if m == 'slerpviz' or m.startswith('slerpviz.')]:",
+        "        del sys.modules[name]",
+        "    for name in order:",
+        "        importlib.import_module('slerpviz.bench.' + name)",
+        "    assert callable(sys.modules['slerpviz.bench.command'].main), order",
+        "print('ok', len(list(itertools.permutations(" + repr(modules) + "))))",
+    ])
+    done = subprocess.run([sys.executable, "-c", script], cwd=BENCH.parent.parent, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"ok {len(list(itertools.permutations(modules)))}"
