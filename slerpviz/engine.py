@@ -4,6 +4,10 @@ This is the one module that knows transformers internals. The forward pass reads
 embed -> [layers on the full sequence] -> merge -> [layers on the merged sequence] -> ... -> norm -> lm_head.
 Each layer keeps its own KV cache, so layers after a cutoff hold a shorter cache; decode steps feed one token
 through every layer with the position that token has in that layer's sequence.
+
+One merging forward (`_forward_prompt`, `_forward_new`) serves three callers: `prefill` returns a Session (the
+caches, the stages that ran, `decode`), `Run` generates step by step for the app, the CLI and the benchmarks, and
+`MergingForward` stands in for a model's own decoder forward under the patch (slerpviz.patch).
 """
 
 from __future__ import annotations
