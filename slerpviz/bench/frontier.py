@@ -105,21 +105,44 @@ def budget_grid(num_layers: int, quick: bool, method: str = "slerp", positions: 
     return tuple(dict.fromkeys([make((0.5, 0.67), 16), make((0.5, 0.67), 32), make((0.4, 0.67), 32)]))
 
 
+def stretch_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
+                 ) -> tuple[MergeSettings, ...]:
+    """The third pass, toward the 1.5x stretch: the budget grid kept the answer with half the pairs at 1/2 of the
+    depth (15+20: 18/20) and lost it when merging began at 12 (14/20), so these keep the half-merge at 1/2 (or just
+    before) and shorten the sequence further later on: three stages, or three quarters at once. FLOP limits at 1,024
+    tokens on 30 layers: about 1.5-1.6x."""
+    def make(cutoffs, ratio, keep=32) -> MergeSettings:
+        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=ratio,
+                             choice="attention", attention_window=8, attention_keep=keep, method=method,
+                             positions=positions)
+
+    if quick:
+        return (make((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 4),)
+    return tuple(dict.fromkeys([
+        make((0.5, 0.67), (0.5, 1.0)),  # the recommended setting, measured beside them in the same run
+        make((0.5, 0.6, 0.7), (0.5, 1.0, 1.0)), make((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 64),
+        make((0.47, 0.6, 0.73), (0.5, 1.0, 1.0)), make((0.4, 0.53, 0.67), (0.5, 0.5, 1.0)),
+        make((0.43, 0.57), (0.75, 1.0)),
+    ]))
+
+
 def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                ) -> tuple[MergeSettings, ...]:
-    """`default` (cutoff × ratio × pair choice), `attention` and `budget` (the attention-guided exploration, first
-    and second pass) or `presets` (the named presets of slerpviz.presets, to judge them)."""
+    """`default` (cutoff × ratio × pair choice), `attention`, `budget` and `stretch` (the attention-guided
+    exploration, first to third pass) or `presets` (the named presets of slerpviz.presets, to judge them)."""
     if name == "default":
         return default_grid(num_layers, quick, method, positions)
     if name == "attention":
         return attention_grid(num_layers, quick, method, positions)
     if name == "budget":
         return budget_grid(num_layers, quick, method, positions)
+    if name == "stretch":
+        return stretch_grid(num_layers, quick, method, positions)
     if name == "presets":
         from ..presets import PRESETS, preset
 
         return tuple(preset(p, num_layers) for p in PRESETS)
-    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget or presets")
+    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget, stretch or presets")
 
 
 def is_article_setting(settings: MergeSettings) -> bool:
@@ -370,8 +393,9 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
                             "folder for frontier.csv, .json, .html"),
         options.text_options(),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
-    p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention and budget "
-                                                     "(the attention-guided exploration) or presets (judge them)")
+    p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget "
+                                                     "and stretch (the attention-guided exploration) or presets "
+                                                     "(judge them)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
                                      "(default 0): more samples from the same texts")
