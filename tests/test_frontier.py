@@ -10,7 +10,7 @@ from slerpviz.bench.engines import shape_config
 from slerpviz.bench.frontier import (FRONTIER_COLUMNS, best_at, default_grid, frontier_main, is_article_setting,
                                      named_grid, pareto_front)
 from slerpviz.engine import MergeSettings
-from slerpviz.merge import merged_length
+from slerpviz.merge import merged_length, plan_stages
 
 
 def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
@@ -91,6 +91,22 @@ def test_attention_grid_explores_attention_with_consecutive_beside_it():
     assert len({s.attention_window for s in grid}) >= 2 and len({s.attention_keep for s in grid}) >= 2
     assert any(len(s.cutoffs) == 3 for s in grid) and any(len(s.cutoffs) == 2 for s in grid)
     assert len(set(grid)) == len(grid)
+
+
+def test_stretch_grid_reaches_past_the_recommended_limit_with_it_beside():
+    from slerpviz.presets import recommended
+
+    grid = named_grid("stretch", 30, quick=False)
+    assert grid[0] == recommended(30) and len(set(grid)) == len(grid)
+    # SmolLM2-135M's sizes: the 1.5x the grid aims at is a limit on that model.
+    shape = limits.Shape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152)
+
+    def limit(settings):
+        stages = plan_stages(1024, settings.cutoffs, ratio=settings.ratio)
+        return limits.prefill_flops(shape, [1024] * 30) / limits.prefill_flops(
+            shape, limits.layer_lengths(1024, stages, 30))
+
+    assert limit(grid[0]) < 1.4 and all(limit(s) >= 1.5 for s in grid[1:])
 
 
 def test_presets_grid_judges_every_preset():
