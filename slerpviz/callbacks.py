@@ -10,6 +10,7 @@ component, and API clients, which get the values in that order, see the same out
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -87,8 +88,9 @@ def only(outputs: type[NamedTuple], **shown) -> NamedTuple:
 
 def plot_data(figure) -> PlotData:
     """A figure serialised once. A stream that yields the same PlotData again sends nothing for it (Gradio streams the
-    difference from the last message), so a long prompt's pairing plot crosses the wire once per run, while an API
-    client's last message still holds every view."""
+    difference from the last message), so within /generate's stream a long prompt's pairing plot crosses the wire
+    once, and the message that ends the stream (which Gradio fills with the last values, whole) holds it again, for
+    API clients."""
     return PlotData(type="plotly", plot=figure.to_json())
 
 
@@ -133,6 +135,7 @@ class Page:
     def __init__(self):
         self.holder = ENGINES
         self.examples = examples()
+        self._showing = threading.Lock()  # one page's preview and Run may both be drawing its pairing plot
 
     def _num_layers(self) -> int:
         engine = self.holder.engine
@@ -174,12 +177,15 @@ class Page:
         """The page's model control: switch the shared model, streaming progress to the status line, then fit the
         cutoff controls. It runs in the device's queue, so it waits for running generations and none runs during it.
 
-        A failed switch keeps the previous model: the status says why and the dropdown goes back to it.
+        A failed switch keeps the previous model: the status says why and the dropdown goes back to it. So does a
+        refused one: the menu is the page's control, but any script can send its request, so the holder admits only an
+        allowed model, while no other load is under way, and at most one switch per interval (`admit_switch`).
         """
         if on_zero_gpu():
             yield only(ModelControls, status=panels.FIXED_MODEL, model=gr.update(value=self.holder.name))
             return
         try:
+            self.holder.admit_switch(model)
             for message in self.holder.switch(model):
                 yield only(ModelControls, status=panels.loading_markdown(message))
         except Exception as error:  # noqa: BLE001 - shown in the page, the app keeps serving
@@ -218,15 +224,30 @@ class Page:
         """The pairing plot (and sequence lengths per layer) for a prompt, without generating. It follows a model
         load under way but never starts one."""
         form = Form(*values, **fields)
-        try:
-            request = yield from self._request(form, PlanViews)
-            trace = plan_trace(self.holder.engine, request)
-        except Exception as error:  # noqa: BLE001
-            raise page_error(error) from None
+        trace = yield from self._plan_trace(form)
         if view is not None:
             view.pairing = trace
         yield PlanViews(pairing=self._pairing_figure(trace, view), lengths=plots.length_figure(trace),
                         status=panels.plan_markdown(trace))
+
+    def run_plan(self, *values, view: PageView | None = None, **fields):
+        """The page's Run, before its generation: /plan as the page needs it. The pairing plot goes only where the
+        page does not show that picture yet (a preview drew it as the settings were made), and the stream ends on a
+        message that changes nothing, so its last values are not sent again whole (see `Page.run_generate`)."""
+        form = Form(*values, **fields)
+        trace = yield from self._plan_trace(form)
+        yield PlanViews(pairing=self._new_pairing(trace, view), lengths=plots.length_figure(trace),
+                        status=panels.plan_markdown(trace))
+        yield only(PlanViews)
+
+    def _plan_trace(self, form: Form):
+        """The form's plan, after following a model load under way (its progress streamed to the status line); any
+        problem becomes the page's message."""
+        try:
+            request = yield from self._request(form, PlanViews)
+            return plan_trace(self.holder.engine, request)
+        except Exception as error:  # noqa: BLE001
+            raise page_error(error) from None
 
     def preview(self, *values, view: PageView | None = None, **fields):
         """The plan as settings change: problems go to the status line, not a pop-up, while the user is typing. The
@@ -241,14 +262,20 @@ class Page:
             trace = plan_trace(self.holder.engine, request)
         except Exception as error:  # noqa: BLE001
             return only(PlanViews, status=panels.cannot_plan_markdown(error))
-        shown = view.pairing if view is not None else None
-        if shown is not None and plots.same_pairing(shown, trace):
-            pairing = gr.skip()
-        else:
-            pairing = self._pairing_figure(trace, view)
-            if view is not None:
-                view.pairing = trace
-        return PlanViews(pairing=pairing, lengths=plots.length_figure(trace), status=panels.plan_markdown(trace))
+        return PlanViews(pairing=self._new_pairing(trace, view), lengths=plots.length_figure(trace),
+                         status=panels.plan_markdown(trace))
+
+    def _new_pairing(self, trace: Trace, view: PageView | None):
+        """The pairing plot for `trace`, or gr.skip() where the page shows that picture already (or a richer one, with
+        the cosines in); the page's view then holds the trace its plot was drawn from. The check and the claim are one
+        step, so a preview and a Run drawing the same plan at once send it once between them."""
+        if view is None:
+            return self._pairing_figure(trace, None)
+        with self._showing:
+            if view.pairing is not None and plots.same_pairing(view.pairing, trace):
+                return gr.skip()
+            view.pairing = trace
+        return self._pairing_figure(trace, view)
 
     @staticmethod
     def _pairing_figure(trace: Trace, view: PageView | None):
@@ -276,7 +303,21 @@ class Page:
         never switches the shared model. Each view is serialised when it changes and yielded as is in between, so
         the stream carries it once (the pairing plot, heavy for a long prompt, once per run).
         """
-        form = Form(*values, **fields)
+        # The API's description is this docstring, so it stays as clients know it. The last message holds every view,
+        # for API clients; the page's Run uses `run_generate`.
+        yield from self._generate(Form(*values, **fields), view, for_page=False)
+
+    def run_generate(self, *values, view: PageView | None = None, **fields):
+        """The page's Run, after its plan: /generate as the page needs it. The pairing plot goes once, when the prompt
+        has run (its cosines, and a `similar` or `attention` plan, are known then), and only where it adds to what the
+        page shows; every later message leaves it as it is.
+
+        Gradio ends a stream with a message holding its last values whole, and /generate's last message holds every
+        view, so there the pairing plot would cross the wire twice per run: here it is left out of the last one.
+        """
+        yield from self._generate(Form(*values, **fields), view, for_page=True)
+
+    def _generate(self, form: Form, view: PageView | None, for_page: bool):
         view = view if view is not None else PageView()
         try:
             request = yield from self._request(form, Panels)
@@ -303,14 +344,19 @@ class Page:
                 view.base, view.merged = base, merged
                 steps += 1
                 if steps == 1:  # the prompt has run: the pair cosines (and a `similar` plan) are known
-                    pairing = plot_data(self._pairing_figure(merged, view))
+                    if for_page:
+                        pairing = self._new_pairing(merged, view)
+                    else:
+                        pairing = plot_data(self._pairing_figure(merged, view))
+                        view.pairing = merged
                     lengths = plot_data(plots.length_figure(merged, base))
-                    view.pairing = merged
                 if steps == 1 or steps % PLOT_EVERY == 0:
                     latency = plot_data(plots.latency_figure(base, merged))
                     kv = plot_data(plots.kv_figure(base, merged))
                 yield shown_runs(base, merged, request.sampling, comparison=panels.PENDING_COMPARISON,
                                  pairing=pairing, lengths=lengths, latency=latency, kv=kv)
+                if for_page:
+                    pairing = skip  # sent once: the page keeps it
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
         finally:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -96,6 +98,16 @@ def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> Mer
     return engine
 
 
+# The page's model menu reaches the server as a plain request that any script can send (a private event is only left
+# out of the API docs and the client libraries), so the menu's switch is admitted only to an allowed model, while no
+# other load is under way, and at most once per SWITCH_INTERVAL seconds in this process.
+SWITCH_INTERVAL = float(os.environ.get("SLERPVIZ_SWITCH_INTERVAL", 30))
+
+
+class SwitchRefused(ValueError):
+    """A model switch that is not started now; the message says why and when to try again."""
+
+
 class EngineHolder:
     """The one engine on this device.
 
@@ -110,10 +122,13 @@ class EngineHolder:
     """
 
     def __init__(self, loader: Callable[..., MergingEngine] | None = None,
-                 fetcher: Callable[[str, Callable[[str], None]], None] | None = None, free_first: bool | None = None):
+                 fetcher: Callable[[str, Callable[[str], None]], None] | None = None, free_first: bool | None = None,
+                 switch_interval: float = SWITCH_INTERVAL, clock: Callable[[], float] = time.monotonic):
         self._loader = loader or load_on_device
         self._fetcher = fetcher or fetch_weights
         self._free_first = free_first  # None: where there is a GPU
+        self.switch_interval, self._clock = switch_interval, clock
+        self._switched_at: float | None = None  # when the model menu's last admitted switch started
         self._state = threading.Lock()  # guards the fields below
         self.device_lock = threading.Lock()
         self.name: str | None = None
@@ -145,6 +160,25 @@ class EngineHolder:
                     self._start(name)
                 thread, target = self._thread, self._target
             yield from self._follow(thread, target, name, poll)
+
+    def admit_switch(self, name: str) -> None:
+        """Admit a switch the page's model menu asks for, or raise SwitchRefused: `name` must be on the allow-list, no
+        other model may be loading, and the last admitted switch must be `switch_interval` seconds old. Asking for
+        the model that is loaded, or loading, starts nothing and is always admitted."""
+        check_allowed(name)
+        with self._state:
+            if self._loading_locked():
+                if self._target == name:
+                    return
+                raise SwitchRefused(f"{self._target} is loading for another page; try again once it is ready.")
+            if self.name == name and self.engine is not None:
+                return
+            now = self._clock()
+            since = None if self._switched_at is None else now - self._switched_at
+            if since is not None and since < self.switch_interval:
+                raise SwitchRefused(f"the shared model switches at most once every {self.switch_interval:g} s; try "
+                                    f"again in {math.ceil(self.switch_interval - since)} s.")
+            self._switched_at = now
 
     def following(self, name: str, poll: float = 0.25) -> Iterator[str]:
         """Wait until `name` is loaded, following a load under way; never start one. Raise ValueError when `name`

@@ -197,7 +197,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         with gr.Accordion("Notes: SLERP vs LERP, positions, modes, timing", open=False):
             gr.Markdown(NOTES)
 
-        # What this page shows, per session: Stop finalises the panels from it; previews skip re-sending a plot.
+        # What this page shows, per session: Stop finalises the panels from it; previews and Run skip re-sending plots.
         view = gr.State(lambda: PageView())  # a fresh one per session
 
         # The form goes to its callbacks by field name, in the form's order: the API takes it in that order, with
@@ -206,11 +206,19 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         # or Gradio's generic error. Planning only tokenises, so it never waits behind a generation; the generation
         # queues for the device. Neither ever starts a model load.
         form = {**{name: named[name] for name in FIELDS}, "view": view}
-        planned = run_button.click(page.plan, None, components(PlanViews._fields), inputs_kwargs=form,
-                                   api_name="plan", preprocess=False, concurrency_limit=None, show_progress="hidden")
-        generating = planned.success(page.generate, None, components(Panels._fields), inputs_kwargs=form,
-                                     api_name="generate", preprocess=False, concurrency_id="device",
-                                     concurrency_limit=1, show_progress_on=components(("base_text", "merged_text")))
+        plan = dict(inputs=None, inputs_kwargs=form, outputs=components(PlanViews._fields), preprocess=False,
+                    concurrency_limit=None, show_progress="hidden")
+        generate = dict(inputs=None, inputs_kwargs=form, outputs=components(Panels._fields), preprocess=False,
+                        concurrency_id="device", concurrency_limit=1,
+                        show_progress_on=components(("base_text", "merged_text")))
+        # The API, /plan and /generate, for clients: every view in each one's last message. No control triggers them.
+        gr.on([], page.plan, api_name="plan", **plan)
+        gr.on([], page.generate, api_name="generate", **generate)
+        # The page's Run: the same two steps, never sending a pairing plot the page already shows, nor one twice: the
+        # plan's picture only where the page lacks it, the one drawn once the prompt has run (pair cosines, a
+        # `similar` or `attention` plan) once (Page.run_plan, Page.run_generate).
+        planned = run_button.click(page.run_plan, api_visibility="private", **plan)
+        generating = planned.success(page.run_generate, api_visibility="private", **generate)
         # Cancel first, then finalise: panels written with the cancel could be overwritten by the last message the
         # cancelled generation had already sent.
         stop_button.click(None, None, None, cancels=[generating], api_visibility="private", queue=False).then(
@@ -238,7 +246,9 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                            concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
 
         # Switching the shared model is the page's own control, not an API: private (no client library reaches it),
-        # and in the device's queue, so it waits for running generations and none starts during it.
+        # and in the device's queue, so it waits for running generations and none starts during it. A raw request
+        # still reaches it, so the holder admits a switch only to an allowed model, when no other load is under way,
+        # and at most one per interval (EngineHolder.admit_switch).
         model_inputs = components(("model", "cutoff", "more_cutoffs"))  # load_model(model, cutoff, more_cutoffs)
         named["model"].input(page.load_model, model_inputs, components(ModelControls._fields),
                              api_visibility="private", concurrency_id="device", concurrency_limit=1)

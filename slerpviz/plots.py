@@ -161,7 +161,10 @@ def protected_spans(trace: Trace) -> list[tuple[int, int, str]]:
 
 
 def same_pairing(shown: Trace, new: Trace) -> bool:
-    """Would `new` draw the picture `shown` already draws (or a poorer one: `shown` may have its cosines already)?"""
+    """Would `new` draw the picture `shown` already draws (or a poorer one: `shown` may have its cosines already, or
+    be the realised plan that `new`, a `similar` or `attention` plan still pending, would be planned into)?"""
+    if new.plan_pending and not shown.plan_pending:
+        return shown.tokens == new.tokens and shown.cutoffs == new.cutoffs and shown.settings == new.settings
     keys = ("keep_start", "keep_end", "method", "size_weighted", "choice")  # a pending plan says which choice waits
     return (shown.tokens == new.tokens and shown.groups == new.groups and shown.protected == new.protected
             and shown.cutoffs == new.cutoffs and shown.plan_pending == new.plan_pending

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import threading
+import uuid
 
 import gradio as gr
 import httpx
@@ -16,7 +17,7 @@ from gradio_client.exceptions import AppError
 
 from slerpviz import callbacks, form, layout
 from slerpviz.engine import Sampling
-from slerpviz.holder import ENGINES, EngineHolder
+from slerpviz.holder import ENGINES, EngineHolder, SwitchRefused
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."
@@ -102,6 +103,61 @@ def test_model_switch_waits_in_the_device_queue(engine):
     assert switch.api_visibility == "private"
     assert switch.concurrency_id == generate.concurrency_id and generate.concurrency_limit == 1
     assert not plan.preprocess and not generate.preprocess  # the callbacks check raw values themselves
+
+
+def test_the_model_menu_admits_one_switch_per_interval():
+    now = [1000.0]
+    holder, calls = recording_holder()
+    holder._clock, holder.switch_interval = lambda: now[0], 30
+    holder.admit_switch(EMBEDDED)  # the first switch
+    holder.ensure(EMBEDDED)
+    holder.admit_switch(EMBEDDED)  # the model loaded already: nothing to load, always admitted
+    now[0] += 10
+    with pytest.raises(SwitchRefused, match=r"at most once every 30 s; try again in 20 s"):
+        holder.admit_switch(OTHER)
+    with pytest.raises(ValueError, match="not on the allow-list"):
+        holder.admit_switch("someone/else")
+    now[0] += 20
+    holder.admit_switch(OTHER)  # the interval has passed
+    # While one model loads, a switch to another is refused; one to the model loading follows it.
+    release = threading.Event()
+    holder._fetcher = lambda name, progress: release.wait(10)
+    loading = threading.Thread(target=holder.ensure, args=(OTHER,))
+    loading.start()
+    try:
+        while holder.busy_loading is None:
+            release.wait(0.01)
+        holder.admit_switch(OTHER)
+        now[0] += 60
+        with pytest.raises(SwitchRefused, match="is loading for another page"):
+            holder.admit_switch(EMBEDDED)
+    finally:
+        release.set()
+        loading.join(10)
+    assert calls == [EMBEDDED, OTHER] and holder.name == OTHER
+
+
+def test_a_refused_switch_keeps_the_model_and_says_when_to_try_again():
+    holder, calls = recording_holder()
+    holder.ensure(EMBEDDED)
+    holder.admit_switch(OTHER)  # a switch just admitted: the next one has to wait
+    page = callbacks.Page()
+    page.holder = holder
+    *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
+    assert status.startswith("**Could not load**") and "switches at most once every" in status
+    assert dropdown["value"] == EMBEDDED and holder.name == EMBEDDED and calls == [EMBEDDED]
+
+
+def test_a_raw_request_to_the_model_menu_is_refused(app_url, monkeypatch):
+    """The menu's event is private, so no client library calls it, but a plain POST to the queue still reaches it:
+    there the holder's admission decides, and it starts no load."""
+    monkeypatch.setattr(ENGINES, "_switched_at", ENGINES._clock())  # as if the menu had switched a moment ago
+    switch = page_event(app_url, "model", "input")
+    *_, done = run_event(app_url, uuid.uuid4().hex, switch, [OTHER, 15, []])
+    assert done["success"] and "switches at most once every" in done["output"]["data"][0], done
+    *_, done = run_event(app_url, uuid.uuid4().hex, switch, ["someone/else", 15, []])
+    assert not done["success"] and "not in the list of choices" in done["output"]["error"], done  # the menu's own check
+    assert ENGINES.busy_loading is None and ENGINES.name == EMBEDDED
 
 
 @pytest.mark.parametrize("callback", ["plan", "generate"])
@@ -367,6 +423,109 @@ def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
     assert len({id(p) for p in pairings}) == 1  # one figure, serialised once, yielded as is after that
     assert isinstance(outputs[-1][5], PlotData)  # and still in the last message, for API clients
     assert released == [True]  # memory handed back once the run is over
+
+
+# What the page's Run sends, read off the wire: the events the Run button starts, joined through the queue and read
+# from the session's stream, as the page does. Gradio ends a stream with a message holding its last values whole.
+
+
+def page_event(app_url: str, elem_id: str, trigger: str) -> dict:
+    """The page's event that `trigger` on the component `elem_id` starts, from the config the page loads."""
+    config = httpx.get(f"{app_url}config", timeout=60).json()
+    (component,) = [c["id"] for c in config["components"] if c["props"].get("elem_id") == elem_id]
+    return next(d for d in config["dependencies"] if [component, trigger] in d["targets"])
+
+
+def run_event(app_url: str, session: str, event: dict, data: list) -> list[dict]:
+    """One event as the page sends it: join the queue, then read the session's stream until the event completes;
+    the messages it got, the last one saying whether it succeeded."""
+    api = f"{app_url}gradio_api"
+    joined = httpx.post(f"{api}/queue/join", timeout=60, json={
+        "data": data, "fn_index": event["id"], "session_hash": session, "event_data": None, "trigger_id": None})
+    joined.raise_for_status()
+    event_id, messages = joined.json()["event_id"], []
+    with httpx.stream("GET", f"{api}/queue/data", params={"session_hash": session}, timeout=300) as stream:
+        for line in stream.iter_lines():
+            message = json.loads(line.removeprefix("data:")) if line.startswith("data:") else {}
+            if message.get("event_id") == event_id:
+                messages.append(message)
+                if message["msg"] == "process_completed":
+                    return messages
+    raise AssertionError(f"the stream ended before the event did: {messages}")
+
+
+def holds_figure(value) -> bool:
+    """Whether a message's value for an output (whole, or the edits of a diff) carries a Plotly figure."""
+    if isinstance(value, str):
+        return value.startswith('{"data"')
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(holds_figure(item) for item in values)
+
+
+def pairing_figures(app_url: str, messages: list[dict], event: dict) -> list[str]:
+    """Each pairing figure the messages carried, as sent (a diff's edits, or the whole value)."""
+    config = httpx.get(f"{app_url}config", timeout=60).json()
+    (pairing,) = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "pairing-plot"]
+    index = event["outputs"].index(pairing)
+    values = [m["output"]["data"][index] for m in messages if m.get("output", {}).get("data")]
+    return [json.dumps(value) for value in values if holds_figure(value)]
+
+
+@pytest.fixture(scope="module")
+def run_button(app_url):
+    """The Run button's two events (the plan, then on its success the generation) and the prompt's preview."""
+    config = httpx.get(f"{app_url}config", timeout=60).json()
+    plan = page_event(app_url, "run", "click")
+    generate = next(d for d in config["dependencies"] if d["trigger_after"] == plan["id"])
+    assert generate["trigger_only_on_success"]
+    return plan, generate, page_event(app_url, "prompt", "blur")
+
+
+def press_run(app_url: str, run_button, session: str, data: list) -> tuple[list[str], list[str]]:
+    """Run, as the page presses it: the pairing figures the plan sent, and those the generation sent."""
+    plan, generate, _ = run_button
+    sent = []
+    for event in (plan, generate):
+        messages = run_event(app_url, session, event, data)
+        assert messages[-1]["success"], messages[-1]
+        sent.append(pairing_figures(app_url, messages, event))
+    return sent[0], sent[1]
+
+
+LONG_ENOUGH = dict(prompt="word " * 40, chat=False, max_new_tokens=callbacks.PLOT_EVERY + 1)
+
+
+def test_run_sends_the_pairing_plot_once_where_the_page_shows_the_plan(app_url, run_button):
+    session, data = uuid.uuid4().hex, [*inputs(**LONG_ENOUGH), None]  # None: the page's view, kept by the server
+    *_, preview = run_button
+    plan_shown = pairing_figures(app_url, run_event(app_url, session, preview, data), preview)
+    assert len(plan_shown) == 1  # leaving the prompt box previews the plan
+    from_plan, from_generation = press_run(app_url, run_button, session, data)
+    assert from_plan == [] and len(from_generation) == 1  # once, when the prompt has run: with the pair cosines
+    assert "pair cosine: known once" in plan_shown[0] and "pair cosine: known once" not in from_generation[0]
+    assert press_run(app_url, run_button, session, data) == ([], [])  # the same run again: the page shows it all
+
+
+@pytest.mark.parametrize("choice", ["consecutive", "uniform", "similar", "attention"])
+def test_run_on_a_fresh_page_sends_each_pairing_picture_once(app_url, run_button, choice):
+    """No preview before: the plan's picture (a placeholder where the plan is made at the cutoff), then the one drawn
+    once the prompt has run; each once, never again in a stream's last message, and nothing on a second Run."""
+    session = uuid.uuid4().hex
+    data = [*inputs(**LONG_ENOUGH, choice=choice, ratio=0.5, attention_window=4), None]
+    from_plan, from_generation = press_run(app_url, run_button, session, data)
+    assert len(from_plan) == 1 and len(from_generation) == 1
+    pending = "the pairing appears once the prompt has run" in from_plan[0]
+    assert pending == (choice in ("similar", "attention"))
+    assert press_run(app_url, run_button, session, data) == ([], [])
+
+
+def test_the_api_still_ends_with_every_view(app_url):
+    """/generate, for API clients, keeps the pairing plot in its last message (the page's Run does not use it)."""
+    config = httpx.get(f"{app_url}config", timeout=60).json()
+    generate = next(d for d in config["dependencies"] if d["api_name"] == "generate")
+    assert generate["targets"] == []
+    messages = run_event(app_url, uuid.uuid4().hex, generate, [*inputs(**LONG_ENOUGH), None])
+    assert messages[-1]["success"] and len(pairing_figures(app_url, messages[-1:], generate)) == 1
 
 
 def test_the_pairing_labels_can_move_along_a_long_prompt(page):
