@@ -126,10 +126,29 @@ def stretch_grid(num_layers: int, quick: bool, method: str = "slerp", positions:
     ]))
 
 
+def pyramid_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
+                 ) -> tuple[MergeSettings, ...]:
+    """The fourth pass: in the stretch grid a second merge of every pair lost the pass key (15+18+21: 2-3/20) while
+    halving twice and then merging all (12+16+20) kept 14/20 at 1.52x, so these halve at every stage: pyramids of
+    four cutoffs, half the remaining pairs each, and 12+16+20 with 64 tokens kept."""
+    def make(cutoffs, ratio, keep=32) -> MergeSettings:
+        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=ratio,
+                             choice="attention", attention_window=8, attention_keep=keep, method=method,
+                             positions=positions)
+
+    if quick:
+        return (make((0.4, 0.5, 0.6, 0.7), (0.5,) * 4, 4),)
+    return tuple(dict.fromkeys([
+        make((0.4, 0.5, 0.6, 0.7), (0.5,) * 4), make((0.43, 0.5, 0.57, 0.63), (0.5,) * 4),
+        make((0.4, 0.47, 0.53, 0.6), (0.5,) * 4), make((0.4, 0.53, 0.67, 0.8), (0.5, 0.5, 0.5, 1.0)),
+        make((0.4, 0.53, 0.67), (0.5, 0.5, 1.0), 64),
+    ]))
+
+
 def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                ) -> tuple[MergeSettings, ...]:
-    """`default` (cutoff × ratio × pair choice), `attention`, `budget` and `stretch` (the attention-guided
-    exploration, first to third pass) or `presets` (the named presets of slerpviz.presets, to judge them)."""
+    """`default` (cutoff × ratio × pair choice), `attention`, `budget`, `stretch` and `pyramid` (the
+    attention-guided exploration, first to fourth pass) or `presets` (the named presets of slerpviz.presets)."""
     if name == "default":
         return default_grid(num_layers, quick, method, positions)
     if name == "attention":
@@ -138,11 +157,13 @@ def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", p
         return budget_grid(num_layers, quick, method, positions)
     if name == "stretch":
         return stretch_grid(num_layers, quick, method, positions)
+    if name == "pyramid":
+        return pyramid_grid(num_layers, quick, method, positions)
     if name == "presets":
         from ..presets import PRESETS, preset
 
         return tuple(preset(p, num_layers) for p in PRESETS)
-    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget, stretch or presets")
+    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget, stretch, pyramid or presets")
 
 
 def is_article_setting(settings: MergeSettings) -> bool:
@@ -393,9 +414,9 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
                             "folder for frontier.csv, .json, .html"),
         options.text_options(),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
-    p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget "
-                                                     "and stretch (the attention-guided exploration) or presets "
-                                                     "(judge them)")
+    p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget, "
+                                                     "stretch and pyramid (the attention-guided exploration) or "
+                                                     "presets (judge them)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
                                      "(default 0): more samples from the same texts")
