@@ -93,7 +93,7 @@ def test_attention_grid_explores_attention_with_consecutive_beside_it():
     assert len(set(grid)) == len(grid)
 
 
-def test_stretch_and_pyramid_grids_reach_past_the_recommended_limit():
+def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
     from slerpviz.presets import recommended
 
     grid = named_grid("stretch", 30, quick=False)
@@ -107,8 +107,9 @@ def test_stretch_and_pyramid_grids_reach_past_the_recommended_limit():
             shape, limits.layer_lengths(1024, stages, 30))
 
     assert limit(grid[0]) < 1.4 and all(limit(s) >= 1.5 for s in grid[1:])
-    pyramids = named_grid("pyramid", 30, quick=False)
+    pyramids = named_grid("pyramid", 30, quick=False) + named_grid("late", 30, quick=False)
     assert all(limit(s) >= 1.5 and len(s.cutoffs) >= 3 and s.choice == "attention" for s in pyramids)
+    assert all(s.cutoffs[0] >= 14 for s in named_grid("late", 30, quick=False))
 
 
 def test_presets_grid_judges_every_preset():

@@ -145,10 +145,28 @@ def pyramid_grid(num_layers: int, quick: bool, method: str = "slerp", positions:
     ]))
 
 
+def late_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
+              ) -> tuple[MergeSettings, ...]:
+    """The fifth pass: every setting that began merging at layer 12 or 13 kept at most 14/20 pass keys (pyramid grid),
+    and 15+20 keeps 18/20, so these begin at 1/2 of the depth (14 or 15 of 30) and halve in quick steps."""
+    def make(cutoffs, ratio, keep=32) -> MergeSettings:
+        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=ratio,
+                             choice="attention", attention_window=8, attention_keep=keep, method=method,
+                             positions=positions)
+
+    if quick:
+        return (make((0.5, 0.53, 0.57), (0.5, 0.5, 1.0), 4),)
+    return tuple(dict.fromkeys([
+        make((0.5, 0.57, 0.63, 0.7), (0.5, 0.5, 0.5, 1.0)), make((0.5, 0.53, 0.57, 0.6, 0.63), (0.5,) * 5),
+        make((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0)), make((0.5, 0.53, 0.57), (0.5, 0.5, 1.0)),
+        make((0.47, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0)),
+    ]))
+
+
 def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                ) -> tuple[MergeSettings, ...]:
-    """`default` (cutoff × ratio × pair choice), `attention`, `budget`, `stretch` and `pyramid` (the
-    attention-guided exploration, first to fourth pass) or `presets` (the named presets of slerpviz.presets)."""
+    """`default` (cutoff × ratio × pair choice), `attention`, `budget`, `stretch`, `pyramid` and `late` (the
+    attention-guided exploration, first to fifth pass) or `presets` (the named presets of slerpviz.presets)."""
     if name == "default":
         return default_grid(num_layers, quick, method, positions)
     if name == "attention":
@@ -159,11 +177,13 @@ def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", p
         return stretch_grid(num_layers, quick, method, positions)
     if name == "pyramid":
         return pyramid_grid(num_layers, quick, method, positions)
+    if name == "late":
+        return late_grid(num_layers, quick, method, positions)
     if name == "presets":
         from ..presets import PRESETS, preset
 
         return tuple(preset(p, num_layers) for p in PRESETS)
-    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget, stretch, pyramid or presets")
+    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget, stretch, pyramid, late or presets")
 
 
 def is_article_setting(settings: MergeSettings) -> bool:
@@ -415,8 +435,8 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
         options.text_options(),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
     p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget, "
-                                                     "stretch and pyramid (the attention-guided exploration) or "
-                                                     "presets (judge them)")
+                                                     "stretch, pyramid and late (the attention-guided exploration) "
+                                                     "or presets (judge them)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
                                      "(default 0): more samples from the same texts")
