@@ -275,6 +275,13 @@ def test_examples_and_the_preset_button_read_the_preset_when_clicked(page, engin
     assert as_request(values).settings == expected
 
 
+def test_the_fast_pass_key_example_reads_the_fast_preset(page, engine):
+    values = dict(zip((*form.EXAMPLE_FIELDS, *form.MERGE_FIELDS),
+                      page.fill_example(example_index(page, "Same pass key, fast preset"))))
+    assert as_request(values).settings == presets.preset("fast", engine.num_layers)
+    assert len(presets.preset("fast", engine.num_layers).cutoffs) == 4 and values["chat"] is False
+
+
 def test_the_pass_key_example_is_raw_text_ending_in_the_question(page):
     values = dict(zip((*form.EXAMPLE_FIELDS, *form.MERGE_FIELDS),
                       page.fill_example(example_index(page, "Find the pass key (~1,500 tokens)"))))
@@ -291,6 +298,7 @@ def test_the_page_says_what_the_recommended_preset_is(engine):
     (examples,) = [c for c in config["components"] if c["props"].get("elem_id") == "examples"]
     labels = examples["props"]["sample_labels"]
     assert "Find the pass key (~1,500 tokens), recommended preset" in labels
+    assert any(label.startswith("Same pass key, fast preset") for label in labels)
     assert "Why is the sky blue? Recommended preset" in labels
     # The example list and the preset button fill the controls in the order the callbacks return their values.
     fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
