@@ -10,6 +10,7 @@ consecutive) is drawn beside it for comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -90,77 +91,44 @@ def attention_grid(num_layers: int, quick: bool, method: str = "slerp", position
     return tuple(dict.fromkeys(grid))  # shares may round to the same layer on shallow models
 
 
-def budget_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
-                ) -> tuple[MergeSettings, ...]:
-    """The second pass of the exploration: the attention grid showed that keeping the 16 most-attended tokens out of
-    the merge lifts top-1 at 12+20 (0.764 -> 0.889, n = 72) and that 15+20 keeps the pass key (17/20); this grid
-    combines the two and tries a larger budget."""
-    def make(cutoffs, keep) -> MergeSettings:
-        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=(0.5, 1.0),
-                             choice="attention", attention_window=8, attention_keep=keep, method=method,
-                             positions=positions)
-
-    if quick:
-        return (make((0.5, 0.67), 4),)
-    return tuple(dict.fromkeys([make((0.5, 0.67), 16), make((0.5, 0.67), 32), make((0.4, 0.67), 32)]))
-
-
-def stretch_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
-                 ) -> tuple[MergeSettings, ...]:
-    """The third pass, toward the 1.5x stretch: the budget grid kept the answer with half the pairs at 1/2 of the
-    depth (15+20: 18/20) and lost it when merging began at 12 (14/20), so these keep the half-merge at 1/2 (or just
-    before) and shorten the sequence further later on: three stages, or three quarters at once. FLOP limits at 1,024
-    tokens on 30 layers: about 1.5-1.6x."""
-    def make(cutoffs, ratio, keep=32) -> MergeSettings:
-        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=ratio,
-                             choice="attention", attention_window=8, attention_keep=keep, method=method,
-                             positions=positions)
-
-    if quick:
-        return (make((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 4),)
-    return tuple(dict.fromkeys([
-        make((0.5, 0.67), (0.5, 1.0)),  # the recommended setting, measured beside them in the same run
-        make((0.5, 0.6, 0.7), (0.5, 1.0, 1.0)), make((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 64),
-        make((0.47, 0.6, 0.73), (0.5, 1.0, 1.0)), make((0.4, 0.53, 0.67), (0.5, 0.5, 1.0)),
-        make((0.43, 0.57), (0.75, 1.0)),
-    ]))
+# The attention-guided exploration's later passes, as data: each setting is (cutoffs as shares of the depth, ratio
+# per cutoff, most-attended tokens kept), with the attention choice and W = 8; the first entry of each is its --quick
+# grid. What each pass learnt from the one before (n = 72 top-1, n = 20 pass key at 1,024 tokens, tuning texts):
+ATTENTION_PASSES: dict[str, list[tuple[tuple[float, ...], tuple[float, ...], int]]] = {
+    # 2nd: keeping the 16 most-attended tokens lifted top-1 at 12+20 (0.764 -> 0.889) and 15+20 kept the pass key
+    # (17/20): combine the two, and try a larger budget.
+    "budget": [((0.5, 0.67), (0.5, 1.0), 4),
+               ((0.5, 0.67), (0.5, 1.0), 16), ((0.5, 0.67), (0.5, 1.0), 32), ((0.4, 0.67), (0.5, 1.0), 32)],
+    # 3rd, toward 1.5x: half the pairs at 1/2 kept the key (15+20: 18/20), beginning at 12 did not (14/20), so keep
+    # the half-merge at 1/2 (or just before) and shorten further later on; the recommended setting beside them.
+    "stretch": [((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 4),
+                ((0.5, 0.67), (0.5, 1.0), 32), ((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 32),
+                ((0.5, 0.6, 0.7), (0.5, 1.0, 1.0), 64), ((0.47, 0.6, 0.73), (0.5, 1.0, 1.0), 32),
+                ((0.4, 0.53, 0.67), (0.5, 0.5, 1.0), 32), ((0.43, 0.57), (0.75, 1.0), 32)],
+    # 4th: a second merge of every pair lost the key (15+18+21: 2-3/20), halving twice then all (12+16+20) kept
+    # 14/20 at 1.52x, so halve at every stage.
+    "pyramid": [((0.4, 0.5, 0.6, 0.7), (0.5,) * 4, 4),
+                ((0.4, 0.5, 0.6, 0.7), (0.5,) * 4, 32), ((0.43, 0.5, 0.57, 0.63), (0.5,) * 4, 32),
+                ((0.4, 0.47, 0.53, 0.6), (0.5,) * 4, 32), ((0.4, 0.53, 0.67, 0.8), (0.5, 0.5, 0.5, 1.0), 32),
+                ((0.4, 0.53, 0.67), (0.5, 0.5, 1.0), 64)],
+    # 5th: beginning at layer 12 or 13 kept at most 14/20, so begin at 1/2 of the depth and halve in quick steps.
+    "late": [((0.5, 0.53, 0.57), (0.5, 0.5, 1.0), 4),
+             ((0.5, 0.57, 0.63, 0.7), (0.5, 0.5, 0.5, 1.0), 32), ((0.5, 0.53, 0.57, 0.6, 0.63), (0.5,) * 5, 32),
+             ((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32), ((0.5, 0.53, 0.57), (0.5, 0.5, 1.0), 32),
+             ((0.47, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32)],
+}
 
 
-def pyramid_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
-                 ) -> tuple[MergeSettings, ...]:
-    """The fourth pass: in the stretch grid a second merge of every pair lost the pass key (15+18+21: 2-3/20) while
-    halving twice and then merging all (12+16+20) kept 14/20 at 1.52x, so these halve at every stage: pyramids of
-    four cutoffs, half the remaining pairs each, and 12+16+20 with 64 tokens kept."""
-    def make(cutoffs, ratio, keep=32) -> MergeSettings:
-        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=ratio,
-                             choice="attention", attention_window=8, attention_keep=keep, method=method,
-                             positions=positions)
+def attention_pass(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
+                   ) -> tuple[MergeSettings, ...]:
+    """One of ATTENTION_PASSES as settings for a model of `num_layers` layers (cutoffs placed as presets place them)."""
+    from ..presets import Preset
 
-    if quick:
-        return (make((0.4, 0.5, 0.6, 0.7), (0.5,) * 4, 4),)
-    return tuple(dict.fromkeys([
-        make((0.4, 0.5, 0.6, 0.7), (0.5,) * 4), make((0.43, 0.5, 0.57, 0.63), (0.5,) * 4),
-        make((0.4, 0.47, 0.53, 0.6), (0.5,) * 4), make((0.4, 0.53, 0.67, 0.8), (0.5, 0.5, 0.5, 1.0)),
-        make((0.4, 0.53, 0.67), (0.5, 0.5, 1.0), 64),
-    ]))
-
-
-def late_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
-              ) -> tuple[MergeSettings, ...]:
-    """The fifth pass: every setting that began merging at layer 12 or 13 kept at most 14/20 pass keys (pyramid grid),
-    and 15+20 keeps 18/20, so these begin at 1/2 of the depth (14 or 15 of 30) and halve in quick steps."""
-    def make(cutoffs, ratio, keep=32) -> MergeSettings:
-        return MergeSettings(cutoffs=tuple(max(1, round(c * num_layers)) for c in cutoffs), ratio=ratio,
-                             choice="attention", attention_window=8, attention_keep=keep, method=method,
-                             positions=positions)
-
-    if quick:
-        return (make((0.5, 0.53, 0.57), (0.5, 0.5, 1.0), 4),)
-    return tuple(dict.fromkeys([
-        make((0.5, 0.57, 0.63, 0.7), (0.5, 0.5, 0.5, 1.0)), make((0.5, 0.53, 0.57, 0.6, 0.63), (0.5,) * 5),
-        make((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0)), make((0.5, 0.53, 0.57), (0.5, 0.5, 1.0)),
-        make((0.47, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0)),
-    ]))
+    entries = ATTENTION_PASSES[name][:1] if quick else ATTENTION_PASSES[name][1:]
+    return tuple(dict.fromkeys(
+        dataclasses.replace(Preset(name, shares, ratio, "attention", 8, keep).settings(num_layers), method=method,
+                            positions=positions)
+        for shares, ratio, keep in entries))
 
 
 def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
@@ -171,14 +139,8 @@ def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", p
         return default_grid(num_layers, quick, method, positions)
     if name == "attention":
         return attention_grid(num_layers, quick, method, positions)
-    if name == "budget":
-        return budget_grid(num_layers, quick, method, positions)
-    if name == "stretch":
-        return stretch_grid(num_layers, quick, method, positions)
-    if name == "pyramid":
-        return pyramid_grid(num_layers, quick, method, positions)
-    if name == "late":
-        return late_grid(num_layers, quick, method, positions)
+    if name in ATTENTION_PASSES:
+        return attention_pass(name, num_layers, quick, method, positions)
     if name == "presets":
         from ..presets import PRESETS, preset
 
