@@ -90,3 +90,28 @@ def app_url():
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_engine():
+    """The engine the app's holder serves (the embedded model), as the page's callbacks see it."""
+    from slerpviz.holder import ENGINES
+    from slerpviz.models import EMBEDDED
+
+    return ENGINES.ensure(EMBEDDED)
+
+
+@pytest.fixture(scope="module")
+def page(app_engine):
+    """The page's callbacks, called directly, with the embedded model loaded."""
+    from slerpviz import callbacks
+
+    return callbacks.Page()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    """A gradio_client on the launched app."""
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False, analytics_enabled=False, download_files=False)

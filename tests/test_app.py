@@ -9,13 +9,12 @@ import time
 import gradio as gr
 import pytest
 import torch
-from gradio_client import Client
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
 from slerpviz import callbacks, form, layout, panels, presets
 from slerpviz.engine import Run, Trace, interleave
-from slerpviz.holder import ENGINES, EngineHolder
+from slerpviz.holder import EngineHolder
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."
@@ -31,18 +30,8 @@ def inputs(**changes) -> list:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return ENGINES.ensure(EMBEDDED)
-
-
-@pytest.fixture(scope="module")
-def page(engine):
-    return callbacks.Page()
-
-
-@pytest.fixture(scope="module")
-def client(app_url):
-    return Client(app_url, verbose=False, analytics_enabled=False, download_files=False)
+def engine(app_engine):
+    return app_engine  # here `engine` is the app's (conftest's default is a tiny model per family)
 
 
 @pytest.fixture

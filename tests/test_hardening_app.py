@@ -12,7 +12,6 @@ import gradio as gr
 import httpx
 import pytest
 from gradio.components.plot import PlotData
-from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from slerpviz import callbacks, form, layout
@@ -69,18 +68,8 @@ def recording_holder(fail: set[str] = frozenset(), fetch_fail: set[str] = frozen
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return ENGINES.ensure(EMBEDDED)
-
-
-@pytest.fixture(scope="module")
-def page(engine):
-    return callbacks.Page()
-
-
-@pytest.fixture(scope="module")
-def client(app_url):
-    return Client(app_url, verbose=False, analytics_enabled=False, download_files=False)
+def engine(app_engine):
+    return app_engine  # here `engine` is the app's (conftest's default is a tiny model per family)
 
 
 # --------------------------------------------------------------------------------------------------------------------
