@@ -70,6 +70,9 @@ class MergeSettings:
     # pass key better than 32, and keeping 32 tokens lifted top-1 from 0.81 to 0.94 at 15+20 (n = 72).
     attention_window: int = 8
     attention_keep: int = 32
+    # `attention` choice: the share of the pair ranking given to how unlike the pair is (1 - cosine); 0 ranks by
+    # attention alone (see merge.least_attended_pairs).
+    cosine_share: float = 0.0
 
     def __post_init__(self):
         # Stages run in layer order; per-cutoff ratios travel with their cutoffs (cutoffs 20, 10 with ratios 1, 0.5
@@ -233,6 +236,8 @@ class MergingEngine:
             raise ValueError(f"attention window {settings.attention_window!r} must be a whole number of at least 1")
         if not isinstance(settings.attention_keep, int) or settings.attention_keep < 0:
             raise ValueError(f"attention keep {settings.attention_keep!r} must be a whole number, 0 or more")
+        if not isinstance(settings.cosine_share, (int, float)) or not 0 <= settings.cosine_share <= 1:
+            raise ValueError(f"cosine share {settings.cosine_share!r} must be a number from 0 to 1")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if sampling is not None:
@@ -371,11 +376,13 @@ class MergingEngine:
         `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes."""
         attention = None
         if stage is None:
-            similarity = adjacent_cosines(h)[0] if settings.choice == "similar" else None
+            mixed = settings.choice == "attention" and settings.cosine_share > 0
+            similarity = adjacent_cosines(h)[0] if settings.choice == "similar" or mixed else None
             if settings.choice == "attention":
                 attention = self.attention_received(cutoff, h, positions, settings.attention_window, log_sizes)
             stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
-                               similarity, settings.size_weighted, attention, settings.attention_keep)
+                               similarity, settings.size_weighted, attention, settings.attention_keep,
+                               settings.cosine_share)
         cosines = pair_cosines(h, stage.plan)
         hidden = apply_plan(h, stage.plan, settings.method)
         slots = slot_positions(stage.first, stage.last, settings.positions)

@@ -191,13 +191,15 @@ def check_ratio(ratio: float) -> None:
 def choose_pairs(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, attention: torch.Tensor | None = None, keep_top: int = 0,
+    cosine_share: float = 0.0,
 ) -> torch.Tensor:
     """First items of the pairs (i, i + 1) to merge, sorted, never overlapping, never protected, first or last.
 
     The eligible pairs are the consecutive pairs of the middle, (lead, lead+1), (lead+2, lead+3), ...; `ratio` of
     them are merged: the first ones (`consecutive`), spread evenly (`uniform`), for `similar` the most similar
     adjacent pairs by `similarity` [length - 1], the cosine of items i and i + 1, at any offset, and for
-    `attention` the least-attended eligible pairs by `attention` [length] (see least_attended_pairs).
+    `attention` the least-attended eligible pairs by `attention` [length] (see least_attended_pairs; with
+    `cosine_share` > 0 their ranking also weighs how alike the pair is, by `similarity`).
     """
     check_spans(length, keep_start, keep_end)
     check_ratio(ratio)
@@ -212,19 +214,24 @@ def choose_pairs(
     if choice == "attention":
         if attention is None:
             raise ValueError("the 'attention' pair choice needs the attention each item receives")
-        return least_attended_pairs(attention, grid, count, keep_top)
+        if cosine_share > 0 and similarity is None:
+            raise ValueError("mixing the cosine into the 'attention' pair choice needs the adjacent similarities")
+        return least_attended_pairs(attention, grid, count, keep_top, similarity if cosine_share > 0 else None,
+                                    cosine_share)
     if similarity is None:
         raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
     return most_similar_pairs(similarity, lead, end, count)
 
 
-def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int, keep_top: int = 0
-                         ) -> torch.Tensor:
+def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int, keep_top: int = 0,
+                         similarity: torch.Tensor | None = None, cosine_share: float = 0.0) -> torch.Tensor:
     """The `count` pairs of the grid (i, i + 1 for i in grid) whose more-attended member receives the least
     attention; a pair holding one of the `keep_top` most-attended items never merges (so fewer may merge).
 
     A pair is scored by its maximum, not its sum: one token the prompt looks at is reason enough to keep a pair.
-    Ties go to the earlier pair, so the result is deterministic.
+    With `similarity` [length - 1] (the cosine of items i and i + 1) and `cosine_share` s, pairs are ranked by
+    (1 - s) * their rank by attention + s * their rank by dissimilarity: ranks, because an attention weight and a
+    cosine have no common scale. Ties go to the earlier pair, so the result is deterministic.
     """
     scores = attention.detach().float().cpu()
     if grid.numel() == 0 or count <= 0:
@@ -235,8 +242,18 @@ def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int
         kept[scores.topk(min(keep_top, scores.numel())).indices] = True
         allowed = ~(kept[grid] | kept[grid + 1])
         grid, pair_score = grid[allowed], pair_score[allowed]
+    if similarity is not None and cosine_share > 0 and grid.numel() > 0:
+        unlike = 1 - similarity.detach().float().cpu()[grid]
+        pair_score = (1 - cosine_share) * share_ranks(pair_score) + cosine_share * share_ranks(unlike)
     order = torch.sort(pair_score, stable=True).indices[:count]
     return grid[order].sort().values
+
+
+def share_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank among `values` as a share in [0, 1] (0 for the smallest; ties by order)."""
+    ranks = torch.empty(values.numel())
+    ranks[torch.sort(values, stable=True).indices] = torch.arange(values.numel(), dtype=torch.float)
+    return ranks / max(values.numel() - 1, 1)
 
 
 def most_similar_pairs(similarity: torch.Tensor, lead: int, end: int, count: int) -> torch.Tensor:
@@ -304,14 +321,14 @@ def plan_from_pairs(
 def plan_merge(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-    attention: torch.Tensor | None = None, keep_top: int = 0,
+    attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0,
 ) -> MergePlan:
     """Pair consecutive items, except the protected spans and the first and last item, which stay alone.
 
     By default the whole unprotected middle is cut into consecutive pairs; when it has odd length its last item
     stays alone. `ratio` and `choice` merge only some of the pairs (see choose_pairs).
     """
-    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top)
+    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top, cosine_share)
     return plan_from_pairs(length, pairs, keep_start, keep_end, weights)
 
 
@@ -364,7 +381,7 @@ class Stage:
 def next_stage(
     first: torch.Tensor, last: torch.Tensor, cutoff: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0,
     choice: str = "consecutive", similarity: torch.Tensor | None = None, size_weighted: bool = True,
-    attention: torch.Tensor | None = None, keep_top: int = 0,
+    attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0,
 ) -> Stage:
     """Merge the slots [first, last] of the stage before (or the tokens) once more.
 
@@ -372,7 +389,8 @@ def next_stage(
     protect the same original tokens at every stage.
     """
     weights = (last - first + 1) if size_weighted else None
-    plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights, attention, keep_top)
+    plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights, attention, keep_top,
+                      cosine_share)
     return Stage(cutoff, plan, first[plan.starts], last[plan.starts + plan.sizes - 1])
 
 

@@ -201,7 +201,7 @@ def test_fidelity_grid_over_pair_choice_and_proportional_attention(tiny):
 
 def test_speed_with_similar_pairs_and_a_ratio(tiny):
     plan = SpeedPlan(lengths=(20,), schedules=((2,),), modes=("cached",), repeats=1, new_tokens=2, merge_repeats=1,
-                     choice="similar", ratio=0.5, proportional=True, warmup=False)
+                     merge=MergeSettings(choice="similar", ratio=0.5, proportional=True), warmup=False)
     (row,) = run_speed(tiny, plan, log=lambda m: None).rows
     # 20 tokens: 9 eligible pairs, half of them (rounded) merge under the consecutive plan's budget.
     assert row["merged_length"] == 20 - 5 and row["kv_fraction"] is not None and row["merge_ms"] > 0
@@ -290,5 +290,5 @@ def test_speed_times_a_preset_with_its_attention_scoring_in_the_merge_share(tmp_
     expected = recommended(4)
     assert {r["schedule"] for r in rows} == {schedules.label(expected.cutoffs)}
     assert all(float(r["merge_ms"]) > 0 and 0 < float(r["merge_share"]) < 1 for r in rows)
-    plan = json.loads((out / "speed.json").read_text())["plan"]
+    plan = json.loads((out / "speed.json").read_text())["plan"]["merge"]
     assert plan["choice"] == expected.choice and plan["attention_window"] == expected.attention_window

@@ -197,6 +197,8 @@ def test_interleave_advances_runs_in_turn_until_both_finish():
         (MergeSettings(), Sampling(temperature=-1), "temperature"),
         (MergeSettings(), Sampling(top_p=0), "top-p"),
         (MergeSettings(), Sampling(max_new_tokens=600), "longer than the model's context of 512 tokens"),
+        (MergeSettings(cosine_share=1.5), Sampling(), "cosine share 1.5 must be a number from 0 to 1"),
+        (MergeSettings(cosine_share=float("nan")), Sampling(), "cosine share nan must be a number from 0 to 1"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(settings, sampling, message):
@@ -338,7 +340,7 @@ def test_sampling_that_no_model_can_use_is_refused():
 ATTENTION_SETTINGS = [
     MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=4, attention_keep=0),
     MergeSettings(cutoffs=(1, 4), ratio=(0.75, 0.5), choice="attention", attention_window=6, attention_keep=3,
-                  keep_start=2, keep_end=2, method="lerp", positions="first", proportional=True),
+                  keep_start=2, keep_end=2, method="lerp", positions="first", proportional=True, cosine_share=0.5),
     MergeSettings(cutoffs=(3,), choice="attention", attention_keep=2, method="slerp-dir", positions="renumber"),
     MergeSettings(cutoffs=(0, 3), ratio=0.6, choice="attention", method="seed-2024", attention_window=50,
                   attention_keep=0),
@@ -346,7 +348,7 @@ ATTENTION_SETTINGS = [
 
 
 def _label(s):
-    return f"{s.cutoffs}-{s.method}-{s.positions}-W{s.attention_window}-keep{s.attention_keep}"
+    return f"{s.cutoffs}-{s.method}-{s.positions}-W{s.attention_window}-keep{s.attention_keep}-cos{s.cosine_share:g}"
 
 
 @pytest.mark.parametrize("cutoff", [0, 2, N_LAYERS - 1])

@@ -112,6 +112,19 @@ def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
     assert all(s.cutoffs[0] >= 14 for s in named_grid("late", 30, quick=False))
 
 
+def test_variants_grid_turns_one_lever_at_a_time_around_the_recommended_setting():
+    import dataclasses
+
+    from slerpviz.presets import recommended
+
+    grid = named_grid("variants", 30, quick=False)
+    assert grid[0] == recommended(30) and len(set(grid)) == len(grid)
+    for setting in grid[1:]:
+        changed = {f.name for f in dataclasses.fields(setting)
+                   if getattr(setting, f.name) != getattr(recommended(30), f.name)}
+        assert len(changed) == 1 and changed <= {"cosine_share", "proportional", "positions", "keep_end", "method"}
+
+
 def test_presets_grid_judges_every_preset():
     from slerpviz.presets import PRESETS, recommended
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from slerpviz.merge import (
     CHOICES, apply_plan, choose_pairs, lerp, merged_length, most_similar_pairs, pair_cosines, plan_from_pairs,
-    plan_merge, plan_stages, slerp, slerp_dir, slot_positions,
+    plan_merge, plan_stages, share_ranks, slerp, slerp_dir, slot_positions,
 )
 
 
@@ -359,3 +359,20 @@ def test_attention_choice_merges_the_least_attended_pairs_and_never_the_most_att
         worst_merged = max(float(attention[list(g)].max()) for g in merged)
         left = [float(attention[list(g)].max()) for g in eligible if g not in merged]
         assert all(worst_merged <= score for score in left)
+
+
+def test_cosine_share_mixes_the_pair_ranking_by_rank():
+    # 10 items, grid pairs (1,2), (3,4), (5,6), (7,8): attention prefers to merge (1,2) then (3,4); the cosine says
+    # (7,8) and (5,6) are the most alike.
+    attention = torch.tensor([9.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 9.0])
+    similarity = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.0, 0.8, 0.0, 0.9, 0.0])
+    pairs = lambda share, count=2: choose_pairs(10, ratio=count / 4, choice="attention", attention=attention,
+                                                similarity=similarity, cosine_share=share).tolist()
+    assert pairs(0.0) == [1, 3]  # attention alone: the least attended
+    assert pairs(1.0) == [5, 7]  # the cosine alone: the most alike
+    assert pairs(0.5, 1) == [1]  # ranks 0 + 3 and 3 + 0 tie at 1.5 with 1 + 2 and 2 + 1: the earliest pair wins
+    assert pairs(0.25, 1) == [1] and pairs(0.75, 1) == [7]
+    assert pairs(0.0) == choose_pairs(10, ratio=0.5, choice="attention", attention=attention).tolist()
+    with pytest.raises(ValueError, match="needs the adjacent similarities"):
+        choose_pairs(10, choice="attention", attention=attention, cosine_share=0.5)
+    assert (share_ranks(torch.tensor([0.3, 0.1, 0.2, 0.1])) * 3).tolist() == [3, 0, 2, 1]

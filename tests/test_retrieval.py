@@ -8,7 +8,8 @@ import pytest
 from slerpviz.bench import command
 from slerpviz.bench.retrieval import (RETRIEVAL_COLUMNS, TASKS, Haystack, RetrievalPlan, build_prompt, is_correct,
                                       passkey_accuracy, run_retrieval, summarise)
-from slerpviz.bench.retrieval_command import heatmaps, variant_label
+from slerpviz.bench.options import settings_label
+from slerpviz.bench.retrieval_command import heatmaps
 from slerpviz.bench.texts import read_texts
 from slerpviz.engine import MergeSettings
 
@@ -96,8 +97,12 @@ def test_run_on_a_tiny_model_gives_a_row_per_trial_and_variant(haystack):
 
 
 def test_variant_labels_say_what_differs():
-    assert variant_label(MergeSettings(cutoffs=(15,))) == "cutoff 15"
-    assert variant_label(MergeSettings(cutoffs=(7, 15), ratio=0.5, choice="similar")) == \
+    assert settings_label(MergeSettings(cutoffs=(15,))) == "cutoff 15"
+    attention = MergeSettings(cutoffs=(15, 20), ratio=(0.5, 1.0), choice="attention", cosine_share=0.25,
+                              proportional=True, positions="first", keep_end=16)
+    assert settings_label(attention) == ("cutoff 15+20, ratio 0.5/1, attention, W 8, keep top 32, cosine share 0.25, "
+                                         "protect 0/16, proportional, positions first")
+    assert settings_label(MergeSettings(cutoffs=(7, 15), ratio=0.5, choice="similar")) == \
         "cutoff 7+15, ratio 0.5, similar"
 
 

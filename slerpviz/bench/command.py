@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 from ..cli import Parser
+from ..engine import MergeSettings
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from . import report, schedules
 from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, FidelityPlan, best_combination,
@@ -150,11 +150,9 @@ def speed_plan(args, engine) -> SpeedPlan:
         new_tokens=args.new_tokens or (8 if args.quick else 16),
         recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
         recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
-        method=args.method,
-        positions=args.position_mode,
-        proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"),
+        merge=MergeSettings(method=args.method, positions=args.position_mode,
+                            proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"), **variant),
         seed=args.seed,
-        **variant,
     )
 
 

@@ -25,7 +25,7 @@ from .limits import Shape, prefill_flops
 
 FRONTIER_COLUMNS = (
     "cutoffs", "ratio", "choice", "proportional", "method", "positions", "keep_start", "keep_end",
-    "attention_window", "attention_keep", "article",
+    "attention_window", "attention_keep", "cosine_share", "article",
     "prefill_speedup", "prefill_speedup_limit", "achieved_over_limit", "merged_length", "base_prefill_s",
     "merged_prefill_s", "samples", "top1", "top5", "kl_mean", "tokens_to_divergence_mean",
     "passkey_correct", "passkey_n", "passkey_accuracy", "on_front",
@@ -92,9 +92,11 @@ def attention_grid(num_layers: int, quick: bool, method: str = "slerp", position
 
 
 # The attention-guided exploration's later passes, as data: each setting is (cutoffs as shares of the depth, ratio
-# per cutoff, most-attended tokens kept), with the attention choice and W = 8; the first entry of each is its --quick
-# grid. What each pass learnt from the one before (n = 72 top-1, n = 20 pass key at 1,024 tokens, tuning texts):
-ATTENTION_PASSES: dict[str, list[tuple[tuple[float, ...], tuple[float, ...], int]]] = {
+# per cutoff, most-attended tokens kept[, other MergeSettings fields]), with the attention choice and W = 8; the first
+# entry of each is its --quick grid. What each pass learnt from the one before (n = 72 top-1, n = 20 pass key at
+# 1,024 tokens, tuning texts):
+RECOMMENDED_SHAPE = ((0.5, 0.67), (0.5, 1.0), 32)
+ATTENTION_PASSES: dict[str, list[tuple]] = {
     # 2nd: keeping the 16 most-attended tokens lifted top-1 at 12+20 (0.764 -> 0.889) and 15+20 kept the pass key
     # (17/20): combine the two, and try a larger budget.
     "budget": [((0.5, 0.67), (0.5, 1.0), 4),
@@ -116,6 +118,14 @@ ATTENTION_PASSES: dict[str, list[tuple[tuple[float, ...], tuple[float, ...], int
              ((0.5, 0.57, 0.63, 0.7), (0.5, 0.5, 0.5, 1.0), 32), ((0.5, 0.53, 0.57, 0.6, 0.63), (0.5,) * 5, 32),
              ((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32), ((0.5, 0.53, 0.57), (0.5, 0.5, 1.0), 32),
              ((0.47, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32)],
+    # 6th: the recommended shape (15+20 of 30) with each remaining lever of the issue turned one at a time: a mix of
+    # the attention ranking with the pair's cosine, proportional attention, where slots sit (positions), a protected
+    # recent window, and lerp for slerp (at t = 0.5 they differ only in norm).
+    "variants": [(*RECOMMENDED_SHAPE, {"cosine_share": 0.5}),
+                 RECOMMENDED_SHAPE, (*RECOMMENDED_SHAPE, {"cosine_share": 0.25}),
+                 (*RECOMMENDED_SHAPE, {"cosine_share": 0.5}), (*RECOMMENDED_SHAPE, {"proportional": True}),
+                 (*RECOMMENDED_SHAPE, {"positions": "first"}), (*RECOMMENDED_SHAPE, {"keep_end": 16}),
+                 (*RECOMMENDED_SHAPE, {"keep_end": 64}), (*RECOMMENDED_SHAPE, {"method": "lerp"})],
 }
 
 
@@ -126,15 +136,15 @@ def attention_pass(name: str, num_layers: int, quick: bool, method: str = "slerp
 
     entries = ATTENTION_PASSES[name][:1] if quick else ATTENTION_PASSES[name][1:]
     return tuple(dict.fromkeys(
-        dataclasses.replace(Preset(name, shares, ratio, "attention", 8, keep).settings(num_layers), method=method,
-                            positions=positions)
-        for shares, ratio, keep in entries))
+        dataclasses.replace(Preset(name, shares, ratio, "attention", 8, keep).settings(num_layers),
+                            **{"method": method, "positions": positions, **(extra[0] if extra else {})})
+        for shares, ratio, keep, *extra in entries))
 
 
 def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                ) -> tuple[MergeSettings, ...]:
-    """`default` (cutoff × ratio × pair choice), `attention`, `budget`, `stretch`, `pyramid` and `late` (the
-    attention-guided exploration, first to fifth pass) or `presets` (the named presets of slerpviz.presets)."""
+    """`default` (cutoff × ratio × pair choice), `attention`, `budget`, `stretch`, `pyramid`, `late` and `variants`
+    (the attention-guided exploration, first to sixth pass) or `presets` (the named presets of slerpviz.presets)."""
     if name == "default":
         return default_grid(num_layers, quick, method, positions)
     if name == "attention":
@@ -145,7 +155,7 @@ def named_grid(name: str, num_layers: int, quick: bool, method: str = "slerp", p
         from ..presets import PRESETS, preset
 
         return tuple(preset(p, num_layers) for p in PRESETS)
-    raise ValueError(f"unknown grid {name!r}; choose default, attention, budget, stretch, pyramid, late or presets")
+    raise ValueError(f"unknown grid {name!r}; choose default, attention, {', '.join(ATTENTION_PASSES)} or presets")
 
 
 def is_article_setting(settings: MergeSettings) -> bool:
@@ -280,7 +290,7 @@ def run_frontier(engine: MergingEngine, texts: list[TokenText], plan: FrontierPl
         "cutoffs": "+".join(map(str, s.cutoffs)), "ratio": s.ratio, "choice": s.choice,
         "proportional": s.proportional, "method": s.method, "positions": s.positions, "keep_start": s.keep_start,
         "keep_end": s.keep_end, "attention_window": s.attention_window, "attention_keep": s.attention_keep,
-        "article": is_article_setting(s), **timing, **quality, **found,
+        "cosine_share": s.cosine_share, "article": is_article_setting(s), **timing, **quality, **found,
     } for s, timing, quality, found in zip(plan.settings, speed, fidelity, retrieval)]
     keys = (speed_key(rows), "top1", *(("passkey_accuracy",) if base else ()))
     for row, on_front in zip(rows, pareto_front(rows, keys)):
@@ -293,20 +303,6 @@ def best_at(rows: list[dict], speedup: float, key: str = "prefill_speedup") -> d
     faster by `key` (measured, or the FLOP limit)."""
     fast = [r for r in rows if r.get(key) is not None and r[key] >= speedup]
     return max(fast, key=lambda r: (r["top1"], r.get("passkey_accuracy") or 0, -r["kl_mean"])) if fast else None
-
-
-def setting_label(row: dict) -> str:
-    ratio = row["ratio"] if isinstance(row["ratio"], (tuple, list)) else (row["ratio"],)
-    parts = [f"cutoff {row['cutoffs']}", "ratio " + "/".join(f"{r:g}" for r in ratio), row["choice"]]
-    if row["choice"] == "attention":
-        parts.append(f"W {row.get('attention_window', 32)}")
-        if row.get("attention_keep"):
-            parts.append(f"keep top {row['attention_keep']}")
-    if row.get("keep_start") or row.get("keep_end"):
-        parts.append(f"protect {row.get('keep_start', 0)}/{row.get('keep_end', 0)}")
-    if row["proportional"]:
-        parts.append("prop. attn")
-    return ", ".join(parts)
 
 
 def retrieval_text(row: dict, base: dict | None) -> str:
@@ -366,7 +362,7 @@ def frontier_figure(rows: list[dict], base: dict | None = None) -> go.Figure:
 
 def _hover(row: dict, x_key: str, base: dict | None) -> str:
     measured = (f"speed-up {row['prefill_speedup']:.2f}× " if row.get("prefill_speedup") is not None else "")
-    return (f"{setting_label(row)}<br>{measured}(FLOP limit {row['prefill_speedup_limit']:.2f}×)"
+    return (f"{options.settings_label(row)}<br>{measured}(FLOP limit {row['prefill_speedup_limit']:.2f}×)"
             f"<br>top-1 {row['top1']:.3f} (n={row['samples']}), KL {row['kl_mean']:.3f}, "
             f"{row['tokens_to_divergence_mean']:.1f} tokens to diverge<br>{retrieval_text(row, base)}")
 
@@ -383,7 +379,7 @@ FRONTIER_TABLE = [
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
-    return [{**r, "label": setting_label(r),
+    return [{**r, "label": options.settings_label(r),
              "passkey": f"{r['passkey_correct']}/{r['passkey_n']}" if r.get("passkey_n") else None} for r in rows]
 
 
@@ -397,7 +393,8 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
         options.text_options(),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
     p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget, "
-                                                     "stretch, pyramid and late (the attention-guided exploration) "
+                                                     "stretch, pyramid, late, variants (the attention-guided "
+                                                     "exploration) "
                                                      "or presets (judge them)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
@@ -492,7 +489,7 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
         print(report.format_table(table_rows(article), FRONTIER_TABLE))
     for key, row in {**targets, **by_limit}.items():
         what = key.replace("_by_limit", " (by FLOP limit)").replace("_", " ")
-        print(f"{what}: " + (f"{setting_label(row)}: top-1 {row['top1']:.3f} (n={row['samples']}), "
+        print(f"{what}: " + (f"{options.settings_label(row)}: top-1 {row['top1']:.3f} (n={row['samples']}), "
                              f"{retrieval_text(row, base)}, {row[x_key]:.2f}x" if row else "none measured"))
     print(f"\nwrote {args.out / 'frontier.csv'}, frontier.json, frontier.html")
     return 0

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 
 from ..cli import Parser
+from ..engine import MergeSettings
 from ..merge import CHOICES
 from ..models import EMBEDDED
 from .engines import SHAPES, named_engine, random_weight_engine
@@ -87,10 +88,15 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
     if attention:
-        p.add_argument("--attention-window", type=int, default=32,
-                       help="attention choice: the last W prompt tokens whose attention scores the others")
-        p.add_argument("--attention-keep", type=int, default=0,
-                       help="attention choice: the most-attended tokens that never merge")
+        p.add_argument("--attention-window", type=int, default=MergeSettings.attention_window,
+                       help="attention choice: the last W prompt tokens whose attention scores the others "
+                            f"(default {MergeSettings.attention_window})")
+        p.add_argument("--attention-keep", type=int, default=MergeSettings.attention_keep,
+                       help="attention choice: the most-attended tokens that never merge "
+                            f"(default {MergeSettings.attention_keep})")
+        p.add_argument("--cosine-share", type=float, default=0.0,
+                       help="attention choice: the share of the pair ranking given to how unlike the pair is "
+                            "(1 - cosine), from 0 (attention only, the default) to 1")
     return p
 
 
@@ -141,10 +147,41 @@ def one_of(values: tuple, flag: str):
     return values[0]
 
 
+def settings_label(setting) -> str:
+    """A merge setting (MergeSettings, or a result row holding its fields) in words, naming only what differs from
+    the defaults: 'cutoff 15', 'cutoff 15+20, ratio 0.5/1, attention, W 8, keep top 32', ..."""
+    fields = asdict(setting) if is_dataclass(setting) else dict(setting)
+    default = MergeSettings()
+    cutoffs = fields["cutoffs"]
+    parts = [f"cutoff {cutoffs if isinstance(cutoffs, str) else '+'.join(map(str, cutoffs))}"]
+    ratio = fields.get("ratio", 1.0)
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
+    if any(r != 1.0 for r in ratios):
+        parts.append("ratio " + "/".join(f"{r:g}" for r in ratios))
+    choice = fields.get("choice", default.choice)
+    if choice != default.choice:
+        parts.append(choice)
+    if choice == "attention":
+        parts.append(f"W {fields.get('attention_window', default.attention_window)}")
+        if fields.get("attention_keep"):
+            parts.append(f"keep top {fields['attention_keep']}")
+        if fields.get("cosine_share"):
+            parts.append(f"cosine share {fields['cosine_share']:g}")
+    if fields.get("keep_start") or fields.get("keep_end"):
+        parts.append(f"protect {fields.get('keep_start', 0)}/{fields.get('keep_end', 0)}")
+    if fields.get("proportional") in (True, "True"):
+        parts.append("proportional")
+    for name in ("method", "positions"):
+        if fields.get(name, getattr(default, name)) != getattr(default, name):
+            parts.append(f"{name} {fields[name]}")
+    return ", ".join(parts)
+
+
 def merge_fields(args, **overrides) -> dict:
     """The merge setting `merge_options` read, as MergeSettings fields (all but the cutoffs)."""
     return {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
-            "attention_window": args.attention_window, "attention_keep": args.attention_keep, **overrides}
+            "attention_window": args.attention_window, "attention_keep": args.attention_keep,
+            "cosine_share": args.cosine_share, **overrides}
 
 
 # ----------------------------------------------------------------------------------------------------------------

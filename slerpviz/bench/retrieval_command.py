@@ -20,7 +20,7 @@ from ..engine import MergeSettings
 from . import report, schedules
 from .machine import machine_info
 from .options import (build_engine, describe_model, float_list, int_list, merge_fields, merge_options, model_options,
-                      run_options, subcommand, text_options, torch_threads)
+                      run_options, settings_label, subcommand, text_options, torch_threads)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise)
 from .texts import read_texts
@@ -43,25 +43,6 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", default=[],
                    help="add a named preset as a variant (see slerpviz.presets); repeatable")
     return p
-
-
-def variant_label(settings: MergeSettings) -> str:
-    """'cutoff 15', 'cutoff 7+15, ratio 0.5, similar', ..."""
-    parts = [f"cutoff {schedules.label(settings.cutoffs)}"]
-    if settings.ratio != 1.0:
-        ratio = settings.ratio if isinstance(settings.ratio, tuple) else (settings.ratio,)
-        parts.append("ratio " + "/".join(f"{r:g}" for r in ratio))
-    if settings.choice != "consecutive":
-        parts.append(settings.choice)
-    if settings.choice == "attention":
-        parts.append(f"W {settings.attention_window}")
-        if settings.attention_keep:
-            parts.append(f"keep top {settings.attention_keep}")
-    if settings.keep_start or settings.keep_end:
-        parts.append(f"keep {settings.keep_start}/{settings.keep_end}")
-    if settings.proportional:
-        parts.append("proportional")
-    return ", ".join(parts)
 
 
 def retrieval_plan(args, engine) -> RetrievalPlan:
@@ -90,7 +71,7 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
         depths=float_list(args.depths) if args.depths else (
             (0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75, 1.0)),
         samples=args.samples or (2 if args.quick else 4),
-        variants=tuple((variant_label(s), s) for s in variants),
+        variants=tuple((settings_label(s), s) for s in variants),
         seed=args.seed,
     )
 

@@ -50,25 +50,12 @@ class SpeedPlan:
     recompute_new_tokens: int = 3
     recompute_max_length: int | None = None  # longer prompts skip recompute: every step there is a full prefill
     merge_repeats: int = 10
-    keep_start: int = 0
-    keep_end: int = 0
-    method: str = "slerp"
-    positions: str = "mean"
-    choice: str = "consecutive"
-    proportional: bool = False
-    ratio: float | tuple[float, ...] = 1.0
-    attention_window: int = 32
-    attention_keep: int = 0
+    merge: MergeSettings = MergeSettings()  # how every schedule merges; its own cutoffs are ignored
     seed: int = 0
     warmup: bool = True
 
     def settings(self, schedule: Schedule) -> MergeSettings:
-        if not schedule:
-            return MergeSettings()
-        return MergeSettings(cutoffs=schedule, keep_start=self.keep_start, keep_end=self.keep_end,
-                             method=self.method, positions=self.positions, choice=self.choice,
-                             proportional=self.proportional, ratio=self.ratio,
-                             attention_window=self.attention_window, attention_keep=self.attention_keep)
+        return replace(self.merge, cutoffs=schedule) if schedule else MergeSettings()
 
     def modes_at(self, length: int) -> list[str]:
         too_long = self.recompute_max_length is not None and length > self.recompute_max_length
