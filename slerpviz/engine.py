@@ -479,7 +479,7 @@ class Session:
 
     def kv_lengths(self) -> list[int]:
         """Tokens (slots) each layer's cache holds."""
-        return [layer.get_seq_length() for layer in self.cache.layers] if self.cache is not None else []
+        return cache_lengths(self.cache) if self.cache is not None else []
 
     def kv_bytes(self) -> list[int]:
         return kv_bytes_per_layer(self.cache) if self.cache is not None else []
@@ -563,7 +563,10 @@ class MergingForward:
         # Everything but the prompt's length can be checked now; the spans are checked against each prompt.
         engine.validate(settings.keep_start + settings.keep_end + 2, settings)
         self.engine, self.settings = engine, settings
-        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> [layout, next position]
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> CacheEntry
+        self.previous = None  # a forward set on the decoder instance before the patch (slerpviz.patch)
+        self.previous_generate = None  # likewise, a generate set on the model instance
+        self.was_training = False  # the model's mode before the patch
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                  use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
@@ -576,29 +579,76 @@ class MergingForward:
         h = engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if h.shape[0] != 1:
             raise ValueError(
-                f"slerpviz merges one sequence at a time, not a batch of {h.shape[0]}: the pairs, the positions and "
-                "the cache lengths are planned per sequence; run the prompts one by one (pipeline batch_size=1)"
+                f"slerpviz merges one sequence at a time, not a batch of {h.shape[0]} (several prompts, beams or "
+                "num_return_sequences > 1): the pairs, the positions and the cache lengths are planned per sequence; "
+                "run one prompt at a time, greedy or sampled (pipeline batch_size=1)"
             )
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise ValueError("slerpviz's merging forward does not take padding: give a prompt without padded tokens")
         use_cache = engine.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=engine.config)
-        if cache is not None and cache.get_seq_length() > 0:
-            if cache not in self._layouts:
-                raise ValueError("this cache was filled without slerpviz's merging; start from an empty cache")
-            layout, position = self._layouts[cache]
-            hidden = engine._forward_new(h, position, layout, cache)
-            self._layouts[cache][1] = position + h.shape[1]
+        continuing = cache is not None and cache.get_seq_length() > 0
+        if continuing and cache not in self._layouts:
+            raise ValueError("this cache was not filled by this merging forward (the plain model or another `merging` "
+                             "block filled it); start from an empty cache")
+        # The forward counts the tokens itself; a caller that counts otherwise (generate continuing a cache whose
+        # layer 0 merged, assisted or prompt-lookup decoding that crops the cache back) would get wrong tokens.
+        start = self._layouts[cache].position if continuing else 0
+        self._check_caller_agrees(cache if continuing else None, start, h.shape[1], attention_mask, position_ids)
+        if continuing:
+            entry = self._layouts[cache]
+            hidden = engine._forward_new(h, start, entry.layout, cache)
         else:
             engine.validate(h.shape[1], self.settings)
             hidden, layout, _ = engine._forward_prompt(h, self.settings, cache)
             if layout.stages:  # one row per original token again: each gets its final slot's
                 hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
             if cache is not None:
-                self._layouts[cache] = [layout, h.shape[1]]
+                entry = self._layouts[cache] = CacheEntry(layout)
+        if cache is not None:
+            entry.position = start + h.shape[1]
+            entry.lengths = cache_lengths(cache)
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
+
+
+    def _check_caller_agrees(self, cache, start: int, new: int, attention_mask, position_ids) -> None:
+        """Refuse a call whose cache, mask or positions do not continue the tokens this forward has seen."""
+        if cache is not None and cache_lengths(cache) != self._layouts[cache].lengths:
+            raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
+                             "assisted and prompt-lookup generation do): they are not supported while merging")
+        claimed = []  # where the caller thinks these tokens start
+        if attention_mask is not None and attention_mask.ndim == 2:
+            claimed.append(attention_mask.shape[-1] - new)
+        if position_ids is not None:
+            claimed.append(int(position_ids.reshape(-1)[0]))
+        if any(c != start for c in claimed):
+            raise ValueError(
+                f"this call continues the merged cache from token {claimed[0]}, but it holds {start} tokens: continue "
+                "a merged cache only within the `merging` block that filled it, and only by the tokens it has not "
+                "seen (generate counts a cache by its first layer, which a cutoff at layer 0 shortens)"
+            )
+        if position_ids is not None:
+            expected = torch.arange(start, start + new, device=position_ids.device)
+            if not torch.equal(position_ids.reshape(-1, new), expected.expand(position_ids.numel() // new, new)):
+                raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
+                                 "positions): position_ids other than the running count are not supported")
+
+
+@dataclass
+class CacheEntry:
+    """What a merging forward keeps beside each cache it filled: the prompt's layout, the next token's position and
+    each layer's length after its last call (to notice a cache changed behind its back)."""
+
+    layout: Layout
+    position: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+def cache_lengths(cache) -> list[int]:
+    """Tokens (slots) each layer of a transformers cache holds."""
+    return [layer.get_seq_length() for layer in cache.layers]
 
 
 def interleave(*runs: Run, lock=None) -> Iterator[tuple[Step | None, ...]]:

@@ -10,6 +10,7 @@ off again, as ToMe's and tomesd's patches and kvpress's presses do; the model's 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 from .engine import MergeSettings, MergingEngine, MergingForward
@@ -20,11 +21,33 @@ def apply(model, settings: MergeSettings) -> MergingForward:
     decoder = model.model
     if isinstance(decoder.__dict__.get("forward"), MergingForward):
         raise ValueError("this model is already merging: remove the patch (or leave its `with` block) first")
+    was_training = model.training  # the engine puts the model in eval mode; remove() gives the mode back
     forward = MergingForward(MergingEngine(model, tokenizer=None), settings)
+    forward.was_training = was_training
     # A forward already set on the instance (accelerate's hooks put one there) comes back on remove.
     forward.previous = decoder.__dict__.get("forward")
     decoder.forward = forward
+    forward.previous_generate = model.__dict__.get("generate")
+    model.generate = _refusing_draft_tokens(model.generate)
     return forward
+
+
+# Generation modes that feed draft tokens with the prompt and crop the cache back to those accepted: the drafts would
+# be merged into the prompt and the merged cache's own count of tokens would run ahead of it.
+DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
+def _refusing_draft_tokens(generate):
+    @functools.wraps(generate)
+    def merging_generate(*args, **kwargs):
+        config = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
+        asked = [name for name in DRAFTING if kwargs.get(name, getattr(config, name, None)) not in (None, False)]
+        if asked:
+            raise ValueError(f"assisted and prompt-lookup generation ({', '.join(asked)}) are not supported while "
+                             "merging: their draft tokens would be merged into the prompt")
+        return generate(*args, **kwargs)
+
+    return merging_generate
 
 
 def remove(model) -> None:
@@ -37,6 +60,11 @@ def remove(model) -> None:
         decoder.forward = forward.previous
     else:
         del decoder.forward
+    if forward.previous_generate is not None:
+        model.generate = forward.previous_generate
+    else:
+        model.__dict__.pop("generate", None)
+    model.train(forward.was_training)
 
 
 @contextlib.contextmanager

@@ -153,9 +153,60 @@ def test_bad_settings_batches_padding_and_foreign_caches_are_refused_clearly(mod
     with torch.no_grad():
         model(ids, cache=foreign, use_cache=True)
     with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
-        with pytest.raises(ValueError, match="filled without slerpviz's merging"):
+        with pytest.raises(ValueError, match="not filled by this merging forward"):
             model(ids[:, -1:], cache=foreign, use_cache=True)
     assert not is_patched(model)
+
+
+def test_beams_and_several_return_sequences_are_refused_by_name(model):
+    ids = random_ids(12, seed=5)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
+        for options in (dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
+            with pytest.raises(ValueError, match="beams or num_return_sequences"):
+                model.generate(ids, max_new_tokens=2, pad_token_id=0, **options)
+
+
+@pytest.mark.parametrize("drafts", ["prompt_lookup_num_tokens", "assistant_model"])
+def test_assisted_and_prompt_lookup_generation_are_refused(model, drafts):
+    # They feed draft tokens with the prompt (which would merge them into it) and crop the cache back to the
+    # accepted ones (which the merged cache's own count of tokens would not follow).
+    ids = torch.cat([random_ids(10, seed=7)] * 3, dim=1)
+    options = {drafts: tiny_model(model.config.model_type) if drafts == "assistant_model" else 3}
+    with slerpviz.merging(model, MergeSettings()), torch.no_grad():
+        with pytest.raises(ValueError, match=f"generation \\({drafts}\\) are not supported while merging"):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, **options)
+        cache = DynamicCache(config=model.config)
+        model(ids, cache=cache, use_cache=True)
+        cache.crop(-5)  # what they do behind the forward's back: drop the last 5 entries of every layer
+        with pytest.raises(ValueError, match="cache was changed outside slerpviz's merging"):
+            model(ids[:, -1:], cache=cache, use_cache=True)
+    assert "generate" not in model.__dict__
+
+
+def test_a_merged_cache_continues_only_by_the_tokens_it_has_not_seen(model):
+    # With a cutoff at layer 0 the first layer's cache is shorter than the tokens seen, and generate counts a cache
+    # by its first layer: a second generate on the same cache would feed tokens again; it is refused.
+    ids = random_ids(20, seed=8)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(0,))), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        options = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0, past_key_values=cache)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+        more = torch.cat([out, ids[:, :4]], dim=1)
+        with pytest.raises(ValueError, match="continues the merged cache from token 13, but it holds 22 tokens"):
+            model.generate(more, attention_mask=torch.ones_like(more), **options)
+        with pytest.raises(ValueError, match="position_ids other than the running count"):
+            model(ids, position_ids=torch.arange(20)[None] * 3)
+
+
+def test_the_model_gets_its_training_mode_back(model):
+    model.train()
+    try:
+        with slerpviz.merging(model, MergeSettings(cutoffs=(2,))):
+            assert not model.training
+        assert model.training
+    finally:
+        model.eval()
 
 
 # -------------------------------------------------------------------------------------------------- the pipeline
