@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a patched model: a local pass-key task, base and merged, nothing downloaded.
 
     pip install lm_eval        # not one of slerpviz's requirements
-    python -m examples.lm_eval_passkey [--samples 10] [--length 1024] [--preset recommended]   # from the repository root
+    python -m examples.lm_eval_passkey [--samples 10] [--length 1024] [--preset recommended]   # from the repo root
 
 The task is written to a temporary folder (a JSON-lines file and its YAML) from the filler in assets/texts, so the
 harness loads it with `datasets`' local json builder. HFLM wraps the embedded model; `slerpviz.merging` patches that

@@ -43,6 +43,8 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from . import inputs
+from .inputs import attention_budget
 from .merge import (
     PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
     layer_lengths, next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
@@ -232,12 +234,9 @@ class MergingEngine:
         if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
-        if not isinstance(settings.attention_window, int) or settings.attention_window < 1:
-            raise ValueError(f"attention window {settings.attention_window!r} must be a whole number of at least 1")
-        if not isinstance(settings.attention_keep, int) or settings.attention_keep < 0:
-            raise ValueError(f"attention keep {settings.attention_keep!r} must be a whole number, 0 or more")
-        if not isinstance(settings.cosine_share, (int, float)) or not 0 <= settings.cosine_share <= 1:
-            raise ValueError(f"cosine share {settings.cosine_share!r} must be a number from 0 to 1")
+        # The same rules, and words, as the page and the command line use for the raw values (slerpviz.inputs).
+        attention_budget(settings.attention_window, settings.attention_keep)
+        inputs.real(settings.cosine_share, "cosine share", 0, 1)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if sampling is not None:
@@ -402,7 +401,7 @@ class MergingEngine:
         layer = self.decoder.layers[min(cutoff, self.num_layers - 1)]
         attention = layer.self_attn
         length = h.shape[1]
-        queries = min(window, length)
+        queries = min(int(window), length)  # validate() lets 8.0 pass as 8, as the page does
         x = layer.input_layernorm(h)
         head_dim = attention.head_dim
         q = attention.q_proj(x[:, -queries:]).view(1, queries, -1, head_dim).transpose(1, 2)
@@ -493,7 +492,8 @@ class Run:
     """
 
     def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str):
-        self.engine, self.input_ids, self.settings, self.sampling, self.mode = engine, input_ids, settings, sampling, mode
+        self.engine, self.input_ids, self.settings = engine, input_ids, settings
+        self.sampling, self.mode = sampling, mode
         self.trace = engine.new_trace(input_ids, settings, mode)
         self.session: Session | None = None  # the prompt's session, from the first step on
         self._steps = self._generate()

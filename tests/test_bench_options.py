@@ -28,7 +28,7 @@ SHARED = {  # what each subcommand takes from the shared parents, with the defau
     "retrieval": {**MODEL_AND_RUN, **MERGE, **ATTENTION, "texts": None},
 }
 OWN = {  # a few options of each subcommand's own, with their defaults
-    "speed": {"preset": None, "lengths": None, "modes": "cached,recompute", "method": "slerp", "position_mode": "mean"},
+    "speed": {"preset": None, "lengths": None, "modes": "cached,recompute", "method": "slerp", "positions": "mean"},
     "fidelity": {"prefixes": None, "methods": "slerp,lerp,slerp-dir,seed-2024", "threshold": 0.9},
     "frontier": {"grid": "default", "method": "slerp", "positions": "mean", "speed_length": None, "offsets": None},
     "retrieval": {"preset": [], "tasks": None, "lengths": None, "depths": None, "samples": None},

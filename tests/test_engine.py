@@ -98,7 +98,8 @@ def test_cache_lengths_follow_the_plan(engine, settings):
 
 
 # seed-2024 normalises by the whole sequence, so appending tokens changes its merge: it has no such identity.
-@pytest.mark.parametrize("settings", [s for s in SETTINGS if s.method != "seed-2024"] + [MergeSettings(cutoffs=(1, 1, 5))],
+@pytest.mark.parametrize("settings", [s for s in SETTINGS if s.method != "seed-2024"]
+                         + [MergeSettings(cutoffs=(1, 1, 5))],
                          ids=lambda s: f"{s.cutoffs}-{s.method}-{s.positions}")
 def test_cached_decoding_equals_a_full_pass_with_the_prompt_plan_kept(engine, settings):
     """The cached semantics, checked without a cache: the prompt merged as planned, new tokens appended unmerged.
@@ -197,8 +198,10 @@ def test_interleave_advances_runs_in_turn_until_both_finish():
         (MergeSettings(), Sampling(temperature=-1), "temperature"),
         (MergeSettings(), Sampling(top_p=0), "top-p"),
         (MergeSettings(), Sampling(max_new_tokens=600), "longer than the model's context of 512 tokens"),
-        (MergeSettings(cosine_share=1.5), Sampling(), "cosine share 1.5 must be a number from 0 to 1"),
-        (MergeSettings(cosine_share=float("nan")), Sampling(), "cosine share nan must be a number from 0 to 1"),
+        (MergeSettings(cosine_share=1.5), Sampling(), r"cosine share must be a number from 0 to 1 \(got 1.5\)"),
+        (MergeSettings(cosine_share=float("nan")), Sampling(), r"cosine share must be a number from 0 to 1 \(got na"),
+        (MergeSettings(attention_window=0), Sampling(), r"attention window must be a whole number, 1 or more"),
+        (MergeSettings(attention_keep=2.5), Sampling(), r"attention keep must be a whole number, 0 or more"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(settings, sampling, message):

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, pipeline
 
 import slerpviz
-from conftest import FAMILIES, TINY, WORDS, random_ids, tiny_model, word_tokenizer
+from conftest import FAMILIES, TINY, random_ids, tiny_model, word_tokenizer
 from slerpviz.engine import MergeSettings, MergingEngine, MergingForward, Sampling
 
 N_LAYERS = TINY["num_hidden_layers"]

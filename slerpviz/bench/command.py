@@ -21,8 +21,9 @@ from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, Fidelity
                        earliest_cutoff, run_fidelity, same_variant, summarise, variant_label)
 from .frontier import frontier_main, frontier_parser
 from .machine import machine_info
-from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, merge_fields, merge_options,
-                      model_options, one_of, run_options, str_list, subcommand, text_options, torch_threads)
+from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, interpolation_options,
+                      merge_fields, merge_options, model_options, one_of, run_options, str_list, subcommand,
+                      text_options, torch_threads)
 from .retrieval_command import retrieval_main
 from .retrieval_command import parser as retrieval_parser
 from .speed import MODES, REPEAT_COLUMNS, SPEED_COLUMNS, SpeedPlan, run_speed
@@ -59,7 +60,8 @@ def speed_fidelity_parents(fidelity: bool) -> list[argparse.ArgumentParser]:
 
 def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     description = __doc__.split("\n\n")[1]
-    p = subcommand("speed", description, speed_fidelity_parents(fidelity=False), add_parser,
+    parents = [*speed_fidelity_parents(fidelity=False), interpolation_options("the merged variants timed")]
+    p = subcommand("speed", description, parents, add_parser,
                    summary="time base and merged: prefill, decoding, KV cache, against the limits from the config")
     p.add_argument("--preset", help="speed: time a named preset of slerpviz.presets (its cutoffs, ratios, choice and "
                                     "protection) instead of --cutoffs/--ratio/--choice")
@@ -70,8 +72,6 @@ def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--recompute-max-length", type=int,
                    help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
     p.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
-    p.add_argument("--method", default="slerp", choices=METHODS, help="merge method timed")
-    p.add_argument("--position-mode", default="mean", choices=POSITION_MODES, help="positions mode timed")
     p.set_defaults(run=benchmark_main(speed_main))
     return p
 
@@ -150,8 +150,7 @@ def speed_plan(args, engine) -> SpeedPlan:
         new_tokens=args.new_tokens or (8 if args.quick else 16),
         recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
         recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
-        merge=MergeSettings(method=args.method, positions=args.position_mode,
-                            proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"), **variant),
+        merge=MergeSettings(proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"), **variant),
         seed=args.seed,
     )
 

@@ -390,7 +390,7 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
                               "for --shape: the random weights and texts"),
         options.run_options("a small grid that runs in a few minutes on a CPU",
                             "folder for frontier.csv, .json, .html"),
-        options.text_options(),
+        options.text_options(), options.interpolation_options("every setting of the grid"),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
     p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget, "
                                                      "stretch, pyramid, late, variants (the attention-guided "
@@ -406,8 +406,6 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
                                                "'none' to skip)")
     p.add_argument("--retrieval-samples", type=int, help="pass-key prompts per length and depth, five depths "
                                                          "(default 2: 10 per length)")
-    p.add_argument("--method", default="slerp", help="interpolation used for every setting")
-    p.add_argument("--positions", default="mean", help="positions mode used for every setting")
     return p
 
 

@@ -6,7 +6,8 @@ The options come as argparse parent parsers, one per concern:
 - `run_options`: how big a run and where it writes (--quick, --out, --threads);
 - `text_options`: the texts read (--texts);
 - `merge_options`: one merge setting (--cutoffs, --ratio, --choice, --keep-start, --keep-end and, where the
-  subcommand uses them, --attention-window, --attention-keep).
+  subcommand uses them, --attention-window, --attention-keep, --cosine-share);
+- `interpolation_options`: how the slots are made (--method, --positions), where it is one setting, not a grid.
 
 `subcommand` builds a subcommand's parser from the parents it needs, as a sub-parser of `python -m slerpviz.bench`
 or on its own (frontier_main and retrieval_main also take their own argv); the subcommand then adds only its own
@@ -25,7 +26,7 @@ import torch
 
 from ..cli import Parser
 from ..engine import MergeSettings
-from ..merge import CHOICES
+from ..merge import CHOICES, METHODS, POSITION_MODES
 from ..models import EMBEDDED
 from .engines import SHAPES, named_engine, random_weight_engine
 from .limits import Shape
@@ -97,6 +98,15 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
         p.add_argument("--cosine-share", type=float, default=0.0,
                        help="attention choice: the share of the pair ranking given to how unlike the pair is "
                             "(1 - cosine), from 0 (attention only, the default) to 1")
+    return p
+
+
+def interpolation_options(what: str) -> argparse.ArgumentParser:
+    """--method and --positions: how the slots are made, for `what` ("every setting", "the variants timed")."""
+    p = _parent()
+    p.add_argument("--method", default="slerp", choices=METHODS, help=f"interpolation used for {what}")
+    p.add_argument("--positions", "--position-mode", dest="positions", default="mean", choices=POSITION_MODES,
+                   help=f"positions mode used for {what}")
     return p
 
 
@@ -178,10 +188,13 @@ def settings_label(setting) -> str:
 
 
 def merge_fields(args, **overrides) -> dict:
-    """The merge setting `merge_options` read, as MergeSettings fields (all but the cutoffs)."""
-    return {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
-            "attention_window": args.attention_window, "attention_keep": args.attention_keep,
-            "cosine_share": args.cosine_share, **overrides}
+    """The merge setting `merge_options` (and `interpolation_options`, where given) read, as MergeSettings fields
+    (all but the cutoffs)."""
+    fields = {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
+              "attention_window": args.attention_window, "attention_keep": args.attention_keep,
+              "cosine_share": args.cosine_share}
+    fields.update({name: getattr(args, name) for name in ("method", "positions") if hasattr(args, name)})
+    return {**fields, **overrides}
 
 
 # ----------------------------------------------------------------------------------------------------------------

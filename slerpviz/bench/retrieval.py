@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import MergeSettings, MergingEngine, Sampling
-from .limits import Shape, layer_lengths, prefill_flops
+from .limits import Shape, prefill_flops
 
 TASKS = ("passkey", "multikey")
 # Words naming the multikey needles: common, single-token-ish, unrelated to the filler's topics.

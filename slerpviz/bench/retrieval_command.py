@@ -19,8 +19,9 @@ from plotly.subplots import make_subplots
 from ..engine import MergeSettings
 from . import report, schedules
 from .machine import machine_info
-from .options import (build_engine, describe_model, float_list, int_list, merge_fields, merge_options, model_options,
-                      run_options, settings_label, subcommand, text_options, torch_threads)
+from .options import (build_engine, describe_model, float_list, int_list, interpolation_options, merge_fields,
+                      merge_options, model_options, run_options, settings_label, subcommand, text_options,
+                      torch_threads)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise)
 from .texts import read_texts
@@ -34,6 +35,7 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
         run_options("a small run: under three minutes on a 2-core CPU"),
         text_options("filler: "),
         merge_options("merged variants, comma-separated schedules: 15,22,7+15 (default: N/2 and 3N/4; --quick N/2)"),
+        interpolation_options("every merged variant"),
     ], add_parser, summary="pass-key and multi-key retrieval: does the answer survive the merge?")
     p.add_argument("--tasks", help=f"comma-separated: {', '.join(TASKS)} (default: both)")
     p.add_argument("--lengths", help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; "

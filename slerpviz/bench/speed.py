@@ -198,7 +198,7 @@ def quotient(numerator, denominator) -> float | None:
     return numerator / denominator
 
 
-def layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -> list[int]:
+def planned_layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -> list[int]:
     """Each layer's sequence length under the engine's own plan for these settings. `similar` and `attention` are
     planned from hidden states at run time; their limit is taken from the consecutive plan with the same pair
     budget, and where they merge fewer pairs (the greedy matching, or the attention choice's kept tokens) the
@@ -214,14 +214,14 @@ def layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -
 def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, settings: MergeSettings, mode: str,
                   new_tokens: int) -> dict:
     """The ratios the config allows for one merged variant against base, in one mode."""
-    base, merged = [length] * engine.num_layers, layer_lengths(engine, length, settings)
+    base, merged = [length] * engine.num_layers, planned_layer_lengths(engine, length, settings)
     if mode == "cached":
         decode = limits.cached_decode_speedup_limit(shape, base, merged, new_tokens)
         kv = limits.kv_fraction_limit(base, merged)
     else:
         grown = range(length + 1, length + max(new_tokens, 2))  # each step re-runs the prompt grown by one
         decode = limits.recompute_decode_speedup_limit(
-            shape, [([n] * engine.num_layers, layer_lengths(engine, n, settings)) for n in grown])
+            shape, [([n] * engine.num_layers, planned_layer_lengths(engine, n, settings)) for n in grown])
         kv = None  # no cache in this pair
     return {"merged_length": merged[-1], "ttft": limits.prefill_speedup_limit(shape, base, merged),
             "decode": decode, "kv": kv}
