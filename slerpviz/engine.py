@@ -54,6 +54,9 @@ SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
 MODES = ("cached", "recompute")
 
 
+MAX_CHARS_PER_TOKEN = 64  # far more than any tokenizer puts in one token of text
+
+
 @dataclass(frozen=True)
 class MergeSettings:
     """Where and how to merge. No cutoffs means the base model."""
@@ -207,6 +210,11 @@ class MergingEngine:
         """Token ids [1, n] of the prompt, through the model's chat template when it has one and chat is on."""
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty")
+        # Tokenising is not free (30 MB of text takes over a minute): refuse what cannot fit before reading it.
+        context = getattr(self.config, "max_position_embeddings", None)
+        if context is not None and len(prompt) > MAX_CHARS_PER_TOKEN * context:
+            raise ValueError(f"the prompt has {len(prompt):,} characters: more than could fit the model's context of "
+                             f"{context:,} tokens (at {MAX_CHARS_PER_TOKEN} characters a token at most)")
         if chat and getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             ids = self.tokenizer.apply_chat_template(

@@ -10,6 +10,7 @@ Nothing here knows about Gradio: the page's callbacks (slerpviz.callbacks) drive
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import math
@@ -79,8 +80,32 @@ def fetch_weights(name: str, progress: Callable[[str], None]) -> None:
         return
     from huggingface_hub import snapshot_download
 
+    bound_hub_timeouts()
     progress(f"Fetching {name}")
     snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+
+
+HUB_CONNECT_TIMEOUT = 10.0
+HUB_READ_TIMEOUT = 60.0  # seconds without a byte arriving; a large file may take far longer in all
+
+
+@functools.cache  # once per process: setting a factory closes the hub's shared session
+def bound_hub_timeouts() -> None:
+    """huggingface_hub's HTTP client waits forever by default: a hub that accepts a connection and never answers
+    would hold a switch (and every page waiting on it) for good. Give it timeouts, keeping its own client setup."""
+    try:
+        import httpx2
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils._http import default_client_factory
+    except ImportError:  # another huggingface_hub: its own defaults stand
+        return
+
+    def client():
+        session = default_client_factory()
+        session.timeout = httpx2.Timeout(HUB_READ_TIMEOUT, connect=HUB_CONNECT_TIMEOUT)
+        return session
+
+    set_client_factory(client)
 
 
 def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> MergingEngine:
@@ -182,12 +207,16 @@ class EngineHolder:
 
     def following(self, name: str, poll: float = 0.25) -> Iterator[str]:
         """Wait until `name` is loaded, following a load under way; never start one. Raise ValueError when `name`
-        is neither loaded nor loading: switching is the page's model control's job alone."""
+        is neither loaded nor loading: switching is the page's model control's job alone.
+
+        Where a switch keeps the resident model until the new one is ready (no GPU to free), requests for the
+        resident model go on meanwhile: a slow or stuck load of another model does not stop them."""
         check_allowed(name)
         while True:
             with self._state:
                 loading = self._loading_locked()
-                if not loading and self.name == name and self.engine is not None:
+                resident = self.name == name and self.engine is not None
+                if resident and (not loading or not self._frees_first()):
                     return
                 thread, target = self._thread, self._target
             if not loading:
@@ -206,6 +235,9 @@ class EngineHolder:
         with self._state:
             if self.name != name and not self._loading_locked():
                 self._start(name)
+
+    def _frees_first(self) -> bool:
+        return torch.cuda.is_available() if self._free_first is None else self._free_first
 
     def _loading_locked(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -235,8 +267,7 @@ class EngineHolder:
         previous, freed = self.name, False
         try:
             self._fetcher(name, progress)
-            free_first = torch.cuda.is_available() if self._free_first is None else self._free_first
-            if free_first and self.engine is not None:
+            if self._frees_first() and self.engine is not None:
                 # Two 7B models do not fit on one GPU: free the old one, but never in the middle of a step.
                 with self.device_lock, self._state:
                     self.engine, self.name, freed = None, None, True

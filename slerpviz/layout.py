@@ -198,7 +198,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
             gr.Markdown(NOTES)
 
         # What this page shows, per session: Stop finalises the panels from it; previews and Run skip re-sending plots.
-        view = gr.State(lambda: PageView())  # a fresh one per session
+        view = gr.State(PageView())  # Gradio deep-copies it for each session (a callable would be a public endpoint)
 
         # The form goes to its callbacks by field name, in the form's order: the API takes it in that order, with
         # those names. preprocess=False: the callbacks get the values as sent and check each one themselves

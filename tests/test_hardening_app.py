@@ -80,6 +80,7 @@ def engine(app_engine):
 def test_model_switch_is_not_an_api_endpoint(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert "/load_model" not in endpoints and {"/generate", "/plan"} <= set(endpoints)
+    assert not [name for name in endpoints if name.startswith("/lambda")]  # no nameless endpoint either
     with pytest.raises(ValueError):
         client.predict(OTHER, 15, [], api_name="/load_model")
 
@@ -530,3 +531,53 @@ def test_the_pairing_labels_can_move_along_a_long_prompt(page):
     assert next(t for t in again.data if t.name == "prompt tokens").x[0] == 400
     with pytest.raises(gr.Error, match="labels from token must be a whole number"):
         page.pairing_window(-1, view)
+
+
+def test_a_slow_switch_does_not_stop_requests_for_the_model_still_resident():
+    # On a CPU (nothing to free first) the resident model keeps serving while another one loads, however long the
+    # load takes; where the switch frees the GPU first, requests wait for the new model.
+    release = threading.Event()
+    for free_first, waits in ((False, False), (True, True)):
+        holder, _ = recording_holder(free_first=free_first)
+        holder.ensure(EMBEDDED)
+        holder._fetcher = lambda name, progress: release.wait(30)  # a hub that never answers
+        release.clear()
+        switching = threading.Thread(target=holder.ensure, args=(OTHER,))
+        switching.start()
+        try:
+            following = holder.following(EMBEDDED, poll=0.01)
+            assert (next(following, None) is not None) == waits  # a progress line means it waits
+        finally:
+            release.set()
+            switching.join(10)
+
+
+def test_hub_requests_get_timeouts_instead_of_waiting_forever(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    from slerpviz import holder as holder_module
+
+    factories = []
+    monkeypatch.setattr(huggingface_hub, "set_client_factory", factories.append)
+    holder_module.bound_hub_timeouts.cache_clear()
+    holder_module.bound_hub_timeouts()
+    holder_module.bound_hub_timeouts.cache_clear()  # leave the real one to be set by a real fetch
+    (factory,) = factories
+    client = factory()
+    assert client.timeout.connect == holder_module.HUB_CONNECT_TIMEOUT
+    assert client.timeout.read == holder_module.HUB_READ_TIMEOUT
+    assert client.event_hooks == _http.default_client_factory().event_hooks  # the hub's own setup is kept
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenised(engine):
+    context = engine.config.max_position_embeddings
+    calls = []
+    original = engine.tokenizer.__class__.__call__
+    try:
+        engine.tokenizer.__class__.__call__ = lambda *a, **k: calls.append(1) or original(*a, **k)
+        with pytest.raises(ValueError, match=f"more than could fit the model's context of {context:,} tokens"):
+            engine.encode("a" * (64 * context + 1), chat=False)
+    finally:
+        engine.tokenizer.__class__.__call__ = original
+    assert calls == []
