@@ -10,7 +10,7 @@ import sys
 from . import inputs
 from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
 from .merge import CHOICES, METHODS, POSITION_MODES, check_choice, check_method, check_positions, ratio_per_stage
-from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load
+from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load_for_command_line
 from .presets import PRESETS, preset
 
 DEFAULTS = MergeSettings()
@@ -140,7 +140,9 @@ def merge_settings(args, num_layers: int) -> MergeSettings:
     base = preset(args.preset, num_layers) if args.preset is not None else MergeSettings(cutoffs=(num_layers // 2,))
     changes = {}
     if args.cutoff is not None:
-        changes["cutoffs"] = tuple(args.cutoff)
+        # Ratios given with the cutoffs pair with them in the order given; a preset's ratios are in layer order, so
+        # its ratios meet the cutoffs in layer order too, whatever order the flags came in.
+        changes["cutoffs"] = tuple(args.cutoff) if args.ratio is not None else tuple(sorted(args.cutoff))
     if args.ratio is not None:
         changes["ratio"] = merge_ratio(args)
     for flag in MERGE_FLAGS:
@@ -164,10 +166,7 @@ def describe(settings: dict) -> str:
 
 def generate(args) -> dict:
     sampling = check_arguments(args)
-    try:
-        engine = load(args.model, progress=lambda message: print(message, file=sys.stderr))
-    except (OSError, RuntimeError) as error:  # a hub model out of reach, a missing package: one line, like bad input
-        raise ValueError(f"could not load {args.model}: {inputs.one_line(error)}") from None
+    engine = load_for_command_line(args.model, progress=lambda message: print(message, file=sys.stderr))
     merged_settings = merge_settings(args, engine.num_layers)
     ids = engine.encode(args.prompt, chat=not args.no_chat)
     # Both runs are created (and so validated) before either generates: bad input changes nothing.

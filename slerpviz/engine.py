@@ -24,20 +24,22 @@ import torch
 import transformers
 
 # The engine calls decoder layers with transformers 5.x keyword arguments (`cache`, `position_embeddings`, a tensor
-# returned) and builds masks per layer index; other major versions differ there, so refuse them with a clear message.
-TESTED_TRANSFORMERS = ("5.0", "6.0")  # [low, high)
+# returned) and builds masks per layer index with the `cache` keyword; 5.18 still spelled that differently, so the
+# range starts at the release the tests run on (requirements.txt) and stops before the next major version.
+TESTED_TRANSFORMERS = ("5.24", "6.0")  # [low, high)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
-if not _version_tuple(TESTED_TRANSFORMERS[0]) <= _version_tuple(transformers.__version__) < _version_tuple(
-        TESTED_TRANSFORMERS[1]):
-    raise ImportError(
-        f"slerpviz needs transformers >={TESTED_TRANSFORMERS[0]},<{TESTED_TRANSFORMERS[1]} (tested with 5.24); "
-        f"this environment has {transformers.__version__}"
-    )
+def check_transformers_version(version: str) -> None:
+    low, high = TESTED_TRANSFORMERS
+    if not _version_tuple(low) <= _version_tuple(version) < _version_tuple(high):
+        raise ImportError(f"slerpviz needs transformers >={low},<{high}; this environment has {version}")
+
+
+check_transformers_version(transformers.__version__)
 
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask

@@ -106,3 +106,20 @@ def load(name: str = EMBEDDED, device: str | None = None, progress=print) -> Mer
         attn_implementation="sdpa",
     )
     return MergingEngine(model, tokenizer)
+
+
+def load_for_command_line(name: str, device: str | None = None, progress=print) -> MergingEngine:
+    """`load` for a command: a model out of reach (no network, a missing package) is a ValueError in one line, like
+    any bad input, and the hub's retry warnings (a dozen lines over half a minute) stay quiet."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    from .inputs import one_line
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        return load(name, device=device, progress=progress)
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"could not load {name}: {one_line(error)}") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)

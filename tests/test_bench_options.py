@@ -96,7 +96,7 @@ def test_help_lists_each_subcommands_options(name, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["speed", "--ratio", "half"], "argument --ratio: invalid float value: 'half'"),
+    (["speed", "--ratio", "half"], "argument --ratio: must be a number from 0 to 1 (got 'half')"),
     (["fidelity", "--lengths", "128"], "unrecognized arguments: --lengths 128"),  # speed's, not fidelity's
     (["speed", "--texts", "x.txt"], "unrecognized arguments: --texts x.txt"),  # fidelity's, not speed's
     (["retrieval", "--shape", "huge"], "argument --shape: invalid choice: 'huge'"),
@@ -104,6 +104,17 @@ def test_help_lists_each_subcommands_options(name, capsys):
     (["benchmark"], "argument benchmark: invalid choice: 'benchmark'"),
     ([], "the following arguments are required: benchmark"),
     (["snapshot", "only-one.html"], "the following arguments are required: picture"),
+    # Counts and shares by the app's and the CLI's rules, before any model work: once a traceback, or silently the
+    # default (0 read as "not given"), or a full run with a seed the app refuses.
+    (["retrieval", "--samples", "-1"], "argument --samples: must be a whole number, 1 or more (got '-1')"),
+    (["retrieval", "--samples", "0"], "argument --samples: must be a whole number, 1 or more (got '0')"),
+    (["speed", "--threads", "-3"], "argument --threads: must be a whole number, 1 or more (got '-3')"),
+    (["frontier", "--threads", "0"], "argument --threads: must be a whole number, 1 or more (got '0')"),
+    (["retrieval", "--seed", "-1"], "argument --seed: must be a whole number from 0 to"),
+    (["speed", "--repeats", "0"], "argument --repeats: must be a whole number, 1 or more (got '0')"),
+    (["speed", "--ratio", "nan"], "argument --ratio: must be a number from 0 to 1 (got 'nan')"),
+    (["retrieval", "--cosine-share", "2"], "argument --cosine-share: must be a number from 0 to 1 (got '2')"),
+    (["retrieval", "--keep-end", "2.5"], "argument --keep-end: must be a whole number, 0 or more (got '2.5')"),
 ])
 def test_a_value_argparse_refuses_is_one_line_and_status_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -125,6 +136,9 @@ def test_the_list_helpers():
     assert options.str_list("slerp,lerp", ("slerp", "lerp"), "method") == ("slerp", "lerp")
     with pytest.raises(ValueError, match="bad list of whole numbers"):
         options.int_list("1,x")
+    with pytest.raises(ValueError, match=r"length must be a whole number, 1 or more \(got -5\)"):
+        options.int_list("256,-5")
+    assert options.int_list("0,200", "offset", 0) == (0, 200)
     with pytest.raises(ValueError, match="give --choice a single value"):
         options.one_of(("a", "b"), "--choice")
 
@@ -183,3 +197,18 @@ def test_the_subcommand_modules_import_in_any_order():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"ok {len(list(itertools.permutations(modules)))}"
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+def test_a_model_out_of_reach_is_one_line_and_status_2(subcommand, monkeypatch, capsys, tmp_path):
+    from slerpviz import models
+
+    def unreachable(name, **options):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}. Check your "
+                      "internet connection or see\nhttps://huggingface.co/docs/transformers/installation")
+
+    monkeypatch.setattr(models, "load", unreachable)
+    model = "Qwen/Qwen2.5-0.5B-Instruct"
+    assert command.main([subcommand, "--model", model, "--quick", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: could not load {model}: We couldn't connect to 'https://huggingface.co' to load the files of {model}.")

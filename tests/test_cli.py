@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from slerpviz import cli, presets
+from slerpviz import cli, models, presets
 from tests.conftest import tiny_engine
 
 PROMPT = " ".join(f"w{i % 90}" for i in range(3, 43))  # 40 words of the tiny models' vocabulary
@@ -21,7 +21,7 @@ def tiny():
 @pytest.fixture
 def run(tiny, monkeypatch, capsys):
     """`python -m slerpviz generate --json ...` on the tiny model: the parsed JSON result."""
-    monkeypatch.setattr(cli, "load", lambda name, progress=None: tiny)
+    monkeypatch.setattr(models, "load", lambda name, **options: tiny)
 
     def run(*args: str) -> dict:
         assert cli.main(["generate", "--prompt", PROMPT, "--no-chat", "--max-new-tokens", "2", "--json", *args]) == 0
@@ -56,7 +56,7 @@ def test_merge_flags_given_with_a_preset_override_that_setting(run, tiny):
 
 
 def test_text_output_names_the_preset_and_the_attention_settings(tiny, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load", lambda name, progress=None: tiny)
+    monkeypatch.setattr(models, "load", lambda name, **options: tiny)
     assert cli.main(["generate", "--prompt", PROMPT, "--no-chat", "--max-new-tokens", "1", "--preset", "article",
                      "--choice", "attention", "--attention-window", "8"]) == 0
     cutoffs = ", ".join(map(str, presets.preset("article", tiny.num_layers).cutoffs))
@@ -66,12 +66,23 @@ def test_text_output_names_the_preset_and_the_attention_settings(tiny, monkeypat
 
 
 def test_a_per_cutoff_preset_with_other_cutoffs_asks_for_ratios(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
+    monkeypatch.setattr(models, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
     monkeypatch.setitem(presets.PRESETS, "two", presets.Preset("two stages", (0.25, 0.5), ratio=(0.5, 1.0)))
     assert cli.main(["generate", "--prompt", "hi", "--preset", "two", "--cutoff", "3"]) == 2
     err = capsys.readouterr().err
     assert err == "error: preset two gives one merge ratio per cutoff (0.5, 1), and --cutoff gives 1 cutoffs: " \
                   "give --ratio too\n"
+
+
+def test_a_presets_ratios_meet_its_replacement_cutoffs_in_layer_order():
+    # --preset recommended has ratios (0.5, 1) for its two cutoffs in layer order: given cutoffs 20 then 10, layer
+    # 10 gets 0.5, as with 10 then 20 (once the order of the flags swapped them).
+    parse = cli.build_parser().parse_args
+    for order in (["10", "20"], ["20", "10"]):
+        args = parse(["generate", "--prompt", "hi", "--preset", "recommended", "--cutoff", order[0], "--cutoff",
+                      order[1]])
+        settings = cli.merge_settings(args, 30)
+        assert settings.cutoffs == (10, 20) and settings.ratio == (0.5, 1.0)
 
 
 def test_help_says_flags_override_a_preset(capsys):

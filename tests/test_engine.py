@@ -471,3 +471,16 @@ def test_sliding_window_layers_merge_and_refuse_proportional_attention():
     assert len(greedy(engine, ids, settings, 4)[0]) >= 1
     with pytest.raises(ValueError, match="proportional attention is not supported"):
         engine.start(ids, MergeSettings(cutoffs=(2,), proportional=True))
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("5.24.0", False), ("5.30.1", False), ("5.18.0", True), ("4.57.1", True), ("6.0.0", True), ("6.0.0.dev0", True),
+])
+def test_transformers_outside_the_tested_range_is_refused_at_import(version, refused):
+    from slerpviz.engine import check_transformers_version
+
+    if refused:
+        with pytest.raises(ImportError, match=f"slerpviz needs transformers >=5.24,<6.0; this environment has {version}"):
+            check_transformers_version(version)
+    else:
+        check_transformers_version(version)

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from slerpviz import cli
+from slerpviz import cli, models
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Any load fails the test: these inputs must be refused before the model is loaded."""
-    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
+    monkeypatch.setattr(models, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -58,11 +58,11 @@ def test_a_value_argparse_refuses_is_one_line_too(no_model, capsys, args, messag
 
 
 def test_a_model_that_cannot_load_is_one_line(monkeypatch, capsys):
-    def unreachable(name, progress):
+    def unreachable(name, **options):
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}. Check your "
                       "internet connection or see\nhttps://huggingface.co/docs/transformers/installation#offline-mode")
 
-    monkeypatch.setattr(cli, "load", unreachable)
+    monkeypatch.setattr(models, "load", unreachable)
     assert cli.main(["generate", "--prompt", "hi", "--model", "Qwen/Qwen2.5-0.5B-Instruct"]) == 2
     err = capsys.readouterr().err
     assert err == ("error: could not load Qwen/Qwen2.5-0.5B-Instruct: We couldn't connect to 'https://huggingface.co' "

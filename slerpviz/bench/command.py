@@ -22,8 +22,8 @@ from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, Fidelity
 from .frontier import frontier_main, frontier_parser
 from .machine import machine_info
 from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, interpolation_options,
-                      merge_fields, merge_options, model_options, one_of, run_options, str_list, subcommand,
-                      text_options, torch_threads)
+                      merge_fields, merge_options, model_options, one_of, run_options, share, str_list, subcommand,
+                      text_options, torch_threads, whole)
 from .retrieval_command import retrieval_main
 from .retrieval_command import parser as retrieval_parser
 from .speed import MODES, REPEAT_COLUMNS, SPEED_COLUMNS, SpeedPlan, run_speed
@@ -66,10 +66,10 @@ def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--preset", help="speed: time a named preset of slerpviz.presets (its cutoffs, ratios, choice and "
                                     "protection) instead of --cutoffs/--ratio/--choice")
     p.add_argument("--lengths", help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
-    p.add_argument("--repeats", type=int, help="timed repeats of every variant (default 3; 5 on a GPU)")
-    p.add_argument("--new-tokens", type=int, help="tokens generated per cached run, the first included")
-    p.add_argument("--recompute-new-tokens", type=int, help="tokens generated per run without cache")
-    p.add_argument("--recompute-max-length", type=int,
+    p.add_argument("--repeats", type=whole(1), help="timed repeats of every variant (default 3; 5 on a GPU)")
+    p.add_argument("--new-tokens", type=whole(1), help="tokens generated per cached run, the first included")
+    p.add_argument("--recompute-new-tokens", type=whole(1), help="tokens generated per run without cache")
+    p.add_argument("--recompute-max-length", type=whole(1),
                    help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
     p.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
     p.set_defaults(run=benchmark_main(speed_main))
@@ -84,8 +84,8 @@ def fidelity_parser(add_parser=None) -> argparse.ArgumentParser:
                                       "32..1024 on GPU)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--positions", default=",".join(POSITION_MODES))
-    p.add_argument("--continuation", type=int, help="greedy tokens compared after each prefix")
-    p.add_argument("--threshold", type=float, default=0.9,
+    p.add_argument("--continuation", type=whole(1), help="greedy tokens compared after each prefix")
+    p.add_argument("--threshold", type=share, default=0.9,
                    help="top-1 agreement the recommended cutoff must keep (default 0.9)")
     p.set_defaults(run=benchmark_main(fidelity_main))
     return p
@@ -238,7 +238,7 @@ def fidelity_plan(args, engine) -> FidelityPlan:
     chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.fidelity_defaults(layers, args.quick)
     schedules.check(chosen, layers)
     if args.prefixes:
-        prefixes = int_list(args.prefixes)
+        prefixes = int_list(args.prefixes, "prefix")
     elif args.quick:
         prefixes = (64, 256)
     else:  # a CPU spends most of the grid's time on the longest prefix

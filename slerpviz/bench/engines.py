@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from ..engine import MergingEngine
-from ..models import load
+from ..models import load_for_command_line
 
 SHAPES = ("tiny", "mistral-7b")
 
@@ -68,7 +68,7 @@ def random_weight_engine(shape: str, device: str = "cpu", dtype: torch.dtype | N
 
 
 def named_engine(name: str, device: str = "cpu") -> MergingEngine:
-    return load(name, device=device, progress=lambda message: print(message, file=sys.stderr))
+    return load_for_command_line(name, device=device, progress=lambda message: print(message, file=sys.stderr))
 
 
 @contextlib.contextmanager

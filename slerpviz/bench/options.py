@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 
+from .. import inputs
 from ..cli import Parser
 from ..engine import MergeSettings
 from ..merge import CHOICES, METHODS, POSITION_MODES
@@ -41,6 +43,26 @@ CHOICES_HELP = f"which pairs merge: {', '.join(CHOICES)}"
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache  # one function per rule, so subcommands sharing an option share its type
+def whole(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high], by the same rule and words as the app and the CLI."""
+    def parse(text: str) -> int:
+        try:
+            return inputs.whole(text, "it", low, high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("it ")) from None
+
+    return parse
+
+
+def share(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        return inputs.real(text, "it", 0, 1)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("it ")) from None
+
+
 def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
@@ -53,7 +75,7 @@ def model_options(shape_help: str, seed_help: str | None = None) -> argparse.Arg
     which.add_argument("--shape", choices=SHAPES, help=shape_help)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="for --shape: default bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=whole(0, inputs.SEED_LIMIT - 1), default=0, help=seed_help)
     return p
 
 
@@ -63,7 +85,7 @@ def run_options(quick_help: str, out_help: str = "folder for the CSV, JSON and H
     p = _parent()
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, default=Path("bench-out"), help=out_help)
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=whole(1),
                    help=f"CPU threads for torch (default: {threads_default}). On a CPU shared with other jobs 1 is "
                         "faster and far steadier: threads waiting on a busy core stall each other")
     return p
@@ -84,18 +106,18 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     window and budget."""
     p = _parent()
     p.add_argument("--cutoffs", help=cutoffs_help)
-    p.add_argument("--ratio", type=float, default=1.0, help="share of eligible pairs merged at each cutoff")
+    p.add_argument("--ratio", type=share, default=1.0, help="share of eligible pairs merged at each cutoff")
     p.add_argument("--choice", default="consecutive", help=choice_help)
-    p.add_argument("--keep-start", type=int, default=0, help="protected tokens at the start")
-    p.add_argument("--keep-end", type=int, default=0, help="protected tokens at the end")
+    p.add_argument("--keep-start", type=whole(0), default=0, help="protected tokens at the start")
+    p.add_argument("--keep-end", type=whole(0), default=0, help="protected tokens at the end")
     if attention:
-        p.add_argument("--attention-window", type=int, default=MergeSettings.attention_window,
+        p.add_argument("--attention-window", type=whole(1), default=MergeSettings.attention_window,
                        help="attention choice: the last W prompt tokens whose attention scores the others "
                             f"(default {MergeSettings.attention_window})")
-        p.add_argument("--attention-keep", type=int, default=MergeSettings.attention_keep,
+        p.add_argument("--attention-keep", type=whole(0), default=MergeSettings.attention_keep,
                        help="attention choice: the most-attended tokens that never merge "
                             f"(default {MergeSettings.attention_keep})")
-        p.add_argument("--cosine-share", type=float, default=0.0,
+        p.add_argument("--cosine-share", type=share, default=0.0,
                        help="attention choice: the share of the pair ranking given to how unlike the pair is "
                             "(1 - cosine), from 0 (attention only, the default) to 1")
     return p
@@ -126,12 +148,15 @@ def subcommand(name: str, description: str, parents: list[argparse.ArgumentParse
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """"512, 1024" -> (512, 1024)."""
+def int_list(text: str, what: str = "length", low: int = 1) -> tuple[int, ...]:
+    """"512, 1024" -> (512, 1024); each `what` a whole number, `low` or more."""
     try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
         raise ValueError(f"bad list of whole numbers {text!r}: write them comma-separated, like 512,1024") from None
+    for value in values:
+        inputs.whole(value, what, low)
+    return values
 
 
 def float_list(text: str) -> tuple[float, ...]:

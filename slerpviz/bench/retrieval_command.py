@@ -21,7 +21,7 @@ from . import report, schedules
 from .machine import machine_info
 from .options import (build_engine, describe_model, float_list, int_list, interpolation_options, merge_fields,
                       merge_options, model_options, run_options, settings_label, subcommand, text_options,
-                      torch_threads)
+                      torch_threads, whole)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise)
 from .texts import read_texts
@@ -41,7 +41,7 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--lengths", help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; "
                                      "--quick 256,512)")
     p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
-    p.add_argument("--samples", type=int, help="prompts per length and depth (default 4: 20 per length)")
+    p.add_argument("--samples", type=whole(1), help="prompts per length and depth (default 4: 20 per length)")
     p.add_argument("--preset", action="append", default=[],
                    help="add a named preset as a variant (see slerpviz.presets); repeatable")
     return p
@@ -137,7 +137,7 @@ def write_report(out: Path, rows: list[dict], plan: RetrievalPlan, machine: dict
 def retrieval_main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     """`python -m slerpviz.bench retrieval` with `argv` (the words after `retrieval`); `args`: already parsed."""
     args = args if args is not None else parser().parse_args(argv)
-    with torch_threads(args):
+    with torch_threads(args, one_when_quick=True):
         try:
             engine, name = build_engine(args)
             plan = retrieval_plan(args, engine)
