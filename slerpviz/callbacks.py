@@ -21,7 +21,7 @@ from gradio.components.plot import PlotData
 
 from . import panels, plots, presets
 from .bench.retrieval import find_passkey
-from .engine import Sampling, Trace
+from .engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
 from .holder import ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
@@ -111,6 +111,7 @@ class PageView:
     sampling: Sampling | None = None
     token_text: Callable[[int], str] | None = None
     labels_from: int = 0  # where the pairing plot's labelled span starts (long prompts)
+    stop: threading.Event | None = None  # set by Stop: the step under way ends at its next layer
 
 
 def shown_runs(base: Trace, merged: Trace, sampling: Sampling, **views) -> Panels:
@@ -338,7 +339,8 @@ class Page:
                    status=panels.PREFILL)
         base = merged = None
         steps = 0
-        pairs = generation_steps(request)
+        view.stop = None if on_zero_gpu() else threading.Event()  # an Event does not pickle across to ZeroGPU
+        pairs = generation_steps(request, view.stop)
         try:
             for base, merged in pairs:
                 view.base, view.merged = base, merged
@@ -357,6 +359,8 @@ class Page:
                                  pairing=pairing, lengths=lengths, latency=latency, kv=kv)
                 if for_page:
                     pairing = skip  # sent once: the page keeps it
+        except Interrupted:  # Stop: `stopped` finalises the panels
+            return
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
         finally:
@@ -375,6 +379,8 @@ class Page:
         """After Stop has cancelled a generation: finalise every panel at the token where the runs stopped."""
         if view is None or view.sampling is None:
             return only(StoppedPanels, status=panels.NOTHING_GENERATING)
+        if view.stop is not None:
+            view.stop.set()  # a long prefill ends at its next layer instead of running to its end
         # A step already under way when Stop came finishes on its own; wait for it, so the panels show its token.
         if self.holder.device_lock.acquire(timeout=30):
             self.holder.device_lock.release()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -91,6 +92,10 @@ class MergeSettings:
                 ratios = tuple(ratios[i] for i in order)
             object.__setattr__(self, "ratio", ratios)
         object.__setattr__(self, "cutoffs", tuple(self.cutoffs[i] for i in order))
+
+
+class Interrupted(Exception):
+    """A step stopped between two layers because its run's interrupt was set (the page's Stop)."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,7 @@ class MergingEngine:
         self.decoder = model.model  # embed_tokens, layers, rotary_emb, norm
         self.num_layers = self.config.num_hidden_layers
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._interrupt = None  # an Event the step under way checks between layers (see `interruptible`)
 
     @property
     def device(self) -> torch.device:
@@ -308,6 +314,8 @@ class MergingEngine:
             if log_sizes is not None:
                 masks[sliding] = _add_key_bias(masks[sliding], log_sizes, h.dtype)
         for index in range(start, end):
+            if self._interrupt is not None and self._interrupt.is_set():
+                raise Interrupted("the run was stopped")
             h = self.decoder.layers[index](
                 h, attention_mask=masks[_is_sliding(self.config, index)], position_ids=None, cache=cache,
                 use_cache=cache is not None, position_embeddings=position_embeddings,
@@ -435,11 +443,22 @@ class MergingEngine:
 
     def start(
         self, input_ids: torch.Tensor, settings: MergeSettings = MergeSettings(), sampling: Sampling = Sampling(),
-        mode: str = "cached",
+        mode: str = "cached", interrupt: threading.Event | None = None,
     ) -> "Run":
-        """Validate and plan now; the returned run generates lazily, one token per step."""
+        """Validate and plan now; the returned run generates lazily, one token per step. Setting `interrupt` stops
+        the step under way at its next layer (a long prefill need not run to its end after Stop)."""
         self.validate(input_ids.shape[-1], settings, sampling, mode)
-        return Run(self, input_ids, settings, sampling, mode)
+        return Run(self, input_ids, settings, sampling, mode, interrupt)
+
+    @contextlib.contextmanager
+    def interruptible(self, interrupt: threading.Event | None) -> Iterator[None]:
+        """While the block runs, a set `interrupt` raises Interrupted between two layers. One step runs on the
+        engine at a time (the device lock), so the engine holds the event of the step under way."""
+        self._interrupt = interrupt
+        try:
+            yield
+        finally:
+            self._interrupt = None
 
     def generate(self, prompt: str, settings: MergeSettings = MergeSettings(), sampling: Sampling = Sampling(),
                  mode: str = "cached", chat: bool = True) -> Trace:
@@ -501,9 +520,10 @@ class Run:
     neither is charged for the other.
     """
 
-    def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str):
+    def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str,
+                 interrupt: threading.Event | None = None):
         self.engine, self.input_ids, self.settings = engine, input_ids, settings
-        self.sampling, self.mode = sampling, mode
+        self.sampling, self.mode, self.interrupt = sampling, mode, interrupt
         self.trace = engine.new_trace(input_ids, settings, mode)
         self.session: Session | None = None  # the prompt's session, from the first step on
         self._steps = self._generate()
@@ -512,7 +532,8 @@ class Run:
         return self._steps
 
     def __next__(self) -> Step:
-        return next(self._steps)
+        with self.engine.interruptible(self.interrupt):
+            return next(self._steps)
 
     def close(self) -> None:
         self._steps.close()

@@ -327,8 +327,9 @@ def plan_trace(engine: MergingEngine, request: Request) -> Trace:
 
 
 @gpu_task
-def generation_steps(request: Request) -> Iterator[tuple[Trace, Trace]]:
-    """The GPU part of a request: both generations, yielding (base trace, merged trace) after every step pair.
+def generation_steps(request: Request, stop: threading.Event | None = None) -> Iterator[tuple[Trace, Trace]]:
+    """The GPU part of a request: both generations, yielding (base trace, merged trace) after every step pair;
+    setting `stop` ends the step under way at its next layer (not on ZeroGPU, where arguments are pickled).
 
     It reaches the model through the module's holder, not an argument: on ZeroGPU the arguments and what it yields
     are pickled across to a GPU worker process, and plain settings and traces pickle, a model and its locks do not.
@@ -339,8 +340,8 @@ def generation_steps(request: Request) -> Iterator[tuple[Trace, Trace]]:
         # Each GPU worker meets the model fresh: pay its one-time setup before the timed steps, not in the first.
         engine.warm_up()
     ids = engine.encode(request.prompt, request.chat)
-    base = engine.start(ids, MergeSettings(), request.sampling, request.mode)
-    merged = engine.start(ids, request.settings, request.sampling, request.mode)
+    base = engine.start(ids, MergeSettings(), request.sampling, request.mode, stop)
+    merged = engine.start(ids, request.settings, request.sampling, request.mode, stop)
     for _ in interleave(base, merged, lock=holder.device_lock):
         yield base.trace, merged.trace
 

@@ -140,4 +140,8 @@ def one_line(error: BaseException) -> str:
     """An error in one line: hub errors run to a paragraph with links; the first sentence says what happened."""
     message = " ".join(str(error).split()) or type(error).__name__
     cut = message.find(". ")
-    return message[: cut + 1] if 0 < cut < 200 else message[:200]
+    if 0 < cut < 200:
+        return message[: cut + 1]
+    if len(message) <= 200:
+        return message
+    return message[: message.rfind(" ", 0, 200) if " " in message[:200] else 200].rstrip(" :,;") + " …"

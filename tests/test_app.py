@@ -398,7 +398,7 @@ def test_preview_reports_problems_in_the_status_line(page):
 
 
 def test_out_of_memory_is_a_page_message(page, monkeypatch):
-    def exhausted(request):
+    def exhausted(request, stop=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         yield  # a generator, like the real one
 

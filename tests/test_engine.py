@@ -484,3 +484,32 @@ def test_transformers_outside_the_tested_range_is_refused_at_import(version, ref
             check_transformers_version(version)
     else:
         check_transformers_version(version)
+
+
+def test_a_set_interrupt_stops_the_step_under_way_at_the_next_layer():
+    import threading
+
+    from slerpviz.engine import Interrupted
+
+    engine = tiny_engine("llama")
+    stop = threading.Event()
+    layers_run = []
+
+    def after_layer(module, args, output):
+        layers_run.append(module)
+        if len(layers_run) == 3:
+            stop.set()  # Stop pressed while the third layer runs
+
+    hooks = [layer.register_forward_hook(after_layer) for layer in engine.decoder.layers]
+    try:
+        run = engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=4), interrupt=stop)
+        with pytest.raises(Interrupted):
+            next(run)
+        assert len(layers_run) == 3 < engine.num_layers and engine._interrupt is None
+        stop.clear()
+        steps = list(engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=2),
+                                  interrupt=stop))
+        assert len(steps) == 2  # an interrupt never set changes nothing
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -388,6 +388,28 @@ def test_stop_after_the_end_leaves_done_alone(page):
     assert "Stopped at token 0" in comparison and status.startswith("**Stopped** during the prefill")
 
 
+def test_stop_during_a_long_prefill_ends_it_at_the_next_layer(page, engine):
+    # A prefill of thousands of tokens runs for minutes on a CPU; Stop ends it between two layers instead.
+    layers_run = []
+    hooks = [layer.register_forward_hook(lambda *_: layers_run.append(1)) for layer in engine.decoder.layers]
+    view = callbacks.PageView()
+    stream = page.generate(*inputs(prompt="word " * 1500, max_new_tokens=4), view=view)
+    try:
+        next(stream)  # the plan: the prefill starts at the next message
+        layers_run.clear()
+        stopper = threading.Timer(0.2, page.stopped, args=(view,))
+        stopper.start()
+        assert list(stream) == []  # the stream ends without a step, and without an error
+        stopper.join()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert view.stop.is_set() and view.base is None
+    assert len(layers_run) < 2 * engine.num_layers  # base and merged prefills did not both run through
+    assert page.holder.device_lock.acquire(timeout=1)
+    page.holder.device_lock.release()
+
+
 def test_an_empty_prompt_gets_a_greeting_not_a_complaint(page):
     pairing, lengths, status = page.preview(*inputs(prompt=""))
     assert "Cannot plan" not in status and "Type a prompt" in status and status.startswith("**Ready**")

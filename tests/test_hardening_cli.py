@@ -78,3 +78,12 @@ def test_an_unreachable_hub_model_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not load Qwen/Qwen2.5-1.5B-Instruct: ")
+
+
+def test_one_line_keeps_a_first_sentence_or_cuts_a_long_one_at_a_word():
+    from slerpviz.inputs import one_line
+
+    assert one_line(OSError("Could not connect.\nSee the docs. More.")) == "Could not connect."
+    long = "An error happened while trying to locate the files on the Hub " * 5
+    cut = one_line(OSError(long))
+    assert cut.endswith(" …") and len(cut) <= 202 and long.startswith(cut[:-2]) and long[len(cut) - 2] == " "
