@@ -83,14 +83,26 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def wrapped(label: str, width: int = 32) -> str:
+    """A long variant label on several lines (at its commas), so side-by-side titles do not run into each other."""
+    lines, line = [], ""
+    for part in label.split(", "):
+        if line and len(line) + 2 + len(part) > width:
+            lines.append(line + ",")
+            line = part
+        else:
+            line = f"{line}, {part}" if line else part
+    return "<br>".join([*lines, line])
+
+
 def heatmaps(summary: list[dict], task: str) -> go.Figure:
     """Depth × length → accuracy for base and every variant side by side, each cell labelled correct/n."""
     cells = [r for r in summary if r["task"] == task]
     variants = list(dict.fromkeys(r["variant"] for r in cells))
     lengths = sorted({r["length"] for r in cells})
     depths = sorted({r["depth"] for r in cells})
-    fig = make_subplots(rows=1, cols=len(variants), subplot_titles=variants, shared_yaxes=True,
-                        horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=len(variants), subplot_titles=[wrapped(v) for v in variants],
+                        shared_yaxes=True, horizontal_spacing=0.03)
     for col, variant in enumerate(variants, start=1):
         lookup = {(r["depth"], r["length"]): r for r in cells if r["variant"] == variant}
         z = [[lookup[(d, n)]["accuracy"] if (d, n) in lookup else None for n in lengths] for d in depths]
@@ -105,7 +117,7 @@ def heatmaps(summary: list[dict], task: str) -> go.Figure:
         fig.update_xaxes(title_text="prompt length (tokens)", type="category", row=1, col=col)
     fig.update_yaxes(title_text="needle depth (0 = start)", type="category", autorange="reversed", row=1, col=1)
     fig.update_layout(title=f"{task}: does the answer survive the merge? (accuracy, correct/n per cell)",
-                      template="plotly_white", height=380, width=max(520, 300 * len(variants) + 120))
+                      template="plotly_white", height=420, margin=dict(t=130), width=max(520, 300 * len(variants) + 120))
     return fig
 
 
