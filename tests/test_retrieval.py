@@ -179,3 +179,24 @@ def test_snapshot_renders_a_report_to_png(tmp_path):
     write_html(tmp_path / "r.html", "test", {}, [heatmaps(cells, "passkey")], [])
     assert command.main(["snapshot", str(tmp_path / "r.html"), str(tmp_path / "r.png")]) == 0
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_needle_merged_is_the_share_of_the_needle_in_merged_slots():
+    from slerpviz.bench.retrieval import merged_share
+    from slerpviz.engine import Trace
+
+    trace = Trace(tokens=["t"] * 8, groups=[[[0], [1, 2], [3], [4, 5], [6], [7]]], protected=[], cutoffs=[1],
+                  seq_len_per_layer=[], num_layers=2, mode="cached", settings={})
+    assert merged_share(trace, 2, 6) == 0.75  # tokens 2, 4, 5 of 2..5
+    assert merged_share(trace, 6, 8) == 0.0
+    trace.groups = []
+    assert merged_share(trace, 2, 6) == 0.0  # base: nothing merges
+
+
+def test_per_cutoff_ratios_on_the_command_line():
+    from slerpviz.bench import retrieval_command
+    from slerpviz.bench.options import ratios
+
+    assert ratios("0.5") == 0.5 and ratios("0.5/1") == (0.5, 1.0)
+    args = retrieval_command.parser().parse_args(["--cutoffs", "2+3", "--ratio", "0.5/1", "--choice", "attention"])
+    assert args.ratio == (0.5, 1.0)

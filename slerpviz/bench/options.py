@@ -63,6 +63,12 @@ def share(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error).removeprefix("it ")) from None
 
 
+def ratios(text: str) -> float | tuple[float, ...]:
+    """An argparse type: one merge ratio for every cutoff (0.5), or one per cutoff in layer order (0.5/1)."""
+    parts = tuple(share(part) for part in text.split("/"))
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
@@ -106,7 +112,8 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     window and budget."""
     p = _parent()
     p.add_argument("--cutoffs", help=cutoffs_help)
-    p.add_argument("--ratio", type=share, default=1.0, help="share of eligible pairs merged at each cutoff")
+    p.add_argument("--ratio", type=ratios, default=1.0,
+                   help="share of eligible pairs merged at each cutoff, or one per cutoff in layer order: 0.5/1")
     p.add_argument("--choice", default="consecutive", help=choice_help)
     p.add_argument("--keep-start", type=whole(0), default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=whole(0), default=0, help="protected tokens at the end")

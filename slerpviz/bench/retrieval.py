@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import MergeSettings, MergingEngine, Sampling
+from ..engine import MergeSettings, MergingEngine, Sampling, Trace
 from .limits import Shape, prefill_flops
 
 TASKS = ("passkey", "multikey")
@@ -35,8 +35,9 @@ KEY_WORDS = ("apple", "river", "candle", "violet", "harbor", "pencil", "falcon",
 DISTRACTORS = 2
 
 RETRIEVAL_COLUMNS = ("task", "length", "depth", "sample", "variant", "correct", "answer", "output",
-                     "needle_start", "needle_end", "prefill_s", "flop_limit", "merged_length")
-SUMMARY_COLUMNS = ("task", "variant", "length", "depth", "n", "correct", "accuracy", "flop_limit", "prefill_s")
+                     "needle_start", "needle_end", "needle_merged", "prefill_s", "flop_limit", "merged_length")
+SUMMARY_COLUMNS = ("task", "variant", "length", "depth", "n", "correct", "accuracy", "flop_limit", "prefill_s",
+                   "needle_merged")
 
 INSTRUCTIONS = {
     "passkey": "There is an important pass key hidden inside a lot of irrelevant text. Find it and remember it. "
@@ -217,13 +218,21 @@ class RetrievalPlan:
     seed: int = 0
 
 
-def greedy(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, new_tokens: int) -> tuple[str, float,
-                                                                                                        list[int]]:
-    """The greedy continuation, the prefill seconds and the sequence length each layer saw."""
+def greedy(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, new_tokens: int) -> Trace:
+    """The trace of the greedy continuation: its text, prefill seconds, the length each layer saw, the slots."""
     run = engine.start(ids.to(engine.device), settings, Sampling(max_new_tokens=new_tokens))
     for _ in run:
         pass
-    return run.trace.text, run.trace.prefill_s, run.trace.seq_len_per_layer
+    return run.trace
+
+
+def merged_share(trace: Trace, start: int, end: int) -> float:
+    """Share of the prompt tokens [start, end) (the asked needle) that the last merge stage put in a slot with
+    others: 0 where none of them merged."""
+    if not trace.groups or end <= start:
+        return 0.0
+    merged = {token for slot in trace.groups[-1] if len(slot) > 1 for token in slot}
+    return sum(token in merged for token in range(start, end)) / (end - start)
 
 
 def check_plan(engine: MergingEngine, plan: RetrievalPlan) -> None:
@@ -260,12 +269,15 @@ def run_retrieval(engine: MergingEngine, haystack: Haystack, plan: RetrievalPlan
                 for sample in range(plan.samples):
                     prompt = build_prompt(haystack, task, length, depth, sample, plan.seed)
                     for label, settings in (("base", MergeSettings()), *plan.variants):
-                        output, seconds, lengths = greedy(engine, prompt.ids, settings, new_tokens_for(prompt.answer))
+                        trace = greedy(engine, prompt.ids, settings, new_tokens_for(prompt.answer))
+                        lengths = trace.seq_len_per_layer
                         rows.append({
                             "task": task, "length": length, "depth": depth, "sample": sample, "variant": label,
-                            "correct": int(is_correct(prompt.answer, output)), "answer": prompt.answer,
-                            "output": output, "needle_start": prompt.needle_start, "needle_end": prompt.needle_end,
-                            "prefill_s": seconds, "flop_limit": base_flops / prefill_flops(shape, lengths),
+                            "correct": int(is_correct(prompt.answer, trace.text)), "answer": prompt.answer,
+                            "output": trace.text, "needle_start": prompt.needle_start,
+                            "needle_end": prompt.needle_end,
+                            "needle_merged": merged_share(trace, prompt.needle_start, prompt.needle_end),
+                            "prefill_s": trace.prefill_s, "flop_limit": base_flops / prefill_flops(shape, lengths),
                             "merged_length": lengths[-1],
                         })
     return rows
@@ -283,6 +295,7 @@ def summarise(rows: list[dict], by: tuple[str, ...] = ("task", "variant", "lengt
         "accuracy": statistics.fmean(r["correct"] for r in members),
         "flop_limit": statistics.fmean(r["flop_limit"] for r in members),
         "prefill_s": statistics.median(r["prefill_s"] for r in members),
+        "needle_merged": statistics.fmean(r.get("needle_merged", 0.0) for r in members),
     } for key, members in groups.items()]
 
 
