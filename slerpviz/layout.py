@@ -220,8 +220,9 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         planned = run_button.click(page.run_plan, api_visibility="private", **plan)
         generating = planned.success(page.run_generate, api_visibility="private", **generate)
         # Cancel first, then finalise: panels written with the cancel could be overwritten by the last message the
-        # cancelled generation had already sent.
-        stop_button.click(None, None, None, cancels=[generating], api_visibility="private", queue=False).then(
+        # cancelled generation had already sent. The plan is cancelled too: Stop pressed while it still runs (a long
+        # prompt) must not let the generation start after it.
+        stop_button.click(None, None, None, cancels=[planned, generating], api_visibility="private", queue=False).then(
             page.stopped, [view], components(StoppedPanels._fields), api_visibility="private", queue=False)
 
         preview = dict(fn=page.preview, inputs=None, inputs_kwargs=form, outputs=components(PlanViews._fields),

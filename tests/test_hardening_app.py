@@ -507,6 +507,14 @@ def press_run(app_url: str, run_button, session: str, data: list) -> tuple[list[
 LONG_ENOUGH = dict(prompt="word " * 40, chat=False, max_new_tokens=callbacks.PLOT_EVERY + 1)
 
 
+def test_stop_cancels_the_plan_too_so_no_generation_starts_after_it(app_url, run_button):
+    plan, generate, _ = run_button
+    config = httpx.get(f"{app_url}config", timeout=60).json()
+    (stop,) = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "stop"]
+    cancelled = {event for d in config["dependencies"] if [stop, "click"] in d["targets"] for event in d["cancels"]}
+    assert {plan["id"], generate["id"]} <= cancelled
+
+
 def test_run_sends_the_pairing_plot_once_where_the_page_shows_the_plan(app_url, run_button):
     session, data = uuid.uuid4().hex, [*inputs(**LONG_ENOUGH), None]  # None: the page's view, kept by the server
     *_, preview = run_button
