@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from slerpviz import cli, models
+from slerpviz.presets import PRESETS
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def no_model(monkeypatch):
     (["--prompt", "  "], "the prompt is empty"),
     (["--attention-window", "0"], "attention window must be a whole number, 1 or more (got 0)"),
     (["--attention-keep", "-1"], "attention keep must be a whole number, 0 or more (got -1)"),
-    (["--preset", "fastest"], "unknown preset 'fastest'; choose one of recommended, fast, article"),
+    (["--preset", "fastest"], "unknown preset 'fastest'; choose one of " + ", ".join(PRESETS)),
 ])
 def test_bad_input_is_refused_before_loading(no_model, capsys, args, message):
     argv = ["generate", *(args if "--prompt" in args else ["--prompt", "hi", *args])]
