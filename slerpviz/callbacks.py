@@ -154,6 +154,8 @@ class Page:
 
     def fill_preset(self, name: str = "recommended"):
         """The merge fields (MERGE_FIELDS) set to a preset, for the loaded model's depth; the prompt stays."""
+        if name not in presets.PRESETS:  # the dropdown offers only these; a raw request may send anything
+            return [gr.skip()] * len(MERGE_FIELDS)
         values = merge_values(presets.preset(name, self._num_layers()), self._num_layers())
         return [values[field] for field in MERGE_FIELDS]
 

@@ -24,6 +24,7 @@ from .holder import ENGINES, default_model, on_zero_gpu
 from .merge import CHOICES, METHODS, POSITION_MODES
 from .models import ALLOWED_MODELS, check_allowed
 from .panels import preset_note
+from .presets import PRESETS
 
 QUEUE_SIZE = 64  # bounded: twenty users at once all get a place in line, a flood gets "queue full"
 # The page takes no files; Gradio's upload route exists anyway, so cap what it accepts.
@@ -134,7 +135,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                 named["mode"] = gr.Radio(list(MODES), value="cached", label="Mode")
                 with gr.Group():
                     gr.Markdown(preset_note(), elem_id="preset-note", padding=True)
-                    preset_button = gr.Button("Use the recommended preset", size="sm", elem_id="preset")
+                    with gr.Row():
+                        preset_name = gr.Dropdown(list(PRESETS), value="recommended", show_label=False,
+                                                  container=False, elem_id="preset-name", scale=1)
+                        preset_button = gr.Button("Use this preset", size="sm", elem_id="preset", scale=1)
                 with gr.Accordion("More merge settings: ratio, pair choice, attention, proportional attention",
                                   open=False):
                     named["ratio"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Merge ratio", elem_id="ratio",
@@ -231,7 +235,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         named["prompt"].blur(**preview)
         example_list.click(page.fill_example, [example_list], components((*EXAMPLE_FIELDS, *MERGE_FIELDS)),
                            api_visibility="private", queue=False, show_progress="hidden").then(**preview)
-        preset_button.click(page.fill_preset, None, components(MERGE_FIELDS), api_visibility="private",
+        preset_button.click(page.fill_preset, [preset_name], components(MERGE_FIELDS), api_visibility="private",
                             queue=False, show_progress="hidden").then(**preview)
         for slider in components(("cutoff", "keep_start", "keep_end", "ratio")):
             slider.release(**preview)

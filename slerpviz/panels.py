@@ -222,6 +222,7 @@ def plan_markdown(trace: Trace) -> str:
 
 
 def preset_note() -> str:
-    recommended = presets.PRESETS["recommended"]
-    return (f"**Recommended preset** (`slerpviz.presets`): {escape(recommended.description)}. The button fills in "
-            "its merge settings for the loaded model.")
+    """The presets and what each trades (slerpviz.presets): measured speed for kinds of question kept."""
+    lines = [f"- **{name}**: {escape(preset.description)}" for name, preset in presets.PRESETS.items()]
+    return ("**Presets** (`slerpviz.presets`; measured in the README): choose one and press the button to fill in "
+            "its merge settings for the loaded model.\n\n" + "\n".join(lines))

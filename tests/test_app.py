@@ -264,6 +264,13 @@ def test_examples_and_the_preset_button_read_the_preset_when_clicked(page, engin
     assert as_request(values).settings == expected
 
 
+def test_the_preset_menu_fills_in_each_preset_and_ignores_an_unknown_name(page, engine):
+    for name in presets.PRESETS:
+        values = dict(zip(form.MERGE_FIELDS, page.fill_preset(name)))
+        assert as_request(values).settings == presets.preset(name, engine.num_layers)
+    assert all(output == gr.skip() for output in page.fill_preset("fastest"))
+
+
 def test_the_fast_pass_key_example_reads_the_fast_preset(page, engine):
     values = dict(zip((*form.EXAMPLE_FIELDS, *form.MERGE_FIELDS),
                       page.fill_example(example_index(page, "Same pass key, fast preset"))))
@@ -279,11 +286,13 @@ def test_the_pass_key_example_is_raw_text_ending_in_the_question(page):
     assert all(output == gr.skip() for output in page.fill_example(99))
 
 
-def test_the_page_says_what_the_recommended_preset_is(engine):
+def test_the_page_says_what_each_preset_is(engine):
     demo = layout.build_app(EMBEDDED, preload=False)
     config = demo.get_config_file()
     texts = [c["props"].get("value") for c in config["components"] if c["props"].get("elem_id") == "preset-note"]
-    assert texts and presets.PRESETS["recommended"].description in texts[0]
+    assert texts and all(preset.description in texts[0] for preset in presets.PRESETS.values())
+    (menu,) = [c for c in config["components"] if c["props"].get("elem_id") == "preset-name"]
+    assert [choice[1] for choice in menu["props"]["choices"]] == list(presets.PRESETS)
     (examples,) = [c for c in config["components"] if c["props"].get("elem_id") == "examples"]
     labels = examples["props"]["sample_labels"]
     assert "Find the pass key (~1,500 tokens), recommended preset" in labels
@@ -297,7 +306,8 @@ def test_the_page_says_what_the_recommended_preset_is(engine):
     assert [c.label for c in fns["fill_example"].outputs] == ["Prompt", "Chat template", "Mode", "Max new tokens",
                                                                *merge]
     assert [c.label for c in fns["fill_preset"].outputs] == merge
-    assert not fns["fill_preset"].inputs and fns["fill_preset"].api_visibility == "private"
+    assert [c.elem_id for c in fns["fill_preset"].inputs] == ["preset-name"]  # the preset menu, nothing else
+    assert fns["fill_preset"].api_visibility == "private"
 
 
 SHORT_PASSKEY = ("There is a pass key hidden in this text. Remember it.\n\nThe grass is green. The sky is blue.\n\n"
