@@ -47,7 +47,6 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import inputs
-from .inputs import attention_budget
 from .merge import (
     PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
     layer_lengths, next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
@@ -251,7 +250,7 @@ class MergingEngine:
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
         # The same rules, and words, as the page and the command line use for the raw values (slerpviz.inputs).
-        attention_budget(settings.attention_window, settings.attention_keep)
+        inputs.attention_budget(settings.attention_window, settings.attention_keep)
         inputs.real(settings.cosine_share, "cosine share", 0, 1)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
