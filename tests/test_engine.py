@@ -480,7 +480,7 @@ def test_transformers_outside_the_tested_range_is_refused_at_import(version, ref
     from slerpviz.engine import check_transformers_version
 
     if refused:
-        with pytest.raises(ImportError, match=f"slerpviz needs transformers >=5.24,<6.0; this environment has {version}"):
+        with pytest.raises(ImportError, match=f"needs transformers >=5.24,<6.0; this environment has {version}"):
             check_transformers_version(version)
     else:
         check_transformers_version(version)

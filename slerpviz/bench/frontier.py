@@ -400,12 +400,13 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
                                      "(default 0): more samples from the same texts")
     p.add_argument("--speed-length", type=options.whole(1), help="prompt length the prefill is timed at (default 1024)")
-    p.add_argument("--repeats", type=options.whole(0), help="interleaved timing repeats (default 3; 0 = FLOP limit only)")
+    p.add_argument("--repeats", type=options.whole(0),
+                   help="interleaved timing repeats (default 3; 0 = FLOP limit only)")
     p.add_argument("--continuation", type=options.whole(1), help="greedy tokens compared after each prefix (default 8)")
     p.add_argument("--retrieval-lengths", help="pass-key prompt lengths, comma-separated (default 1024; --quick 512; "
                                                "'none' to skip)")
-    p.add_argument("--retrieval-samples", type=options.whole(1), help="pass-key prompts per length and depth, five depths "
-                                                         "(default 2: 10 per length)")
+    p.add_argument("--retrieval-samples", type=options.whole(1),
+                   help="pass-key prompts per length and depth, five depths (default 2: 10 per length)")
     return p
 
 

@@ -117,7 +117,8 @@ def heatmaps(summary: list[dict], task: str) -> go.Figure:
         fig.update_xaxes(title_text="prompt length (tokens)", type="category", row=1, col=col)
     fig.update_yaxes(title_text="needle depth (0 = start)", type="category", autorange="reversed", row=1, col=1)
     fig.update_layout(title=f"{task}: does the answer survive the merge? (accuracy, correct/n per cell)",
-                      template="plotly_white", height=420, margin=dict(t=130), width=max(520, 300 * len(variants) + 120))
+                      template="plotly_white", height=420, margin=dict(t=130),
+                      width=max(520, 300 * len(variants) + 120))
     return fig
 
 
