@@ -619,15 +619,15 @@ class MergingForward:
         if use_cache and cache is None:
             cache = DynamicCache(config=engine.config)
         continuing = cache is not None and cache.get_seq_length() > 0
-        if continuing and cache not in self._layouts:
+        entry = self._layouts.get(cache) if continuing else None
+        if continuing and entry is None:
             raise ValueError("this cache was not filled by this merging forward (the plain model or another `merging` "
                              "block filled it); start from an empty cache")
         # The forward counts the tokens itself; a caller that counts otherwise (generate continuing a cache whose
         # layer 0 merged, assisted or prompt-lookup decoding that crops the cache back) would get wrong tokens.
-        start = self._layouts[cache].position if continuing else 0
-        self._check_caller_agrees(cache if continuing else None, start, h.shape[1], attention_mask, position_ids)
-        if continuing:
-            entry = self._layouts[cache]
+        start = entry.position if entry is not None else 0
+        self._check_caller_agrees(cache, entry, start, h.shape[1], attention_mask, position_ids)
+        if entry is not None:
             hidden = engine._forward_new(h, start, entry.layout, cache)
         else:
             engine.validate(h.shape[1], self.settings)
@@ -636,16 +636,17 @@ class MergingForward:
                 hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
             if cache is not None:
                 entry = self._layouts[cache] = CacheEntry(layout)
-        if cache is not None:
+        if entry is not None:
             entry.position = start + h.shape[1]
             entry.lengths = cache_lengths(cache)
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
 
-
-    def _check_caller_agrees(self, cache, start: int, new: int, attention_mask, position_ids) -> None:
+    @staticmethod
+    def _check_caller_agrees(cache, entry: CacheEntry | None, start: int, new: int, attention_mask, position_ids
+                             ) -> None:
         """Refuse a call whose cache, mask or positions do not continue the tokens this forward has seen."""
-        if cache is not None and cache_lengths(cache) != self._layouts[cache].lengths:
+        if entry is not None and cache_lengths(cache) != entry.lengths:
             raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
                              "assisted and prompt-lookup generation do): they are not supported while merging")
         claimed = []  # where the caller thinks these tokens start

@@ -60,8 +60,9 @@ def examples() -> list[Example]:
     passkey = ASSETS / "examples" / "passkey.txt"
     if passkey.exists():
         # Raw text ending in "The pass key is": the model completes it best without the chat template.
-        chosen.append(Example("Find the pass key (~1,500 tokens), recommended preset",
-                              passkey.read_text(encoding="utf-8").strip(), "recommended", 10, chat=False))
-        chosen.append(Example("Same pass key, fast preset (about 1.5x fewer prefill FLOPs)",
-                              passkey.read_text(encoding="utf-8").strip(), "fast", 10, chat=False))
+        text = passkey.read_text(encoding="utf-8").strip()
+        chosen.append(Example("Find the pass key (~1,500 tokens), recommended preset", text, "recommended", 10,
+                              chat=False))
+        chosen.append(Example("Same pass key, fast preset (about 1.5x fewer prefill FLOPs)", text, "fast", 10,
+                              chat=False))
     return chosen

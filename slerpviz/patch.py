@@ -56,15 +56,17 @@ def remove(model) -> None:
     forward = decoder.__dict__.get("forward")
     if not isinstance(forward, MergingForward):
         return
-    if forward.previous is not None:
-        decoder.forward = forward.previous
-    else:
-        del decoder.forward
-    if forward.previous_generate is not None:
-        model.generate = forward.previous_generate
-    else:
-        model.__dict__.pop("generate", None)
+    _restore(decoder, "forward", forward.previous)
+    _restore(model, "generate", forward.previous_generate)
     model.train(forward.was_training)
+
+
+def _restore(owner, name: str, previous) -> None:
+    """Put back the instance attribute the patch replaced, or drop the patch's so the class's shows again."""
+    if previous is not None:
+        setattr(owner, name, previous)
+    else:
+        owner.__dict__.pop(name, None)
 
 
 @contextlib.contextmanager

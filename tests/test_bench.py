@@ -285,10 +285,11 @@ def test_speed_times_a_preset_with_its_attention_scoring_in_the_merge_share(tmp_
 
     out = tmp_path / "speed"
     assert command.main(["speed", "--shape", "tiny", "--quick", "--lengths", "48", "--modes", "cached",
-                         "--preset", "recommended", "--out", str(out)]) == 0
+                         "--preset", "recommended", "--method", "lerp", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "speed.csv")))
     expected = recommended(4)
     assert {r["schedule"] for r in rows} == {schedules.label(expected.cutoffs)}
     assert all(float(r["merge_ms"]) > 0 and 0 < float(r["merge_share"]) < 1 for r in rows)
     plan = json.loads((out / "speed.json").read_text())["plan"]["merge"]
     assert plan["choice"] == expected.choice and plan["attention_window"] == expected.attention_window
+    assert plan["method"] == "lerp"  # the preset replaces the merge flags, not how its slots are made

@@ -20,7 +20,7 @@ from . import report, schedules
 from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, FidelityPlan, best_combination,
                        earliest_cutoff, run_fidelity, same_variant, summarise, variant_label)
 from .frontier import frontier_main, frontier_parser
-from .machine import machine_info
+from .machine import commit_at_start, machine_info
 from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, interpolation_options,
                       merge_fields, merge_options, model_options, one_of, run_options, share, str_list, subcommand,
                       text_options, torch_threads, whole)
@@ -140,7 +140,9 @@ def speed_plan(args, engine) -> SpeedPlan:
 
         settings = preset(args.preset, layers)
         chosen = [settings.cutoffs]
-        variant = {key: getattr(settings, key) for key in variant}
+        # The preset replaces the merge flags; --method and --positions still say how its slots are made.
+        variant = {**{key: getattr(settings, key) for key in variant}, "method": args.method,
+                   "positions": args.positions}
     schedules.check(chosen, layers)
     return SpeedPlan(
         lengths=lengths,
@@ -358,6 +360,7 @@ def benchmark_main(run):
 
 
 def main(argv: list[str] | None = None) -> int:
+    commit_at_start()  # the code this run is: read now, before an hour of work
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     return args.run(args, argv)

@@ -392,10 +392,9 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
                             "folder for frontier.csv, .json, .html"),
         options.text_options(), options.interpolation_options("every setting of the grid"),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
-    p.add_argument("--grid", default="default", help="default (cutoff x ratio x pair choice), attention, budget, "
-                                                     "stretch, pyramid, late, variants (the attention-guided "
-                                                     "exploration) "
-                                                     "or presets (judge them)")
+    p.add_argument("--grid", default="default",
+                   help=f"default (cutoff x ratio x pair choice), attention, {', '.join(ATTENTION_PASSES)} (the "
+                        "attention-guided exploration) or presets (judge them)")
     p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
     p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
                                      "(default 0): more samples from the same texts")

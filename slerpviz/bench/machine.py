@@ -40,9 +40,11 @@ def git_commit() -> str | None:
     return None
 
 
-# The commit of the code this process runs: read when the benchmarks are imported, not when a run of an hour ends
-# (by then the working tree may have moved on).
-COMMIT_AT_START = git_commit()
+@functools.cache
+def commit_at_start() -> str | None:
+    """The commit of the code this process runs: read once, when a run starts (`command.main` asks first), not when
+    a run of an hour ends and the working tree may have moved on; and not at import, which the app does too."""
+    return git_commit()
 
 
 def machine_info(device: torch.device, argv: list[str] | None = None) -> dict:
@@ -59,7 +61,7 @@ def machine_info(device: torch.device, argv: list[str] | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "command": " ".join(["python -m slerpviz.bench", *(sys.argv[1:] if argv is None else argv)]),
-        "git_commit": COMMIT_AT_START,
+        "git_commit": commit_at_start(),
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:

@@ -43,24 +43,24 @@ CHOICES_HELP = f"which pairs merge: {', '.join(CHOICES)}"
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache  # one function per rule, so subcommands sharing an option share its type
-def whole(low: int, high: int | None = None):
-    """An argparse type: a whole number in [low, high], by the same rule and words as the app and the CLI."""
-    def parse(text: str) -> int:
+def _argument(parse):
+    """An argparse type from a slerpviz.inputs check: its message, without the field name argparse already gives."""
+    def argument(text: str):
         try:
-            return inputs.whole(text, "it", low, high)
+            return parse(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error).removeprefix("it ")) from None
 
-    return parse
+    return argument
 
 
-def share(text: str) -> float:
-    """An argparse type: a number from 0 to 1."""
-    try:
-        return inputs.real(text, "it", 0, 1)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("it ")) from None
+@functools.cache  # one function per rule, so subcommands sharing an option share its type
+def whole(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high], by the same rule and words as the app and the CLI."""
+    return _argument(lambda text: inputs.whole(text, "it", low, high))
+
+
+share = _argument(lambda text: inputs.real(text, "it", 0, 1))  # an argparse type: a number from 0 to 1
 
 
 def ratios(text: str) -> float | tuple[float, ...]:
@@ -211,7 +211,7 @@ def settings_label(setting) -> str:
             parts.append(f"cosine share {fields['cosine_share']:g}")
     if fields.get("keep_start") or fields.get("keep_end"):
         parts.append(f"protect {fields.get('keep_start', 0)}/{fields.get('keep_end', 0)}")
-    if fields.get("proportional") in (True, "True"):
+    if fields.get("proportional"):
         parts.append("proportional")
     for name in ("method", "positions"):
         if fields.get(name, getattr(default, name)) != getattr(default, name):
