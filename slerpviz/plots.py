@@ -7,13 +7,16 @@ timings), so the page, the API and the tests all see the same picture for the sa
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
+from plotly.utils import PlotlyJSONEncoder
 
 from .engine import Trace
 from .merge import PARALLEL_COS
@@ -27,6 +30,30 @@ PASS_COLOR = "rgba(157, 157, 157, 0.35)"
 NEEDLE_COLOR = "#D62728"
 NEEDLE_FILL = "rgba(214, 39, 40, 0.12)"
 ATTENTION_SCALE = "YlOrRd"
+
+# plotly_white's look for the page's figures, without the defaults it carries for every other kind of chart (polar,
+# ternary, 3-D scenes, maps, ...): those are about 6 KB of JSON in each figure, and the page receives its figures on
+# every refresh of a generation.
+_WHITE = pio.templates["plotly_white"]
+PAGE_TEMPLATE = go.layout.Template(
+    layout={key: _WHITE.layout[key] for key in (
+        "autotypenumbers", "colorway", "font", "hovermode", "hoverlabel", "paper_bgcolor", "plot_bgcolor", "xaxis",
+        "yaxis", "title", "annotationdefaults", "shapedefaults", "coloraxis")},
+    data={"bar": _WHITE.data.bar, "scatter": [{"marker": {"colorbar": {"outlinewidth": 0, "ticks": ""}}}],
+          "scattergl": [{"marker": {"colorbar": {"outlinewidth": 0, "ticks": ""}}}]},
+)
+
+
+
+class PageFigure(go.Figure):
+    """A figure for the page. Gradio's Plot sends `figure.to_json()`, which escapes every "/", "<" and ">" as a
+    six-character \\u002f for embedding in HTML, typed arrays' base64 included: a row of int8 -1 is all slashes,
+    seven bytes a character once Gradio quotes the string. The page reads the string with JSON.parse, never as
+    HTML, so it is written here as plain JSON: an 8k-token pairing plot crosses the wire in about 230 KB, not 310."""
+
+    def to_json(self, *args, **kwargs) -> str:
+        return json.dumps(self.to_dict(), cls=PlotlyJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+
 
 # How many prompt tokens the pairing plot shows at first; the range slider and pan reach the rest, so a long
 # prompt stays readable instead of becoming a smear of overlapping labels.
@@ -199,7 +226,7 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
     n = len(tokens)
     stages = len(trace.groups)
     low, high = detail_span(n, start, detail)
-    fig = go.Figure()
+    fig = PageFigure()
     row_names = [f"prompt<br>{n} tokens"]
 
     def in_detail(group) -> bool:
@@ -373,7 +400,7 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
         title += f" → {len(trace.groups[stage])} slots after layer {trace.cutoffs[stage]}"
     fig.update_layout(
         title=dict(text=title, x=0.01, font=dict(size=14)),
-        template="plotly_white", height=260 + 110 * max(stages, 1), margin=dict(l=90, r=30, t=60, b=40),
+        template=PAGE_TEMPLATE, height=260 + 110 * max(stages, 1), margin=dict(l=90, r=30, t=60, b=40),
         dragmode="pan", hovermode="closest", showlegend=needle is not None,
         legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
         # The same plan keeps the reader's pan and zoom when the figure is re-sent with the cosines filled in.
@@ -386,6 +413,15 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
     fig.update_yaxes(tickvals=[-s for s in range(stages + 1)], ticktext=row_names, range=[bottom - 0.1, top + 0.45],
                      fixedrange=True, zeroline=False, showgrid=False)
     return fig
+
+
+def compact_positions(positions: Sequence[float]) -> np.ndarray:
+    """Positions as the smallest typed array that holds them exactly: whole positions (tokens, and slots kept alone
+    at the first cutoff) as 16-bit integers, half as many bytes on the wire as the float32 a pair's mean needs."""
+    values = np.asarray(positions, dtype=np.float64)
+    if values.size and np.all(values == np.round(values)) and 0 <= values.min() and values.max() < 2 ** 16:
+        return values.astype(np.uint16)
+    return values.astype(np.float32)
 
 
 def _overview_slots(fig: go.Figure, stage: int, cutoff: int, y: int, groups, slot_x, is_pair, cosines,
@@ -409,7 +445,7 @@ def _overview_slots(fig: go.Figure, stage: int, cutoff: int, y: int, groups, slo
         else:
             marker["color"] = MERGED_COLOR
         fig.add_trace(go.Scattergl(
-            x=np.array([slot_x[i] for i in chosen], dtype=np.float32), y=np.full(len(chosen), y, dtype=np.int8),
+            x=compact_positions([slot_x[i] for i in chosen]), y=np.full(len(chosen), y, dtype=np.int8),
             mode="markers", marker=marker, name=f"overview: {kind} slots, layer {cutoff}", showlegend=False,
             hovertemplate=hover + "<extra></extra>",
         ))
@@ -437,7 +473,7 @@ def length_figure(merged: Trace, base: Trace | None = None) -> go.Figure:
     cost_title = "Attention cost per layer ∝ length²"
     if merged_lengths:
         cost_title += f" · merged = {sum(merged_cost) / max(sum(base_cost), 1):.0%} of base"
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+    fig = make_subplots(rows=1, cols=2, figure=PageFigure(), horizontal_spacing=0.1,
                         subplot_titles=("Sequence length per layer (prefill)", cost_title))
     if not merged_lengths:
         fig.add_annotation(text="merged lengths: known once the prompt has run", x=0.5, y=1.0, xref="paper",
@@ -457,7 +493,7 @@ def length_figure(merged: Trace, base: Trace | None = None) -> go.Figure:
     fig.update_xaxes(title=dict(text="decoder layer"))
     fig.update_yaxes(title=dict(text="positions"), rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title=dict(text="length² (token pairs)"), rangemode="tozero", row=1, col=2)
-    fig.update_layout(template="plotly_white", height=340, barmode="group", margin=dict(l=60, r=20, t=60, b=50),
+    fig.update_layout(template=PAGE_TEMPLATE, height=340, barmode="group", margin=dict(l=60, r=20, t=60, b=50),
                       legend=dict(orientation="h", y=-0.22))
     return fig
 
@@ -474,7 +510,7 @@ def step_seconds(trace: Trace) -> list[float]:
 
 def latency_figure(base: Trace, merged: Trace) -> go.Figure:
     """Milliseconds per generated token over the generation, both models; token 1 is the prefill (log scale)."""
-    fig = go.Figure()
+    fig = PageFigure()
     for name, trace, color in (("base", base, BASE_COLOR), ("merged", merged, MERGED_COLOR)):
         seconds = step_seconds(trace)
         fig.add_trace(go.Scatter(
@@ -484,7 +520,7 @@ def latency_figure(base: Trace, merged: Trace) -> go.Figure:
         ))
     fig.update_layout(
         title=dict(text="Per-token latency (token 1 includes the prefill)", x=0.01, font=dict(size=14)),
-        template="plotly_white", height=320, margin=dict(l=60, r=20, t=50, b=50),
+        template=PAGE_TEMPLATE, height=320, margin=dict(l=60, r=20, t=50, b=50),
         legend=dict(orientation="h", y=-0.25),
     )
     fig.update_xaxes(title=dict(text="generated token"), rangemode="tozero")
@@ -520,7 +556,7 @@ def kv_comparison(base_bytes: int, merged_bytes: int) -> str:
 
 def kv_figure(base: Trace, merged: Trace) -> go.Figure:
     """Bytes of KV cache each layer holds, both models: layers after a cutoff hold the shorter, merged sequence."""
-    fig = go.Figure()
+    fig = PageFigure()
     for name, trace, color in (("base", base, BASE_COLOR), ("merged", merged, MERGED_COLOR)):
         sizes = trace.kv_bytes_per_layer
         fig.add_trace(go.Bar(x=list(range(len(sizes))), y=[b / 1024 for b in sizes], name=name, marker_color=color,
@@ -534,7 +570,7 @@ def kv_figure(base: Trace, merged: Trace) -> go.Figure:
         why = "recompute mode keeps no KV cache" if "recompute" in (base.mode, merged.mode) else "no tokens yet"
         fig.add_annotation(text=why, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
     fig.update_layout(
-        title=dict(text=title, x=0.01, font=dict(size=14)), template="plotly_white", height=320, barmode="group",
+        title=dict(text=title, x=0.01, font=dict(size=14)), template=PAGE_TEMPLATE, height=320, barmode="group",
         margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.25),
     )
     fig.update_xaxes(title=dict(text="decoder layer"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import plotly.graph_objects as go
 import pytest
@@ -17,10 +18,10 @@ from slerpviz.merge import plan_stages
 LAYERS = 12
 
 
-def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached") -> Trace:
+def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached", ratio=1.0) -> Trace:
     """A trace as the engine's new_trace builds it, from the plan alone."""
     n = len(tokens)
-    stages = plan_stages(n, tuple(cutoffs), keep_start, keep_end)
+    stages = plan_stages(n, tuple(cutoffs), keep_start, keep_end, ratio=ratio)
     seq_len = [n] * LAYERS
     for stage in stages:
         for layer in range(stage.cutoff, LAYERS):
@@ -272,11 +273,21 @@ def test_kv_figure_explains_an_empty_cache():
 
 
 def test_a_long_prompt_pairing_plot_stays_small():
-    """8k tokens, two stages, cosines known: well under 300 KB as it crosses the wire (JSON inside JSON)."""
-    trace = make_trace(words(8192), cutoffs=(4, 8), keep_start=4, keep_end=8)
-    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in plots.slot_parents(trace.groups, s)) for s in range(2)]
+    """8k tokens of prose as the recommended preset draws them (half the pairs at the first cutoff, all at the second;
+    attention colours and pair cosines known): under 300 KB as it crosses the wire (JSON inside JSON)."""
+    prose = [" honeybees", " forage", " nectar", ",", " and", " the", " colony", " stores", " it", " as", " honey", "."]
+    generator = random.Random(0)
+    trace = make_trace([prose[i % len(prose)] for i in range(8192)], cutoffs=(15, 20), keep_start=4, keep_end=8,
+                       ratio=(0.5, 1.0))
+    trace.settings.update(choice="attention", ratio=(0.5, 1.0))
+    trace.attention_scores = [[generator.random() / 8192 for _ in range(8192)]]
+    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in plots.slot_parents(trace.groups, s) if len(p) == 2]
+                          for s in range(2)]
     fig = plots.pairing_figure(trace)
-    assert len(json.dumps(fig.to_json())) < 300_000
+    assert len(json.dumps(fig.to_json(), ensure_ascii=False).encode()) < 300_000
+    # The same figure as plotly writes it, without its HTML escapes: every "/" of a base64 array as \u002f.
+    assert json.loads(fig.to_json()) == json.loads(go.Figure.to_json(fig))
+    assert "\\u002f" not in fig.to_json() and "\\u002f" in go.Figure.to_json(fig)
     overview = [t for t in fig.data if t.name.startswith("overview")]
     assert overview and all(t.type == "scattergl" for t in overview)
     # Every token and slot is still drawn: in full near the start, as overview markers elsewhere.
