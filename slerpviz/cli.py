@@ -16,7 +16,7 @@ from .presets import PRESETS, preset
 DEFAULTS = MergeSettings()
 # The flags that set one merge setting each; given with --preset, each overrides the preset's value.
 MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "method", "positions", "ratio", "choice", "proportional",
-               "attention_window", "attention_keep")
+               "attention_window", "attention_keep", "attention_reach")
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention-keep", type=int, default=None, metavar="K",
                      help="with --choice attention: the K most-attended tokens never merge (0 or more; default "
                           f"{DEFAULTS.attention_keep})")
+    gen.add_argument("--attention-reach", type=int, default=None, metavar="R",
+                     help="with --choice attention: a token ranks with the most attended within R tokens either side "
+                          f"(0 to {inputs.MAX_ATTENTION_REACH}; default {DEFAULTS.attention_reach})")
     gen.add_argument("--proportional", action="store_true", default=None,
                      help="proportional attention: add log(tokens held) to a merged key's attention logit")
     gen.add_argument("--mode", default="cached", help=f"one of: {', '.join(MODES)}")
@@ -109,6 +112,8 @@ def check_arguments(args) -> Sampling:
         inputs.whole(args.attention_window, "attention window", 1)
     if args.attention_keep is not None:
         inputs.whole(args.attention_keep, "attention keep", 0)
+    if args.attention_reach is not None:
+        inputs.whole(args.attention_reach, "attention reach", 0, inputs.MAX_ATTENTION_REACH)
     inputs.one_of(args.mode, "mode", MODES)
     chosen = PRESETS[args.preset] if args.preset is not None else None
     stages = len(args.cutoff) if args.cutoff else len(chosen.depth_shares) if chosen else 1
@@ -159,6 +164,8 @@ def describe(settings: dict) -> str:
             f"{settings['method']} / {settings['positions']}")
     if settings["choice"] == "attention":
         line += f" · attention window {settings['attention_window']}, keep {settings['attention_keep']}"
+        if settings.get("attention_reach"):
+            line += f", reach {settings['attention_reach']}"
     if settings["keep_start"] or settings["keep_end"]:
         line += f" · keep start {settings['keep_start']}, end {settings['keep_end']}"
     return line + (" · proportional attention" if settings["proportional"] else "")

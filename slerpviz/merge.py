@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import inputs
 
@@ -247,6 +248,15 @@ def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int
         pair_score = (1 - cosine_share) * share_ranks(pair_score) + cosine_share * share_ranks(unlike)
     order = torch.sort(pair_score, stable=True).indices[:count]
     return grid[order].sort().values
+
+
+def spread_attention(attention: torch.Tensor, reach: int) -> torch.Tensor:
+    """Each item's attention raised to the largest within `reach` items on either side: a max-pool of width
+    2 * reach + 1, as SnapKV clusters what its window attends to. The words around a token the prompt looks at then
+    rank with it, so a fact stays whole rather than only its most-attended token."""
+    if reach <= 0:
+        return attention
+    return F.max_pool1d(attention.float()[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0]
 
 
 def share_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ PROMPT = "Why is the sky blue? One sentence."
 DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
                 method="slerp", positions="mean", mode="cached", max_new_tokens=6, temperature=0.0, seed=0,
                 ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
-                ratios="")
+                ratios="", attention_reach=0)
 
 
 def inputs(**changes) -> list:
@@ -118,9 +118,10 @@ def test_parse_request_builds_engine_settings():
 
 def test_parse_request_takes_the_attention_settings_and_ratios_per_cutoff():
     request = form.parse_request(*inputs(choice="attention", attention_window=16.0, attention_keep="4",
-                                       more_cutoffs=[20], ratios="0.5; 1"))
+                                       more_cutoffs=[20], ratios="0.5; 1", attention_reach="3"))
     settings = request.settings
     assert (settings.choice, settings.attention_window, settings.attention_keep) == ("attention", 16, 4)
+    assert settings.attention_reach == 3
     assert settings.cutoffs == (15, 20) and settings.ratio == (0.5, 1.0)
     assert form.parse_request(*inputs(ratio=0.25, ratios="")).settings.ratio == 0.25  # empty: the slider's
     assert form.parse_request(*inputs(more_cutoffs=[20], ratios="0.5")).settings.ratio == 0.5  # one: for all
@@ -302,7 +303,7 @@ def test_the_page_says_what_each_preset_is(engine):
     fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
     merge = ["Cutoff layer", "Further cutoffs (optional)", "Keep start", "Keep end", "Method", "Positions",
              "Merge ratio", "Ratio per cutoff (optional)", "Pair choice", "Proportional attention",
-             "Attention window W", "Keep most attended"]
+             "Attention window W", "Keep most attended", "Reach"]
     assert [c.label for c in fns["fill_example"].outputs] == ["Prompt", "Chat template", "Mode", "Max new tokens",
                                                                *merge]
     assert [c.label for c in fns["fill_preset"].outputs] == merge

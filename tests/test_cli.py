@@ -45,9 +45,9 @@ def test_a_preset_supplies_every_merge_setting(run, tiny):
 
 def test_merge_flags_given_with_a_preset_override_that_setting(run, tiny):
     result = run("--preset", "article", "--ratio", "0.5", "--choice", "attention", "--attention-window", "4",
-                 "--attention-keep", "3", "--keep-start", "1")
+                 "--attention-keep", "3", "--attention-reach", "1", "--keep-start", "1")
     expected = dataclasses.replace(presets.preset("article", tiny.num_layers), ratio=0.5, choice="attention",
-                                   attention_window=4, attention_keep=3, keep_start=1)
+                                   attention_window=4, attention_keep=3, attention_reach=1, keep_start=1)
     assert result["plan"]["settings"] == as_json(expected)
     # The flags reached the engine: the 3 most-attended tokens stayed alone.
     scores, groups = result["plan"]["attention_scores"][0], result["plan"]["groups"][0]

@@ -202,6 +202,8 @@ def test_interleave_advances_runs_in_turn_until_both_finish():
         (MergeSettings(cosine_share=float("nan")), Sampling(), r"cosine share must be a number from 0 to 1 \(got na"),
         (MergeSettings(attention_window=0), Sampling(), r"attention window must be a whole number, 1 or more"),
         (MergeSettings(attention_keep=2.5), Sampling(), r"attention keep must be a whole number, 0 or more"),
+        (MergeSettings(attention_reach=-1), Sampling(), r"attention reach must be a whole number from 0 to 256"),
+        (MergeSettings(attention_reach=10**9), Sampling(), r"attention reach must be a whole number from 0 to 256"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(settings, sampling, message):
@@ -345,13 +347,16 @@ ATTENTION_SETTINGS = [
     MergeSettings(cutoffs=(1, 4), ratio=(0.75, 0.5), choice="attention", attention_window=6, attention_keep=3,
                   keep_start=2, keep_end=2, method="lerp", positions="first", proportional=True, cosine_share=0.5),
     MergeSettings(cutoffs=(3,), choice="attention", attention_keep=2, method="slerp-dir", positions="renumber"),
+    MergeSettings(cutoffs=(2, 4), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=4,
+                  attention_reach=3),
     MergeSettings(cutoffs=(0, 3), ratio=0.6, choice="attention", method="seed-2024", attention_window=50,
                   attention_keep=0),
 ]
 
 
 def _label(s):
-    return f"{s.cutoffs}-{s.method}-{s.positions}-W{s.attention_window}-keep{s.attention_keep}-cos{s.cosine_share:g}"
+    return (f"{s.cutoffs}-{s.method}-{s.positions}-W{s.attention_window}-keep{s.attention_keep}-"
+            f"reach{s.attention_reach}-cos{s.cosine_share:g}")
 
 
 @pytest.mark.parametrize("cutoff", [0, 2, N_LAYERS - 1])
@@ -386,6 +391,24 @@ def test_the_most_attended_tokens_are_never_merged():
     alone = MergeSettings(cutoffs=(2,), choice="attention", attention_window=8, attention_keep=0)
     _, unprotected, _ = prefilled(engine, ids, alone)
     assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
+
+
+def test_reach_ranks_by_the_spread_score_and_the_trace_keeps_the_received_one():
+    from slerpviz.merge import choose_pairs, spread_attention
+
+    engine = tiny_engine("llama")
+    ids = random_ids(48, seed=13)
+    settings = MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=8, attention_keep=0,
+                             attention_reach=3)
+    _, layout, _ = prefilled(engine, ids, settings)
+    received = layout.attention[0]
+    plan = layout.stages[0].plan
+    expected = choose_pairs(48, ratio=0.5, choice="attention", attention=spread_attention(received, 3))
+    assert plan.starts[plan.sizes == 2].tolist() == expected.tolist()
+    _, alone, _ = prefilled(engine, ids, MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention",
+                                                       attention_window=8, attention_keep=0))
+    torch.testing.assert_close(alone.attention[0], received)  # what each token received, whatever the reach
+    assert alone.stages[0].groups != layout.stages[0].groups  # the reach changed which pairs merge
 
 
 def _extended(stages, length, n):

@@ -24,7 +24,7 @@ OTHER = "Qwen/Qwen2.5-0.5B-Instruct"  # on the allow-list, never loaded in these
 DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
                 method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0, seed=0,
                 ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
-                ratios="")
+                ratios="", attention_reach=0)
 
 
 def inputs(**changes) -> list:
@@ -266,6 +266,8 @@ MERGE_VALUES = [
     (dict(attention_window=None), r"attention window must be a whole number, 1 or more \(got None\)"),
     (dict(attention_keep=-1), r"attention keep must be a whole number, 0 or more \(got -1\)"),
     (dict(attention_keep="many"), r"attention keep must be a whole number, 0 or more \(got 'many'\)"),
+    (dict(attention_reach=-1), r"attention reach must be a whole number from 0 to 256 \(got -1\)"),
+    (dict(attention_reach="far"), r"attention reach must be a whole number from 0 to 256 \(got 'far'\)"),
     (dict(ratios="0.5, x"), r"ratio per cutoff must be a number from 0 to 1 \(got ' x'\)"),
     (dict(ratios=[1.5]), r"ratio per cutoff must be a number from 0 to 1 \(got 1.5\)"),
     (dict(ratios="0.5, 1"), r"ratio per cutoff: 2 ratios for 1 cutoffs \(15\): give one per cutoff, in layer order"),

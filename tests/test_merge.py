@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from slerpviz.merge import (
     CHOICES, apply_plan, choose_pairs, lerp, merged_length, most_similar_pairs, pair_cosines, plan_from_pairs,
-    plan_merge, plan_stages, share_ranks, slerp, slerp_dir, slot_positions,
+    plan_merge, plan_stages, share_ranks, slerp, slerp_dir, slot_positions, spread_attention,
 )
 
 
@@ -359,6 +359,27 @@ def test_attention_choice_merges_the_least_attended_pairs_and_never_the_most_att
         worst_merged = max(float(attention[list(g)].max()) for g in merged)
         left = [float(attention[list(g)].max()) for g in eligible if g not in merged]
         assert all(worst_merged <= score for score in left)
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(1, 40), reach=st.integers(0, 6), seed=st.integers(0, 10_000))
+def test_reach_ranks_each_item_with_the_most_attended_near_it(length, reach, seed):
+    attention = torch.rand(length, generator=torch.Generator().manual_seed(seed))
+    spread = spread_attention(attention, reach)
+    assert spread.shape == attention.shape
+    for i in range(length):
+        assert spread[i] == attention[max(0, i - reach): i + reach + 1].max()
+
+
+def test_reach_keeps_the_words_around_an_attended_token_together():
+    # One token draws the attention: alone it keeps only its own pair; with reach 2 its neighbours rank with it.
+    attention = torch.full((20,), 0.01)
+    attention[10] = 0.9
+    def pairs(scores):  # 5 of the 9 eligible pairs
+        return choose_pairs(20, ratio=0.6, choice="attention", attention=scores).tolist()
+
+    assert pairs(attention) == [1, 3, 5, 7, 11]  # only (9, 10) holds the attended token
+    assert pairs(spread_attention(attention, 2)) == [1, 3, 5, 13, 15]  # (7, 8) and (11, 12) are within reach
 
 
 def test_cosine_share_mixes_the_pair_ranking_by_rank():

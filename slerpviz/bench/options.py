@@ -124,6 +124,10 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
         p.add_argument("--attention-keep", type=whole(0), default=MergeSettings.attention_keep,
                        help="attention choice: the most-attended tokens that never merge "
                             f"(default {MergeSettings.attention_keep})")
+        p.add_argument("--attention-reach", type=whole(0, inputs.MAX_ATTENTION_REACH),
+                       default=MergeSettings.attention_reach,
+                       help="attention choice: a token ranks with the most attended within this many tokens either "
+                            f"side (default {MergeSettings.attention_reach})")
         p.add_argument("--cosine-share", type=share, default=0.0,
                        help="attention choice: the share of the pair ranking given to how unlike the pair is "
                             "(1 - cosine), from 0 (attention only, the default) to 1")
@@ -207,6 +211,8 @@ def settings_label(setting) -> str:
         parts.append(f"W {fields.get('attention_window', default.attention_window)}")
         if fields.get("attention_keep"):
             parts.append(f"keep top {fields['attention_keep']}")
+        if fields.get("attention_reach"):
+            parts.append(f"reach {fields['attention_reach']}")
         if fields.get("cosine_share"):
             parts.append(f"cosine share {fields['cosine_share']:g}")
     if fields.get("keep_start") or fields.get("keep_end"):
@@ -224,7 +230,7 @@ def merge_fields(args, **overrides) -> dict:
     (all but the cutoffs)."""
     fields = {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
               "attention_window": args.attention_window, "attention_keep": args.attention_keep,
-              "cosine_share": args.cosine_share}
+              "attention_reach": args.attention_reach, "cosine_share": args.cosine_share}
     fields.update({name: getattr(args, name) for name in ("method", "positions") if hasattr(args, name)})
     return {**fields, **overrides}
 
