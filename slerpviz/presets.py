@@ -37,21 +37,22 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "recommended": Preset(
-        description="merge the pairs the last 8 prompt tokens attend to least, never the 32 most attended: half of "
-                    "them at 1/2 of the depth, then all that remain at 2/3 (about 1.35x fewer prefill FLOPs)",
+        description="merge the pairs the last 8 prompt tokens attend to least, never the 32 most attended, each "
+                    "token ranked with the most attended within 7 tokens of it: half of the pairs at 1/2 of the "
+                    "depth, then all that remain at 2/3 (about 1.35x fewer prefill FLOPs)",
         depth_shares=(0.5, 0.67), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
+        attention_reach=7,
     ),
     "fast": Preset(
-        description="toward 1.5x: the same attention choice, half the pairs at 1/2 of the depth, half of the rest "
-                    "at 0.53 and at 0.6, then all at 2/3 (about 1.5x fewer prefill FLOPs; keeps a lone pass key at "
-                    "1,024 tokens, but loses it more often at 512 and with distractors)",
+        description="toward 1.5x: the same attention choice and reach, half the pairs at 1/2 of the depth, half of "
+                    "the rest at 0.53 and at 0.6, then all at 2/3 (about 1.5x fewer prefill FLOPs; keeps most "
+                    "retrieval, but next-token agreement falls to about 0.83)",
         depth_shares=(0.5, 0.53, 0.6, 0.67), ratio=(0.5, 0.5, 0.5, 1.0), choice="attention", attention_window=8,
-        attention_keep=32,
+        attention_keep=32, attention_reach=7,
     ),
     "careful": Preset(
-        description="for prompts holding several similar facts: the recommended shape merged later, half the pairs "
-                    "at 0.6 of the depth and the rest at 0.73 (about 1.25x fewer prefill FLOPs; keeps more of the "
-                    "multi-key retrieval that recommended loses)",
+        description="closest to the base model's next token: the recommended shape merged later, half the pairs "
+                    "at 0.6 of the depth and the rest at 0.73, without the reach (about 1.25x fewer prefill FLOPs)",
         depth_shares=(0.6, 0.73), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
     ),
     "article": Preset(
