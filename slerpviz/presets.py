@@ -46,7 +46,7 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset(
         description="toward 1.5x: the same attention choice and reach, half the pairs at 1/2 of the depth, half of "
                     "the rest at 0.53 and at 0.6, then all at 2/3 (about 1.5x fewer prefill FLOPs; keeps most "
-                    "retrieval, but next-token agreement falls to about 0.83)",
+                    "retrieval, but agreement on the next token falls to about 0.83)",
         depth_shares=(0.5, 0.53, 0.6, 0.67), ratio=(0.5, 0.5, 0.5, 1.0), choice="attention", attention_window=8,
         attention_keep=32, attention_reach=7,
     ),
