@@ -108,12 +108,8 @@ def check_arguments(args) -> Sampling:
         check_positions(args.positions)
     if args.choice is not None:
         check_choice(args.choice)
-    if args.attention_window is not None:
-        inputs.whole(args.attention_window, "attention window", 1)
-    if args.attention_keep is not None:
-        inputs.whole(args.attention_keep, "attention keep", 0)
-    if args.attention_reach is not None:
-        inputs.whole(args.attention_reach, "attention reach", 0, inputs.MAX_ATTENTION_REACH)
+    inputs.attention_budget(*(getattr(DEFAULTS, name) if getattr(args, name) is None else getattr(args, name)
+                              for name in ("attention_window", "attention_keep", "attention_reach")))
     inputs.one_of(args.mode, "mode", MODES)
     chosen = PRESETS[args.preset] if args.preset is not None else None
     stages = len(args.cutoff) if args.cutoff else len(chosen.depth_shares) if chosen else 1

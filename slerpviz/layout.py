@@ -54,9 +54,9 @@ for each cutoff); *pair choice* picks them: the first ones (*consecutive*), spre
 similar neighbours at the cutoff (*similar*), or the pairs the prompt attends to least (*attention*: each token is
 scored by the attention the last *W* prompt tokens pay it at the cutoff layer, the *keep most attended* budget
 never merges, and with a *reach* a token ranks with the most attended within that many tokens either side, so the
-words around what the prompt looks at stay unmerged with it). *similar* and *attention* are planned from the hidden states during the prefill, so their pairing
-plot appears once the prompt has run; with *attention* the prompt tokens are then coloured by the attention they
-received. A prompt holding a pass key ("The pass key is 71152 …") gets it marked in the pairing plot, and the
+words around what the prompt looks at stay unmerged with it). *similar* and *attention* are planned from the hidden
+states during the prefill, so their pairing plot appears once the prompt has run; with *attention* the prompt tokens
+are then coloured by the attention they received. A prompt holding a pass key ("The pass key is 71152 …") gets it marked in the pairing plot, and the
 comparison says whether each side answered it.
 *Proportional attention* raises each merged key's attention logit by log(tokens it holds), so a slot standing for two
 tokens draws about as much attention as the two did.
@@ -248,7 +248,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
             control.change(**preview)
         for control in components(("ratios", "attention_window", "attention_keep", "attention_reach")):
             control.submit(**preview)
-        # The attention window and budget mean something for the `attention` choice only.
+        # The attention window, budget and reach mean something for the `attention` choice only.
         named["choice"].change(lambda chosen: gr.update(visible=chosen == "attention"), [named["choice"]],
                                [attention_controls], api_visibility="private", queue=False, show_progress="hidden")
 

@@ -44,7 +44,6 @@ PAGE_TEMPLATE = go.layout.Template(
 )
 
 
-
 class PageFigure(go.Figure):
     """A figure for the page. Gradio's Plot sends `figure.to_json()`, which escapes every "/", "<" and ">" as a
     six-character \\u002f for embedding in HTML, typed arrays' base64 included: a row of int8 -1 is all slashes,
