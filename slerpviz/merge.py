@@ -192,7 +192,7 @@ def check_ratio(ratio: float) -> None:
 def choose_pairs(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, attention: torch.Tensor | None = None, keep_top: int = 0,
-    cosine_share: float = 0.0,
+    cosine_share: float = 0.0, reach: int = 0,
 ) -> torch.Tensor:
     """First items of the pairs (i, i + 1) to merge, sorted, never overlapping, never protected, first or last.
 
@@ -200,7 +200,8 @@ def choose_pairs(
     them are merged: the first ones (`consecutive`), spread evenly (`uniform`), for `similar` the most similar
     adjacent pairs by `similarity` [length - 1], the cosine of items i and i + 1, at any offset, and for
     `attention` the least-attended eligible pairs by `attention` [length] (see least_attended_pairs; with
-    `cosine_share` > 0 their ranking also weighs how alike the pair is, by `similarity`).
+    `reach` > 0 a pair ranks with the most attended item within reach, with `cosine_share` > 0 its ranking also
+    weighs how alike the pair is, by `similarity`).
     """
     check_spans(length, keep_start, keep_end)
     check_ratio(ratio)
@@ -218,18 +219,22 @@ def choose_pairs(
         if cosine_share > 0 and similarity is None:
             raise ValueError("mixing the cosine into the 'attention' pair choice needs the adjacent similarities")
         return least_attended_pairs(attention, grid, count, keep_top, similarity if cosine_share > 0 else None,
-                                    cosine_share)
+                                    cosine_share, reach)
     if similarity is None:
         raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
     return most_similar_pairs(similarity, lead, end, count)
 
 
 def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int, keep_top: int = 0,
-                         similarity: torch.Tensor | None = None, cosine_share: float = 0.0) -> torch.Tensor:
+                         similarity: torch.Tensor | None = None, cosine_share: float = 0.0,
+                         reach: int = 0) -> torch.Tensor:
     """The `count` pairs of the grid (i, i + 1 for i in grid) whose more-attended member receives the least
     attention; a pair holding one of the `keep_top` most-attended items never merges (so fewer may merge).
 
     A pair is scored by its maximum, not its sum: one token the prompt looks at is reason enough to keep a pair.
+    With `reach` R > 0 the pairs rank by the spread attention (spread_attention), so the items around an attended
+    one stay too, but the `keep_top` items are still the most attended themselves: ranked by the spread score, the
+    budget would go to the R-wide plateaus around the two or three highest peaks instead of to 32 places.
     With `similarity` [length - 1] (the cosine of items i and i + 1) and `cosine_share` s, pairs are ranked by
     (1 - s) * their rank by attention + s * their rank by dissimilarity: ranks, because an attention weight and a
     cosine have no common scale. Ties go to the earlier pair, so the result is deterministic.
@@ -237,7 +242,8 @@ def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int
     scores = attention.detach().float().cpu()
     if grid.numel() == 0 or count <= 0:
         return grid[:0]
-    pair_score = torch.maximum(scores[grid], scores[grid + 1])
+    ranked = spread_attention(scores, reach)
+    pair_score = torch.maximum(ranked[grid], ranked[grid + 1])
     if keep_top > 0:
         kept = torch.zeros(scores.numel(), dtype=torch.bool)
         kept[scores.topk(min(keep_top, scores.numel())).indices] = True
@@ -331,14 +337,15 @@ def plan_from_pairs(
 def plan_merge(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-    attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0,
+    attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0, reach: int = 0,
 ) -> MergePlan:
     """Pair consecutive items, except the protected spans and the first and last item, which stay alone.
 
     By default the whole unprotected middle is cut into consecutive pairs; when it has odd length its last item
     stays alone. `ratio` and `choice` merge only some of the pairs (see choose_pairs).
     """
-    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top, cosine_share)
+    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top, cosine_share,
+                         reach)
     return plan_from_pairs(length, pairs, keep_start, keep_end, weights)
 
 
@@ -391,7 +398,7 @@ class Stage:
 def next_stage(
     first: torch.Tensor, last: torch.Tensor, cutoff: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0,
     choice: str = "consecutive", similarity: torch.Tensor | None = None, size_weighted: bool = True,
-    attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0,
+    attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0, reach: int = 0,
 ) -> Stage:
     """Merge the slots [first, last] of the stage before (or the tokens) once more.
 
@@ -400,7 +407,7 @@ def next_stage(
     """
     weights = (last - first + 1) if size_weighted else None
     plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights, attention, keep_top,
-                      cosine_share)
+                      cosine_share, reach)
     return Stage(cutoff, plan, first[plan.starts], last[plan.starts + plan.sizes - 1])
 
 

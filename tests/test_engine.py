@@ -393,20 +393,20 @@ def test_the_most_attended_tokens_are_never_merged():
     assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
 
 
-def test_reach_ranks_by_the_spread_score_and_the_trace_keeps_the_received_one():
-    from slerpviz.merge import choose_pairs, spread_attention
+def test_reach_reaches_the_plan_and_the_trace_keeps_the_received_attention():
+    from slerpviz.merge import choose_pairs
 
     engine = tiny_engine("llama")
     ids = random_ids(48, seed=13)
-    settings = MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=8, attention_keep=0,
+    settings = MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention", attention_window=8, attention_keep=4,
                              attention_reach=3)
     _, layout, _ = prefilled(engine, ids, settings)
     received = layout.attention[0]
     plan = layout.stages[0].plan
-    expected = choose_pairs(48, ratio=0.5, choice="attention", attention=spread_attention(received, 3))
+    expected = choose_pairs(48, ratio=0.5, choice="attention", attention=received, keep_top=4, reach=3)
     assert plan.starts[plan.sizes == 2].tolist() == expected.tolist()
     _, alone, _ = prefilled(engine, ids, MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention",
-                                                       attention_window=8, attention_keep=0))
+                                                       attention_window=8, attention_keep=4))
     torch.testing.assert_close(alone.attention[0], received)  # what each token received, whatever the reach
     assert alone.stages[0].groups != layout.stages[0].groups  # the reach changed which pairs merge
 

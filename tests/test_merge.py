@@ -375,11 +375,22 @@ def test_reach_keeps_the_words_around_an_attended_token_together():
     # One token draws the attention: alone it keeps only its own pair; with reach 2 its neighbours rank with it.
     attention = torch.full((20,), 0.01)
     attention[10] = 0.9
-    def pairs(scores):  # 5 of the 9 eligible pairs
-        return choose_pairs(20, ratio=0.6, choice="attention", attention=scores).tolist()
+    def pairs(reach):  # 5 of the 9 eligible pairs
+        return choose_pairs(20, ratio=0.6, choice="attention", attention=attention, reach=reach).tolist()
 
-    assert pairs(attention) == [1, 3, 5, 7, 11]  # only (9, 10) holds the attended token
-    assert pairs(spread_attention(attention, 2)) == [1, 3, 5, 13, 15]  # (7, 8) and (11, 12) are within reach
+    assert pairs(0) == [1, 3, 5, 7, 11]  # only (9, 10) holds the attended token
+    assert pairs(2) == [1, 3, 5, 13, 15]  # (7, 8) and (11, 12) are within reach
+    assert pairs(2) == choose_pairs(20, ratio=0.6, choice="attention", attention=spread_attention(attention, 2)).tolist()
+
+
+def test_reach_ranks_the_pairs_but_the_kept_budget_is_the_most_attended_tokens_themselves():
+    # Two peaks. Spread by reach 2, the first covers items 8..12 at 0.9, so a budget of 2 taken from the spread
+    # score would sit on that plateau and leave the second peak free to merge; taken from what each item receives
+    # it keeps both peaks.
+    attention = torch.full((20,), 0.01)
+    attention[10], attention[16] = 0.9, 0.5
+    merged = choose_pairs(20, ratio=1.0, choice="attention", attention=attention, keep_top=2, reach=2).tolist()
+    assert merged == [1, 3, 5, 7, 11, 13, 17]  # every eligible pair but (9, 10) and (15, 16)
 
 
 def test_cosine_share_mixes_the_pair_ranking_by_rank():
