@@ -129,7 +129,8 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
                  (*RECOMMENDED_SHAPE, {"keep_end": 64}), (*RECOMMENDED_SHAPE, {"method": "lerp"})],
     # 7th: at 1.5x (the fast shape) the pass key and the multi-key answer were lost; ranking each token with the most
     # attended within a reach of it (SnapKV's pooling) kept them in a retrieval run (n = 20 per length, README
-    # "Reach"): reach 4 and 7 against none, on both shapes, for top-1 too.
+    # "Reach"): reach 4 and 7 against none, on both shapes, for top-1 too. Run again once the reach ranked only the
+    # pairs and the kept budget went back to the most-attended tokens themselves (README, "The kept budget").
     "reach": [(*FAST_SHAPE, {"attention_reach": 7}),
               FAST_SHAPE, (*FAST_SHAPE, {"attention_reach": 4}), (*FAST_SHAPE, {"attention_reach": 7}),
               RECOMMENDED_SHAPE, (*RECOMMENDED_SHAPE, {"attention_reach": 7})],
