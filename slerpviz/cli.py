@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --choice attention: the K most-attended tokens never merge (0 or more; default "
                           f"{DEFAULTS.attention_keep})")
     gen.add_argument("--attention-reach", type=int, default=None, metavar="R",
-                     help="with --choice attention: a token ranks with the most attended within R tokens either side "
-                          f"(0 to {inputs.MAX_ATTENTION_REACH}; default {DEFAULTS.attention_reach})")
+                     help="with --choice attention: a pair ranks with the most attended token within R tokens "
+                          f"either side (0 to {inputs.MAX_ATTENTION_REACH}; default {DEFAULTS.attention_reach})")
     gen.add_argument("--proportional", action="store_true", default=None,
                      help="proportional attention: add log(tokens held) to a merged key's attention logit")
     gen.add_argument("--mode", default="cached", help=f"one of: {', '.join(MODES)}")

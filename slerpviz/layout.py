@@ -52,12 +52,12 @@ re-merges the whole sequence (the article's semantics, slower).
 **More merge settings.** *Merge ratio* merges only that share of the eligible pairs (*ratio per cutoff* gives one
 for each cutoff); *pair choice* picks them: the first ones (*consecutive*), spread evenly (*uniform*), the most
 similar neighbours at the cutoff (*similar*), or the pairs the prompt attends to least (*attention*: each token is
-scored by the attention the last *W* prompt tokens pay it at the cutoff layer, the *keep most attended* budget
-never merges, and with a *reach* a token ranks with the most attended within that many tokens either side, so the
+scored by the attention the last *W* prompt tokens pay it at the cutoff layer, the *keep most attended* budget never
+merges, and with a *reach* a pair ranks with the most attended token within that many tokens either side, so the
 words around what the prompt looks at stay unmerged with it). *similar* and *attention* are planned from the hidden
 states during the prefill, so their pairing plot appears once the prompt has run; with *attention* the prompt tokens
-are then coloured by the attention they received. A prompt holding a pass key ("The pass key is 71152 …") gets it marked in the pairing plot, and the
-comparison says whether each side answered it.
+are then coloured by the attention they received. A prompt holding a pass key ("The pass key is 71152 …") gets it
+marked in the pairing plot, and the comparison says whether each side answered it.
 *Proportional attention* raises each merged key's attention logit by log(tokens it holds), so a slot standing for two
 tokens draws about as much attention as the two did.
 
@@ -163,7 +163,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                         named["attention_reach"] = gr.Number(
                             value=defaults.attention_reach, precision=0, minimum=0,
                             label="Reach", elem_id="attention-reach",
-                            info="A token ranks with the most attended within this many tokens either side.")
+                            info="A pair ranks with the most attended token within this many tokens either side.")
                     named["proportional"] = gr.Checkbox(
                         value=False, label="Proportional attention",
                         info="Add log(tokens held) to a merged key's attention logit.")

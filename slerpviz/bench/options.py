@@ -126,8 +126,8 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
                             f"(default {MergeSettings.attention_keep})")
         p.add_argument("--attention-reach", type=whole(0, inputs.MAX_ATTENTION_REACH),
                        default=MergeSettings.attention_reach,
-                       help="attention choice: a token ranks with the most attended within this many tokens either "
-                            f"side (default {MergeSettings.attention_reach})")
+                       help="attention choice: a pair ranks with the most attended token within this many tokens "
+                            f"either side (default {MergeSettings.attention_reach})")
         p.add_argument("--cosine-share", type=share, default=0.0,
                        help="attention choice: the share of the pair ranking given to how unlike the pair is "
                             "(1 - cosine), from 0 (attention only, the default) to 1")
