@@ -27,8 +27,10 @@ from .panels import preset_note
 from .presets import PRESETS
 
 QUEUE_SIZE = 64  # bounded: twenty users at once all get a place in line, a flood gets "queue full"
-# The page takes no files; Gradio's upload route exists anyway, so cap what it accepts.
-MAX_FILE_SIZE = "1mb"
+# The page takes no files; Gradio's upload route exists anyway and takes up to 1,000 files a request, so cap each
+# at 1 KB (a request then writes at most about 1 MB) and delete what it wrote after an hour.
+MAX_FILE_SIZE = "1kb"
+UPLOAD_CACHE = (3600, 3600)  # gradio's delete_cache: every hour, delete files older than an hour
 
 INTRO = """
 # slerpviz · token merging with SLERP, live
@@ -96,7 +98,8 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     def components(names) -> list:
         return [named[name] for name in names]
 
-    with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False) as demo:
+    with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False,
+                   delete_cache=UPLOAD_CACHE) as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=3):

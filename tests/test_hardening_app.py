@@ -338,11 +338,20 @@ def test_whole_numbers_sent_as_floats_or_text_are_taken_as_they_are():
 
 
 def test_uploads_are_capped(app_url):
-    big = b"x" * (2 * 2**20)
-    response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("big.bin", big)}, timeout=60)
-    assert response.status_code == 413
+    # The page takes no files: a request of many files writes at most about a kilobyte each.
+    for size in (2 * 2**20, 2048):
+        response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("big.bin", b"x" * size)}, timeout=60)
+        assert response.status_code == 413
     small = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=60)
     assert small.status_code == 200
+
+
+def test_what_uploads_write_is_deleted_after_an_hour():
+    from slerpviz import layout
+    from slerpviz.models import EMBEDDED
+
+    demo = layout.build_app(EMBEDDED, preload=False)
+    assert demo.delete_cache == layout.UPLOAD_CACHE == (3600, 3600)
 
 
 def test_api_outputs_have_names(client):
