@@ -234,7 +234,7 @@ def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int
     A pair is scored by its maximum, not its sum: one token the prompt looks at is reason enough to keep a pair.
     With `reach` R > 0 the pairs rank by the spread attention (spread_attention), so the items around an attended
     one stay too, but the `keep_top` items are still the most attended themselves: ranked by the spread score, the
-    budget would go to the R-wide plateaus around the two or three highest peaks instead of to 32 places.
+    budget would go to the plateaus (2R + 1 wide) around the few highest peaks instead of to `keep_top` places.
     With `similarity` [length - 1] (the cosine of items i and i + 1) and `cosine_share` s, pairs are ranked by
     (1 - s) * their rank by attention + s * their rank by dissimilarity: ranks, because an attention weight and a
     cosine have no common scale. Ties go to the earlier pair, so the result is deterministic.
