@@ -135,8 +135,8 @@ MAX_ATTENTION_REACH = 256
 
 def attention_budget(window, keep, reach=0) -> tuple[int, int, int]:
     """The `attention` pair choice's numbers: the window W (the last W prompt tokens whose attention scores the
-    others, at least 1), the budget of most-attended tokens that never merge (0 or more), and the reach (a token
-    ranks with the most attended within that many tokens either side, 0 to MAX_ATTENTION_REACH)."""
+    others, at least 1), the budget of most-attended tokens that never merge (0 or more), and the reach (a pair
+    ranks with the most attended token within that many tokens either side, 0 to MAX_ATTENTION_REACH)."""
     return (whole(window, "attention window", 1), whole(keep, "attention keep", 0),
             whole(reach, "attention reach", 0, MAX_ATTENTION_REACH))
 
