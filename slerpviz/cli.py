@@ -16,7 +16,7 @@ from .presets import PRESETS, preset
 DEFAULTS = MergeSettings()
 # The flags that set one merge setting each; given with --preset, each overrides the preset's value.
 MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "method", "positions", "ratio", "choice", "proportional",
-               "attention_window", "attention_keep", "attention_reach")
+               "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention-keep", type=int, default=None, metavar="K",
                      help="with --choice attention: the K most-attended tokens never merge (0 or more; default "
                           f"{DEFAULTS.attention_keep})")
+    gen.add_argument("--attention-keep-share", type=float, default=None, metavar="S",
+                     help="with --choice attention: on a long prompt the kept budget grows to this share of its "
+                          f"tokens (0 to 1; default {DEFAULTS.attention_keep_share:g}: the budget stays K)")
     gen.add_argument("--attention-reach", type=int, default=None, metavar="R",
                      help="with --choice attention: a pair ranks with the most attended token within R tokens "
                           f"either side (0 to {inputs.MAX_ATTENTION_REACH}; default {DEFAULTS.attention_reach})")
@@ -109,7 +112,8 @@ def check_arguments(args) -> Sampling:
     if args.choice is not None:
         check_choice(args.choice)
     inputs.attention_budget(*(getattr(DEFAULTS, name) if getattr(args, name) is None else getattr(args, name)
-                              for name in ("attention_window", "attention_keep", "attention_reach")))
+                              for name in ("attention_window", "attention_keep", "attention_reach",
+                                           "attention_keep_share")))
     inputs.one_of(args.mode, "mode", MODES)
     chosen = PRESETS[args.preset] if args.preset is not None else None
     stages = len(args.cutoff) if args.cutoff else len(chosen.depth_shares) if chosen else 1
@@ -160,6 +164,8 @@ def describe(settings: dict) -> str:
             f"{settings['method']} / {settings['positions']}")
     if settings["choice"] == "attention":
         line += f" · attention window {settings['attention_window']}, keep {settings['attention_keep']}"
+        if settings.get("attention_keep_share"):
+            line += f" or {settings['attention_keep_share']:g} of the prompt"
         if settings.get("attention_reach"):
             line += f", reach {settings['attention_reach']}"
     if settings["keep_start"] or settings["keep_end"]:

@@ -54,6 +54,7 @@ class Form:
     attention_keep: Any = MergeSettings.attention_keep
     ratios: Any = ""
     attention_reach: Any = MergeSettings.attention_reach
+    attention_keep_share: Any = MergeSettings.attention_keep_share
 
 
 # The form's fields, in the order the endpoints take them.
@@ -61,7 +62,7 @@ FIELDS = tuple(field.name for field in dataclasses.fields(Form))
 # The fields an example fills in, and those a merge preset fills in, in the order the click handlers return them.
 EXAMPLE_FIELDS = ("prompt", "chat", "mode", "max_new_tokens")
 MERGE_FIELDS = ("cutoff", "more_cutoffs", "keep_start", "keep_end", "method", "positions", "ratio", "ratios", "choice",
-                "proportional", "attention_window", "attention_keep", "attention_reach")
+                "proportional", "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,14 @@ def parse(form: Form) -> Request:
             raise ValueError(f"ratio per cutoff: {len(per_cutoff)} ratios for {len(cutoffs)} cutoffs ("
                              f"{', '.join(map(str, cutoffs))}): give one per cutoff, in layer order, or leave it "
                              "empty") from None
-    window, keep, reach = inputs.attention_budget(form.attention_window, form.attention_keep, form.attention_reach)
+    window, keep, reach, keep_share = inputs.attention_budget(form.attention_window, form.attention_keep,
+                                                              form.attention_reach, form.attention_keep_share)
     settings = MergeSettings(
         cutoffs=cutoffs, keep_start=inputs.whole(form.keep_start, "keep start", 0),
         keep_end=inputs.whole(form.keep_end, "keep end", 0), method=check_method(form.method),
         positions=check_positions(form.positions), ratio=ratio if per_cutoff is None else per_cutoff,
         choice=check_choice(form.choice), proportional=inputs.flag(form.proportional, "proportional attention"),
-        attention_window=window, attention_keep=keep, attention_reach=reach,
+        attention_window=window, attention_keep=keep, attention_reach=reach, attention_keep_share=keep_share,
     )
     mode = inputs.one_of(form.mode, "mode", MODES)  # MergingEngine.validate checks it alike, once there is a model
     # The page's limits are tighter than the engine's (check_sampling), and each is worded for its field.
@@ -137,6 +139,7 @@ def merge_values(settings: MergeSettings, num_layers: int) -> dict:
         ratios="" if uniform else ", ".join(f"{r:g}" for r in ratios), choice=settings.choice,
         proportional=settings.proportional, attention_window=settings.attention_window,
         attention_keep=settings.attention_keep, attention_reach=settings.attention_reach,
+        attention_keep_share=settings.attention_keep_share,
     )
 
 

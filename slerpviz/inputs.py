@@ -133,12 +133,13 @@ def ratios(value, field: str = "ratio per cutoff") -> float | tuple[float, ...] 
 MAX_ATTENTION_REACH = 256
 
 
-def attention_budget(window, keep, reach=0) -> tuple[int, int, int]:
+def attention_budget(window, keep, reach=0, keep_share=0.0) -> tuple[int, int, int, float]:
     """The `attention` pair choice's numbers: the window W (the last W prompt tokens whose attention scores the
-    others, at least 1), the budget of most-attended tokens that never merge (0 or more), and the reach (a pair
-    ranks with the most attended token within that many tokens either side, 0 to MAX_ATTENTION_REACH)."""
+    others, at least 1), the budget of most-attended tokens that never merge (0 or more), the reach (a pair ranks
+    with the most attended token within that many tokens either side, 0 to MAX_ATTENTION_REACH), and the share of
+    the prompt the budget grows to on long prompts (0 to 1)."""
     return (whole(window, "attention window", 1), whole(keep, "attention keep", 0),
-            whole(reach, "attention reach", 0, MAX_ATTENTION_REACH))
+            whole(reach, "attention reach", 0, MAX_ATTENTION_REACH), real(keep_share, "attention keep share", 0, 1))
 
 
 def one_line(error: BaseException) -> str:

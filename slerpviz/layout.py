@@ -163,6 +163,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                             value=defaults.attention_keep, precision=0, minimum=0,
                             label="Keep most attended", elem_id="attention-keep",
                             info="This many of the most-attended tokens never merge.")
+                        named["attention_keep_share"] = gr.Number(
+                            value=defaults.attention_keep_share, minimum=0, maximum=1, step=0.0625,
+                            label="Kept share of a long prompt", elem_id="attention-keep-share",
+                            info="On a long prompt the kept budget grows to this share of its tokens (0: fixed).")
                         named["attention_reach"] = gr.Number(
                             value=defaults.attention_reach, precision=0, minimum=0,
                             label="Reach", elem_id="attention-reach",
@@ -249,7 +253,8 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
             slider.release(**preview)
         for control in components(("more_cutoffs", "chat", "choice")):
             control.change(**preview)
-        for control in components(("ratios", "attention_window", "attention_keep", "attention_reach")):
+        for control in components(("ratios", "attention_window", "attention_keep", "attention_keep_share",
+                                   "attention_reach")):
             control.submit(**preview)
         # The attention window, budget and reach mean something for the `attention` choice only.
         named["choice"].change(lambda chosen: gr.update(visible=chosen == "attention"), [named["choice"]],

@@ -25,6 +25,7 @@ class Preset:
     attention_window: int = MergeSettings.attention_window
     attention_keep: int = MergeSettings.attention_keep
     attention_reach: int = MergeSettings.attention_reach
+    attention_keep_share: float = MergeSettings.attention_keep_share
     keep_start: int = 0
     keep_end: int = 0
 
@@ -32,7 +33,7 @@ class Preset:
         cutoffs = tuple(max(1, min(num_layers, round(share * num_layers))) for share in self.depth_shares)
         return MergeSettings(cutoffs=cutoffs, ratio=self.ratio, choice=self.choice,
                              attention_window=self.attention_window, attention_keep=self.attention_keep,
-                             attention_reach=self.attention_reach,
+                             attention_reach=self.attention_reach, attention_keep_share=self.attention_keep_share,
                              keep_start=self.keep_start, keep_end=self.keep_end)
 
 

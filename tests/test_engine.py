@@ -393,6 +393,26 @@ def test_the_most_attended_tokens_are_never_merged():
     assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
 
 
+def test_the_kept_budget_grows_with_the_prompt_at_every_stage():
+    from slerpviz.merge import choose_pairs
+
+    assert MergeSettings(attention_keep=4, attention_keep_share=0.25).kept_budget(8) == 4  # short: the floor
+    assert MergeSettings(attention_keep=4, attention_keep_share=0.25).kept_budget(48) == 12
+    engine = tiny_engine("llama")
+    ids = random_ids(48, seed=13)
+    settings = MergeSettings(cutoffs=(1, 3), ratio=(0.5, 1.0), choice="attention", attention_window=8,
+                             attention_keep=4, attention_keep_share=0.25)
+    _, layout, _ = prefilled(engine, ids, settings)
+    # At each stage (the second over about 36 slots) twelve, a quarter of the 48 prompt tokens, never merge.
+    for stage, received, ratio in zip(layout.stages, layout.attention, (0.5, 1.0)):
+        plan = stage.plan
+        assert plan.starts[plan.sizes == 2].tolist() == choose_pairs(
+            received.numel(), ratio=ratio, choice="attention", attention=received, keep_top=12).tolist()
+    fixed = MergeSettings(cutoffs=(1, 3), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=4)
+    _, floor_only, _ = prefilled(engine, ids, fixed)
+    assert floor_only.stages[-1].groups != layout.stages[-1].groups  # the share changed what merged
+
+
 def test_reach_reaches_the_plan_and_the_trace_keeps_the_received_attention():
     from slerpviz.merge import choose_pairs
 

@@ -24,7 +24,7 @@ OTHER = "Qwen/Qwen2.5-0.5B-Instruct"  # on the allow-list, never loaded in these
 DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
                 method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0, seed=0,
                 ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
-                ratios="", attention_reach=0)
+                ratios="", attention_reach=0, attention_keep_share=0.0)
 
 
 def inputs(**changes) -> list:
@@ -268,6 +268,8 @@ MERGE_VALUES = [
     (dict(attention_keep="many"), r"attention keep must be a whole number, 0 or more \(got 'many'\)"),
     (dict(attention_reach=-1), r"attention reach must be a whole number from 0 to 256 \(got -1\)"),
     (dict(attention_reach="far"), r"attention reach must be a whole number from 0 to 256 \(got 'far'\)"),
+    (dict(attention_keep_share=1.5), r"attention keep share must be a number from 0 to 1 \(got 1.5\)"),
+    (dict(attention_keep_share="half"), r"attention keep share must be a number from 0 to 1 \(got 'half'\)"),
     (dict(ratios="0.5, x"), r"ratio per cutoff must be a number from 0 to 1 \(got ' x'\)"),
     (dict(ratios=[1.5]), r"ratio per cutoff must be a number from 0 to 1 \(got 1.5\)"),
     (dict(ratios="0.5, 1"), r"ratio per cutoff: 2 ratios for 1 cutoffs \(15\): give one per cutoff, in layer order"),
@@ -289,6 +291,8 @@ def test_the_attention_numbers_arrive_through_the_api_in_their_place(app_url, cl
     assert kind == "error" and re.search(MERGE_VALUES[0][1], payload["error"]), payload
     kind, payload = raw_call(app_url, "plan", inputs(choice="attention", attention_window=4, attention_keep=1))
     assert kind == "complete" and "*attention* choice" in payload[2], payload
+    kind, payload = raw_call(app_url, "plan", inputs(choice="attention", attention_keep_share=1.5))
+    assert kind == "error" and "attention keep share must be" in payload["error"], payload
     # A client-library call written before these inputs existed sends fewer values: the rest take their defaults.
     pairing, lengths, status = client.predict(*inputs(cutoff=10)[:16], api_name="/plan")
     assert "after layer 10" in status

@@ -25,7 +25,7 @@ from .limits import Shape, prefill_flops
 
 FRONTIER_COLUMNS = (
     "cutoffs", "ratio", "choice", "proportional", "method", "positions", "keep_start", "keep_end",
-    "attention_window", "attention_keep", "attention_reach", "cosine_share", "article",
+    "attention_window", "attention_keep", "attention_keep_share", "attention_reach", "cosine_share", "article",
     "prefill_speedup", "prefill_speedup_limit", "achieved_over_limit", "merged_length", "base_prefill_s",
     "merged_prefill_s", "samples", "top1", "top5", "kl_mean", "tokens_to_divergence_mean",
     "passkey_correct", "passkey_n", "passkey_accuracy", "on_front",
@@ -298,7 +298,8 @@ def run_frontier(engine: MergingEngine, texts: list[TokenText], plan: FrontierPl
         "cutoffs": "+".join(map(str, s.cutoffs)), "ratio": s.ratio, "choice": s.choice,
         "proportional": s.proportional, "method": s.method, "positions": s.positions, "keep_start": s.keep_start,
         "keep_end": s.keep_end, "attention_window": s.attention_window, "attention_keep": s.attention_keep,
-        "attention_reach": s.attention_reach, "cosine_share": s.cosine_share, "article": is_article_setting(s),
+        "attention_keep_share": s.attention_keep_share, "attention_reach": s.attention_reach,
+        "cosine_share": s.cosine_share, "article": is_article_setting(s),
         **timing, **quality, **found,
     } for s, timing, quality, found in zip(plan.settings, speed, fidelity, retrieval)]
     keys = (speed_key(rows), "top1", *(("passkey_accuracy",) if base else ()))

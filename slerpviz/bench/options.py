@@ -124,6 +124,9 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
         p.add_argument("--attention-keep", type=whole(0), default=MergeSettings.attention_keep,
                        help="attention choice: the most-attended tokens that never merge "
                             f"(default {MergeSettings.attention_keep})")
+        p.add_argument("--attention-keep-share", type=share, default=MergeSettings.attention_keep_share,
+                       help="attention choice: on a long prompt the kept budget grows to this share of its tokens "
+                            f"(default {MergeSettings.attention_keep_share:g}: the budget stays --attention-keep)")
         p.add_argument("--attention-reach", type=whole(0, inputs.MAX_ATTENTION_REACH),
                        default=MergeSettings.attention_reach,
                        help="attention choice: a pair ranks with the most attended token within this many tokens "
@@ -211,6 +214,8 @@ def settings_label(setting) -> str:
         parts.append(f"W {fields.get('attention_window', default.attention_window)}")
         if fields.get("attention_keep"):
             parts.append(f"keep top {fields['attention_keep']}")
+        if fields.get("attention_keep_share"):
+            parts.append(f"keep share {float(fields['attention_keep_share']):g}")
         if fields.get("attention_reach"):
             parts.append(f"reach {fields['attention_reach']}")
         if fields.get("cosine_share"):
@@ -230,7 +235,8 @@ def merge_fields(args, **overrides) -> dict:
     (all but the cutoffs)."""
     fields = {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
               "attention_window": args.attention_window, "attention_keep": args.attention_keep,
-              "attention_reach": args.attention_reach, "cosine_share": args.cosine_share}
+              "attention_reach": args.attention_reach, "attention_keep_share": args.attention_keep_share,
+              "cosine_share": args.cosine_share}
     fields.update({name: getattr(args, name) for name in ("method", "positions") if hasattr(args, name)})
     return {**fields, **overrides}
 
