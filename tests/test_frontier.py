@@ -134,6 +134,16 @@ def test_reach_grid_sets_the_reach_on_the_recommended_and_fast_shapes():
         assert preset(name, 30) in grid and dataclasses.replace(preset(name, 30), attention_reach=0) in grid
 
 
+def test_share_grid_sets_the_growing_budget_on_the_recommended_and_fast_shapes():
+    from slerpviz.presets import preset
+
+    grid = named_grid("share", 30, quick=False)
+    assert {s.attention_keep_share for s in grid} == {0.0, 1 / 16} and len(set(grid)) == len(grid) == 4
+    for name in ("recommended", "fast"):  # each preset's shape, as it was and with the growing budget
+        fixed = dataclasses.replace(preset(name, 30), attention_keep_share=0.0)
+        assert fixed in grid and dataclasses.replace(fixed, attention_keep_share=1 / 16) in grid
+
+
 def test_presets_grid_judges_every_preset():
     from slerpviz.presets import PRESETS, recommended
 
