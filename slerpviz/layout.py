@@ -55,8 +55,9 @@ re-merges the whole sequence (the article's semantics, slower).
 for each cutoff); *pair choice* picks them: the first ones (*consecutive*), spread evenly (*uniform*), the most
 similar neighbours at the cutoff (*similar*), or the pairs the prompt attends to least (*attention*: each token is
 scored by the attention the last *W* prompt tokens pay it at the cutoff layer, the *keep most attended* budget never
-merges (on a long prompt it grows to the *kept share* of its tokens, when that is more), and with a *reach* a pair ranks with the most attended token within that many tokens either side, so the
-words around what the prompt looks at stay unmerged with it). *similar* and *attention* are planned from the hidden
+merges (on a long prompt it grows to the *kept share* of its tokens, when that is more), and with a *reach* a pair
+ranks with the most attended token within that many tokens either side, so the words around what the prompt looks
+at stay unmerged with it). *similar* and *attention* are planned from the hidden
 states during the prefill, so their pairing plot appears once the prompt has run; with *attention* the prompt tokens
 are then coloured by the attention they received. A prompt holding a pass key ("The pass key is 71152 …") gets it
 marked in the pairing plot, and the comparison says whether each side answered it.
