@@ -20,7 +20,8 @@ SUBCOMMANDS = ("speed", "fidelity", "frontier", "retrieval")
 MODEL_AND_RUN = {"model": None, "shape": None, "device": None, "dtype": None, "seed": 0, "quick": False,
                  "out": Path("bench-out"), "threads": None}
 MERGE = {"cutoffs": None, "ratio": 1.0, "choice": "consecutive", "keep_start": 0, "keep_end": 0}
-ATTENTION = {"attention_window": 8, "attention_keep": 32, "attention_reach": 0, "cosine_share": 0.0}  # MergeSettings' own
+ATTENTION = {"attention_window": 8, "attention_keep": 32, "attention_keep_share": 0.0, "attention_reach": 0,
+             "cosine_share": 0.0}  # MergeSettings' own
 SHARED = {  # what each subcommand takes from the shared parents, with the defaults the README documents
     "speed": {**MODEL_AND_RUN, **MERGE, **ATTENTION, "proportional": "off"},
     "fidelity": {**MODEL_AND_RUN, **MERGE, "proportional": "off", "texts": None},

@@ -158,6 +158,7 @@ def test_the_pass_key_example_fills_the_page_from_the_preset(page):
         page.wait_for_selector("#attention-window input", state="visible")
         assert int(float(page.input_value("#attention-window input"))) == expected.attention_window
         assert int(float(page.input_value("#attention-reach input"))) == expected.attention_reach
+        assert float(page.input_value("#attention-keep-share input")) == expected.attention_keep_share
     page.evaluate("() => window.scrollTo(0, 0)")
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "passkey-example.png"), full_page=True)

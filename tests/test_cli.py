@@ -45,13 +45,17 @@ def test_a_preset_supplies_every_merge_setting(run, tiny):
 
 def test_merge_flags_given_with_a_preset_override_that_setting(run, tiny):
     result = run("--preset", "article", "--ratio", "0.5", "--choice", "attention", "--attention-window", "4",
-                 "--attention-keep", "3", "--attention-reach", "1", "--keep-start", "1")
+                 "--attention-keep", "3", "--attention-keep-share", "0.4", "--attention-reach", "1",
+                 "--keep-start", "1")
     expected = dataclasses.replace(presets.preset("article", tiny.num_layers), ratio=0.5, choice="attention",
-                                   attention_window=4, attention_keep=3, attention_reach=1, keep_start=1)
+                                   attention_window=4, attention_keep=3, attention_keep_share=0.4, attention_reach=1,
+                                   keep_start=1)
     assert result["plan"]["settings"] == as_json(expected)
-    # The flags reached the engine: the 3 most-attended tokens stayed alone.
+    # The flags reached the engine: the most-attended tokens, 0.4 of the prompt (more than 3), stayed alone.
     scores, groups = result["plan"]["attention_scores"][0], result["plan"]["groups"][0]
-    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:3]
+    budget = expected.kept_budget(len(scores))
+    assert budget > 3
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:budget]
     assert all([t] in groups for t in top)
 
 

@@ -38,6 +38,7 @@ def no_model(monkeypatch):
     (["--attention-window", "0"], "attention window must be a whole number, 1 or more (got 0)"),
     (["--attention-keep", "-1"], "attention keep must be a whole number, 0 or more (got -1)"),
     (["--attention-reach", "300"], "attention reach must be a whole number from 0 to 256 (got 300)"),
+    (["--attention-keep-share", "1.5"], "attention keep share must be a number from 0 to 1 (got 1.5)"),
     (["--preset", "fastest"], "unknown preset 'fastest'; choose one of " + ", ".join(PRESETS)),
 ])
 def test_bad_input_is_refused_before_loading(no_model, capsys, args, message):
