@@ -22,7 +22,7 @@ PROMPT = "Why is the sky blue? One sentence."
 DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
                 method="slerp", positions="mean", mode="cached", max_new_tokens=6, temperature=0.0, seed=0,
                 ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
-                ratios="", attention_reach=0)
+                ratios="", attention_reach=0, attention_keep_share=0.0)
 
 
 def inputs(**changes) -> list:
@@ -303,7 +303,7 @@ def test_the_page_says_what_each_preset_is(engine):
     fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
     merge = ["Cutoff layer", "Further cutoffs (optional)", "Keep start", "Keep end", "Method", "Positions",
              "Merge ratio", "Ratio per cutoff (optional)", "Pair choice", "Proportional attention",
-             "Attention window W", "Keep most attended", "Reach"]
+             "Attention window W", "Keep most attended", "Reach", "Kept share of a long prompt"]
     assert [c.label for c in fns["fill_example"].outputs] == ["Prompt", "Chat template", "Mode", "Max new tokens",
                                                                *merge]
     assert [c.label for c in fns["fill_preset"].outputs] == merge

@@ -98,8 +98,9 @@ def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
     from slerpviz.presets import recommended
 
     grid = named_grid("stretch", 30, quick=False)
-    # The passes were run before the reach: the recommended setting as it stood then leads them.
-    assert grid[0] == dataclasses.replace(recommended(30), attention_reach=0) and len(set(grid)) == len(grid)
+    # The passes were run before the reach and the growing budget: the recommended setting as it stood then leads them.
+    then = dataclasses.replace(recommended(30), attention_reach=0, attention_keep_share=0.0)
+    assert grid[0] == then and len(set(grid)) == len(grid)
     # SmolLM2-135M's sizes: the 1.5x the grid aims at is a limit on that model.
     shape = limits.Shape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152)
 
@@ -117,7 +118,7 @@ def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
 def test_variants_grid_turns_one_lever_at_a_time_around_the_recommended_setting():
     from slerpviz.presets import recommended
 
-    then = dataclasses.replace(recommended(30), attention_reach=0)  # the sixth pass came before the reach
+    then = dataclasses.replace(recommended(30), attention_reach=0, attention_keep_share=0.0)  # the sixth pass came first
     grid = named_grid("variants", 30, quick=False)
     assert grid[0] == then and len(set(grid)) == len(grid)
     for setting in grid[1:]:
@@ -130,8 +131,9 @@ def test_reach_grid_sets_the_reach_on_the_recommended_and_fast_shapes():
 
     grid = named_grid("reach", 30, quick=False)
     assert {s.attention_reach for s in grid} == {0, 4, 7} and len(set(grid)) == len(grid)
-    for name in ("recommended", "fast"):  # each preset's shape is there with its reach and without
-        assert preset(name, 30) in grid and dataclasses.replace(preset(name, 30), attention_reach=0) in grid
+    for name in ("recommended", "fast"):  # each preset's shape, as before the growing budget, with its reach and without
+        before = dataclasses.replace(preset(name, 30), attention_keep_share=0.0)
+        assert before in grid and dataclasses.replace(before, attention_reach=0) in grid
 
 
 def test_share_grid_sets_the_growing_budget_on_the_recommended_and_fast_shapes():
@@ -139,9 +141,8 @@ def test_share_grid_sets_the_growing_budget_on_the_recommended_and_fast_shapes()
 
     grid = named_grid("share", 30, quick=False)
     assert {s.attention_keep_share for s in grid} == {0.0, 1 / 16} and len(set(grid)) == len(grid) == 4
-    for name in ("recommended", "fast"):  # each preset's shape, as it was and with the growing budget
-        fixed = dataclasses.replace(preset(name, 30), attention_keep_share=0.0)
-        assert fixed in grid and dataclasses.replace(fixed, attention_keep_share=1 / 16) in grid
+    for name in ("recommended", "fast"):  # each preset as it is, and as it was before the growing budget
+        assert preset(name, 30) in grid and dataclasses.replace(preset(name, 30), attention_keep_share=0.0) in grid
 
 
 def test_presets_grid_judges_every_preset():
