@@ -79,7 +79,8 @@ class MergeSettings:
     attention_keep: int = 32
     # `attention` choice: a kept budget that grows with the prompt, this share of its tokens where that is more than
     # attention_keep (0: the budget is attention_keep alone). A fixed 32 kept the multi-key answer at 512 to 1,024
-    # tokens but lost some at 2,048, where 128 kept them (README, "The kept budget").
+    # tokens but lost some at 2,048, where 128 kept them; 1/16 (32 at 512, 128 at 2,048) is in the recommended and
+    # fast presets (README, "A kept budget that grows with the prompt").
     attention_keep_share: float = 0.0
     # `attention` choice: a pair ranks with the most attended token within this many tokens either side (0: alone);
     # the kept budget stays the most-attended tokens themselves. Measured in the README ("Reach"): 4 to 12 kept
