@@ -118,7 +118,8 @@ def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
 def test_variants_grid_turns_one_lever_at_a_time_around_the_recommended_setting():
     from slerpviz.presets import recommended
 
-    then = dataclasses.replace(recommended(30), attention_reach=0, attention_keep_share=0.0)  # the sixth pass came first
+    # The sixth pass came before the reach and the growing budget.
+    then = dataclasses.replace(recommended(30), attention_reach=0, attention_keep_share=0.0)
     grid = named_grid("variants", 30, quick=False)
     assert grid[0] == then and len(set(grid)) == len(grid)
     for setting in grid[1:]:
@@ -131,7 +132,7 @@ def test_reach_grid_sets_the_reach_on_the_recommended_and_fast_shapes():
 
     grid = named_grid("reach", 30, quick=False)
     assert {s.attention_reach for s in grid} == {0, 4, 7} and len(set(grid)) == len(grid)
-    for name in ("recommended", "fast"):  # each preset's shape, as before the growing budget, with its reach and without
+    for name in ("recommended", "fast"):  # each preset's shape before the growing budget, with its reach and without
         before = dataclasses.replace(preset(name, 30), attention_keep_share=0.0)
         assert before in grid and dataclasses.replace(before, attention_reach=0) in grid
 
