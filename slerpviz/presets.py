@@ -11,7 +11,7 @@ judged on assets/heldout, which no setting was tuned on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .engine import MergeSettings
 
@@ -31,10 +31,9 @@ class Preset:
 
     def settings(self, num_layers: int) -> MergeSettings:
         cutoffs = tuple(max(1, min(num_layers, round(share * num_layers))) for share in self.depth_shares)
-        return MergeSettings(cutoffs=cutoffs, ratio=self.ratio, choice=self.choice,
-                             attention_window=self.attention_window, attention_keep=self.attention_keep,
-                             attention_reach=self.attention_reach, attention_keep_share=self.attention_keep_share,
-                             keep_start=self.keep_start, keep_end=self.keep_end)
+        # Every field but these two is a MergeSettings field of the same name: a new one needs no line here.
+        merge = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("description", "depth_shares")}
+        return MergeSettings(cutoffs=cutoffs, **merge)
 
 
 PRESETS: dict[str, Preset] = {

@@ -23,9 +23,13 @@ from . import options
 from .fidelity import TokenText, base_reference, compare, usable_prefixes
 from .limits import Shape, prefill_flops
 
+# The MergeSettings fields a row holds as they are (the cutoffs are written "15+20").
+SETTING_COLUMNS = (
+    "ratio", "choice", "proportional", "method", "positions", "keep_start", "keep_end",
+    "attention_window", "attention_keep", "attention_keep_share", "attention_reach", "cosine_share",
+)
 FRONTIER_COLUMNS = (
-    "cutoffs", "ratio", "choice", "proportional", "method", "positions", "keep_start", "keep_end",
-    "attention_window", "attention_keep", "attention_keep_share", "attention_reach", "cosine_share", "article",
+    "cutoffs", *SETTING_COLUMNS, "article",
     "prefill_speedup", "prefill_speedup_limit", "achieved_over_limit", "merged_length", "base_prefill_s",
     "merged_prefill_s", "samples", "top1", "top5", "kl_mean", "tokens_to_divergence_mean",
     "passkey_correct", "passkey_n", "passkey_accuracy", "on_front",
@@ -303,12 +307,8 @@ def run_frontier(engine: MergingEngine, texts: list[TokenText], plan: FrontierPl
         found, _ = measure_retrieval(engine, haystack, plan.settings, plan, log)
         base, retrieval = found[0], found[1:]
     rows = [{
-        "cutoffs": "+".join(map(str, s.cutoffs)), "ratio": s.ratio, "choice": s.choice,
-        "proportional": s.proportional, "method": s.method, "positions": s.positions, "keep_start": s.keep_start,
-        "keep_end": s.keep_end, "attention_window": s.attention_window, "attention_keep": s.attention_keep,
-        "attention_keep_share": s.attention_keep_share, "attention_reach": s.attention_reach,
-        "cosine_share": s.cosine_share, "article": is_article_setting(s),
-        **timing, **quality, **found,
+        "cutoffs": "+".join(map(str, s.cutoffs)), **{column: getattr(s, column) for column in SETTING_COLUMNS},
+        "article": is_article_setting(s), **timing, **quality, **found,
     } for s, timing, quality, found in zip(plan.settings, speed, fidelity, retrieval)]
     keys = (speed_key(rows), "top1", *(("passkey_accuracy",) if base else ()))
     for row, on_front in zip(rows, pareto_front(rows, keys)):
