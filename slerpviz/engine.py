@@ -73,18 +73,18 @@ class MergeSettings:
     proportional: bool = False  # add log(tokens held) to a merged key's attention logit
     size_weighted: bool = True  # t follows the tokens each side holds when merged slots merge again
     # `attention` choice: the last W prompt tokens whose attention scores the others, and the most-attended tokens
-    # that never merge. Defaults by measurement (README, "Merge what the prompt is not looking at"): W = 8 kept the
-    # pass key better than 32, and keeping 32 tokens lifted top-1 from 0.81 to 0.94 at 15+20 (n = 72).
+    # that never merge. Defaults by measurement (docs/measurements.md, "Merge what the prompt is not looking at"):
+    # W = 8 kept the pass key better than 32, and keeping 32 tokens lifted top-1 from 0.81 to 0.94 at 15+20 (n = 72).
     attention_window: int = 8
     attention_keep: int = 32
     # `attention` choice: a kept budget that grows with the prompt, this share of its tokens where that is more than
     # attention_keep (0: the budget is attention_keep alone). A fixed 32 kept the multi-key answer at 512 to 1,024
     # tokens but lost some at 2,048, where 128 kept them; 1/16 (32 at 512, 128 at 2,048) is in the recommended and
-    # fast presets (README, "A kept budget that grows with the prompt").
+    # fast presets (docs/measurements.md, "A kept budget that grows with the prompt").
     attention_keep_share: float = 0.0
     # `attention` choice: a pair ranks with the most attended token within this many tokens either side (0: alone);
-    # the kept budget stays the most-attended tokens themselves. Measured in the README ("Reach"): 4 to 12 kept
-    # most of the retrieval that 0 lost at 1.5x, 7 best; the recommended and fast presets use 7.
+    # the kept budget stays the most-attended tokens themselves. Measured in docs/measurements.md ("Reach"): 4 to 12
+    # kept most of the retrieval that 0 lost at 1.5x, 7 best; the recommended and fast presets use 7.
     attention_reach: int = 0
     # `attention` choice: the share of the pair ranking given to how unlike the pair is (1 - cosine); 0 ranks by
     # attention alone (see merge.least_attended_pairs).

@@ -144,7 +144,7 @@ def test_share_grid_sets_the_growing_budget_on_the_recommended_and_fast_shapes()
     assert {s.attention_keep_share for s in grid} == {0.0, 1 / 16} and len(set(grid)) == len(grid) == 4
     for name in ("recommended", "fast"):  # each preset as it is, and as it was before the growing budget
         assert preset(name, 30) in grid and dataclasses.replace(preset(name, 30), attention_keep_share=0.0) in grid
-        # The README's reading: up to 512 tokens the budget is the fixed 32, so short-prompt figures stand.
+        # docs/measurements.md's reading: up to 512 tokens the budget is the fixed 32, so short-prompt figures stand.
         assert [preset(name, 30).kept_budget(n) for n in (64, 512, 1024, 2048)] == [32, 32, 64, 128]
 
 

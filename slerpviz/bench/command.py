@@ -1,7 +1,7 @@
 """python -m slerpviz.bench speed|fidelity|frontier|retrieval [--model NAME | --shape SHAPE] [--quick] [--out DIR] [...]
 
 Writes DIR/<benchmark>.csv, .json and .html and prints a short table. `--quick` is a smoke run sized to finish in
-under three minutes on a 2-core CPU with the embedded model; without it the grid is the README's.
+under three minutes on a 2-core CPU with the embedded model; without it the grid is docs/measurements.md's.
 `python -m slerpviz.bench snapshot REPORT.html PICTURE.png` draws a report as a picture.
 """
 

@@ -65,10 +65,10 @@ def default_grid(num_layers: int, quick: bool, method: str = "slerp", positions:
 
 def attention_grid(num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                    ) -> tuple[MergeSettings, ...]:
-    """The exploration around attention-guided merging, as run for the README: merge a little early and more later
-    (pyramids of cutoffs), the window W, a budget of most-attended tokens kept; the consecutive choice beside the
-    main shapes for comparison. Cutoffs are shares of the depth (on 30 layers: 0.33 ->
-    10, 0.4 -> 12, 0.5 -> 15, 0.67 -> 20, 0.73 -> 22, 0.83 -> 25), so the grid fits any model.
+    """The exploration around attention-guided merging, as run for docs/measurements.md: merge a little early and
+    more later (pyramids of cutoffs), the window W, a budget of most-attended tokens kept; the consecutive choice
+    beside the main shapes for comparison. Cutoffs are shares of the depth (on 30 layers: 0.33 -> 10, 0.4 -> 12,
+    0.5 -> 15, 0.67 -> 20, 0.73 -> 22, 0.83 -> 25), so the grid fits any model.
 
     A first pass (pass key only, n = 20 at 1,024 tokens) chose its shape: merging every pair at half the depth loses
     the key whatever the choice (0-2/20), even keeping the 64 most-attended tokens; merging half of them, the least
@@ -132,15 +132,17 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
                  (*RECOMMENDED_SHAPE, {"positions": "first"}), (*RECOMMENDED_SHAPE, {"keep_end": 16}),
                  (*RECOMMENDED_SHAPE, {"keep_end": 64}), (*RECOMMENDED_SHAPE, {"method": "lerp"})],
     # 7th: at 1.5x (the fast shape) the pass key and the multi-key answer were lost; ranking each token with the most
-    # attended within a reach of it (SnapKV's pooling) kept them in a retrieval run (n = 20 per length, README
-    # "Reach"): reach 4 and 7 against none, on both shapes, for top-1 too. Run again once the reach ranked only the
-    # pairs and the kept budget went back to the most-attended tokens themselves (README, "The kept budget").
+    # attended within a reach of it (SnapKV's pooling) kept them in a retrieval run (n = 20 per length,
+    # docs/measurements.md "Reach"): reach 4 and 7 against none, on both shapes, for top-1 too. Run again once the
+    # reach ranked only the pairs and the kept budget went back to the most-attended tokens themselves
+    # (docs/measurements.md, "The kept budget").
     "reach": [(*FAST_SHAPE, {"attention_reach": 7}),
               FAST_SHAPE, (*FAST_SHAPE, {"attention_reach": 4}), (*FAST_SHAPE, {"attention_reach": 7}),
               RECOMMENDED_SHAPE, (*RECOMMENDED_SHAPE, {"attention_reach": 7})],
     # 8th: with the reach, a fixed budget of 32 kept tokens lost some multi-key answers at 2,048 tokens that 128 kept
-    # (README, "The kept budget"): a budget that grows with the prompt, one token in sixteen (32 at 512, 128 at
-    # 2,048), on both shapes. It changes nothing below 512 tokens, so measure top-1 on prefixes of 1,024 or more.
+    # (docs/measurements.md, "The kept budget"): a budget that grows with the prompt, one token in sixteen (32 at
+    # 512, 128 at 2,048), on both shapes. It changes nothing below 512 tokens, so measure top-1 on prefixes of 1,024
+    # or more.
     "share": [(*RECOMMENDED_SHAPE, {"attention_reach": 7, "attention_keep_share": 1 / 16}),
               (*RECOMMENDED_SHAPE, {"attention_reach": 7}),
               (*RECOMMENDED_SHAPE, {"attention_reach": 7, "attention_keep_share": 1 / 16}),
