@@ -451,6 +451,16 @@ class MergingEngine:
         logits = logits.masked_fill(future, float("-inf"))
         return logits.softmax(-1).mean(dim=(0, 1, 2))
 
+    @torch.inference_mode()
+    def attention_by_layer(self, input_ids: torch.Tensor, window: int) -> torch.Tensor:
+        """[layers, L]: what the `attention` choice would score at a cutoff at each layer of the unmerged prompt
+        [1, L] — row c is `attention_received` at cutoff c — from one plain forward of the model."""
+        hidden = self.model(input_ids.to(self.device), output_hidden_states=True, use_cache=False).hidden_states
+        positions = torch.arange(input_ids.shape[-1])
+        # hidden[c] is what enters layer c: the embeddings, then each layer's output.
+        return torch.stack([self.attention_received(c, hidden[c], positions, window)
+                            for c in range(self.num_layers)]).cpu()
+
     # ---------------------------------------------------------------------------------------------------------------
     # Generation
     # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""python -m slerpviz.bench speed|fidelity|frontier|retrieval [--model NAME | --shape SHAPE] [--quick] [--out DIR] [...]
+"""python -m slerpviz.bench speed|fidelity|frontier|retrieval|locate [--model NAME | --shape SHAPE] [--quick] [...]
 
 Writes DIR/<benchmark>.csv, .json and .html and prints a short table. `--quick` is a smoke run sized to finish in
 under three minutes on a 2-core CPU with the embedded model; without it the grid is docs/measurements.md's.
@@ -24,6 +24,8 @@ from .machine import commit_at_start, machine_info
 from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, interpolation_options,
                       merge_fields, merge_options, model_options, one_of, run_options, share, str_list, subcommand,
                       text_options, torch_threads, whole)
+from .locate import locate_main
+from .locate import parser as locate_parser
 from .retrieval_command import retrieval_main
 from .retrieval_command import parser as retrieval_parser
 from .speed import MODES, REPEAT_COLUMNS, SPEED_COLUMNS, SpeedPlan, run_speed
@@ -113,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     fidelity_parser(commands.add_parser)
     frontier_parser(commands.add_parser).set_defaults(run=lambda args, argv: frontier_main(argv[1:], args))
     retrieval_parser(commands.add_parser).set_defaults(run=lambda args, argv: retrieval_main(argv[1:], args))
+    locate_parser(commands.add_parser).set_defaults(run=lambda args, argv: locate_main(argv[1:], args))
     snapshot_parser(commands.add_parser)
     return p
 

@@ -235,20 +235,31 @@ def merged_share(trace: Trace, start: int, end: int) -> float:
     return sum(token in merged for token in range(start, end)) / (end - start)
 
 
-def check_plan(engine: MergingEngine, plan: RetrievalPlan) -> None:
-    """Refuse what cannot run before running anything: lengths beyond the context, bad settings."""
+def task_list(text: str | None) -> tuple[str, ...]:
+    """"passkey, multikey" -> ("passkey", "multikey"); None -> every task. Checked by check_prompts."""
+    return tuple(t for t in (text or ",".join(TASKS)).replace(" ", "").split(",") if t)
+
+
+def check_prompts(engine: MergingEngine, tasks: tuple[str, ...], lengths: tuple[int, ...],
+                  depths: tuple[float, ...]) -> None:
+    """Refuse prompts that cannot be built or run: unknown tasks, depths outside [0, 1], lengths beyond the context."""
     context = getattr(engine.config, "max_position_embeddings", None)
-    for length in plan.lengths:
+    for length in lengths:
         if context is not None and length + 16 > context:
             raise ValueError(f"length {length} plus the answer does not fit the model's context of {context} tokens")
-    for label, settings in plan.variants:
-        engine.validate(min(plan.lengths), settings, Sampling(max_new_tokens=16))
-    for task in plan.tasks:
+    for task in tasks:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    for depth in plan.depths:
+    for depth in depths:
         if not 0 <= depth <= 1:
             raise ValueError(f"depth {depth!r} must be between 0 and 1")
+
+
+def check_plan(engine: MergingEngine, plan: RetrievalPlan) -> None:
+    """Refuse what cannot run before running anything: the prompts, then every variant's settings."""
+    check_prompts(engine, plan.tasks, plan.lengths, plan.depths)
+    for label, settings in plan.variants:
+        engine.validate(min(plan.lengths), settings, Sampling(max_new_tokens=16))
 
 
 def run_retrieval(engine: MergingEngine, haystack: Haystack, plan: RetrievalPlan, log=print) -> list[dict]:

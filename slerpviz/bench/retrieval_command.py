@@ -23,7 +23,7 @@ from .options import (build_engine, describe_model, float_list, int_list, interp
                       merge_options, model_options, run_options, settings_label, subcommand, text_options,
                       torch_threads, whole)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
-                        summarise)
+                        summarise, task_list)
 from .texts import read_texts
 
 
@@ -66,7 +66,7 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
         from ..presets import preset
 
         variants = [*(preset(name, layers) for name in args.preset), *(variants if args.cutoffs else [])]
-    tasks = tuple(t for t in (args.tasks or ",".join(TASKS)).replace(" ", "").split(",") if t)
+    tasks = task_list(args.tasks)
     return RetrievalPlan(
         tasks=tasks,
         lengths=lengths,
