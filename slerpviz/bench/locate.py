@@ -91,11 +91,14 @@ def rank_figure(summary: list[dict], num_layers: int, key: str, title: str, axis
             x=[r["layer"] for r in cells], y=[r[key] for r in cells], mode="lines+markers",
             name=f"{task}, {length} tokens (n = {cells[0]['n']})",
             hovertemplate=f"{task}, {length} tokens<br>cutoff at layer %{{x}}: %{{y:.3f}}<extra></extra>"))
+    cutting: dict[int, list[str]] = {}  # layer -> the presets with a cutoff there
     for name in PRESETS:
         for cutoff in preset(name, num_layers).cutoffs:
-            fig.add_vline(x=cutoff, line=dict(width=1, dash="dot", color="#999"))
-        fig.add_annotation(x=max(preset(name, num_layers).cutoffs), y=1, yref="paper", text=name, showarrow=False,
-                           textangle=-90, xanchor="left", yanchor="top", font=dict(size=10, color="#666"))
+            cutting.setdefault(cutoff, []).append(name)
+    for cutoff, names in sorted(cutting.items()):
+        fig.add_vline(x=cutoff, line=dict(width=1, dash="dot", color="#999"))
+        fig.add_annotation(x=cutoff, y=1, yref="paper", text=", ".join(names), showarrow=False, textangle=-90,
+                           xanchor="left", yanchor="top", font=dict(size=10, color="#666"))
     fig.update_layout(title=title, template="plotly_white", height=460, xaxis_title="cutoff layer",
                       yaxis_title=axis, legend=dict(orientation="h", y=-0.2))
     return fig
