@@ -100,7 +100,7 @@ def attention_grid(num_layers: int, quick: bool, method: str = "slerp", position
 # entry of each is its --quick grid. What each pass learnt from the one before (n = 72 top-1, n = 20 pass key at
 # 1,024 tokens, tuning texts):
 RECOMMENDED_SHAPE = ((0.5, 0.67), (0.5, 1.0), 32)
-FAST_SHAPE = ((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32)
+FAST_SHAPE = ((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32)  # `fast` until the tenth pass moved its cutoffs
 ATTENTION_PASSES: dict[str, list[tuple]] = {
     # 2nd: keeping the 16 most-attended tokens lifted top-1 at 12+20 (0.764 -> 0.889) and 15+20 kept the pass key
     # (17/20): combine the two, and try a larger budget.
