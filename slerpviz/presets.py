@@ -4,9 +4,10 @@ The app's "Recommended preset", the CLI's `--preset NAME`, the benchmarks' `--pr
 README all read this module. Cutoffs are written as shares of the model's depth, so one preset fits a 30-layer
 SmolLM2 and a 32-layer Mistral alike.
 
-How `recommended` was chosen, and what it keeps, is in docs/measurements.md ("Merge what the prompt is not
-looking at", then "Reach", "The kept budget" and "A kept budget that grows with the prompt"): it was tuned on
-assets/texts only and judged on assets/heldout, which no setting was tuned on.
+How `recommended` and `fast` were chosen, and what they keep, is in docs/measurements.md ("Merge what the prompt
+is not looking at", then "Reach", "The kept budget", "A kept budget that grows with the prompt" and "Where the
+attention choice can see the answer"): tuned on assets/texts only and judged on assets/heldout, which no setting was
+tuned on.
 """
 
 from __future__ import annotations
