@@ -16,7 +16,7 @@ import pytest
 from slerpviz.bench import command, frontier, options, retrieval_command
 
 BENCH = Path(options.__file__).parent
-SUBCOMMANDS = ("speed", "fidelity", "frontier", "retrieval")
+SUBCOMMANDS = ("speed", "fidelity", "frontier", "retrieval", "locate")
 MODEL_AND_RUN = {"model": None, "shape": None, "device": None, "dtype": None, "seed": 0, "quick": False,
                  "out": Path("bench-out"), "threads": None}
 MERGE = {"cutoffs": None, "ratio": 1.0, "choice": "consecutive", "keep_start": 0, "keep_end": 0}
@@ -27,12 +27,14 @@ SHARED = {  # what each subcommand takes from the shared parents, with the defau
     "fidelity": {**MODEL_AND_RUN, **MERGE, "proportional": "off", "texts": None},
     "frontier": {**MODEL_AND_RUN, "texts": None},
     "retrieval": {**MODEL_AND_RUN, **MERGE, **ATTENTION, "texts": None},
+    "locate": {**MODEL_AND_RUN, "attention_window": 8, "texts": None},  # the window, as the attention choice's
 }
 OWN = {  # a few options of each subcommand's own, with their defaults
     "speed": {"preset": None, "lengths": None, "modes": "cached,recompute", "method": "slerp", "positions": "mean"},
     "fidelity": {"prefixes": None, "methods": "slerp,lerp,slerp-dir,seed-2024", "threshold": 0.9},
     "frontier": {"grid": "default", "method": "slerp", "positions": "mean", "speed_length": None, "offsets": None},
     "retrieval": {"preset": [], "tasks": None, "lengths": None, "depths": None, "samples": None},
+    "locate": {"tasks": None, "lengths": None, "depths": None, "samples": None},
 }
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
-from ..engine import MergeSettings, MergingEngine
+from ..engine import MergingEngine
 from ..presets import PRESETS, preset
 from . import report
 from .machine import machine_info
-from .options import (build_engine, describe_model, float_list, int_list, model_options, run_options, subcommand,
-                      text_options, torch_threads, whole)
+from .options import (attention_window_option, build_engine, describe_model, float_list, int_list, model_options,
+                      run_options, subcommand, text_options, torch_threads, whole)
 from .retrieval import TASKS, Haystack, Prompt, build_prompt, check_prompts, task_list
 from .texts import read_texts
 
@@ -154,9 +154,7 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--lengths", help="prompt lengths in tokens (default 1024,2048; --quick 256,512)")
     p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=whole(1), help="prompts per length and depth (default 4: 20 per length)")
-    p.add_argument("--attention-window", type=whole(1), default=MergeSettings.attention_window,
-                   help=f"the last W prompt tokens whose attention scores the others (default "
-                        f"{MergeSettings.attention_window}, as the attention choice)")
+    attention_window_option(p)
     return p
 
 

@@ -118,9 +118,7 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     p.add_argument("--keep-start", type=whole(0), default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=whole(0), default=0, help="protected tokens at the end")
     if attention:
-        p.add_argument("--attention-window", type=whole(1), default=MergeSettings.attention_window,
-                       help="attention choice: the last W prompt tokens whose attention scores the others "
-                            f"(default {MergeSettings.attention_window})")
+        attention_window_option(p)
         p.add_argument("--attention-keep", type=whole(0), default=MergeSettings.attention_keep,
                        help="attention choice: the most-attended tokens that never merge "
                             f"(default {MergeSettings.attention_keep})")
@@ -135,6 +133,13 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
                        help="attention choice: the share of the pair ranking given to how unlike the pair is "
                             "(1 - cosine), from 0 (attention only, the default) to 1")
     return p
+
+
+def attention_window_option(p: argparse.ArgumentParser) -> None:
+    """--attention-window, for merge_options and for `locate`, which scores as the attention choice does."""
+    p.add_argument("--attention-window", type=whole(1), default=MergeSettings.attention_window,
+                   help="attention choice: the last W prompt tokens whose attention scores the others "
+                        f"(default {MergeSettings.attention_window})")
 
 
 def interpolation_options(what: str) -> argparse.ArgumentParser:
