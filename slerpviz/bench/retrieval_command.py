@@ -116,8 +116,10 @@ def heatmaps(summary: list[dict], task: str) -> go.Figure:
         ), row=1, col=col)
         fig.update_xaxes(title_text="prompt length (tokens)", type="category", row=1, col=col)
     fig.update_yaxes(title_text="needle depth (0 = start)", type="category", autorange="reversed", row=1, col=1)
-    fig.update_layout(title=f"{task}: does the answer survive the merge? (accuracy, correct/n per cell)",
-                      template="plotly_white", height=420, margin=dict(t=130),
+    title_lines = max(wrapped(v).count("<br>") + 1 for v in variants)  # the subplot titles stack upward
+    fig.update_layout(title=dict(text=f"{task}: does the answer survive the merge? (accuracy, correct/n per cell)",
+                                 yref="container", y=1, yanchor="top", pad=dict(t=12)),
+                      template="plotly_white", height=340 + 22 * title_lines, margin=dict(t=60 + 22 * title_lines),
                       width=max(520, 300 * len(variants) + 120))
     return fig
 
