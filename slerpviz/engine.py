@@ -266,8 +266,7 @@ class MergingEngine:
         inputs.attention_budget(settings.attention_window, settings.attention_keep, settings.attention_reach,
                                 settings.attention_keep_share)
         inputs.real(settings.cosine_share, "cosine share", 0, 1)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        inputs.one_of(mode, "mode", MODES)
         if sampling is not None:
             check_sampling(sampling)
             context = getattr(self.config, "max_position_embeddings", None)
@@ -285,9 +284,16 @@ class MergingEngine:
         return plan_stages(input_ids.shape[-1], settings.cutoffs, settings.keep_start, settings.keep_end,
                            settings.ratio, settings.choice, settings.size_weighted)
 
-    def new_trace(self, input_ids: torch.Tensor, settings: MergeSettings, mode: str = "cached") -> Trace:
-        """The trace of a run before it starts: the plan (unless it depends on the hidden states) and the shapes."""
-        stages = self.plan(input_ids, settings)
+    def new_trace(self, input_ids: torch.Tensor, settings: MergeSettings, mode: str = "cached",
+                  preview: bool = True) -> Trace:
+        """The trace of a run before it starts: the shapes and, with `preview`, the plan as far as it is known
+        before the prefill (not for `similar` and `attention`, which depend on the hidden states). A run's own trace
+        takes no preview: it records the stages that actually ran, from its session."""
+        if preview:
+            stages = self.plan(input_ids, settings)  # validates
+        else:
+            self.validate(input_ids.shape[-1], settings)
+            stages = None
         trace = Trace(
             tokens=self.token_strings(input_ids), groups=[], protected=[], cutoffs=list(settings.cutoffs),
             seq_len_per_layer=[], num_layers=self.num_layers, mode=mode, settings=asdict(settings),
@@ -341,12 +347,14 @@ class MergingEngine:
 
     def _forward_prompt(
         self, h: torch.Tensor, settings: MergeSettings, cache=None, stages: list[Stage] | None = None,
+        run_layers: bool = True,
     ) -> tuple[torch.Tensor, Layout, list[torch.Tensor]]:
         """The prompt's embeddings h [1, L, d] through every layer, merging at each cutoff (planned there, from the
         hidden states when the choice needs them, unless `stages` replays a plan). Returns the last layer's output,
         one row per final slot (before the final norm), the layout (for new tokens) and each merged pair's cosine.
 
-        The one merging forward: the engine's sessions and the patch on a model's own forward both run it.
+        The one merging forward: the engine's sessions and the patch on a model's own forward both run it; without
+        `run_layers` it does only the merges (`merge_only`, which the speed benchmark times).
         """
         length = h.shape[1]
         cutoffs = settings.cutoffs if stages is None else tuple(stage.cutoff for stage in stages)
@@ -358,7 +366,8 @@ class MergingEngine:
         for index, cutoff in enumerate([*cutoffs, None]):
             end = self.num_layers if cutoff is None else cutoff
             if end > start:
-                h = self._run_layers(h, start, end, positions, cache, log_sizes)
+                if run_layers:
+                    h = self._run_layers(h, start, end, positions, cache, log_sizes)
                 # The last token is always its own slot, so a new token's position follows the last slot's.
                 segments.append(_Segment(start, end, float(positions[-1]) - (length - 1), log_sizes))
                 start = end
@@ -393,6 +402,13 @@ class MergingEngine:
         cache = DynamicCache(config=self.config) if cached else None
         h, layout, cosines = self._forward_prompt(self.decoder.embed_tokens(input_ids), settings, cache, stages)
         return Session(self, cache, layout, cosines, input_ids.shape[-1], self._logits(h))
+
+    @torch.inference_mode()
+    def merge_only(self, h: torch.Tensor, settings: MergeSettings) -> Layout:
+        """Everything a prefill of hidden states h [1, L, d] does at its cutoffs (the attention choice's scoring
+        included) and nothing else: the layers between them are skipped, so h reaches every cutoff as it is."""
+        self.validate(h.shape[1], settings)
+        return self._forward_prompt(h, settings, run_layers=False)[1]
 
     # ---------------------------------------------------------------------------------------------------------------
     # The merge at a cutoff
@@ -548,7 +564,7 @@ class Run:
                  interrupt: threading.Event | None = None):
         self.engine, self.input_ids, self.settings = engine, input_ids, settings
         self.sampling, self.mode, self.interrupt = sampling, mode, interrupt
-        self.trace = engine.new_trace(input_ids, settings, mode)
+        self.trace = engine.new_trace(input_ids, settings, mode, preview=False)  # filled by the prefill's session
         self.session: Session | None = None  # the prompt's session, from the first step on
         self._steps = self._generate()
 

@@ -288,6 +288,33 @@ def test_proportional_attention_works_with_eager_and_sdpa_and_changes_the_result
     assert not torch.allclose(plain, sdpa, atol=1e-4)
 
 
+def test_a_runs_trace_records_the_stages_its_prefill_ran():
+    engine = tiny_engine("llama")
+    ids = random_ids(40, seed=6)
+    settings = MergeSettings(cutoffs=(4, 2), ratio=(1.0, 0.5), keep_start=2, keep_end=3)
+    run = engine.start(ids, settings, Sampling(max_new_tokens=2))
+    assert run.trace.plan_pending and run.trace.groups == []  # a run plans nothing ahead: its prefill plans
+    list(run)
+    assert run.trace.groups == [[list(g) for g in stage.groups] for stage in run.session.stages]
+    assert run.trace.cutoffs == [2, 4] and run.trace.seq_len_per_layer[2] == 40 - 9  # half of 18 eligible pairs
+    preview = engine.new_trace(ids, settings)  # the page's preview, before the prefill
+    assert preview.groups == run.trace.groups and preview.seq_len_per_layer == run.trace.seq_len_per_layer
+
+
+@pytest.mark.parametrize("choice", ["consecutive", "similar", "attention"])
+def test_merge_only_plans_as_the_prefill_does_at_its_cutoff(choice):
+    """What the speed benchmark times as the merge is the prefill's own merge, scoring included."""
+    engine = tiny_engine("qwen2")
+    ids = random_ids(40, seed=7)
+    settings = MergeSettings(cutoffs=(3,), ratio=0.5, choice=choice, attention_window=4, attention_keep=3)
+    session = engine.prefill(ids, settings)
+    with torch.no_grad():
+        entering = engine.model(ids, output_hidden_states=True).hidden_states[3]  # what enters layer 3
+    layout = engine.merge_only(entering, settings)
+    assert [stage.groups for stage in layout.stages] == [stage.groups for stage in session.stages]
+    assert len(layout.stages[0].groups) < 40
+
+
 def test_similar_pairs_are_planned_at_the_cutoff_and_recorded():
     engine = tiny_engine("qwen2")
     ids = random_ids(40, seed=4)

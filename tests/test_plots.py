@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slerpviz import plots
-from slerpviz.engine import Trace
+from slerpviz.engine import Trace, record_plan
 from slerpviz.merge import plan_stages
 
 LAYERS = 12
@@ -20,19 +20,11 @@ LAYERS = 12
 
 def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached", ratio=1.0) -> Trace:
     """A trace as the engine's new_trace builds it, from the plan alone."""
-    n = len(tokens)
-    stages = plan_stages(n, tuple(cutoffs), keep_start, keep_end, ratio=ratio)
-    seq_len = [n] * LAYERS
-    for stage in stages:
-        for layer in range(stage.cutoff, LAYERS):
-            seq_len[layer] = stage.plan.merged_length
-    return Trace(
-        tokens=tokens, groups=[[list(g) for g in stage.groups] for stage in stages],
-        protected=[stage.plan.protected.tolist() for stage in stages], cutoffs=[s.cutoff for s in stages],
-        seq_len_per_layer=seq_len, num_layers=LAYERS, mode=mode,
-        settings=dict(cutoffs=tuple(cutoffs), keep_start=keep_start, keep_end=keep_end, method="slerp",
-                      positions="mean"),
-    )
+    trace = Trace(tokens=tokens, groups=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=LAYERS,
+                  mode=mode, settings=dict(cutoffs=tuple(cutoffs), keep_start=keep_start, keep_end=keep_end,
+                                           method="slerp", positions="mean"))
+    record_plan(trace, plan_stages(len(tokens), tuple(cutoffs), keep_start, keep_end, ratio=ratio))
+    return trace
 
 
 def words(n: int) -> list[str]:

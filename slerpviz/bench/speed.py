@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import PLANNED_AT_CUTOFF, ratio_per_stage
+from ..merge import PLANNED_AT_CUTOFF
 from . import limits
 from .engines import never_stops
 from .machine import PeakMemory
@@ -103,28 +103,17 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
     }
 
 
-def merge_step(engine: MergingEngine, h: torch.Tensor, settings: MergeSettings) -> None:
-    """Everything a prefill does at its cutoffs besides running layers (the attention choice's scoring included),
-    through the engine's own merge."""
-    first = last = torch.arange(h.shape[1])
-    positions, log_sizes = first.float(), None
-    for cutoff, ratio in zip(settings.cutoffs, ratio_per_stage(settings.ratio, len(settings.cutoffs))):
-        merged = engine.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings, ratio)
-        h, first, last = merged.hidden, merged.stage.first, merged.stage.last
-        positions, log_sizes = merged.positions, merged.log_sizes
-
-
 def time_merge(engine: MergingEngine, length: int, settings: MergeSettings, repeats: int) -> float:
     """Seconds the merge itself takes in one prefill, on hidden states of the model's width and dtype (the values
     do not change the work). Median of `repeats`."""
     hidden = torch.randn(1, length, engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
     with torch.inference_mode():
-        merge_step(engine, hidden, settings)  # warm-up
+        engine.merge_only(hidden, settings)  # warm-up
         times = []
         for _ in range(repeats):
             engine.sync()
             began = time.perf_counter()
-            merge_step(engine, hidden, settings)
+            engine.merge_only(hidden, settings)
             engine.sync()
             times.append(time.perf_counter() - began)
     return statistics.median(times)
