@@ -39,7 +39,7 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
     ], add_parser, summary="pass-key and multi-key retrieval: does the answer survive the merge?")
     p.add_argument("--tasks", help=f"comma-separated: {', '.join(TASKS)} (default: both)")
     p.add_argument("--lengths", help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; "
-                                     "--quick 256,512)")
+                                     "--quick 256,384)")
     p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=whole(1), help="prompts per length and depth (default 4: 20 per length)")
     p.add_argument("--preset", action="append", default=[],
@@ -53,7 +53,7 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
     if args.lengths:
         lengths = int_list(args.lengths)
     else:
-        lengths = (256, 512) if args.quick else (512, 1024, 2048, 4096)
+        lengths = (256, 384) if args.quick else (512, 1024, 2048, 4096)
         skipped = [n for n in lengths if context is not None and n + 16 > context]
         if skipped:
             print(f"note: skipping lengths {skipped}: beyond the model's context of {context} tokens", file=sys.stderr)
