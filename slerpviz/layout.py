@@ -274,7 +274,11 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         demo.load(page.on_open, model_inputs, components(ModelControls._fields), api_visibility="private",
                   concurrency_limit=None)
 
-    demo.queue(max_size=int(os.environ.get("SLERPVIZ_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=1)
+    # api_open=False: Gradio's REST routes (/run/..., /api/...) call an event directly, outside the queue and its
+    # concurrency groups, so a model switch or a generation sent there would run beside the one on the device. Closed,
+    # every queued event is reached through the queue only (the page, gradio_client and /call all join it).
+    demo.queue(max_size=int(os.environ.get("SLERPVIZ_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=1,
+               api_open=False)
     return demo
 
 

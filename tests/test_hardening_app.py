@@ -150,6 +150,23 @@ def test_a_raw_request_to_the_model_menu_is_refused(app_url, monkeypatch):
     assert ENGINES.busy_loading is None and ENGINES.name == EMBEDDED
 
 
+def test_no_route_skips_the_queue(app_url, monkeypatch):
+    """Gradio's REST routes (/run/..., /api/...) call an event directly, outside the queue and its concurrency groups:
+    a switch sent there started a load while a generation streamed, and a generation there ran beside another. Every
+    queued event refuses them, so a switch or a generation waits in the device's queue whichever route it comes by."""
+    monkeypatch.setattr(ENGINES, "_switched_at", None)  # the switch would be admitted: only the route may refuse it
+    monkeypatch.setattr(ENGINES, "_fetcher", lambda name, progress: pytest.fail("a load started outside the queue"))
+    switch = page_event(app_url, "model", "input")
+    api = f"{app_url}gradio_api"
+    for route in ("run", "api"):
+        response = httpx.post(f"{api}/{route}/predict", timeout=60, json={
+            "data": [OTHER, 15, []], "fn_index": switch["id"], "session_hash": uuid.uuid4().hex})
+        assert response.status_code == 404 and "join the queue" in response.text, response.text
+        response = httpx.post(f"{api}/{route}/generate", timeout=60, json={"data": inputs()})
+        assert response.status_code == 404 and "join the queue" in response.text, response.text
+    assert ENGINES.busy_loading is None and ENGINES.name == EMBEDDED
+
+
 @pytest.mark.parametrize("callback", ["plan", "generate"])
 def test_plan_and_generate_never_start_a_load(engine, callback):
     holder, calls = recording_holder()
