@@ -189,7 +189,8 @@ class EngineHolder:
     def admit_switch(self, name: str) -> None:
         """Admit a switch the page's model menu asks for, or raise SwitchRefused: `name` must be on the allow-list, no
         other model may be loading, and the last admitted switch must be `switch_interval` seconds old. Asking for
-        the model that is loaded, or loading, starts nothing and is always admitted."""
+        the model that is loaded, or loading, starts nothing and is always admitted; asking again, within the interval,
+        for the model whose load has just failed raises that failure again."""
         check_allowed(name)
         with self._state:
             if self._loading_locked():
@@ -201,6 +202,11 @@ class EngineHolder:
             now = self._clock()
             since = None if self._switched_at is None else now - self._switched_at
             if since is not None and since < self.switch_interval:
+                failed = self._outcome
+                if failed is not None and failed[0] == name and failed[1] is not None:
+                    # The switch asked for again (a second click, another page) is the one that has just failed:
+                    # its reason is the answer, not "try again in N s" for something that would fail again.
+                    raise failed[1]
                 raise SwitchRefused(f"the shared model switches at most once every {self.switch_interval:g} s; try "
                                     f"again in {math.ceil(self.switch_interval - since)} s.")
             self._switched_at = now

@@ -267,10 +267,11 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         # Switching the shared model is the page's own control, not an API: private (no client library reaches it),
         # and in the device's queue, so it waits for running generations and none starts during it. A raw request
         # still reaches it, so the holder admits a switch only to an allowed model, when no other load is under way,
-        # and at most one per interval (EngineHolder.admit_switch).
+        # and at most one per interval (EngineHolder.admit_switch). `select`, not `input`: Gradio's Dropdown sends
+        # `input` when an option is picked and again on the blur that follows, so one pick would switch twice.
         model_inputs = components(("model", "cutoff", "more_cutoffs"))  # load_model(model, cutoff, more_cutoffs)
-        named["model"].input(page.load_model, model_inputs, components(ModelControls._fields),
-                             api_visibility="private", concurrency_id="device", concurrency_limit=1)
+        named["model"].select(page.load_model, model_inputs, components(ModelControls._fields),
+                              api_visibility="private", concurrency_id="device", concurrency_limit=1)
         demo.load(page.on_open, model_inputs, components(ModelControls._fields), api_visibility="private",
                   concurrency_limit=None)
 

@@ -6,10 +6,12 @@ the one the README shows.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -162,3 +164,29 @@ def test_the_pass_key_example_fills_the_page_from_the_preset(page):
     page.evaluate("() => window.scrollTo(0, 0)")
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "passkey-example.png"), full_page=True)
+
+
+def test_one_pick_in_the_model_menu_switches_once_and_says_why_it_failed(page, url, monkeypatch):
+    from slerpviz.holder import ENGINES
+
+    other = "Qwen/Qwen2.5-0.5B-Instruct"
+    monkeypatch.setattr(ENGINES, "_switched_at", None)  # no earlier switch in this process stands in the way
+
+    def unreachable(name, progress):
+        raise OSError(f"the hub is unreachable for {name}")
+
+    monkeypatch.setattr(ENGINES, "_fetcher", unreachable)  # nothing is downloaded, whatever the machine
+    config = httpx.get(f"{url}config", timeout=60).json()
+    (menu,) = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "model"]
+    switch = {d["id"] for d in config["dependencies"] if any(target[0] == menu for target in d["targets"])}
+    joins = []
+    page.on("request", lambda request: joins.append(json.loads(request.post_data)["fn_index"])
+            if "/queue/join" in request.url else None)
+    page.click("#model input")
+    page.get_by_role("option", name=other).click()
+    status_has(page, "Could not load")
+    # Every request the pick made was sent before its answer came back: exactly one switch, and its real reason.
+    assert len([fn for fn in joins if fn in switch]) == 1, joins
+    assert "the hub is unreachable" in page.inner_text("#status")
+    assert "at most once every" not in page.inner_text("#status")
+    assert ENGINES.name != other

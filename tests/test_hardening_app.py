@@ -95,6 +95,31 @@ def test_model_switch_waits_in_the_device_queue(engine):
     assert not plan.preprocess and not generate.preprocess  # the callbacks check raw values themselves
 
 
+def test_one_pick_in_the_model_menu_sends_one_switch(engine):
+    """Gradio's Dropdown sends `input` when an option is picked and again on the blur that follows; `select` comes
+    once per pick. With two requests, the second's "at most once every 30 s" replaced the first's real error."""
+    demo = layout.build_app(EMBEDDED, preload=False)
+    (menu,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model"]
+    switches = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", None) == "load_model"]
+    assert [tuple(target) for fn in switches for target in fn.targets] == [(menu._id, "select")]
+
+
+def test_asking_again_for_a_model_that_just_failed_repeats_why_it_failed():
+    """A second request for a switch that has just failed (another page, a second click) gets that failure again,
+    not "try again in N s" for something that will fail again."""
+    holder, calls = recording_holder(fetch_fail={OTHER})
+    holder.ensure(EMBEDDED)
+    page = callbacks.Page()
+    page.holder = holder
+    first = list(page.load_model(OTHER, 15, []))[-1].status
+    again = list(page.load_model(OTHER, 15, []))[-1].status
+    assert "cannot reach the hub" in first and again == first, (first, again)
+    assert holder.name == EMBEDDED and calls == [EMBEDDED]
+    # Another model within the interval is still refused, with the interval's message.
+    *_, (status, *_) = page.load_model("HuggingFaceTB/SmolLM2-360M-Instruct", 15, [])
+    assert "switches at most once every" in status
+
+
 def test_the_model_menu_admits_one_switch_per_interval():
     now = [1000.0]
     holder, calls = recording_holder()
@@ -142,7 +167,7 @@ def test_a_raw_request_to_the_model_menu_is_refused(app_url, monkeypatch):
     """The menu's event is private, so no client library calls it, but a plain POST to the queue still reaches it:
     there the holder's admission decides, and it starts no load."""
     monkeypatch.setattr(ENGINES, "_switched_at", ENGINES._clock())  # as if the menu had switched a moment ago
-    switch = page_event(app_url, "model", "input")
+    switch = page_event(app_url, "model", "select")
     *_, done = run_event(app_url, uuid.uuid4().hex, switch, [OTHER, 15, []])
     assert done["success"] and "switches at most once every" in done["output"]["data"][0], done
     *_, done = run_event(app_url, uuid.uuid4().hex, switch, ["someone/else", 15, []])
@@ -156,7 +181,7 @@ def test_no_route_skips_the_queue(app_url, monkeypatch):
     queued event refuses them, so a switch or a generation waits in the device's queue whichever route it comes by."""
     monkeypatch.setattr(ENGINES, "_switched_at", None)  # the switch would be admitted: only the route may refuse it
     monkeypatch.setattr(ENGINES, "_fetcher", lambda name, progress: pytest.fail("a load started outside the queue"))
-    switch = page_event(app_url, "model", "input")
+    switch = page_event(app_url, "model", "select")
     api = f"{app_url}gradio_api"
     for route in ("run", "api"):
         response = httpx.post(f"{api}/{route}/predict", timeout=60, json={
