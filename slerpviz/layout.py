@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from . import plots
+from .admission import RefuseUploads
 from .callbacks import ModelControls, Page, PageView, Panels, PlanViews, StoppedPanels
 from .engine import MODES, MergeSettings
 from .form import EXAMPLE_FIELDS, FIELDS, MAX_NEW_TOKENS, MAX_TEMPERATURE, MERGE_FIELDS
@@ -27,10 +29,6 @@ from .panels import preset_note
 from .presets import PRESETS
 
 QUEUE_SIZE = 64  # bounded: twenty users at once all get a place in line, a flood gets "queue full"
-# The page takes no files; Gradio's upload route exists anyway and takes up to 1,000 files a request, so cap each
-# at 1 KB (a request then writes at most about 1 MB) and delete what it wrote after an hour.
-MAX_FILE_SIZE = "1kb"
-UPLOAD_CACHE = (3600, 3600)  # gradio's delete_cache: every hour, delete files older than an hour
 
 INTRO = """
 # slerpviz · token merging with SLERP, live
@@ -99,8 +97,7 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     def components(names) -> list:
         return [named[name] for name in names]
 
-    with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False,
-                   delete_cache=UPLOAD_CACHE) as demo:
+    with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=3):
@@ -284,7 +281,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
 
 
 def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **options):
-    """Launch the page with its theme and styles (gradio 6 takes those at launch)."""
-    options.setdefault("max_file_size", MAX_FILE_SIZE)
+    """Launch the page with its theme and styles (gradio 6 takes those at launch), refusing uploads: the page takes
+    no files, and Gradio's upload route would write whatever it is sent (`admission.RefuseUploads`)."""
+    app_kwargs = dict(options.pop("app_kwargs", None) or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()), Middleware(RefuseUploads)]
+    options["app_kwargs"] = app_kwargs
     return demo.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
                        footer_links=["api"], **options)

@@ -7,6 +7,7 @@ import math
 import re
 import threading
 import uuid
+from pathlib import Path
 
 import gradio as gr
 import httpx
@@ -383,21 +384,17 @@ def test_whole_numbers_sent_as_floats_or_text_are_taken_as_they_are():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_uploads_are_capped(app_url):
-    # The page takes no files: a request of many files writes at most about a kilobyte each.
-    for size in (2 * 2**20, 2048):
-        response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("big.bin", b"x" * size)}, timeout=60)
-        assert response.status_code == 413
-    small = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=60)
-    assert small.status_code == 200
+def test_uploads_are_refused_before_a_byte_is_written(app_url):
+    """The page takes no files, so Gradio's upload route is refused outright: 20 requests of 1,000 files x 1 KB once
+    wrote 162 MB into its upload folder, each file a few kilobytes on disk."""
+    from gradio.utils import get_upload_folder
 
-
-def test_what_uploads_write_is_deleted_after_an_hour():
-    from slerpviz import layout
-    from slerpviz.models import EMBEDDED
-
-    demo = layout.build_app(EMBEDDED, preload=False)
-    assert demo.delete_cache == layout.UPLOAD_CACHE == (3600, 3600)
+    names = [f"slerpviz-upload-{uuid.uuid4().hex}.txt" for _ in range(50)]
+    for route in ("gradio_api/upload", "gradio_api/upload/"):
+        response = httpx.post(f"{app_url}{route}", files=[("files", (name, b"x" * 500)) for name in names], timeout=60)
+        assert response.status_code == 403 and "takes no files" in response.text, (response.status_code, response.text)
+    written = [path.name for path in Path(get_upload_folder()).rglob("slerpviz-upload-*.txt") if path.name in names]
+    assert written == []
 
 
 def test_api_outputs_have_names(client):
