@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 
 import gradio as gr
+from gradio.utils import get_space
 from starlette.middleware import Middleware
 
 from . import plots
-from .admission import RefuseUploads
+from .admission import ClientLimit, RefuseUploads, limit_queue_per_client
 from .callbacks import ModelControls, Page, PageView, Panels, PlanViews, StoppedPanels
 from .engine import MODES, MergeSettings
 from .form import EXAMPLE_FIELDS, FIELDS, MAX_NEW_TOKENS, MAX_TEMPERATURE, MERGE_FIELDS
@@ -277,6 +278,8 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     # every queued event is reached through the queue only (the page, gradio_client and /call all join it).
     demo.queue(max_size=int(os.environ.get("SLERPVIZ_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=1,
                api_open=False)
+    # The queue's bound is for everyone together; each page and each address gets at most a share of it.
+    limit_queue_per_client(demo._queue, ClientLimit.from_environment(on_space=get_space() is not None))
     return demo
 
 

@@ -15,7 +15,7 @@ import pytest
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
-from slerpviz import callbacks, form, layout
+from slerpviz import admission, callbacks, form, layout
 from slerpviz.engine import Sampling
 from slerpviz.holder import ENGINES, EngineHolder, SwitchRefused
 from slerpviz.models import EMBEDDED
@@ -518,6 +518,92 @@ def run_event(app_url: str, session: str, event: dict, data: list) -> list[dict]
                 if message["msg"] == "process_completed":
                     return messages
     raise AssertionError(f"the stream ended before the event did: {messages}")
+
+
+def join_queue(app_url: str, session: str, event: dict, data: list) -> httpx.Response:
+    """Join the queue for one event, as the page does, without reading its stream."""
+    return httpx.post(f"{app_url}gradio_api/queue/join", timeout=60, json={
+        "data": data, "fn_index": event["id"], "session_hash": session, "event_data": None, "trigger_id": None})
+
+
+def read_until_done(app_url: str, session: str, event_ids: list[str]) -> None:
+    """Read a session's stream until each of `event_ids` has completed."""
+    pending = set(event_ids)
+    with httpx.stream("GET", f"{app_url}gradio_api/queue/data", params={"session_hash": session},
+                      timeout=300) as stream:
+        for line in stream.iter_lines():
+            message = json.loads(line.removeprefix("data:")) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                pending.discard(message.get("event_id"))
+                if not pending:
+                    return
+    raise AssertionError(f"the stream ended before these events did: {pending}")
+
+
+def test_one_client_cannot_fill_the_queue(app_url, monkeypatch):
+    """65 raw joins from one process were all accepted in under a second, and every later client waited behind them.
+    Now a page (session) holds at most PER_SESSION waiting jobs and an address PER_ADDRESS, and is told why when it
+    asks for more; a job that ends frees its place."""
+    started, release = threading.Event(), threading.Event()
+
+    def held(request, stop=None):  # the device stays busy with this generation until released
+        started.set()
+        release.wait(120)
+        return
+        yield
+
+    monkeypatch.setattr(callbacks, "generation_steps", held)
+    monkeypatch.setattr(callbacks, "release_memory", lambda: None)  # a full garbage collection per job is slow here
+    config = httpx.get(f"{app_url}config", timeout=60).json()
+    generate = next(d for d in config["dependencies"] if d["api_name"] == "generate")
+    data = [*inputs(), None]
+    joined: dict[str, list[str]] = {}
+
+    def join(session: str) -> httpx.Response:
+        response = join_queue(app_url, session, generate, data)
+        if response.status_code == 200:
+            joined.setdefault(session, []).append(response.json()["event_id"])
+        return response
+
+    try:
+        assert join(uuid.uuid4().hex).status_code == 200
+        assert started.wait(60)  # it runs on the device: every generation joined from now on waits
+        page = uuid.uuid4().hex
+        assert [join(page).status_code for _ in range(admission.PER_SESSION)] == [200] * admission.PER_SESSION
+        refused = join(page)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["detail"] == (f"This page has {admission.PER_SESSION} jobs waiting in the queue already "
+                                            f"(at most {admission.PER_SESSION} a page): wait for one to finish.")
+        # Other pages from this address get in until the address holds its share of the queue, and no further.
+        others = admission.PER_ADDRESS - admission.PER_SESSION
+        assert [join(uuid.uuid4().hex).status_code for _ in range(others)] == [200] * others
+        refused = join(uuid.uuid4().hex)
+        assert refused.status_code == 400 and f"(at most {admission.PER_ADDRESS} an address)" in refused.text
+    finally:
+        release.set()
+        for session, event_ids in joined.items():
+            read_until_done(app_url, session, event_ids)
+    # Their jobs done, the page and the address get in again.
+    again = join(page)
+    assert again.status_code == 200, again.text
+    read_until_done(app_url, page, joined[page][-1:])
+
+
+def test_the_queue_shares_are_set_from_the_environment_and_the_address_share_is_off_on_a_space(monkeypatch):
+    for variable in ("SLERPVIZ_QUEUE_PER_SESSION", "SLERPVIZ_QUEUE_PER_ADDRESS"):
+        monkeypatch.delenv(variable, raising=False)
+    assert admission.ClientLimit.from_environment() == admission.ClientLimit(4, 16)
+    assert admission.ClientLimit.from_environment(on_space=True) == admission.ClientLimit(4, None)
+    monkeypatch.setenv("SLERPVIZ_QUEUE_PER_SESSION", "2")
+    monkeypatch.setenv("SLERPVIZ_QUEUE_PER_ADDRESS", "0")  # 0: no limit
+    limit = admission.ClientLimit.from_environment()
+    assert limit == admission.ClientLimit(2, None)
+    waiting = [("page", "10.0.0.1")] * 2 + [("other", "10.0.0.1")] * 50
+    assert "at most 2 a page" in limit.refusal(waiting, "page", "10.0.0.1")
+    assert limit.refusal(waiting, "new", "10.0.0.1") is None
+    monkeypatch.setenv("SLERPVIZ_QUEUE_PER_ADDRESS", "-1")
+    with pytest.raises(ValueError, match="SLERPVIZ_QUEUE_PER_ADDRESS must be 0"):
+        admission.ClientLimit.from_environment()
 
 
 def holds_figure(value) -> bool:
