@@ -3,9 +3,9 @@
 They only wire. The form's values are checked by `slerpviz.form`, the model work goes through the holder
 (`slerpviz.holder`), the text comes from `slerpviz.panels` and the pictures from `slerpviz.plots`.
 
-Each callback returns a NamedTuple named by its outputs (`Panels`, `PlanViews`, `StoppedPanels`, `ModelControls`).
-The layout gives each event its output components in that tuple's field order, so a value cannot land in the wrong
-component, and API clients, which get the values in that order, see the same outputs as before.
+Each callback returns a NamedTuple named by its outputs (`Panels`, `PlanViews`, `StoppedPanels`, `ModelControls`,
+`OpeningControls`). The layout gives each event its output components in that tuple's field order, so a value cannot
+land in the wrong component, and API clients, which get the values in that order, see the same outputs as before.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from .inputs import whole
 from .models import ALLOWED_MODELS
 
 DEFAULT_LAYERS = 30  # the controls' range before a model is loaded (the embedded model's depth)
+# The page opens on the setting we stand behind, not on the article's (every pair at half the depth), which loses the
+# answer; the preset menu shows the same name.
+OPENING_PRESET = "recommended"
 # Streaming a latency or KV figure costs more than a line of text; refresh them every few tokens and at the end.
 PLOT_EVERY = 8
 
@@ -73,12 +76,16 @@ class StoppedPanels(NamedTuple):
 
 
 class ModelControls(NamedTuple):
-    """What a model switch, or a page opening, updates: the status line, the model menu and the cutoff controls."""
+    """What a model switch updates: the status line, the model menu and the cutoff controls."""
 
     status: Any
     model: Any
     cutoff: Any
     more_cutoffs: Any
+
+
+# What a page opening sets: the status line, the model menu and every merge field (MERGE_FIELDS, the cutoffs first).
+OpeningControls = NamedTuple("OpeningControls", [(name, Any) for name in ("status", "model", *MERGE_FIELDS)])
 
 
 def only(outputs: type[NamedTuple], **shown) -> NamedTuple:
@@ -152,11 +159,16 @@ class Page:
         values = self.examples[index].values(self._num_layers())
         return [values[name] for name in fields]
 
-    def fill_preset(self, name: str = "recommended"):
+    def preset_values(self, name: str = OPENING_PRESET) -> dict:
+        """A preset as the merge fields' values (MERGE_FIELDS, by name), for the loaded model's depth."""
+        layers = self._num_layers()
+        return merge_values(presets.preset(name, layers), layers)
+
+    def fill_preset(self, name: str = OPENING_PRESET):
         """The merge fields (MERGE_FIELDS) set to a preset, for the loaded model's depth; the prompt stays."""
         if name not in presets.PRESETS:  # the dropdown offers only these; a raw request may send anything
             return [gr.skip()] * len(MERGE_FIELDS)
-        values = merge_values(presets.preset(name, self._num_layers()), self._num_layers())
+        values = self.preset_values(name)
         return [values[field] for field in MERGE_FIELDS]
 
     # The model ------------------------------------------------------------------------------------------------------
@@ -199,19 +211,25 @@ class Page:
             return
         yield self._loaded(cutoff, more_cutoffs)
 
-    def on_open(self, model: str, cutoff=None, more_cutoffs=None):
+    def on_open(self, model: str):
         """When a page opens: show the model the device holds, follow a load under way, or (on an empty device only)
-        load the page's model. A page never swaps a loaded model just by opening."""
+        load the page's model. A page never swaps a loaded model just by opening. Once it is loaded, the merge fields
+        are set to the opening preset for its depth (the page was laid out before the model's depth was known)."""
         try:
             if self.holder.name is None and self.holder.busy_loading is None:
                 messages = self.holder.switch(model if model in ALLOWED_MODELS else default_model())
             else:
                 messages = self.holder.following(self.holder.busy_loading or self.holder.name)
             for message in messages:
-                yield only(ModelControls, status=panels.loading_markdown(message))
+                yield only(OpeningControls, status=panels.loading_markdown(message))
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
-        yield self._loaded(cutoff, more_cutoffs)
+        layers = self.holder.engine.num_layers
+        values = self.preset_values(OPENING_PRESET)
+        yield OpeningControls(**{
+            **values, "status": self._ready(), "model": gr.update(value=self.holder.name),
+            "cutoff": gr.update(maximum=layers, value=values["cutoff"]),
+            "more_cutoffs": gr.update(choices=list(range(layers + 1)), value=values["more_cutoffs"])})
 
     # The plan -------------------------------------------------------------------------------------------------------
 

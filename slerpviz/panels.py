@@ -222,7 +222,14 @@ def plan_markdown(trace: Trace) -> str:
 
 
 def preset_note() -> str:
-    """The presets and what each trades (slerpviz.presets): measured speed for kinds of question kept."""
-    lines = [f"- **{name}**: {escape(preset.description)}" for name, preset in presets.PRESETS.items()]
-    return ("**Presets** (`slerpviz.presets`; measured in the README): choose one and press the button to fill in "
-            "its merge settings for the loaded model.\n\n" + "\n".join(lines))
+    """The presets in a line each (slerpviz.presets): what each trades, measured speed for answers kept. The detail
+    is `preset_details`, behind a click: beside the controls the whole of it was a wall of text."""
+    lines = [f"- **{name}**: {escape(preset.summary or preset.description)}"
+             for name, preset in presets.PRESETS.items()]
+    return ("**Presets** (measured in the README): the page opens on `recommended`; choose one and press the button "
+            "to fill in its merge settings for the loaded model.\n\n" + "\n".join(lines))
+
+
+def preset_details() -> str:
+    """What each preset does, in full (slerpviz.presets)."""
+    return "\n".join(f"- **{name}**: {escape(preset.description)}" for name, preset in presets.PRESETS.items())

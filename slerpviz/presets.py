@@ -29,11 +29,13 @@ class Preset:
     attention_keep_share: float = MergeSettings.attention_keep_share
     keep_start: int = 0
     keep_end: int = 0
+    summary: str = ""  # one short line for the page's preset menu; `description` has the detail
 
     def settings(self, num_layers: int) -> MergeSettings:
         cutoffs = tuple(max(1, min(num_layers, round(share * num_layers))) for share in self.depth_shares)
-        # Every field but these two is a MergeSettings field of the same name: a new one needs no line here.
-        merge = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("description", "depth_shares")}
+        # Every field but these three is a MergeSettings field of the same name: a new one needs no line here.
+        merge = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("description", "summary", "depth_shares")}
         return MergeSettings(cutoffs=cutoffs, **merge)
 
 
@@ -46,6 +48,7 @@ PRESETS: dict[str, Preset] = {
                     "text it was not tuned on)",
         depth_shares=(0.5, 0.67), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
         attention_reach=7, attention_keep_share=1 / 16,
+        summary="about 1.35x fewer prefill FLOPs; retrieval within a miss or two of the base",
     ),
     # Its cutoffs sit where the last prompt tokens' attention finds a retrieval needle (python -m slerpviz.bench
     # locate): on SmolLM2 it ranks the needle near the top from layer 14 on, except at layer 16, where an earlier
@@ -56,16 +59,19 @@ PRESETS: dict[str, Preset] = {
                     "chosen where the prompt's attention finds a retrieval answer)",
         depth_shares=(0.47, 0.57, 0.6, 0.67), ratio=(0.5, 0.5, 0.5, 1.0), choice="attention", attention_window=8,
         attention_keep=32, attention_reach=7, attention_keep_share=1 / 16,
+        summary="about 1.5x fewer prefill FLOPs; retrieval within a miss or two of the base",
     ),
     "careful": Preset(
         description="closest to the base model's next token: the recommended shape merged later, half the pairs "
                     "at 0.6 of the depth and the rest at 0.73, with a fixed budget of 32 and without the reach "
                     "(about 1.25x fewer prefill FLOPs)",
         depth_shares=(0.6, 0.73), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
+        summary="about 1.25x fewer prefill FLOPs; closest to the base model's next token",
     ),
     "article": Preset(
         description="the April 2024 article: every consecutive pair at half the depth",
         depth_shares=(0.5,), ratio=1.0, choice="consecutive",
+        summary="every pair at half the depth, as the article did; loses the pass key every time",
     ),
 }
 

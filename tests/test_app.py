@@ -290,8 +290,15 @@ def test_the_pass_key_example_is_raw_text_ending_in_the_question(page):
 def test_the_page_says_what_each_preset_is(engine):
     demo = layout.build_app(EMBEDDED, preload=False)
     config = demo.get_config_file()
-    texts = [c["props"].get("value") for c in config["components"] if c["props"].get("elem_id") == "preset-note"]
-    assert texts and all(preset.description in texts[0] for preset in presets.PRESETS.values())
+    # A short line each beside the controls; what each does in full behind a click.
+    (note,) = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "preset-note"]
+    for name, preset in presets.PRESETS.items():
+        assert preset.summary and "\n" not in preset.summary and len(preset.summary) <= 90, name
+        assert f"**{name}**: {preset.summary}" in note and preset.description not in note
+    (details,) = [c["props"] for c in config["components"] if c["props"].get("elem_id") == "preset-details"]
+    assert details["open"] is False
+    (full,) = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "preset-details-text"]
+    assert all(f"**{name}**: {preset.description}" in full for name, preset in presets.PRESETS.items())
     (menu,) = [c for c in config["components"] if c["props"].get("elem_id") == "preset-name"]
     assert [choice[1] for choice in menu["props"]["choices"]] == list(presets.PRESETS)
     (examples,) = [c for c in config["components"] if c["props"].get("elem_id") == "examples"]
@@ -309,6 +316,31 @@ def test_the_page_says_what_each_preset_is(engine):
     assert [c.label for c in fns["fill_preset"].outputs] == merge
     assert [c.elem_id for c in fns["fill_preset"].inputs] == ["preset-name"]  # the preset menu, nothing else
     assert fns["fill_preset"].api_visibility == "private"
+
+
+def test_the_page_opens_on_the_recommended_preset_for_the_loaded_model(engine):
+    """Not on the article's setting (cutoff 15, every pair merged), which loses the answer every time: the first Run
+    shows the setting the README stands behind, the one the preset menu names."""
+    demo = layout.build_app(EMBEDDED, preload=False)
+    fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
+    shown = {field: control.value for field, control in zip(form.MERGE_FIELDS, fns["fill_preset"].outputs)}
+    expected = presets.recommended(engine.num_layers)
+    assert expected.choice == "attention" and as_request(shown).settings == expected
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert blocks["preset-name"].value == "recommended" and blocks["attention-controls"].visible
+    # The page is laid out before a model's depth is known; opening it, once the model is loaded, sets the preset for
+    # that depth.
+    holder = EngineHolder(lambda name, progress: FakeEngine(name))
+    holder.ensure(EMBEDDED)
+    page = callbacks.Page()
+    page.holder = holder
+    *_, opened = page.on_open(EMBEDDED)
+    assert opened.status.startswith("**Ready**") and opened.cutoff["maximum"] == FakeEngine.num_layers
+    values = {field: getattr(opened, field) for field in form.MERGE_FIELDS}
+    values["cutoff"], values["more_cutoffs"] = values["cutoff"]["value"], values["more_cutoffs"]["value"]
+    assert as_request(values).settings == presets.recommended(FakeEngine.num_layers)
+    merge = [c.label for c in fns["fill_preset"].outputs]
+    assert [c.label for c in fns["on_open"].outputs] == ["Status", "Model", *merge]  # in OpeningControls' order
 
 
 SHORT_PASSKEY = ("There is a pass key hidden in this text. Remember it.\n\nThe grass is green. The sky is blue.\n\n"

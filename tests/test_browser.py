@@ -72,12 +72,14 @@ def test_run_fills_both_panels_and_draws_the_plots(page):
     set_number(page, "max-new-tokens", 40)
     page.click("#run")
 
-    # The pairing plot comes from the plan, before the generation has finished.
+    # The pairing plot comes from the plan, before the generation has finished: on the page's opening preset
+    # (recommended, the attention choice) a placeholder until the prompt has run, then the pairs with the spans.
     page.wait_for_selector("#pairing-plot .js-plotly-plot .main-svg")
     assert "Done" not in page.inner_text("#status")
-    assert "protected: keep_start = 4" in page.inner_text("#pairing-plot")
 
     status_has(page, "Done")
+    page.wait_for_function(
+        "() => document.querySelector('#pairing-plot')?.innerText.includes('protected: keep_start = 4')")
     base, merged = page.input_value("#base-text textarea"), page.input_value("#merged-text textarea")
     assert base.strip() and merged.strip()
     assert "after layer 12" in page.inner_text("#merged-stats")
@@ -121,6 +123,20 @@ def test_a_fresh_page_greets_instead_of_complaining(page):
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('Type a prompt')",
                            timeout=60_000)
     assert "Cannot plan" not in page.inner_text("#status")
+
+
+def test_the_page_opens_on_the_recommended_preset_with_its_detail_behind_a_click(page):
+    from slerpviz import presets
+
+    expected = presets.recommended(30)  # the embedded model's depth
+    assert int(float(page.input_value("#cutoff input[type=number]"))) == expected.cutoffs[0]
+    page.get_by_text("More merge settings").click()
+    assert page.locator("#choice input:checked").get_attribute("value") == expected.choice
+    page.wait_for_selector("#attention-window input", state="visible")
+    detail = presets.PRESETS["recommended"].description[:60]
+    assert not page.get_by_text(detail).is_visible()
+    page.get_by_text("What each preset does").click()
+    page.get_by_text(detail).wait_for(state="visible")
 
 
 def test_slider_labels_are_whole(page):
