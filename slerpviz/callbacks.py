@@ -213,22 +213,31 @@ class Page:
 
     def on_open(self, model: str):
         """When a page opens: show the model the device holds, follow a load under way, or (on an empty device only)
-        load the page's model. A page never swaps a loaded model just by opening. Once it is loaded, the merge fields
-        are set to the opening preset for its depth (the page was laid out before the model's depth was known)."""
+        load the page's model. A page never swaps a loaded model just by opening.
+
+        The merge fields open on the opening preset: in the first message, for the depth known then, and again for
+        the loaded model's depth once it is ready. (The controls' own initial values are the API's defaults, which
+        stay as older calls know them.)"""
         try:
             if self.holder.name is None and self.holder.busy_loading is None:
                 messages = self.holder.switch(model if model in ALLOWED_MODELS else default_model())
             else:
                 messages = self.holder.following(self.holder.busy_loading or self.holder.name)
+            opening = self._opening()
             for message in messages:
-                yield only(OpeningControls, status=panels.loading_markdown(message))
+                yield opening._replace(status=panels.loading_markdown(message))
+                opening = only(OpeningControls)  # sent once: later progress lines carry the status only
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
-        layers = self.holder.engine.num_layers
+        yield self._opening()._replace(status=self._ready(), model=gr.update(value=self.holder.name))
+
+    def _opening(self) -> OpeningControls:
+        """The merge fields at the opening preset, the cutoff controls fitted to the depth; status and model as they
+        are."""
+        layers = self._num_layers()
         values = self.preset_values(OPENING_PRESET)
-        yield OpeningControls(**{
-            **values, "status": self._ready(), "model": gr.update(value=self.holder.name),
-            "cutoff": gr.update(maximum=layers, value=values["cutoff"]),
+        return only(OpeningControls, **{
+            **values, "cutoff": gr.update(maximum=layers, value=values["cutoff"]),
             "more_cutoffs": gr.update(choices=list(range(layers + 1)), value=values["more_cutoffs"])})
 
     # The plan -------------------------------------------------------------------------------------------------------

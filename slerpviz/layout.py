@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from . import plots
 from .admission import ClientLimit, RefuseUploads, limit_queue_per_client
 from .callbacks import OPENING_PRESET, ModelControls, OpeningControls, Page, PageView, Panels, PlanViews, StoppedPanels
-from .engine import MODES
+from .engine import MODES, MergeSettings
 from .form import EXAMPLE_FIELDS, FIELDS, MAX_NEW_TOKENS, MAX_TEMPERATURE, MERGE_FIELDS
 from .holder import ENGINES, default_model, on_zero_gpu
 from .merge import CHOICES, METHODS, POSITION_MODES
@@ -91,9 +91,10 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         ENGINES.preload(model)
     page = Page()
     layers = page._num_layers()
-    # The merge fields open on the opening preset (recommended) for the depth known now; once the model is loaded,
-    # the page's opening (Page.on_open) sets them again for its depth.
-    opening = page.preset_values(OPENING_PRESET)
+    # The controls' initial values are also the API's defaults (gradio_client fills in what a call leaves out with
+    # them), so they stay the plain settings older calls were written against. The page itself opens on the
+    # recommended preset for the loaded model: Page.on_open sets it as the page opens.
+    defaults = MergeSettings()
     # Every component an event names, by the name the form's fields and the callbacks' output tuples give it.
     named: dict[str, gr.components.Component] = {}
 
@@ -122,23 +123,21 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                 examples_place = gr.Column()  # filled below, once the controls the examples set exist
             with gr.Column(scale=2):
                 named["cutoff"] = gr.Slider(
-                    0, layers, value=opening["cutoff"], step=1, precision=0, label="Cutoff layer", elem_id="cutoff",
+                    0, layers, value=min(15, layers), step=1, precision=0, label="Cutoff layer", elem_id="cutoff",
                     info="Merge before this decoder layer (0 = at the embeddings).")
                 named["more_cutoffs"] = gr.Dropdown(
-                    list(range(layers + 1)), value=opening["more_cutoffs"], multiselect=True,
+                    list(range(layers + 1)), value=[], multiselect=True,
                     allow_custom_value=True,  # the engine checks the range, per model
                     label="Further cutoffs (optional)",
                     info="Merge again at these layers: each stage halves the sequence.")
                 with gr.Row():
-                    named["keep_start"] = gr.Slider(0, 2048, value=opening["keep_start"], step=1, precision=0,
-                                                    label="Keep start",
+                    named["keep_start"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep start",
                                                     info="Protected tokens at the start.", elem_id="keep-start")
-                    named["keep_end"] = gr.Slider(0, 2048, value=opening["keep_end"], step=1, precision=0,
-                                                  label="Keep end",
+                    named["keep_end"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep end",
                                                   info="Protected tokens at the end.", elem_id="keep-end")
                 with gr.Row():
-                    named["method"] = gr.Radio(list(METHODS), value=opening["method"], label="Method")
-                    named["positions"] = gr.Radio(list(POSITION_MODES), value=opening["positions"], label="Positions")
+                    named["method"] = gr.Radio(list(METHODS), value="slerp", label="Method")
+                    named["positions"] = gr.Radio(list(POSITION_MODES), value="mean", label="Positions")
                 named["mode"] = gr.Radio(list(MODES), value="cached", label="Mode")
                 with gr.Group():
                     gr.Markdown(preset_note(), elem_id="preset-note", padding=True)
@@ -151,37 +150,34 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
                         gr.Markdown(preset_details(), elem_id="preset-details-text")
                 with gr.Accordion("More merge settings: ratio, pair choice, attention, proportional attention",
                                   open=False):
-                    named["ratio"] = gr.Slider(0.0, 1.0, value=opening["ratio"], step=0.05, label="Merge ratio",
-                                               elem_id="ratio",
+                    named["ratio"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Merge ratio", elem_id="ratio",
                                                info="Share of the eligible pairs merged at each cutoff (1 = all).")
-                    named["ratios"] = gr.Textbox(value=opening["ratios"], label="Ratio per cutoff (optional)",
-                                                 elem_id="ratios",
+                    named["ratios"] = gr.Textbox(value="", label="Ratio per cutoff (optional)", elem_id="ratios",
                                                  placeholder="e.g. 0.5, 1",
                                                  info="One ratio per cutoff, in layer order; overrides the slider.")
                     named["choice"] = gr.Radio(
-                        list(CHOICES), value=opening["choice"], label="Pair choice", elem_id="choice",
+                        list(CHOICES), value="consecutive", label="Pair choice", elem_id="choice",
                         info="Which pairs, when the ratio is below 1: the first ones, spread evenly, the most similar "
                              "at the cutoff, or the least attended there.")
-                    with gr.Row(visible=opening["choice"] == "attention",
-                                elem_id="attention-controls") as attention_controls:
+                    with gr.Row(visible=False, elem_id="attention-controls") as attention_controls:
                         named["attention_window"] = gr.Number(
-                            value=opening["attention_window"], precision=0, minimum=1,
+                            value=defaults.attention_window, precision=0, minimum=1,
                             label="Attention window W", elem_id="attention-window",
                             info="Tokens are scored by the attention the last W prompt tokens pay them at the cutoff.")
                         named["attention_keep"] = gr.Number(
-                            value=opening["attention_keep"], precision=0, minimum=0,
+                            value=defaults.attention_keep, precision=0, minimum=0,
                             label="Keep most attended", elem_id="attention-keep",
                             info="This many of the most-attended tokens never merge.")
                         named["attention_keep_share"] = gr.Number(
-                            value=opening["attention_keep_share"], minimum=0, maximum=1, step=0.0625,
+                            value=defaults.attention_keep_share, minimum=0, maximum=1, step=0.0625,
                             label="Kept share of a long prompt", elem_id="attention-keep-share",
                             info="On a long prompt the kept budget grows to this share of its tokens (0: fixed).")
                         named["attention_reach"] = gr.Number(
-                            value=opening["attention_reach"], precision=0, minimum=0,
+                            value=defaults.attention_reach, precision=0, minimum=0,
                             label="Reach", elem_id="attention-reach",
                             info="A pair ranks with the most attended token within this many tokens either side.")
                     named["proportional"] = gr.Checkbox(
-                        value=opening["proportional"], label="Proportional attention",
+                        value=False, label="Proportional attention",
                         info="Add log(tokens held) to a merged key's attention logit.")
                 with gr.Row():
                     named["max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, precision=0,

@@ -318,29 +318,43 @@ def test_the_page_says_what_each_preset_is(engine):
     assert fns["fill_preset"].api_visibility == "private"
 
 
+def opened_values(opened) -> dict:
+    """The merge fields a page opening set, as the page then sends them."""
+    values = {field: getattr(opened, field) for field in form.MERGE_FIELDS}
+    values["cutoff"], values["more_cutoffs"] = values["cutoff"]["value"], values["more_cutoffs"]["value"]
+    return values
+
+
 def test_the_page_opens_on_the_recommended_preset_for_the_loaded_model(engine):
     """Not on the article's setting (cutoff 15, every pair merged), which loses the answer every time: the first Run
     shows the setting the README stands behind, the one the preset menu names."""
     demo = layout.build_app(EMBEDDED, preload=False)
     fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
-    shown = {field: control.value for field, control in zip(form.MERGE_FIELDS, fns["fill_preset"].outputs)}
-    expected = presets.recommended(engine.num_layers)
-    assert expected.choice == "attention" and as_request(shown).settings == expected
     blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
-    assert blocks["preset-name"].value == "recommended" and blocks["attention-controls"].visible
-    # The page is laid out before a model's depth is known; opening it, once the model is loaded, sets the preset for
-    # that depth.
-    holder = EngineHolder(lambda name, progress: FakeEngine(name))
-    holder.ensure(EMBEDDED)
-    page = callbacks.Page()
-    page.holder = holder
-    *_, opened = page.on_open(EMBEDDED)
-    assert opened.status.startswith("**Ready**") and opened.cutoff["maximum"] == FakeEngine.num_layers
-    values = {field: getattr(opened, field) for field in form.MERGE_FIELDS}
-    values["cutoff"], values["more_cutoffs"] = values["cutoff"]["value"], values["more_cutoffs"]["value"]
-    assert as_request(values).settings == presets.recommended(FakeEngine.num_layers)
+    assert blocks["preset-name"].value == "recommended"
     merge = [c.label for c in fns["fill_preset"].outputs]
     assert [c.label for c in fns["on_open"].outputs] == ["Status", "Model", *merge]  # in OpeningControls' order
+    # The model loaded: one message, the preset for its depth.
+    page = callbacks.Page()
+    (opened,) = list(page.on_open(EMBEDDED))
+    assert opened.status.startswith("**Ready**") and opened.cutoff["maximum"] == engine.num_layers
+    assert as_request(opened_values(opened)).settings == presets.recommended(engine.num_layers)
+    # The model still loading: the preset at once, for the depth known then, and again for the loaded model's.
+    release = threading.Event()
+
+    def loader(name, progress):
+        release.wait(30)
+        return FakeEngine(name)
+
+    page.holder = EngineHolder(loader)
+    opening = page.on_open(EMBEDDED)
+    first = next(opening)
+    assert first.status.startswith("**Loading")
+    assert as_request(opened_values(first)).settings == presets.recommended(callbacks.DEFAULT_LAYERS)
+    release.set()
+    *_, last = opening
+    assert last.status.startswith("**Ready**") and last.cutoff["maximum"] == FakeEngine.num_layers
+    assert as_request(opened_values(last)).settings == presets.recommended(FakeEngine.num_layers)
 
 
 SHORT_PASSKEY = ("There is a pass key hidden in this text. Remember it.\n\nThe grass is green. The sky is blue.\n\n"
