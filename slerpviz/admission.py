@@ -49,10 +49,10 @@ class ClientLimit:
     per_address: int | None = PER_ADDRESS
 
     @classmethod
-    def from_environment(cls, on_space: bool = False) -> ClientLimit:
-        """$SLERPVIZ_QUEUE_PER_SESSION and $SLERPVIZ_QUEUE_PER_ADDRESS (0: no limit). On a Space every request
-        arrives from the Space's own proxy, so an address limit would count every visitor as one: off there unless
-        asked for."""
+    def from_environment(cls, behind_proxy: bool = False) -> ClientLimit:
+        """$SLERPVIZ_QUEUE_PER_SESSION and $SLERPVIZ_QUEUE_PER_ADDRESS (0: no limit). Behind a proxy (a Space's)
+        every request arrives from the proxy's address, so an address limit would count every visitor as one: off
+        there unless asked for."""
         def limit(variable: str, default: int | None) -> int | None:
             value = os.environ.get(variable)
             if value is None:
@@ -63,7 +63,7 @@ class ClientLimit:
             return number or None
 
         return cls(limit("SLERPVIZ_QUEUE_PER_SESSION", PER_SESSION),
-                   limit("SLERPVIZ_QUEUE_PER_ADDRESS", None if on_space else PER_ADDRESS))
+                   limit("SLERPVIZ_QUEUE_PER_ADDRESS", None if behind_proxy else PER_ADDRESS))
 
     def refusal(self, waiting: Iterable[tuple[str | None, str | None]], session: str | None,
                 address: str | None) -> str | None:

@@ -284,8 +284,11 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     # every queued event is reached through the queue only (the page, gradio_client and /call all join it).
     demo.queue(max_size=int(os.environ.get("SLERPVIZ_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=1,
                api_open=False)
-    # The queue's bound is for everyone together; each page and each address gets at most a share of it.
-    limit_queue_per_client(demo._queue, ClientLimit.from_environment(on_space=get_space() is not None))
+    # The queue's bound is for everyone together; each page and each address gets at most a share of it. Behind a
+    # proxy every request comes from the proxy's address: a Space's, or Gradio's own Node server when it renders the
+    # page server-side ($GRADIO_SSR_MODE, as Gradio reads it).
+    behind_proxy = get_space() is not None or os.environ.get("GRADIO_SSR_MODE", "False").lower() == "true"
+    limit_queue_per_client(demo._queue, ClientLimit.from_environment(behind_proxy=behind_proxy))
     return demo
 
 
@@ -295,5 +298,7 @@ def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, sha
     app_kwargs = dict(options.pop("app_kwargs", None) or {})
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()), Middleware(RefuseUploads)]
     options["app_kwargs"] = app_kwargs
+    # Gradio's static file workers ($GRADIO_NUM_WORKERS) would take uploads in processes of their own, past the refusal.
+    options["num_workers"] = 0
     return demo.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
                        footer_links=["api"], **options)

@@ -397,6 +397,17 @@ def test_uploads_are_refused_before_a_byte_is_written(app_url):
     assert written == []
 
 
+def test_uploads_never_reach_a_static_file_worker(monkeypatch):
+    """Gradio's static file workers ($GRADIO_NUM_WORKERS) take uploads in processes of their own, which the refusal
+    does not guard: the app launches none, and its refusal is on the app it launches."""
+    launched = {}
+    monkeypatch.setenv("GRADIO_NUM_WORKERS", "2")
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.update(options))
+    layout.serve(gr.Blocks(), app_kwargs={"docs_url": None})
+    assert launched["num_workers"] == 0 and launched["app_kwargs"]["docs_url"] is None
+    assert [m.cls for m in launched["app_kwargs"]["middleware"]] == [admission.RefuseUploads]
+
+
 def test_api_outputs_have_names(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for endpoint in ("/generate", "/plan"):
@@ -589,11 +600,11 @@ def test_one_client_cannot_fill_the_queue(app_url, monkeypatch):
     read_until_done(app_url, page, joined[page][-1:])
 
 
-def test_the_queue_shares_are_set_from_the_environment_and_the_address_share_is_off_on_a_space(monkeypatch):
+def test_the_queue_shares_are_set_from_the_environment_and_the_address_share_is_off_behind_a_proxy(monkeypatch):
     for variable in ("SLERPVIZ_QUEUE_PER_SESSION", "SLERPVIZ_QUEUE_PER_ADDRESS"):
         monkeypatch.delenv(variable, raising=False)
     assert admission.ClientLimit.from_environment() == admission.ClientLimit(4, 16)
-    assert admission.ClientLimit.from_environment(on_space=True) == admission.ClientLimit(4, None)
+    assert admission.ClientLimit.from_environment(behind_proxy=True) == admission.ClientLimit(4, None)
     monkeypatch.setenv("SLERPVIZ_QUEUE_PER_SESSION", "2")
     monkeypatch.setenv("SLERPVIZ_QUEUE_PER_ADDRESS", "0")  # 0: no limit
     limit = admission.ClientLimit.from_environment()
