@@ -74,12 +74,16 @@ class ClientLimit:
             in_session += session is not None and job_session == session
             in_address += address is not None and job_address == address
         if self.per_session is not None and in_session >= self.per_session:
-            return (f"This page has {in_session} jobs waiting in the queue already (at most {self.per_session} a "
+            return (f"This page has {jobs(in_session)} waiting in the queue already (at most {self.per_session} a "
                     "page): wait for one to finish.")
         if self.per_address is not None and in_address >= self.per_address:
-            return (f"Your address has {in_address} jobs waiting in the queue already (at most {self.per_address} "
+            return (f"Your address has {jobs(in_address)} waiting in the queue already (at most {self.per_address} "
                     "an address): wait for one to finish.")
         return None
+
+
+def jobs(count: int) -> str:
+    return f"{count} job" if count == 1 else f"{count} jobs"
 
 
 def client_address(request) -> str | None:

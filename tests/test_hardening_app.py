@@ -612,6 +612,8 @@ def test_the_queue_shares_are_set_from_the_environment_and_the_address_share_is_
     waiting = [("page", "10.0.0.1")] * 2 + [("other", "10.0.0.1")] * 50
     assert "at most 2 a page" in limit.refusal(waiting, "page", "10.0.0.1")
     assert limit.refusal(waiting, "new", "10.0.0.1") is None
+    one = admission.ClientLimit(1, None).refusal([("page", None)], "page", None)
+    assert one.startswith("This page has 1 job waiting")
     monkeypatch.setenv("SLERPVIZ_QUEUE_PER_ADDRESS", "-1")
     with pytest.raises(ValueError, match="SLERPVIZ_QUEUE_PER_ADDRESS must be 0"):
         admission.ClientLimit.from_environment()
