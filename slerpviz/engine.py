@@ -48,8 +48,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import inputs
 from .merge import (
-    PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
-    layer_lengths, next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
+    INTERPOLATE, PLANNED_AT_CUTOFF, Stage, adjacent_cosines, check_choice, check_method, check_positions, check_spans,
+    cosine, gather_pairs, last_slot_offset, slerp_and_cosine, layer_lengths, next_stage, plan_stages, ratio_per_stage, slot_positions,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
@@ -359,24 +359,25 @@ class MergingEngine:
         length = h.shape[1]
         cutoffs = settings.cutoffs if stages is None else tuple(stage.cutoff for stage in stages)
         ratios = ratio_per_stage(settings.ratio, len(settings.cutoffs))
-        positions = torch.arange(length, dtype=torch.float32)
-        first = last = torch.arange(length)
-        log_sizes = None
+        # Everything a stage builds lives on the hidden states' device: nothing per slot is read back to the host.
+        positions = torch.arange(length, dtype=torch.float32, device=h.device)
+        first = last = torch.arange(length, device=h.device)
+        log_sizes, offset = None, 0
         segments, realised, cosines, scores, start = [], [], [], [], 0
         for index, cutoff in enumerate([*cutoffs, None]):
             end = self.num_layers if cutoff is None else cutoff
             if end > start:
                 if run_layers:
                     h = self._run_layers(h, start, end, positions, cache, log_sizes)
-                # The last token is always its own slot, so a new token's position follows the last slot's.
-                segments.append(_Segment(start, end, float(positions[-1]) - (length - 1), log_sizes))
+                segments.append(_Segment(start, end, offset, log_sizes))
                 start = end
             if cutoff is None:
                 break
             merged = self.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings,
                                           ratios[index] if stages is None else 1.0,
-                                          stages[index] if stages is not None else None)
+                                          stages[index] if stages is not None else None, length)
             h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes
+            offset = last_slot_offset(length, merged.stage.plan.merged_length, settings.positions)
             first, last = merged.stage.first, merged.stage.last
             cosines.append(merged.cosines)
             realised.append(merged.stage)
@@ -386,7 +387,7 @@ class MergingEngine:
     def _forward_new(self, h: torch.Tensor, position: int, layout: Layout, cache) -> torch.Tensor:
         """New tokens' embeddings h [1, n, d], the first at original position `position`, through every layer's
         cache; each layer places them after its own (possibly merged) sequence."""
-        new = torch.arange(h.shape[1], dtype=torch.float32) + position
+        new = torch.arange(h.shape[1], dtype=torch.float32, device=h.device) + position  # no host tensor per step
         for segment in layout.segments:
             h = self._run_layers(h, segment.start, segment.end, new + segment.offset, cache, segment.log_sizes)
         return h
@@ -417,9 +418,14 @@ class MergingEngine:
     def merge_at_cutoff(
         self, h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, positions: torch.Tensor,
         log_sizes: torch.Tensor | None, cutoff: int, settings: MergeSettings, ratio: float, stage: Stage | None = None,
+        prompt_length: int | None = None,
     ) -> "Merged":
         """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar` and
-        `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes."""
+        `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes.
+
+        On the device throughout: the plan reads one number back (the slots' count) only where the choice cannot
+        know it ahead, `similar` and the attention choice's kept budget."""
+        prompt_length = first.numel() if prompt_length is None else prompt_length  # tokens before any merge
         attention = None
         if stage is None:
             mixed = settings.choice == "attention" and settings.cosine_share > 0
@@ -427,14 +433,21 @@ class MergingEngine:
             if settings.choice == "attention":
                 attention = self.attention_received(cutoff, h, positions, settings.attention_window, log_sizes)
             stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
-                               similarity, settings.size_weighted, attention,
-                               settings.kept_budget(int(last[-1]) + 1),  # last: each slot's last prompt token
+                               similarity, settings.size_weighted, attention, settings.kept_budget(prompt_length),
                                settings.cosine_share, settings.attention_reach)
-        cosines = pair_cosines(h, stage.plan)
-        hidden = apply_plan(h, stage.plan, settings.method)
+        else:
+            stage = stage.to(h.device)  # a replayed plan may have been made on the CPU
+        a, b = gather_pairs(h, stage.plan)
+        check_method(settings.method)
+        if settings.method == "slerp":
+            hidden, cosines = slerp_and_cosine(a, b, stage.plan.t)
+        else:
+            hidden, cosines = INTERPOLATE[settings.method](a, b, stage.plan.t), cosine(a, b)
         slots = slot_positions(stage.first, stage.last, settings.positions)
-        several = settings.proportional and bool((stage.sizes > 1).any())
-        return Merged(hidden, stage, cosines, slots, stage.sizes.float().log() if several else None, attention)
+        several = settings.proportional and stage.plan.merged_length < prompt_length  # some slot holds several
+        log_sizes = stage.sizes.float().log() if several else None
+        # Each slot's two members' cosine (0 for a single, whose partner is the zero row); the trace keeps the pairs'.
+        return Merged(hidden, stage, cosines, slots, log_sizes, attention)
 
     def attention_received(
         self, cutoff: int, h: torch.Tensor, positions: torch.Tensor, window: int,
@@ -448,23 +461,23 @@ class MergingEngine:
         """
         layer = self.decoder.layers[min(cutoff, self.num_layers - 1)]
         attention = layer.self_attn
-        length = h.shape[1]
+        length, head_dim = h.shape[1], attention.head_dim
         queries = min(int(window), length)  # validate() lets 8.0 pass as 8, as the page does
-        x = layer.input_layernorm(h)
-        head_dim = attention.head_dim
-        q = attention.q_proj(x[:, -queries:]).view(1, queries, -1, head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(1, length, -1, head_dim).transpose(1, 2)
-        cos, sin = self.decoder.rotary_emb(h, positions[None].to(h.device))
-        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        q, _ = rotate(q, q, cos[:, -queries:], sin[:, -queries:])
-        _, k = rotate(k, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling  # [1, heads, W, L]
+        x = layer.input_layernorm(h)[0]
+        q = attention.q_proj(x[-queries:]).view(queries, -1, head_dim).transpose(0, 1)  # [heads, W, hd]
+        k = attention.k_proj(x).view(length, -1, head_dim).transpose(0, 1)  # [kv heads, L, hd]
+        cos, sin = self.decoder.rotary_emb(h, positions[None])
+        rotate_half = sys.modules[type(attention).__module__].rotate_half  # RoPE as the model applies it
+        q = q * cos[0, -queries:] + rotate_half(q) * sin[0, -queries:]
+        k = k * cos[0] + rotate_half(k) * sin[0]
+        # Query heads grouped under the KV head they share ([kv heads, groups·W, hd]): no copy of the keys per head.
+        q = q.reshape(k.shape[0], -1, head_dim)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling
         if log_sizes is not None:
-            logits = logits + log_sizes.to(logits.device)
-        future = torch.arange(length, device=h.device)[None] > torch.arange(length - queries, length,
-                                                                             device=h.device)[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
+            logits = logits + log_sizes
+        # Query r sits at item L - W + r and sees the items up to it.
+        future = torch.ones(queries, length, dtype=torch.bool, device=h.device).triu(length - queries + 1)
+        logits = logits.view(k.shape[0], -1, queries, length).masked_fill(future, float("-inf"))
         return logits.softmax(-1).mean(dim=(0, 1, 2))
 
     @torch.inference_mode()
@@ -755,7 +768,7 @@ class Merged:
 
     hidden: torch.Tensor  # [1, slots, d]
     stage: Stage
-    cosines: torch.Tensor  # [1, pairs]: cosine of each merged pair before merging
+    cosines: torch.Tensor  # [1, slots]: cosine of each slot's two members before merging (0 for a single)
     positions: torch.Tensor  # [slots]: RoPE positions of the slots
     log_sizes: torch.Tensor | None  # log(tokens per slot) for proportional attention, when any slot holds several
     attention: torch.Tensor | None = None  # [items]: attention received, when the `attention` choice planned the stage
@@ -764,7 +777,8 @@ class Merged:
 def record_session(trace: Trace, session: Session) -> None:
     """Write what the prompt's prefill did into the trace: the stages that ran, pair cosines, attention scores."""
     record_plan(trace, session.stages)
-    trace.pair_cosines = [c.flatten().tolist() for c in session.cosines]
+    trace.pair_cosines = [[c for c, size in zip(cosines.flatten().tolist(), stage.plan.sizes.tolist()) if size == 2]
+                          for cosines, stage in zip(session.cosines, session.stages)]
     trace.attention_scores = [a.tolist() if a is not None else [] for a in session.layout.attention]
 
 
