@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..cli import Parser
@@ -65,8 +65,8 @@ def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     parents = [*speed_fidelity_parents(fidelity=False), interpolation_options("the merged variants timed")]
     p = subcommand("speed", description, parents, add_parser,
                    summary="time base and merged: prefill, decoding, KV cache, against the limits from the config")
-    p.add_argument("--preset", help="speed: time a named preset of slerpviz.presets (its cutoffs, ratios, choice and "
-                                    "protection) instead of --cutoffs/--ratio/--choice")
+    p.add_argument("--preset", help="speed: time named presets of slerpviz.presets, comma-separated (their cutoffs, "
+                                    "ratios, choice and protection), beside any --cutoffs schedules")
     p.add_argument("--lengths", help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
     p.add_argument("--repeats", type=whole(1), help="timed repeats of every variant (default 3; 5 on a GPU)")
     p.add_argument("--new-tokens", type=whole(1), help="tokens generated per cached run, the first included")
@@ -136,16 +136,20 @@ def speed_plan(args, engine) -> SpeedPlan:
         lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if gpu else (128, 256, 512, 1024, 2048, 4096)
         context = getattr(engine.config, "max_position_embeddings", None) or lengths[-1] + 64
         lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
-    chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.speed_defaults(layers, args.quick)
+    chosen = schedules.parse(args.cutoffs) if args.cutoffs else [] if args.preset else schedules.speed_defaults(
+        layers, args.quick)
     variant = merge_fields(args, choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
+    proportional = one_of(PROPORTIONAL[args.proportional], "--proportional")
+    named = []
     if args.preset:
-        from ..presets import preset
+        from ..presets import PRESETS, preset
 
-        settings = preset(args.preset, layers)
-        chosen = [settings.cutoffs]
-        # The preset replaces the merge flags; --method and --positions still say how its slots are made.
-        variant = {**{key: getattr(settings, key) for key in variant}, "method": args.method,
-                   "positions": args.positions}
+        for name in str_list(args.preset, tuple(PRESETS), "preset"):
+            settings = preset(name, layers)
+            # The preset replaces the merge flags; --method, --positions and --proportional still say how its
+            # slots are made.
+            named.append((name, replace(settings, method=args.method, positions=args.positions,
+                                        proportional=proportional)))
     schedules.check(chosen, layers)
     return SpeedPlan(
         lengths=lengths,
@@ -155,8 +159,9 @@ def speed_plan(args, engine) -> SpeedPlan:
         new_tokens=args.new_tokens or (8 if args.quick else 16),
         recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
         recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
-        merge=MergeSettings(proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"), **variant),
+        merge=MergeSettings(proportional=proportional, **variant),
         seed=args.seed,
+        named=tuple(named),
     )
 
 
@@ -168,6 +173,8 @@ SPEED_TABLE = [
     ("decode_speedup", "x", ".2f"), ("decode_speedup_limit", "limit", ".2f"),
     ("decode_speedup_vs_base_cached", "x vs cached base", ".2f"),
     ("kv_fraction", "KV frac", ".3f"), ("kv_fraction_limit", "limit", ".3f"), ("merge_share", "merge share", ".1%"),
+    ("merge_ms", "merge ms", ".2f"), ("merge_gpu_ms", "kernels ms", ".2f"), ("merge_syncs", "syncs", ""),
+    ("merge_ops_per_stage", "ops/stage", ".0f"), ("merged_decode_syncs", "decode syncs", ""),
 ]
 
 
@@ -216,6 +223,14 @@ SPEED_DEFINITIONS = {
     "kv_fraction": "merged KV-cache bytes after the prefill ÷ base",
     "kv_fraction_limit": "sum of per-layer cache lengths, merged ÷ base, from the plan",
     "merge_share": "seconds of planning + pair cosines + interpolation + slot positions ÷ merged time to first token",
+    "merge_gpu_ms": "one merge's kernels, summed device time (torch.profiler; GPU only)",
+    "merge_kernels": "kernels and copies one merge launches on the GPU (torch.profiler; GPU only)",
+    "merge_syncs": "host syncs in one merge: scalar reads, data-dependent shapes, copies to the CPU (bench/ops.py)",
+    "merge_ops_per_stage": "aten ops one merge dispatches (TorchDispatchMode, nested calls not counted) ÷ stages",
+    "base_decode_syncs": "host syncs in one cached decode step of base, the sampler's token read not included",
+    "merged_decode_syncs": "the same for the merged variant",
+    "base_decode_ops": "aten ops one cached decode step of base dispatches",
+    "merged_decode_ops": "the same for the merged variant",
     "peak_mem_bytes": "see peak_mem_kind: cuda_allocated (exact) or cpu_rss_delta (rough); empty = not measurable",
 }
 

@@ -51,3 +51,42 @@ class OpCounter(TorchDispatchMode):
 
     def sync_ops(self) -> dict[str, int]:
         return {name: count for name, count in self.ops.items() if name in SYNC_OPS}
+
+
+def profile_merge(engine, hidden: torch.Tensor, settings) -> dict:
+    """One merge of hidden states [1, L, d] at the settings' cutoffs (engine.merge_only), counted: aten ops and
+    host syncs, and on a GPU the kernels it launched and their summed time on the device (torch.profiler)."""
+    engine.merge_only(hidden, settings)  # warm: first calls initialise things once
+    with OpCounter() as counter:
+        engine.merge_only(hidden, settings)
+    work = {"merge_ops": counter.total, "merge_syncs": counter.syncs}
+    if hidden.device.type == "cuda":
+        work.update(device_kernels(lambda: engine.merge_only(hidden, settings), "merge"))
+    return work
+
+
+def profile_decode_step(engine, ids: torch.Tensor, settings) -> dict:
+    """One cached decode step after the prompt `ids` [1, L] under `settings`, counted: aten ops and host syncs.
+    The token fed is the greedy one, left on the device: reading it back is the sampler's one sync, not the
+    step's."""
+    with torch.inference_mode():
+        session = engine.prefill(ids, settings)
+        token = session.logits.argmax(-1, keepdim=True)
+        session.decode(token)  # warm
+        token = session.logits.argmax(-1, keepdim=True)
+        with OpCounter() as counter:
+            session.decode(token)
+    return {"decode_ops": counter.total, "decode_syncs": counter.syncs}
+
+
+def device_kernels(work, prefix: str) -> dict:
+    """Kernels (and copies) `work()` launches on the GPU, and their summed device time in ms, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        work()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {f"{prefix}_kernels": len(kernels),
+            f"{prefix}_gpu_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000}

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import PLANNED_AT_CUTOFF
 from . import limits
 from .engines import never_stops
 from .machine import PeakMemory
+from .ops import profile_decode_step, profile_merge
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
@@ -33,6 +33,10 @@ SPEED_COLUMNS = (
     "base_kv_bytes", "merged_kv_bytes", "kv_fraction", "kv_fraction_limit", "kv_achieved_over_limit",
     "base_peak_mem_bytes", "merged_peak_mem_bytes", "peak_mem_kind",
     "merge_ms", "merge_share",
+    # What the merge and a decode step ask of the host (bench/ops.py): aten ops and host syncs, and on a GPU the
+    # kernels launched and their time on the device.
+    "merge_gpu_ms", "merge_kernels", "merge_syncs", "merge_ops_per_stage",
+    "base_decode_syncs", "merged_decode_syncs", "base_decode_ops", "merged_decode_ops",
 )
 
 REPEAT_COLUMNS = ("length", "mode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes", "peak_mem_bytes")
@@ -53,9 +57,16 @@ class SpeedPlan:
     merge: MergeSettings = MergeSettings()  # how every schedule merges; its own cutoffs are ignored
     seed: int = 0
     warmup: bool = True
+    # Variants with settings of their own (the presets), timed beside the schedules: label -> settings.
+    named: tuple[tuple[str, MergeSettings], ...] = ()
+    profile: bool = True  # count ops and syncs of one merge and one decode step (never inside a timed run)
 
     def settings(self, schedule: Schedule) -> MergeSettings:
         return replace(self.merge, cutoffs=schedule) if schedule else MergeSettings()
+
+    def variants(self) -> list[tuple[str, MergeSettings]]:
+        """The merged variants, labelled: each schedule under the shared merge settings, then the named ones."""
+        return [(label(s), self.settings(s)) for s in self.schedules] + list(self.named)
 
     def modes_at(self, length: int) -> list[str]:
         too_long = self.recompute_max_length is not None and length > self.recompute_max_length
@@ -100,6 +111,8 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
         "decode_ms": 1000 * statistics.median(decode) if decode else None,
         "kv_bytes": kv_bytes,
         "peak_mem_bytes": peak,
+        # What each layer ran on in this very prefill (the stages the merge chose from these hidden states).
+        "layer_lengths": list(run.trace.seq_len_per_layer),
     }
 
 
@@ -141,24 +154,27 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
             engine.validate(length, plan.settings(schedule), Sampling(max_new_tokens=plan.new_tokens))
     memory = PeakMemory(engine.device)
     shape = limits.Shape.from_config(engine.config, engine.dtype)
+    variants = plan.variants()
     repeats, rows, sanity = [], [], []
     for length in plan.lengths:
         ids = random_prompt(engine, length, plan.seed)
         if plan.warmup:  # first calls at a new size pay for kernel selection and allocator growth
-            for schedule in ((), plan.schedules[0]):
-                timed_run(engine, ids, plan.settings(schedule), "cached", 2, memory)
+            for settings in (MergeSettings(), variants[0][1]):
+                timed_run(engine, ids, settings, "cached", 2, memory)
         measured = {}
         for mode in plan.modes_at(length):
-            log(f"speed: length {length}, {mode}, {plan.repeats} repeats of base + {len(plan.schedules)} merged")
+            log(f"speed: length {length}, {mode}, {plan.repeats} repeats of base + {len(variants)} merged")
             measured[mode] = measure_interleaved(engine, ids, plan, mode, memory)
             for variant, runs in measured[mode].items():
                 repeats += [{"length": length, "mode": mode, "variant": variant, "repeat": i, **r}
                             for i, r in enumerate(runs)]
-        merge_s = {s: time_merge(engine, length, plan.settings(s), plan.merge_repeats) for s in plan.schedules}
+        merge_s = {name: time_merge(engine, length, settings, plan.merge_repeats) for name, settings in variants}
+        counted = {name: host_work(engine, ids, settings, plan) for name, settings in [(BASE, MergeSettings()),
+                                                                                      *variants]}
         for mode, runs in measured.items():
-            for schedule in plan.schedules:
-                rows.append(speed_row(engine, shape, plan, length, schedule, mode, runs, measured,
-                                      merge_s[schedule], memory.kind))
+            for name, settings in variants:
+                rows.append(speed_row(engine, shape, plan, length, name, settings, mode, runs, measured,
+                                      merge_s[name], memory.kind, counted[name], counted[BASE]))
         hf_s = time_hf_forward(engine, ids)
         engine_s = median_of(measured.get("recompute", measured.get("cached", {})).get(BASE, []), "ttft_s")
         sanity.append({"length": length, "hf_forward_s": hf_s, "engine_base_ttft_s": engine_s})
@@ -166,14 +182,24 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
 
 
 def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMemory) -> dict[str, list[dict]]:
-    """Every repeat runs base and each schedule once; odd repeats run them in reverse order."""
-    variants = [(), *plan.schedules]
-    runs: dict[str, list[dict]] = {label(v): [] for v in variants}
+    """Every repeat runs base and each variant once; odd repeats run them in reverse order."""
+    variants = [(BASE, MergeSettings()), *plan.variants()]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for repeat in range(plan.repeats):
-        for schedule in variants if repeat % 2 == 0 else reversed(variants):
-            result = timed_run(engine, ids, plan.settings(schedule), mode, plan.tokens_for(mode), memory)
-            runs[label(schedule)].append(result)
+        for name, settings in variants if repeat % 2 == 0 else reversed(variants):
+            runs[name].append(timed_run(engine, ids, settings, mode, plan.tokens_for(mode), memory))
     return runs
+
+
+def host_work(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, plan: SpeedPlan) -> dict:
+    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run."""
+    if not plan.profile:
+        return {}
+    work = profile_decode_step(engine, ids, settings)
+    if settings.cutoffs:
+        hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
+        work.update(profile_merge(engine, hidden, settings))
+    return work
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -187,41 +213,37 @@ def quotient(numerator, denominator) -> float | None:
     return numerator / denominator
 
 
-def planned_layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -> list[int]:
-    """Each layer's sequence length under the engine's own plan for these settings. `similar` and `attention` are
-    planned from hidden states at run time; their limit is taken from the consecutive plan with the same pair
-    budget, and where they merge fewer pairs (the greedy matching, or the attention choice's kept tokens) the
-    measured KV fraction shows it (achieved ÷ limit above 1)."""
-    if not settings.cutoffs:
-        return [length] * engine.num_layers
-    if settings.choice in PLANNED_AT_CUTOFF:
-        settings = replace(settings, choice="consecutive")
-    stages = engine.plan(torch.zeros(1, length, dtype=torch.long), settings)
-    return limits.layer_lengths(length, stages, engine.num_layers)
-
-
-def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, settings: MergeSettings, mode: str,
+def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, merged: list[int], mode: str,
                   new_tokens: int) -> dict:
-    """The ratios the config allows for one merged variant against base, in one mode."""
-    base, merged = [length] * engine.num_layers, planned_layer_lengths(engine, length, settings)
+    """The ratios the config allows for one merged variant against base, in one mode, for the layer lengths the
+    merged prefill ran on (`merged`, from its own plan on these very prompts: the attention and similar choices
+    decide from the hidden states, and a kept budget can merge fewer pairs than the ratio asks).
+
+    These are FLOP and byte counts, not a ceiling on time: a measured ratio above its limit means the cost model
+    underprices what the merge saves (on a CPU, attention costs more than its FLOPs), below it the merge's own cost
+    or launch overhead eats into the saving."""
+    base = [length] * engine.num_layers
     if mode == "cached":
         decode = limits.cached_decode_speedup_limit(shape, base, merged, new_tokens)
         kv = limits.kv_fraction_limit(base, merged)
     else:
-        grown = range(length + 1, length + max(new_tokens, 2))  # each step re-runs the prompt grown by one
+        # Each step re-runs the prompt grown by one token; the grown prompt is taken to merge as the prompt did, its
+        # new tokens kept whole (they sit in the protected end), so the limit does not re-plan from other prompts.
+        grown = range(1, max(new_tokens, 2))
         decode = limits.recompute_decode_speedup_limit(
-            shape, [([n] * engine.num_layers, planned_layer_lengths(engine, n, settings)) for n in grown])
+            shape, [([length + k] * engine.num_layers, [n + k for n in merged]) for k in grown])
         kv = None  # no cache in this pair
     return {"merged_length": merged[-1], "ttft": limits.prefill_speedup_limit(shape, base, merged),
             "decode": decode, "kv": kv}
 
 
-def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, schedule: Schedule,
-              mode: str, runs: dict[str, list[dict]], measured: dict, merge_s: float, memory_kind: str | None) -> dict:
-    """One (length, schedule, mode): medians of base and merged, their ratios, and the config's limits."""
-    base, merged = runs[BASE], runs[label(schedule)]
+def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, name: str,
+              settings: MergeSettings, mode: str, runs: dict[str, list[dict]], measured: dict, merge_s: float,
+              memory_kind: str | None, work: dict, base_work: dict) -> dict:
+    """One (length, variant, mode): medians of base and merged, their ratios, and the config's limits."""
+    base, merged = runs[BASE], runs[name]
     new_tokens = plan.tokens_for(mode)
-    limit = config_limits(engine, shape, length, plan.settings(schedule), mode, new_tokens)
+    limit = config_limits(engine, shape, length, merged[0]["layer_lengths"], mode, new_tokens)
     base_ttft, merged_ttft = median_of(base, "ttft_s"), median_of(merged, "ttft_s")
     base_decode, merged_decode = median_of(base, "decode_ms"), median_of(merged, "decode_ms")
     base_kv, merged_kv = median_of(base, "kv_bytes"), median_of(merged, "kv_bytes")
@@ -230,9 +252,9 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
     return {
         "length": length,
         "merged_length": limit["merged_length"],
-        "schedule": label(schedule),
-        "stages": len(schedule),
-        "first_cutoff": min(schedule),
+        "schedule": name,
+        "stages": len(settings.cutoffs),
+        "first_cutoff": min(settings.cutoffs),
         "mode": mode,
         "repeats": plan.repeats,
         "new_tokens": new_tokens,
@@ -258,4 +280,12 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "peak_mem_kind": memory_kind,
         "merge_ms": 1000 * merge_s,
         "merge_share": quotient(merge_s, merged_ttft),
+        "merge_gpu_ms": work.get("merge_gpu_ms"),
+        "merge_kernels": work.get("merge_kernels"),
+        "merge_syncs": work.get("merge_syncs"),
+        "merge_ops_per_stage": quotient(work.get("merge_ops"), len(settings.cutoffs)),
+        "base_decode_syncs": base_work.get("decode_syncs"),
+        "merged_decode_syncs": work.get("decode_syncs"),
+        "base_decode_ops": base_work.get("decode_ops"),
+        "merged_decode_ops": work.get("decode_ops"),
     }
