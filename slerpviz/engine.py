@@ -569,7 +569,8 @@ class Run:
         self._steps = self._generate()
 
     def __iter__(self) -> Iterator[Step]:
-        return self._steps
+        # The run itself, not its generator: a `for` loop then goes through __next__, which arms the interrupt.
+        return self
 
     def __next__(self) -> Step:
         with self.engine.interruptible(self.interrupt):

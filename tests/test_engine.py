@@ -564,9 +564,11 @@ def test_a_set_interrupt_stops_the_step_under_way_at_the_next_layer():
     engine = tiny_engine("llama")
     stop = threading.Event()
     layers_run = []
+    armed = []  # the event the engine checked while each layer ran
 
     def after_layer(module, args, output):
         layers_run.append(module)
+        armed.append(engine._interrupt)
         if len(layers_run) == 3:
             stop.set()  # Stop pressed while the third layer runs
 
@@ -577,9 +579,32 @@ def test_a_set_interrupt_stops_the_step_under_way_at_the_next_layer():
             next(run)
         assert len(layers_run) == 3 < engine.num_layers and engine._interrupt is None
         stop.clear()
-        steps = list(engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=2),
-                                  interrupt=stop))
-        assert len(steps) == 2  # an interrupt never set changes nothing
+        del armed[:]  # (layers_run keeps counting: the hook presses Stop at the third layer only)
+        # An interrupt never set changes nothing, on the path that checks it: every layer ran with it armed.
+        run = engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=2), interrupt=stop)
+        steps = [next(run), next(run)]
+        assert next(run, None) is None and len(steps) == 2
+        assert len(armed) == 2 * engine.num_layers and all(event is stop for event in armed)
+        assert engine._interrupt is None
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_a_for_loop_over_a_run_stops_when_its_interrupt_is_set():
+    import threading
+
+    from slerpviz.engine import Interrupted
+
+    engine = tiny_engine("llama")
+    stop = threading.Event()
+    run = engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=4), interrupt=stop)
+    steps = []
+    with pytest.raises(Interrupted):
+        for step in run:
+            steps.append(step)
+            stop.set()  # Stop pressed after the first token
+    assert len(steps) == 1 and engine._interrupt is None
+    stop.clear()
+    assert len(list(engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=3),
+                                 interrupt=stop))) == 3  # list() goes the same way and runs to the end
