@@ -262,6 +262,12 @@ class MergingEngine:
         if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
+        attn = getattr(self.config, "_attn_implementation", None)
+        if settings.proportional and attn not in ("sdpa", "eager"):
+            # Its log(size) bias goes into the additive attention mask, a tensor only sdpa and eager attention take.
+            raise ValueError(f"proportional attention needs sdpa or eager attention (it adds log(size) to the "
+                             f"attention mask), and this model runs {attn!r}: load it with attn_implementation="
+                             "'sdpa', or merge without proportional attention")
         # The same rules, and words, as the page and the command line use for the raw values (slerpviz.inputs).
         inputs.attention_budget(settings.attention_window, settings.attention_keep, settings.attention_reach,
                                 settings.attention_keep_share)

@@ -288,6 +288,23 @@ def test_proportional_attention_works_with_eager_and_sdpa_and_changes_the_result
     assert not torch.allclose(plain, sdpa, atol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2"])
+def test_proportional_attention_is_refused_where_the_mask_is_not_a_tensor(attn):
+    """Its bias is added to the attention mask; flex attention's is a BlockMask, flash attention's none at all."""
+    engine = tiny_engine("mistral", "flex_attention")  # a real model on that path (flex runs on the CPU)
+    engine.model.config._attn_implementation = attn
+    ids = random_ids(24, seed=2)
+    with pytest.raises(ValueError, match=f"proportional attention needs sdpa or eager attention .* runs '{attn}'"):
+        engine.start(ids, MergeSettings(cutoffs=(1, 3), proportional=True), Sampling(max_new_tokens=2))
+    import slerpviz
+
+    with pytest.raises(ValueError, match="proportional attention needs sdpa or eager attention"):
+        slerpviz.apply(engine.model, MergeSettings(cutoffs=(2,), proportional=True))
+    assert "forward" not in engine.model.model.__dict__
+    if attn == "flex_attention":  # the same merge without the bias runs
+        assert len([s for s in engine.start(ids, MergeSettings(cutoffs=(1, 3)), Sampling(max_new_tokens=2))]) >= 1
+
+
 def test_a_runs_trace_records_the_stages_its_prefill_ran():
     engine = tiny_engine("llama")
     ids = random_ids(40, seed=6)
