@@ -301,8 +301,7 @@ def test_proportional_attention_is_refused_where_the_mask_is_not_a_tensor(attn):
     with pytest.raises(ValueError, match="proportional attention needs sdpa or eager attention"):
         slerpviz.apply(engine.model, MergeSettings(cutoffs=(2,), proportional=True))
     assert "forward" not in engine.model.model.__dict__
-    if attn == "flex_attention":  # the same merge without the bias runs
-        assert len([s for s in engine.start(ids, MergeSettings(cutoffs=(1, 3)), Sampling(max_new_tokens=2))]) >= 1
+    engine.start(ids, MergeSettings(cutoffs=(1, 3)), Sampling(max_new_tokens=2))  # without the bias: accepted
 
 
 def test_a_runs_trace_records_the_stages_its_prefill_ran():
