@@ -697,14 +697,23 @@ class MergingForward:
         if entry is not None and cache_lengths(cache) != entry.lengths:
             raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
                              "assisted and prompt-lookup generation do): they are not supported while merging")
-        claimed = []  # where the caller thinks these tokens start
+        claimed = []  # where the caller thinks these tokens start, and what says so
         if attention_mask is not None and attention_mask.ndim == 2:
-            claimed.append(attention_mask.shape[-1] - new)
+            covered = attention_mask.shape[-1]
+            claimed.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
         if position_ids is not None:
-            claimed.append(int(position_ids.reshape(-1)[0]))
-        if any(c != start for c in claimed):
+            first = int(position_ids.reshape(-1)[0])
+            claimed.append((first, f"its position_ids start at {first}"))
+        wrong = [(where, said) for where, said in claimed if where != start]
+        if wrong and entry is None:  # a fresh forward: there is no cache to continue, the sequence starts here
             raise ValueError(
-                f"this call continues the merged cache from token {claimed[0]}, but it holds {start} tokens: continue "
+                f"this forward starts a new sequence under merging (no merged cache before it), but {wrong[0][1]}: "
+                "a sequence fed without a merged cache starts at position 0 (merged slots get their own "
+                "positions); give position_ids from 0, or none, and an attention mask as long as the tokens fed"
+            )
+        if wrong:
+            raise ValueError(
+                f"this call continues the merged cache from token {wrong[0][0]}, but it holds {start} tokens: continue "
                 "a merged cache only within the `merging` block that filled it, and only by the tokens it has not "
                 "seen (generate counts a cache by its first layer, which a cutoff at layer 0 shortens)"
             )

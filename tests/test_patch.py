@@ -227,3 +227,17 @@ def test_a_text_generation_pipeline_merges_under_the_patch(embedded):
         pass
     assert merged.strip() == run.trace.text.strip()
     assert merged != plain  # all pairs from layer 4 of 30 on: the answer changes
+
+
+def test_a_fresh_forward_with_offset_positions_is_told_so_not_about_a_cache(model):
+    # No merged cache before the call (none, or an empty one): the wrong start is the caller's positions or mask.
+    ids = random_ids(20, seed=9)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
+        for cache in (None, DynamicCache(config=model.config)):
+            with pytest.raises(ValueError, match="starts a new sequence under merging .* position_ids start at 5: "
+                                                 "a sequence fed without a merged cache starts at position 0") as error:
+                model(ids, position_ids=torch.arange(5, 25)[None], cache=cache, use_cache=cache is not None)
+            assert "holds" not in str(error.value) and "continue" not in str(error.value)
+        with pytest.raises(ValueError, match="attention mask covers 23 tokens for the 20 fed"):
+            model(ids, attention_mask=torch.ones(1, 23, dtype=torch.long), use_cache=False)
+        model(ids, position_ids=torch.arange(20)[None], logits_to_keep=1)  # from 0: accepted
