@@ -31,7 +31,17 @@ class Preset:
     keep_end: int = 0
 
     def settings(self, num_layers: int) -> MergeSettings:
-        cutoffs = tuple(max(1, min(num_layers, round(share * num_layers))) for share in self.depth_shares)
+        # Each share rounded to a layer; where two round to the same layer (0.57 and 0.6 of 24 are both 14) the later
+        # moves up one, and any pushed past the depth move back down, so every stage keeps a layer of its own.
+        cutoffs = []
+        for share in self.depth_shares:
+            cutoff = max(1, min(num_layers, round(share * num_layers)))
+            cutoffs.append(max(cutoff, cutoffs[-1] + 1) if cutoffs else cutoff)
+        for index in reversed(range(len(cutoffs))):
+            cutoffs[index] = min(cutoffs[index], num_layers if index == len(cutoffs) - 1 else cutoffs[index + 1] - 1)
+        if cutoffs and cutoffs[0] < 1:
+            raise ValueError(f"a model of {num_layers} layers has no room for {len(cutoffs)} distinct cutoffs")
+        cutoffs = tuple(cutoffs)
         # Every field but these two is a MergeSettings field of the same name: a new one needs no line here.
         merge = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("description", "depth_shares")}
         return MergeSettings(cutoffs=cutoffs, **merge)
