@@ -48,6 +48,14 @@ def test_a_preset_keeps_the_layers_its_shares_round_to_where_they_do_not_collide
                 assert list(presets.preset(name, num_layers).cutoffs) == rounded, (name, num_layers)
 
 
+def test_shares_given_out_of_order_keep_their_ratios_when_they_share_a_layer():
+    # 0.6 and 0.57 of 24 both round to 14: the larger share takes the next layer, and each keeps its own ratio.
+    settings = presets.Preset("test", (0.6, 0.57, 0.2), ratio=(1.0, 0.5, 0.25)).settings(24)
+    assert settings.cutoffs == tuple(sorted(set(settings.cutoffs))) and len(settings.cutoffs) == 3
+    by_share = dict(zip((0.2, 0.57, 0.6), zip(settings.cutoffs, settings.ratio)))
+    assert by_share[0.57][0] < by_share[0.6][0] and [r for _, r in by_share.values()] == [0.25, 0.5, 1.0]
+
+
 def test_the_allow_list_depths_are_all_known():
     assert set(DEPTHS) == set(ALLOWED_MODELS)
 
