@@ -262,6 +262,12 @@ class MergingEngine:
         if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
+        attn = getattr(self.config, "_attn_implementation", None)
+        if settings.proportional and attn not in ("sdpa", "eager"):
+            # Its log(size) bias goes into the additive attention mask, a tensor only sdpa and eager attention take.
+            raise ValueError(f"proportional attention needs sdpa or eager attention (it adds log(size) to the "
+                             f"attention mask), and this model runs {attn!r}: load it with attn_implementation="
+                             "'sdpa', or merge without proportional attention")
         # The same rules, and words, as the page and the command line use for the raw values (slerpviz.inputs).
         inputs.attention_budget(settings.attention_window, settings.attention_keep, settings.attention_reach,
                                 settings.attention_keep_share)
@@ -582,7 +588,8 @@ class Run:
         self._steps = self._generate()
 
     def __iter__(self) -> Iterator[Step]:
-        return self._steps
+        # The run itself, not its generator: a `for` loop then goes through __next__, which arms the interrupt.
+        return self
 
     def __next__(self) -> Step:
         with self.engine.interruptible(self.interrupt):
@@ -639,8 +646,10 @@ class MergingForward:
 
     A prompt fed with an empty cache (or none) runs the engine's merging forward; tokens fed with a cache that this
     forward filled continue it, each layer after its own shorter sequence. The output has one hidden state per input
-    token: after a merge each token gets its final slot's (ToMe's "unmerge"), so the last token's, the one that
-    `generate` reads, is exact; per-token scores of merged tokens mean what their slot means.
+    token: after a merge each token gets its final slot's (ToMe's "unmerge"). Only rows that depend on no later
+    token may be read (`rows`, the caller's logits_to_keep, which the patch passes on): the last one, what `generate`
+    reads, always; a row whose slot also holds the token it predicts never, nor any row but the last when the pairs
+    were chosen from the whole sequence. Asking for another is refused (see `_check_rows`).
     """
 
     def __init__(self, engine: MergingEngine, settings: MergeSettings):
@@ -651,6 +660,19 @@ class MergingForward:
         self.previous = None  # a forward set on the decoder instance before the patch (slerpviz.patch)
         self.previous_generate = None  # likewise, a generate set on the model instance
         self.was_training = False  # the model's mode before the patch
+        self.previous_model_forward = None  # a forward set on the model instance before the patch
+        # The rows the caller will read, as transformers' logits_to_keep (0: all, k: the last k, or positions); the
+        # patch sets it around each call of the model's forward. Called on its own, the decoder is read whole.
+        self.rows: int | torch.Tensor = 0
+
+    @contextlib.contextmanager
+    def reading(self, rows: int | torch.Tensor) -> Iterator[None]:
+        """While the block runs, calls read only these rows (transformers' logits_to_keep)."""
+        previous, self.rows = self.rows, rows
+        try:
+            yield
+        finally:
+            self.rows = previous
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                  use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
@@ -686,6 +708,7 @@ class MergingForward:
         else:
             engine.validate(h.shape[1], self.settings)
             hidden, layout, _ = engine._forward_prompt(h, self.settings, cache)
+            self._check_rows(layout, h.shape[1])
             if layout.stages:  # one row per original token again: each gets its final slot's
                 hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
             if cache is not None:
@@ -696,6 +719,43 @@ class MergingForward:
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
 
+    def honest_rows(self, layout: Layout, length: int) -> tuple[torch.Tensor, str]:
+        """Which rows of a sequence fed whole [length] depend on no later token (bool), and why the others do.
+
+        Slot s attends to slots up to s, which hold original tokens up to its last one, so a token that ends its slot
+        is honest when the plan is fixed by positions alone (`consecutive`, `uniform`, a per-vector interpolation).
+        `similar` and `attention` choose the pairs from every token's hidden state (the attention of the last ones),
+        and seed-2024 divides by the norm of the whole sequence: then only the last row, which sees every token.
+        """
+        honest = torch.ones(length, dtype=torch.bool)
+        if not layout.stages or not bool((layout.stages[-1].sizes > 1).any()):
+            return honest, ""  # nothing merged: the model's own rows
+        honest[:-1] = False
+        if self.settings.choice in PLANNED_AT_CUTOFF or self.settings.method == "seed-2024":
+            why = ("was merged by the seed-2024 method, which divides by the whole sequence"
+                   if self.settings.method == "seed-2024" else
+                   f"depends on which pairs the {self.settings.choice!r} choice took from the whole sequence")
+            return honest, why
+        honest[layout.stages[-1].last.cpu()] = True
+        return honest, "shares a merged slot with the token it predicts"
+
+    def _check_rows(self, layout: Layout, length: int) -> None:
+        """Refuse a sequence fed whole whose caller would read a row that depends on a later token."""
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        honest, why = self.honest_rows(layout, length)
+        rows = self.rows.cpu() if isinstance(self.rows, torch.Tensor) else self.rows
+        wanted = slice_logits_to_keep(torch.arange(length).view(1, length, 1), rows).reshape(-1)
+        unfair = wanted[~honest[wanted]]
+        if unfair.numel():
+            raise ValueError(
+                f"under merging, {unfair.numel()} of the {wanted.numel()} rows asked for would depend on a later token "
+                f"(row {int(unfair[0])} {why}; logits_to_keep=0, the default, asks for every row), so per-token "
+                "log-likelihoods are refused (lm-eval's loglikelihood, multiple-choice and perplexity tasks); "
+                "generation reads only the last row, which is exact: generate, pipelines and generate_until tasks "
+                "run, and so does a forward with logits_to_keep=1"
+            )
+
     @staticmethod
     def _check_caller_agrees(cache, entry: CacheEntry | None, start: int, new: int, attention_mask, position_ids
                              ) -> None:
@@ -703,14 +763,23 @@ class MergingForward:
         if entry is not None and cache_lengths(cache) != entry.lengths:
             raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
                              "assisted and prompt-lookup generation do): they are not supported while merging")
-        claimed = []  # where the caller thinks these tokens start
+        claimed = []  # where the caller thinks these tokens start, and what says so
         if attention_mask is not None and attention_mask.ndim == 2:
-            claimed.append(attention_mask.shape[-1] - new)
+            covered = attention_mask.shape[-1]
+            claimed.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
         if position_ids is not None:
-            claimed.append(int(position_ids.reshape(-1)[0]))
-        if any(c != start for c in claimed):
+            first = int(position_ids.reshape(-1)[0])
+            claimed.append((first, f"its position_ids start at {first}"))
+        wrong = [(where, said) for where, said in claimed if where != start]
+        if wrong and entry is None:  # a fresh forward: there is no cache to continue, the sequence starts here
             raise ValueError(
-                f"this call continues the merged cache from token {claimed[0]}, but it holds {start} tokens: continue "
+                f"this forward starts a new sequence under merging (no merged cache before it), but {wrong[0][1]}: "
+                "a sequence fed without a merged cache starts at position 0 (merged slots get their own "
+                "positions); give position_ids from 0, or none, and an attention mask as long as the tokens fed"
+            )
+        if wrong:
+            raise ValueError(
+                f"this call continues the merged cache from token {wrong[0][0]}, but it holds {start} tokens: continue "
                 "a merged cache only within the `merging` block that filled it, and only by the tokens it has not "
                 "seen (generate counts a cache by its first layer, which a cutoff at layer 0 shortens)"
             )
