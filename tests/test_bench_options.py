@@ -215,3 +215,45 @@ def test_a_model_out_of_reach_is_one_line_and_status_2(subcommand, monkeypatch, 
     assert command.main([subcommand, "--model", model, "--quick", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: could not load {model}: We couldn't connect to 'https://huggingface.co' to load the files of {model}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Texts: a file that cannot be read is named
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def texts_with_a_bad_file(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "good.txt").write_text("A sentence of filler prose that is plain UTF-8. " * 40, encoding="utf-8")
+    (folder / "latin1.txt").write_bytes("Caf\u00e9 au lait, na\u00efve. ".encode("latin-1") * 40)  # 0xe9: not UTF-8
+    return folder
+
+
+def test_a_text_file_that_is_not_utf8_is_named(texts_with_a_bad_file):
+    from slerpviz.bench.texts import read_texts
+
+    with pytest.raises(ValueError) as error:
+        read_texts([texts_with_a_bad_file])
+    message = str(error.value)
+    assert str(texts_with_a_bad_file / "latin1.txt") in message and "not UTF-8" in message and "0xe9" in message
+    assert "good.txt" not in message
+
+
+def test_a_folder_where_a_text_file_should_be_is_named(tmp_path):
+    from slerpviz.bench.texts import read_texts
+
+    (tmp_path / "chapter.txt").mkdir()  # matches *.txt, but cannot be read as a text
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path / 'chapter.txt'}"):
+        read_texts([tmp_path])
+
+
+@pytest.mark.parametrize("subcommand", ["retrieval", "locate", "frontier"])
+def test_a_bad_text_file_is_one_line_naming_it_and_status_2(subcommand, texts_with_a_bad_file, tmp_path, capsys):
+    argv = [subcommand, "--shape", "tiny", "--quick", "--texts", str(texts_with_a_bad_file),
+            "--out", str(tmp_path / "out")]
+    assert command.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(texts_with_a_bad_file / "latin1.txt") in err
