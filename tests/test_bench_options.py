@@ -257,3 +257,88 @@ def test_a_bad_text_file_is_one_line_naming_it_and_status_2(subcommand, texts_wi
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert str(texts_with_a_bad_file / "latin1.txt") in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Empty values are refused, never read as "not given"
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Any engine built fails the test: these inputs must be refused before a benchmark starts (once an empty
+    --lengths ran the default, full benchmark)."""
+    from slerpviz.bench import locate
+
+    def refused(*args, **kwargs):
+        pytest.fail("a benchmark started on an input it should have refused")
+
+    for module in (options, command, retrieval_command, locate):
+        monkeypatch.setattr(module, "build_engine", refused)
+
+
+LIST_OPTIONS = [
+    ("speed", "--lengths"), ("speed", "--modes"), ("speed", "--cutoffs"), ("speed", "--choice"),
+    ("fidelity", "--prefixes"), ("fidelity", "--methods"), ("fidelity", "--positions"), ("fidelity", "--cutoffs"),
+    ("fidelity", "--choice"),
+    ("retrieval", "--lengths"), ("retrieval", "--depths"), ("retrieval", "--tasks"), ("retrieval", "--cutoffs"),
+    ("locate", "--lengths"), ("locate", "--depths"), ("locate", "--tasks"),
+    ("frontier", "--prefixes"), ("frontier", "--offsets"), ("frontier", "--retrieval-lengths"),
+]
+
+
+@pytest.mark.parametrize("empty", ["", ",", " , "])
+@pytest.mark.parametrize("name, flag", LIST_OPTIONS)
+def test_an_empty_list_is_one_line_and_status_2(no_run, capsys, tmp_path, name, flag, empty):
+    with pytest.raises(SystemExit) as exit_:
+        command.main([name, "--shape", "tiny", "--out", str(tmp_path), flag, empty])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {flag}: an empty list ({empty!r})")
+
+
+@pytest.mark.parametrize("argv", [
+    ["speed", "--preset", ""], ["retrieval", "--preset", ""], ["frontier", "--grid", ""],
+    ["retrieval", "--model", ""], ["speed", "--device", ""],
+    ["fidelity", "--texts", ""], ["locate", "--out", ""],  # Path("") is the current folder
+])
+def test_an_empty_name_or_path_is_one_line_and_status_2(no_run, capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        command.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {argv[1]}: an empty ")
+
+
+def test_every_list_option_refuses_an_empty_list():
+    """Each subcommand's list options (their help says comma-separated or shows a list, or their default is one) are
+    among those LIST_OPTIONS tests, so a list option added later without the check shows here."""
+    import re
+
+    parsers = subparsers()
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            listish = ("comma-separated" in (action.help or "") or "," in str(action.default or "")
+                       or re.search(r"\d,\d", action.help or ""))
+            if listish:
+                assert (name, action.option_strings[0]) in LIST_OPTIONS, f"{name} {action.option_strings} is a list"
+    for name, flag in LIST_OPTIONS:
+        (action,) = [a for a in parsers[name]._actions if flag in a.option_strings]
+        assert action.type is options.listed, f"{name} {flag} takes an empty list"
+
+
+def test_the_list_readers_refuse_an_empty_list_too():
+    from slerpviz.bench import schedules
+    from slerpviz.bench.retrieval import TASKS, task_list
+
+    with pytest.raises(ValueError, match=r"an empty list \(''\): give at least one length"):
+        options.int_list("")
+    with pytest.raises(ValueError, match=r"an empty list \(','\): give at least one depth"):
+        options.float_list(",", "depth")
+    with pytest.raises(ValueError, match=r"an empty list \(' '\): give at least one method"):
+        options.str_list(" ", ("slerp", "lerp"), "method")
+    with pytest.raises(ValueError, match="an empty list"):
+        task_list("")
+    assert task_list(None) == TASKS and task_list("multikey") == ("multikey",)
+    with pytest.raises(ValueError, match="no cutoff schedule given"):
+        schedules.parse(",")
