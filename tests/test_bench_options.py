@@ -342,3 +342,37 @@ def test_the_list_readers_refuse_an_empty_list_too():
     assert task_list(None) == TASKS and task_list("multikey") == ("multikey",)
     with pytest.raises(ValueError, match="no cutoff schedule given"):
         schedules.parse(",")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --out is checked before the run, not after it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_run(no_run, subcommand, where, tmp_path, capsys):
+    """Once a whole run, then a traceback with status 1 and the results lost."""
+    if where == "proc":
+        out = "/proc/nope"  # no folder can be made there, not even by root
+    else:
+        (tmp_path / "taken").write_text("a file where the folder should go")
+        out = str(tmp_path / "taken" / "results")
+    assert command.main([subcommand, "--shape", "tiny", "--quick", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: cannot write the results there (") and err.count("\n") == 1
+
+
+def test_an_out_folder_made_for_the_check_is_not_left_behind(tmp_path, capsys):
+    from slerpviz.bench.options import check_out
+
+    out = tmp_path / "new" / "deeper"
+    check_out(out)  # writable: no error
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    check_out(tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
+    # refused for another reason after the check: nothing made stays
+    argv = ["retrieval", "--shape", "tiny", "--tasks", "needle", "--out", str(out)]
+    assert command.main(argv) == 2 and "unknown task" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

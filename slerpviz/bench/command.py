@@ -21,9 +21,9 @@ from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, Fidelity
                        earliest_cutoff, run_fidelity, same_variant, summarise, variant_label)
 from .frontier import frontier_main, frontier_parser
 from .machine import commit_at_start, machine_info
-from .options import (CHOICES_HELP, PROG, build_engine, describe_model, given, int_list, interpolation_options,
-                      listed, merge_fields, merge_options, model_options, one_of, run_options, share, str_list,
-                      subcommand, text_options, torch_threads, whole)
+from .options import (CHOICES_HELP, PROG, build_engine, check_out, describe_model, given, int_list,
+                      interpolation_options, listed, merge_fields, merge_options, model_options, one_of, run_options,
+                      share, str_list, subcommand, text_options, torch_threads, whole)
 from .locate import locate_main
 from .locate import parser as locate_parser
 from .retrieval_command import retrieval_main
@@ -358,6 +358,7 @@ def benchmark_main(run):
     def main(args, argv) -> int:
         with torch_threads(args, one_when_quick=True):
             try:
+                check_out(args.out)
                 return run(args, argv)
             except (ValueError, FileNotFoundError) as error:  # bad settings or paths: say what is wrong, no traceback
                 print(f"error: {error}", file=sys.stderr)

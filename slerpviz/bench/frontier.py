@@ -437,7 +437,7 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
 
     from . import report
     from .machine import machine_info
-    from .options import build_engine, describe_model, int_list
+    from .options import build_engine, check_out, describe_model, int_list
     from .retrieval import Haystack
     from .texts import random_texts, read_texts, tokenize, windows
 
@@ -446,6 +446,7 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
         torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
+        check_out(args.out)
         engine, name = build_engine(args)
         retrieval_lengths = (() if args.retrieval_lengths == "none" else int_list(args.retrieval_lengths)
                              if args.retrieval_lengths is not None else ((512,) if args.quick else (1024,)))

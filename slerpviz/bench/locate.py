@@ -22,8 +22,8 @@ from ..engine import MergingEngine
 from ..presets import PRESETS, preset
 from . import report
 from .machine import machine_info
-from .options import (attention_window_option, build_engine, describe_model, float_list, int_list, listed,
-                      model_options, run_options, subcommand, text_options, torch_threads, whole)
+from .options import (attention_window_option, build_engine, check_out, describe_model, float_list, int_list,
+                      listed, model_options, run_options, subcommand, text_options, torch_threads, whole)
 from .retrieval import TASKS, Haystack, Prompt, build_prompt, check_prompts, task_list
 from .texts import read_texts
 
@@ -163,6 +163,7 @@ def locate_main(argv: list[str] | None = None, args: argparse.Namespace | None =
     args = args if args is not None else parser().parse_args(argv)
     with torch_threads(args, one_when_quick=True):
         try:
+            check_out(args.out)
             tasks = task_list(args.tasks)
             lengths = (int_list(args.lengths) if args.lengths is not None
                        else (256, 512) if args.quick else (1024, 2048))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -286,6 +287,24 @@ def merge_fields(args, **overrides) -> dict:
               "cosine_share": args.cosine_share}
     fields.update({name: getattr(args, name) for name in ("method", "positions") if hasattr(args, name)})
     return {**fields, **overrides}
+
+
+def check_out(out: Path) -> None:
+    """--out, checked before any work: a file is written in the folder and removed, so that a folder that cannot take
+    the results (under /proc, read-only, a file in the way) is one error line now, not a traceback after the whole run
+    that loses its results. A folder made for the check is removed again: bad input leaves nothing behind."""
+    out = Path(out)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write the results there ({error.strerror or error})") from None
+    finally:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from plotly.subplots import make_subplots
 from ..engine import MergeSettings
 from . import report, schedules
 from .machine import machine_info
-from .options import (build_engine, describe_model, float_list, given, int_list, interpolation_options, listed,
-                      merge_fields, merge_options, model_options, run_options, settings_label, subcommand,
+from .options import (build_engine, check_out, describe_model, float_list, given, int_list, interpolation_options,
+                      listed, merge_fields, merge_options, model_options, run_options, settings_label, subcommand,
                       text_options, torch_threads, whole)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise, task_list)
@@ -154,6 +154,7 @@ def retrieval_main(argv: list[str] | None = None, args: argparse.Namespace | Non
     args = args if args is not None else parser().parse_args(argv)
     with torch_threads(args, one_when_quick=True):
         try:
+            check_out(args.out)
             engine, name = build_engine(args)
             plan = retrieval_plan(args, engine)
             haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])
