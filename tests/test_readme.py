@@ -1,4 +1,5 @@
-"""The README's code runs as printed.
+"""The README's code runs as printed, and its figures for the presets are those of docs/measurements.md's "In short"
+and of the result files behind them.
 
 The rule, as the README states it under "The library":
 - every ```python block of README.md runs, exactly as printed, each in a fresh namespace, on the embedded model
@@ -111,3 +112,64 @@ def test_the_shell_blocks_name_only_options_their_commands_take(path):
         assert name in known, f"{path.name} line {line}: no command {name}"
         taken = {s for a in known[name]._actions for s in a.option_strings}
         assert flags <= taken, f"{path.name} line {line}: {name} takes no {sorted(flags - taken)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# docs/measurements.md's "In short" and the README's table say the same of the presets, as their result files do
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def readme_table_row(name: str) -> dict:
+    """The README's "presets as they are now" table row of `name`: FLOP limits, measured time to first token, top-1
+    short / long, retrieval answers of 120."""
+    block = next(b["code"] for b in code_blocks(README) if "retrieval answers" in b["code"])
+    line = next(line for line in block.splitlines() if line.split()[:1] == [name])
+    number = r"(\d+\.\d+)"
+    match = re.match(rf"{name}\s+{number} / {number} / {number}\s+{number}x\s+{number} / {number}\s+(\d+)\s", line)
+    assert match, f"the README's {name} row reads otherwise: {line}"
+    low, _, high, ttft, top1, top1_long, answers = match.groups()
+    return {"flops": (low, high), "ttft": ttft, "top1": top1, "top1_long": top1_long, "answers": int(answers)}
+
+
+def in_short() -> str:
+    text = (ROOT / "docs" / "measurements.md").read_text(encoding="utf-8")
+    start = text.index("**In short**")
+    return " ".join(text[start:text.index("\n\n", start)].split())
+
+
+@pytest.mark.parametrize("name", ["recommended", "fast"])
+def test_in_short_gives_the_preset_as_the_readme_does(name):
+    row, summary = readme_table_row(name), in_short()
+    sentence = summary[summary.index(f"`{name}` does"):]
+    sentence = sentence[:sentence.index(";", sentence.index(" of 120"))]  # this preset's clause
+    assert f"{row['flops'][0]}× to {row['flops'][1]}× fewer" in sentence, sentence
+    assert row["top1"] in sentence and f"{row['answers']} of 120" in sentence, sentence
+    assert f"{row['ttft']}× for `{name}`" in summary
+
+
+@pytest.mark.parametrize("name", ["recommended", "fast"])
+def test_the_readme_gives_the_presets_answers_as_their_held_out_run_found_them(name):
+    """The run of the preset as it is now on the held-out texts, 512 to 2,048 tokens, both tasks (n = 120)."""
+    import csv
+    import json
+
+    from slerpviz.bench.options import settings_label
+    from slerpviz.presets import preset
+
+    label = settings_label(preset(name, 30))  # the embedded model's 30 layers
+    runs = []
+    for path in sorted((ROOT / "assets" / "results").glob("*/retrieval.json")):
+        run = json.loads(path.read_text())
+        plan = run["plan"]
+        if ("--texts assets/heldout" in run["machine"]["command"] and plan["lengths"] == [512, 1024, 2048]
+                and plan["seed"] == 0 and label in [v["label"] for v in plan["variants"]]):
+            runs.append(path.parent)
+    assert len(runs) == 1, f"{name} as it is now has {len(runs)} held-out runs at 512 to 2,048 tokens: {runs}"
+    with open(runs[0] / "retrieval.csv", newline="") as f:
+        trials = [r for r in csv.DictReader(f) if r["variant"] in (label, "base")]
+    merged = [int(r["correct"]) for r in trials if r["variant"] == label]
+    assert len(merged) == 120 and sum(merged) == readme_table_row(name)["answers"]
+    base = sum(int(r["correct"]) for r in trials if r["variant"] == "base")
+    base_row = next(line for b in code_blocks(README) if "retrieval answers" in b["code"]
+                    for line in b["code"].splitlines() if line.startswith("base "))
+    assert base_row.split()[-2] == str(base)  # retrieval answers, then the pass key at 1,024 tokens
