@@ -21,9 +21,9 @@ from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, Fidelity
                        earliest_cutoff, run_fidelity, same_variant, summarise, variant_label)
 from .frontier import frontier_main, frontier_parser
 from .machine import commit_at_start, machine_info
-from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, interpolation_options,
-                      merge_fields, merge_options, model_options, one_of, run_options, share, str_list, subcommand,
-                      text_options, torch_threads, whole)
+from .options import (CHOICES_HELP, PROG, build_engine, check_out, describe_model, given, int_list,
+                      interpolation_options, listed, merge_fields, merge_options, model_options, one_of, run_options,
+                      share, str_list, subcommand, text_options, torch_threads, whole)
 from .locate import locate_main
 from .locate import parser as locate_parser
 from .retrieval_command import retrieval_main
@@ -65,15 +65,17 @@ def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     parents = [*speed_fidelity_parents(fidelity=False), interpolation_options("the merged variants timed")]
     p = subcommand("speed", description, parents, add_parser,
                    summary="time base and merged: prefill, decoding, KV cache, against the limits from the config")
-    p.add_argument("--preset", help="speed: time named presets of slerpviz.presets, comma-separated (their cutoffs, "
-                                    "ratios, choice and protection), beside any --cutoffs schedules")
-    p.add_argument("--lengths", help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
+    p.add_argument("--preset", type=listed,
+                   help="speed: time named presets of slerpviz.presets, comma-separated (their cutoffs, ratios, "
+                        "choice and protection), beside any --cutoffs schedules")
+    p.add_argument("--lengths", type=listed,
+                   help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
     p.add_argument("--repeats", type=whole(1), help="timed repeats of every variant (default 3; 5 on a GPU)")
     p.add_argument("--new-tokens", type=whole(1), help="tokens generated per cached run, the first included")
     p.add_argument("--recompute-new-tokens", type=whole(1), help="tokens generated per run without cache")
     p.add_argument("--recompute-max-length", type=whole(1),
                    help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
-    p.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
+    p.add_argument("--modes", type=listed, default=",".join(MODES), help="cached, recompute or both")
     p.set_defaults(run=benchmark_main(speed_main))
     return p
 
@@ -82,10 +84,10 @@ def fidelity_parser(add_parser=None) -> argparse.ArgumentParser:
     description = __doc__.split("\n\n")[1]
     p = subcommand("fidelity", description, [*speed_fidelity_parents(fidelity=True), text_options()], add_parser,
                    summary="next-token agreement and KL of merged against base on real texts")
-    p.add_argument("--prefixes", help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, "
-                                      "32..1024 on GPU)")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--positions", default=",".join(POSITION_MODES))
+    p.add_argument("--prefixes", type=listed,
+                   help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, 32..1024 on GPU)")
+    p.add_argument("--methods", type=listed, default=",".join(METHODS))
+    p.add_argument("--positions", type=listed, default=",".join(POSITION_MODES))
     p.add_argument("--continuation", type=whole(1), help="greedy tokens compared after each prefix")
     p.add_argument("--threshold", type=share, default=0.9,
                    help="top-1 agreement the recommended cutoff must keep (default 0.9)")
@@ -128,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
 def speed_plan(args, engine) -> SpeedPlan:
     gpu = engine.device.type == "cuda"
     layers = engine.num_layers
-    if args.lengths:
+    if args.lengths is not None:
         lengths = int_list(args.lengths)
     elif args.quick:
         lengths = (128, 512)
@@ -136,12 +138,12 @@ def speed_plan(args, engine) -> SpeedPlan:
         lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if gpu else (128, 256, 512, 1024, 2048, 4096)
         context = getattr(engine.config, "max_position_embeddings", None) or lengths[-1] + 64
         lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
-    chosen = schedules.parse(args.cutoffs) if args.cutoffs else [] if args.preset else schedules.speed_defaults(
-        layers, args.quick)
+    chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
+              else [] if args.preset is not None else schedules.speed_defaults(layers, args.quick))
     variant = merge_fields(args, choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
     proportional = one_of(PROPORTIONAL[args.proportional], "--proportional")
     named = []
-    if args.preset:
+    if args.preset is not None:
         from ..presets import PRESETS, preset
 
         for name in str_list(args.preset, tuple(PRESETS), "preset"):
@@ -255,9 +257,10 @@ def speed_main(args, argv=None) -> int:
 
 def fidelity_plan(args, engine) -> FidelityPlan:
     layers = engine.num_layers
-    chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.fidelity_defaults(layers, args.quick)
+    chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
+              else schedules.fidelity_defaults(layers, args.quick))
     schedules.check(chosen, layers)
-    if args.prefixes:
+    if args.prefixes is not None:
         prefixes = int_list(args.prefixes, "prefix")
     elif args.quick:
         prefixes = (64, 256)
@@ -369,6 +372,7 @@ def benchmark_main(run):
     def main(args, argv) -> int:
         with torch_threads(args, one_when_quick=True):
             try:
+                check_out(args.out)
                 return run(args, argv)
             except (ValueError, FileNotFoundError) as error:  # bad settings or paths: say what is wrong, no traceback
                 print(f"error: {error}", file=sys.stderr)
