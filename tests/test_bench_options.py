@@ -278,7 +278,7 @@ def no_run(monkeypatch):
 
 
 LIST_OPTIONS = [
-    ("speed", "--lengths"), ("speed", "--modes"), ("speed", "--cutoffs"), ("speed", "--choice"),
+    ("speed", "--lengths"), ("speed", "--modes"), ("speed", "--cutoffs"), ("speed", "--choice"), ("speed", "--preset"),
     ("fidelity", "--prefixes"), ("fidelity", "--methods"), ("fidelity", "--positions"), ("fidelity", "--cutoffs"),
     ("fidelity", "--choice"),
     ("retrieval", "--lengths"), ("retrieval", "--depths"), ("retrieval", "--tasks"), ("retrieval", "--cutoffs"),
@@ -298,7 +298,7 @@ def test_an_empty_list_is_one_line_and_status_2(no_run, capsys, tmp_path, name, 
 
 
 @pytest.mark.parametrize("argv", [
-    ["speed", "--preset", ""], ["retrieval", "--preset", ""], ["frontier", "--grid", ""],
+    ["retrieval", "--preset", ""], ["frontier", "--grid", ""],
     ["retrieval", "--model", ""], ["speed", "--device", ""],
     ["fidelity", "--texts", ""], ["locate", "--out", ""],  # Path("") is the current folder
 ])
