@@ -545,6 +545,13 @@ class Session:
         self.logits = self.engine._logits(h)
         return self.logits
 
+    def static_decoder(self, max_new_tokens: int, compiled: bool = False):
+        """A static decoder (slerpviz.decode) continuing this session: the same tokens as `decode`, on fixed-size
+        buffers, nothing made on the host per step. It copies the cache: this session does not advance with it."""
+        from .decode import acquire
+
+        return acquire(self, max_new_tokens, compiled)
+
     def kv_lengths(self) -> list[int]:
         """Tokens (slots) each layer's cache holds."""
         return cache_lengths(self.cache) if self.cache is not None else []
