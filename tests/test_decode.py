@@ -2,6 +2,7 @@
 model and every merge, a step that traces whole under torch.compile, and no host work inside a step."""
 
 import copy
+import threading
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from conftest import TINY, random_ids, tiny_engine, word_tokenizer
 from slerpviz import decode
-from slerpviz.engine import MergeSettings, MergingEngine, Session
+from slerpviz.engine import Interrupted, MergeSettings, MergingEngine, Sampling, Session, interleave
 
 SETTINGS = [
     MergeSettings(),
@@ -52,6 +53,11 @@ def compare(engine, ids, settings, steps=8, bucket=decode.BUCKET, tolerance=1e-5
         assert static.kv_bytes() == session.kv_bytes()
     static.release()
     return tokens
+
+
+def greedy_run(engine, ids, settings, n, decode_mode):
+    run = engine.start(ids, settings, Sampling(max_new_tokens=n), decode=decode_mode)
+    return [step.token_id for step in run], run
 
 
 # ------------------------------------------------------------------------------------------------ the same tokens
@@ -264,3 +270,119 @@ def test_a_full_decoder_refuses_another_token():
         static.step(token)
     with pytest.raises(ValueError, match="full"):
         static.step(token)
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("settings", [SETTINGS[0], SETTINGS[2], SETTINGS[5]], ids=label)
+def test_a_static_run_gives_the_dynamic_runs_tokens_and_trace(engine, settings):
+    ids = random_ids(30, seed=5)
+    dynamic_tokens, dynamic = greedy_run(engine, ids, settings, 10, "dynamic")
+    static_tokens, static = greedy_run(engine, ids, settings, 10, "static")
+    assert static_tokens == dynamic_tokens
+    assert static.trace.decode == "static" and dynamic.trace.decode == "dynamic"
+    assert static.trace.decode_warmup_s >= 0 and dynamic.trace.decode_warmup_s == 0
+    assert len(static.trace.decode_s) == len(static_tokens) - 1  # the warm-up is in no step
+    assert static.trace.kv_bytes_per_layer == dynamic.trace.kv_bytes_per_layer
+    assert static.trace.text == dynamic.trace.text and static.trace.finished
+
+
+def test_a_sampled_static_run_draws_the_dynamic_runs_tokens():
+    engine = tiny_engine("mistral")
+    sampling = Sampling(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=3)
+    ids, settings = random_ids(25), MergeSettings(cutoffs=(2,), proportional=True)
+    runs = [engine.start(ids, settings, sampling, decode=mode) for mode in ("dynamic", "static")]
+    assert [s.token_id for s in runs[0]] == [s.token_id for s in runs[1]]
+
+
+def test_on_a_cpu_runs_decode_dynamic_by_default_and_unknown_decodes_are_refused():
+    engine = tiny_engine("llama")
+    _, run = greedy_run(engine, random_ids(12), MergeSettings(), 3, None)
+    assert run.trace.decode == "dynamic" and run.trace.decode_warmup_s == 0
+    assert decode.default_mode(torch.device("cpu")) == "dynamic"
+    assert decode.default_mode(torch.device("cuda", 0)) == "compiled"
+    with pytest.raises(ValueError, match="unknown decode 'fast'; choose one of dynamic, static, compiled"):
+        engine.start(random_ids(12), decode="fast")
+
+
+def test_what_static_cannot_run_exactly_decodes_dynamic_and_says_why(monkeypatch):
+    engine = tiny_engine("llama")
+    ids = random_ids(20)
+    expected, _ = greedy_run(engine, ids, SETTINGS[1], 5, "dynamic")
+    monkeypatch.setattr(engine.decoder.rotary_emb, "rope_type", "dynamic")  # inv_freq unchanged at these lengths
+    tokens, run = greedy_run(engine, ids, SETTINGS[1], 5, "static")
+    assert tokens == expected
+    assert run.trace.decode.startswith("dynamic (dynamic RoPE recomputes its frequencies")
+    with pytest.raises(ValueError, match="static decoding cannot run this session"):
+        run.session.static_decoder(4)
+
+
+def test_a_compiled_run_and_its_fallback_give_the_dynamic_tokens(monkeypatch):
+    """decode="compiled" on a CPU, with torch.compile's eager backend standing in for CUDA graphs: the same tokens,
+    compiled once per structure ahead of the runs (`decode.warm_up`), whatever the prompt's length; a compile that
+    fails decodes uncompiled and says so."""
+    torch._dynamo.reset()
+    engine = tiny_engine("llama")
+    decode.clear(engine)
+    backend = CountingBackend()
+    monkeypatch.setattr(decode, "compiled_step",
+                        lambda: torch.compile(decode.static_step, fullgraph=True, backend=backend))
+    settings = SETTINGS[2]
+    assert decode.warm_up(engine, [MergeSettings(), settings], "compiled") > 0
+    assert backend.graphs == 2 and decode.idle(engine) == 2
+    for length in (24, 300):
+        ids = random_ids(length)
+        for merge in (MergeSettings(), settings):
+            expected, _ = greedy_run(engine, ids, merge, 8, "dynamic")
+            tokens, run = greedy_run(engine, ids, merge, 8, "compiled")
+            assert tokens == expected and run.trace.decode == "compiled"
+    assert backend.graphs == 2
+    again, run = greedy_run(engine, ids, settings, 8, "compiled")  # the pooled decoder: warm already
+    assert again == expected and run.trace.decode_warmup_s < 1 and run.static is None  # handed back
+    assert decode.warm_up(engine, [settings], "dynamic") == 0
+
+    def broken():
+        def step(*args):
+            raise RuntimeError("no compiler here")
+        return step
+
+    decode.clear(engine)
+    monkeypatch.setattr(decode, "compiled_step", broken)
+    tokens, run = greedy_run(engine, ids, settings, 8, "compiled")
+    assert tokens == expected
+    assert run.trace.decode == "static (torch.compile failed (RuntimeError: no compiler here); decoding uncompiled)"
+
+
+def test_the_pool_keeps_few_decoders_and_a_closed_run_returns_its_own():
+    engine = tiny_engine("llama")
+    decode.clear(engine)
+    runs = [engine.start(random_ids(20), MergeSettings(cutoffs=(c,)), Sampling(max_new_tokens=5), decode="static")
+            for c in range(1, 5)]
+    for run in runs:
+        next(run), next(run)  # past the prefill: each run holds its decoder
+    assert decode.idle(engine) == 0
+    for run in runs:
+        run.close()
+    assert decode.idle(engine) == decode.MAX_IDLE
+
+
+def test_two_interleaved_static_runs_of_one_shape_use_two_decoders():
+    engine = tiny_engine("mistral")
+    ids = random_ids(20)
+    expected, _ = greedy_run(engine, ids, MergeSettings(), 6, "dynamic")
+    a = engine.start(ids, MergeSettings(), Sampling(max_new_tokens=6), decode="static")
+    b = engine.start(ids, MergeSettings(), Sampling(max_new_tokens=6), decode="static")
+    rounds = list(interleave(a, b))
+    assert [x.token_id for x, _ in rounds] == [y.token_id for _, y in rounds] == expected
+
+
+def test_stop_takes_effect_between_static_steps():
+    engine = tiny_engine("llama")
+    stop = threading.Event()
+    run = engine.start(random_ids(12), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=10), interrupt=stop,
+                       decode="static")
+    next(run), next(run)
+    stop.set()
+    with pytest.raises(Interrupted):
+        next(run)
