@@ -46,6 +46,7 @@ window to the same relative indices.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -68,9 +69,13 @@ def default_mode(device: torch.device) -> str:
 
     On a GPU each step is a few hundred small kernels whose launches, plus the dynamic path's host-to-device copies,
     cost more than the work: the compiled static step launches one CUDA graph. On a CPU there is no launch overhead
-    to save, torch.compile costs seconds to minutes of compiling, and the dynamic decode is as fast: dynamic.
+    to save, torch.compile costs seconds to minutes of compiling, and the dynamic decode is as fast: dynamic. On a
+    ZeroGPU Space (SPACES_ZERO_GPU) each generation runs in a worker that holds the GPU for that call alone, so what
+    was compiled and captured would not outlive it: static, uncompiled.
     """
-    return "compiled" if torch.device(device).type == "cuda" else "dynamic"
+    if torch.device(device).type != "cuda":
+        return "dynamic"
+    return "static" if os.environ.get("SPACES_ZERO_GPU") else "compiled"
 
 
 def check_mode(mode: str | None) -> None:

@@ -489,7 +489,8 @@ class MergingEngine:
     ) -> "Run":
         """Validate and plan now; the returned run generates lazily, one token per step. Setting `interrupt` stops
         the step under way at its next layer (a long prefill need not run to its end after Stop). `decode` picks
-        the decode steps' path (slerpviz.decode: dynamic, static, compiled; by default compiled on a GPU)."""
+        the decode steps' path (slerpviz.decode: dynamic, static, compiled; None: `decode.default_mode`, compiled on
+        a GPU, dynamic on a CPU)."""
         self.validate(input_ids.shape[-1], settings, sampling, mode)
         from .decode import check_mode
 
@@ -575,7 +576,7 @@ class Run:
 
     def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str,
                  interrupt: threading.Event | None = None, decode: str | None = None):
-        # decode: "dynamic", "static" or "compiled" (slerpviz.decode); None: compiled on a GPU, dynamic on a CPU
+        # decode: "dynamic", "static" or "compiled"; None: slerpviz.decode.default_mode (compiled on a GPU)
         self.decode, self.static = decode, None  # the static decoder while the run decodes static
         self.engine, self.input_ids, self.settings = engine, input_ids, settings
         self.sampling, self.mode, self.interrupt = sampling, mode, interrupt

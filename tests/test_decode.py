@@ -296,12 +296,15 @@ def test_a_sampled_static_run_draws_the_dynamic_runs_tokens():
     assert [s.token_id for s in runs[0]] == [s.token_id for s in runs[1]]
 
 
-def test_on_a_cpu_runs_decode_dynamic_by_default_and_unknown_decodes_are_refused():
+def test_on_a_cpu_runs_decode_dynamic_by_default_and_unknown_decodes_are_refused(monkeypatch):
     engine = tiny_engine("llama")
     _, run = greedy_run(engine, random_ids(12), MergeSettings(), 3, None)
     assert run.trace.decode == "dynamic" and run.trace.decode_warmup_s == 0
     assert decode.default_mode(torch.device("cpu")) == "dynamic"
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     assert decode.default_mode(torch.device("cuda", 0)) == "compiled"
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")  # compiled graphs would not outlive the call that holds the GPU
+    assert decode.default_mode(torch.device("cuda", 0)) == "static"
     with pytest.raises(ValueError, match="unknown decode 'fast'; choose one of dynamic, static, compiled"):
         engine.start(random_ids(12), decode="fast")
 
