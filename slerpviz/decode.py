@@ -377,6 +377,8 @@ class StaticDecoder:
         try:
             for _ in range(steps):
                 self.step(token)
+        except Interrupted:
+            raise
         except Exception as error:  # noqa: BLE001 - any compile failure: exact tokens, uncompiled
             if not self.compiled:
                 raise
