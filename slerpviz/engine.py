@@ -143,6 +143,8 @@ class Trace:
     finished: bool = False
     plan_pending: bool = False  # `similar` and `attention` are planned at the cutoff, during the prefill
     slot_sizes: list[list[int]] = field(default_factory=list)  # per stage: original tokens in each slot
+    decode: str = ""  # the decode steps' path (slerpviz.decode), and why it fell back to dynamic if it did
+    decode_warmup_s: float = 0.0  # readying the static decoder (compiling, capturing on first use): in no step
 
     @property
     def prompt_length(self) -> int:
@@ -502,12 +504,17 @@ class MergingEngine:
 
     def start(
         self, input_ids: torch.Tensor, settings: MergeSettings = MergeSettings(), sampling: Sampling = Sampling(),
-        mode: str = "cached", interrupt: threading.Event | None = None,
+        mode: str = "cached", interrupt: threading.Event | None = None, decode: str | None = None,
     ) -> "Run":
         """Validate and plan now; the returned run generates lazily, one token per step. Setting `interrupt` stops
-        the step under way at its next layer (a long prefill need not run to its end after Stop)."""
+        the step under way at its next layer (a long prefill need not run to its end after Stop). `decode` picks
+        the decode steps' path (slerpviz.decode: dynamic, static, compiled; None: `decode.default_mode`, compiled on
+        a GPU, dynamic on a CPU)."""
         self.validate(input_ids.shape[-1], settings, sampling, mode)
-        return Run(self, input_ids, settings, sampling, mode, interrupt)
+        from .decode import check_mode
+
+        check_mode(decode)
+        return Run(self, input_ids, settings, sampling, mode, interrupt, decode)
 
     @contextlib.contextmanager
     def interruptible(self, interrupt: threading.Event | None) -> Iterator[None]:
@@ -564,6 +571,13 @@ class Session:
         self.logits = self.engine._logits(h)
         return self.logits
 
+    def static_decoder(self, max_new_tokens: int, compiled: bool = False):
+        """A static decoder (slerpviz.decode) continuing this session: the same tokens as `decode`, on fixed-size
+        buffers, nothing made on the host per step. It copies the cache: this session does not advance with it."""
+        from .decode import acquire
+
+        return acquire(self, max_new_tokens, compiled)
+
     def kv_lengths(self) -> list[int]:
         """Tokens (slots) each layer's cache holds."""
         return cache_lengths(self.cache) if self.cache is not None else []
@@ -580,7 +594,9 @@ class Run:
     """
 
     def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str,
-                 interrupt: threading.Event | None = None):
+                 interrupt: threading.Event | None = None, decode: str | None = None):
+        # decode: "dynamic", "static" or "compiled"; None: slerpviz.decode.default_mode (compiled on a GPU)
+        self.decode, self.static = decode, None  # the static decoder while the run decodes static
         self.engine, self.input_ids, self.settings = engine, input_ids, settings
         self.sampling, self.mode, self.interrupt = sampling, mode, interrupt
         self.trace = engine.new_trace(input_ids, settings, mode, preview=False)  # filled by the prefill's session
@@ -599,12 +615,30 @@ class Run:
         self._steps.close()
 
     def _generate(self) -> Iterator[Step]:
+        try:
+            yield from self._tokens()
+        finally:
+            if self.static is not None:  # back to the engine's pool, for the next run of the same shapes
+                self.static.release()
+                self.static = None
+
+    def _start_decoding(self) -> None:
+        """Choose the decode (slerpviz.decode) after the prefill: the static decoder where asked for and exact, its
+        warm-up (compiling and capturing on first use) recorded on its own, never in a step's time."""
+        from .decode import start_decoding
+
+        self.static, self.trace.decode, self.trace.decode_warmup_s = start_decoding(
+            self.session, self.sampling.max_new_tokens - 1, self.decode)
+
+    def _tokens(self) -> Iterator[Step]:
         engine, trace, sampling = self.engine, self.trace, self.sampling
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         warp = _warpers(sampling)
         ids = self.input_ids
         emitted = ""
         for step in range(sampling.max_new_tokens):
+            if step == 1 and self.mode == "cached":
+                self._start_decoding()  # builds (and compiles) the static decoder, timed on its own
             engine.sync()
             began = time.perf_counter()
             if step == 0 or self.mode == "recompute":
@@ -613,9 +647,16 @@ class Run:
                 logits = session.logits
                 if step == 0:
                     self.session = session
+            elif self.static is not None:
+                logits = self.static.step(next_id)
             else:
                 logits = self.session.decode(ids[:, -1:])
-            token = _choose(logits, ids, warp, generator)
+            if warp is None:
+                next_id = logits.argmax(-1, keepdim=True)  # [1, 1], stays on the device for the next step
+                token = int(next_id)  # the step's one sync: the token's text is shown now
+            else:
+                token = _choose(logits, ids, warp, generator)
+                next_id = torch.tensor([[token]], device=ids.device)
             engine.sync()
             seconds = time.perf_counter() - began
 
@@ -624,10 +665,12 @@ class Run:
                 record_session(trace, self.session)
             else:
                 trace.decode_s.append(seconds)
-            if self.session.cache is not None:
+            if self.static is not None:
+                trace.kv_bytes_per_layer = self.static.kv_bytes()  # what the dynamic cache would hold
+            elif self.session.cache is not None:
                 trace.kv_bytes_per_layer = self.session.kv_bytes()
             trace.generated_ids.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+            ids = torch.cat([ids, next_id.to(ids.device)], dim=1)
             text = engine.tokenizer.decode(trace.generated_ids, skip_special_tokens=True)
             piece = ""
             if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
