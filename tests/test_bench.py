@@ -322,3 +322,16 @@ def test_speed_times_a_preset_with_its_attention_scoring_in_the_merge_share(tmp_
     assert name == "recommended"
     assert plan["choice"] == expected.choice and plan["attention_window"] == expected.attention_window
     assert plan["method"] == "lerp"  # the preset replaces the merge flags, not how its slots are made
+
+
+def test_speed_times_each_decode_for_base_and_merged_alike(tiny):
+    plan = SpeedPlan(lengths=(40,), schedules=((2,),), modes=("cached",), repeats=1, new_tokens=3, merge_repeats=1,
+                     warmup=False, decodes=("dynamic", "static"))
+    result = run_speed(tiny, plan, log=lambda m: None)
+    assert [(r["decode"], r["schedule"]) for r in result.rows] == [("dynamic", "2"), ("static", "2")]
+    paths = {(r["decode"], r["variant"]): r["decode_path"] for r in result.repeats}
+    assert paths == {("dynamic", "base"): "dynamic", ("dynamic", "2"): "dynamic",
+                     ("static", "base"): "static", ("static", "2"): "static"}
+    static = result.rows[1]
+    assert static["merged_decode_syncs"] == 0 and static["base_decode_syncs"] == 0
+    assert static["merged_decode_setup_s"] > 0  # the decoder's setup, apart from the steps

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..cli import Parser
+from ..decode import DECODE_MODES
 from ..engine import MergeSettings
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from . import report, schedules
@@ -76,6 +77,11 @@ def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--recompute-max-length", type=whole(1),
                    help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
     p.add_argument("--modes", type=listed, default=",".join(MODES), help="cached, recompute or both")
+    p.add_argument("--decode", type=listed,
+                   help="how cached runs decode, comma-separated: dynamic (a growing cache, per-step masks), static "
+                        "(fixed buffers, nothing made on the host per step), compiled (static, captured as a CUDA "
+                        "graph by torch.compile; its compile time is reported apart). Default: dynamic on a CPU, "
+                        "dynamic,compiled on a GPU")
     p.set_defaults(run=benchmark_main(speed_main))
     return p
 
@@ -164,11 +170,13 @@ def speed_plan(args, engine) -> SpeedPlan:
         merge=MergeSettings(proportional=proportional, **variant),
         seed=args.seed,
         named=tuple(named),
+        decodes=(str_list(args.decode, DECODE_MODES, "decode") if args.decode is not None
+                 else ("dynamic", "compiled") if gpu else ("dynamic",)),
     )
 
 
 SPEED_TABLE = [
-    ("length", "len", ""), ("schedule", "cutoff", ""), ("mode", "mode", ""),
+    ("length", "len", ""), ("schedule", "cutoff", ""), ("mode", "mode", ""), ("decode", "decode", ""),
     ("base_ttft_s", "TTFT base s", ".3f"), ("merged_ttft_s", "merged s", ".3f"), ("ttft_speedup", "x", ".2f"),
     ("ttft_speedup_limit", "limit", ".2f"), ("ttft_achieved_over_limit", "x/limit", ".2f"),
     ("base_decode_ms", "decode base ms", ".1f"), ("merged_decode_ms", "merged ms", ".1f"),
@@ -187,6 +195,7 @@ def write_speed_report(out: Path, result, plan: SpeedPlan, machine: dict, model:
     report.write_json(out / "speed.json", {
         "benchmark": "speed", "machine": machine, "model": model, "plan": asdict(plan), "rows": result.rows,
         "repeats": result.repeats, "hf_sanity": result.hf_sanity, "repeat_columns": REPEAT_COLUMNS,
+        "decode_compile_s": result.compile_s,
         "definitions": SPEED_DEFINITIONS,
     })
     notes = [
@@ -202,7 +211,9 @@ def write_speed_report(out: Path, result, plan: SpeedPlan, machine: dict, model:
     sanity = "; ".join(
         f"{s['length']}: HF {s['hf_forward_s']:.3f} s vs engine base {s['engine_base_ttft_s']:.3f} s"
         for s in result.hf_sanity if s["engine_base_ttft_s"] is not None)
-    return f"{table}\n\nsanity, one plain HF forward vs the engine's base prefill (seconds): {sanity}"
+    compiled = "; ".join(f"{decode} {seconds:.1f} s" for decode, seconds in result.compile_s.items() if seconds)
+    compiled = f"\ndecode compiled and captured once, before any timed run: {compiled}" if compiled else ""
+    return f"{table}\n\nsanity, one plain HF forward vs the engine's base prefill (seconds): {sanity}{compiled}"
 
 
 def memory_note(rows: list[dict]) -> str:

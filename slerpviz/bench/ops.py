@@ -65,17 +65,25 @@ def profile_merge(engine, hidden: torch.Tensor, settings) -> dict:
     return work
 
 
-def profile_decode_step(engine, ids: torch.Tensor, settings) -> dict:
+def profile_decode_step(engine, ids: torch.Tensor, settings, decode: str = "dynamic") -> dict:
     """One cached decode step after the prompt `ids` [1, L] under `settings`, counted: aten ops and host syncs.
     The token fed is the greedy one, left on the device: reading it back is the sampler's one sync, not the
-    step's."""
+    step's. A static or compiled decode is counted as its uncompiled static step (what a CUDA graph replays)."""
     with torch.inference_mode():
         session = engine.prefill(ids, settings)
         token = session.logits.argmax(-1, keepdim=True)
-        session.decode(token)  # warm
-        token = session.logits.argmax(-1, keepdim=True)
+        if decode == "dynamic":
+            step = session.decode
+        else:
+            decoder = session.static_decoder(4, compiled=False)
+            decoder.warm_up()
+            step = decoder.step
+        step(token)  # warm
+        token = step(token).argmax(-1, keepdim=True)
         with OpCounter() as counter:
-            session.decode(token)
+            step(token)
+        if decode != "dynamic":
+            decoder.release()
     return {"decode_ops": counter.total, "decode_syncs": counter.syncs}
 
 

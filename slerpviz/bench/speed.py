@@ -20,13 +20,14 @@ from ..engine import MergeSettings, MergingEngine, Sampling
 from . import limits
 from .engines import never_stops
 from .machine import PeakMemory
+from .. import decode as static_decode
 from .ops import profile_decode_step, profile_merge
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
 
 SPEED_COLUMNS = (
-    "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "repeats", "new_tokens",
+    "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "decode", "repeats", "new_tokens",
     "base_ttft_s", "merged_ttft_s", "ttft_speedup", "ttft_speedup_limit", "ttft_achieved_over_limit",
     "base_decode_ms", "merged_decode_ms", "decode_speedup", "decode_speedup_limit", "decode_achieved_over_limit",
     "decode_speedup_vs_base_cached",
@@ -37,9 +38,13 @@ SPEED_COLUMNS = (
     # kernels launched and their time on the device.
     "merge_gpu_ms", "merge_kernels", "merge_syncs", "merge_ops_per_stage",
     "base_decode_syncs", "merged_decode_syncs", "base_decode_ops", "merged_decode_ops",
+    # The static decoder's setup per run (its buffers, the cache's copy, a CUDA graph recorded for a new size),
+    # never inside a step's time; compiling is once per process and structure (SpeedResult.compile_s).
+    "base_decode_setup_s", "merged_decode_setup_s",
 )
 
-REPEAT_COLUMNS = ("length", "mode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes", "peak_mem_bytes")
+REPEAT_COLUMNS = ("length", "mode", "decode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes",
+                  "peak_mem_bytes", "decode_setup_s", "decode_path")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class SpeedPlan:
     # Variants with settings of their own (the presets), timed beside the schedules: label -> settings.
     named: tuple[tuple[str, MergeSettings], ...] = ()
     profile: bool = True  # count ops and syncs of one merge and one decode step (never inside a timed run)
+    # How the cached runs decode (slerpviz.decode): each is timed for base and every variant alike.
+    decodes: tuple[str, ...] = ("dynamic",)
 
     def settings(self, schedule: Schedule) -> MergeSettings:
         return replace(self.merge, cutoffs=schedule) if schedule else MergeSettings()
@@ -75,12 +82,16 @@ class SpeedPlan:
     def tokens_for(self, mode: str) -> int:
         return self.new_tokens if mode == "cached" else self.recompute_new_tokens
 
+    def decodes_for(self, mode: str) -> tuple[str, ...]:
+        return self.decodes if mode == "cached" else ("dynamic",)  # without a cache every step is a prefill
+
 
 @dataclass
 class SpeedResult:
     rows: list[dict]
     repeats: list[dict]
     hf_sanity: list[dict] = field(default_factory=list)
+    compile_s: dict[str, float] = field(default_factory=dict)  # per decode: compiling once per process, up front
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,9 +106,9 @@ def random_prompt(engine: MergingEngine, length: int, seed: int) -> torch.Tensor
 
 
 def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, mode: str, new_tokens: int,
-              memory: PeakMemory) -> dict:
+              memory: PeakMemory, decode: str = "dynamic") -> dict:
     """Generate `new_tokens` greedily; the engine times each step itself (synchronised on a GPU)."""
-    run = engine.start(ids, settings, Sampling(max_new_tokens=new_tokens, temperature=0.0), mode)
+    run = engine.start(ids, settings, Sampling(max_new_tokens=new_tokens, temperature=0.0), mode, decode=decode)
     kv_bytes = None
     memory.start()
     with never_stops(engine):
@@ -113,6 +124,8 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
         "peak_mem_bytes": peak,
         # What each layer ran on in this very prefill (the stages the merge chose from these hidden states).
         "layer_lengths": list(run.trace.seq_len_per_layer),
+        "decode_setup_s": run.trace.decode_warmup_s,
+        "decode_path": run.trace.decode,  # the path that ran: a static decode that could not run exactly says why
     }
 
 
@@ -156,46 +169,58 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
     shape = limits.Shape.from_config(engine.config, engine.dtype)
     variants = plan.variants()
     repeats, rows, sanity = [], [], []
+    compile_s = {}
+    for decode in plan.decodes:  # compile and capture every structure once, before anything is timed
+        compile_s[decode] = static_decode.warm_up(engine, [MergeSettings(), *(s for _, s in variants)], decode)
+        if compile_s[decode]:
+            log(f"speed: {decode} decode compiled and captured in {compile_s[decode]:.1f} s (not in any run's time)")
     for length in plan.lengths:
         ids = random_prompt(engine, length, plan.seed)
         if plan.warmup:  # first calls at a new size pay for kernel selection and allocator growth
             for settings in (MergeSettings(), variants[0][1]):
-                timed_run(engine, ids, settings, "cached", 2, memory)
+                for decode in plan.decodes:
+                    timed_run(engine, ids, settings, "cached", 2, memory, decode)
         measured = {}
         for mode in plan.modes_at(length):
-            log(f"speed: length {length}, {mode}, {plan.repeats} repeats of base + {len(variants)} merged")
-            measured[mode] = measure_interleaved(engine, ids, plan, mode, memory)
-            for variant, runs in measured[mode].items():
-                repeats += [{"length": length, "mode": mode, "variant": variant, "repeat": i, **r}
-                            for i, r in enumerate(runs)]
+            for decode in plan.decodes_for(mode):
+                log(f"speed: length {length}, {mode}, {decode} decode, {plan.repeats} repeats of base + "
+                    f"{len(variants)} merged")
+                measured[mode, decode] = measure_interleaved(engine, ids, plan, mode, memory, decode)
+                for variant, runs in measured[mode, decode].items():
+                    repeats += [{"length": length, "mode": mode, "decode": decode, "variant": variant, "repeat": i,
+                                 **r} for i, r in enumerate(runs)]
         merge_s = {name: time_merge(engine, length, settings, plan.merge_repeats) for name, settings in variants}
-        counted = {name: host_work(engine, ids, settings, plan) for name, settings in [(BASE, MergeSettings()),
-                                                                                      *variants]}
-        for mode, runs in measured.items():
+        counted = {(name, decode): host_work(engine, ids, settings, plan, decode)
+                   for name, settings in [(BASE, MergeSettings()), *variants] for decode in plan.decodes}
+        for (mode, decode), runs in measured.items():
             for name, settings in variants:
-                rows.append(speed_row(engine, shape, plan, length, name, settings, mode, runs, measured,
-                                      merge_s[name], memory.kind, counted[name], counted[BASE]))
+                rows.append(speed_row(engine, shape, plan, length, name, settings, mode, decode, runs, measured,
+                                      merge_s[name], memory.kind, counted.get((name, decode), {}),
+                                      counted.get((BASE, decode), {})))
         hf_s = time_hf_forward(engine, ids)
-        engine_s = median_of(measured.get("recompute", measured.get("cached", {})).get(BASE, []), "ttft_s")
+        first = next(iter(measured.values()), {})
+        engine_s = median_of(measured.get(("recompute", "dynamic"), first).get(BASE, []), "ttft_s")
         sanity.append({"length": length, "hf_forward_s": hf_s, "engine_base_ttft_s": engine_s})
-    return SpeedResult(rows, repeats, sanity)
+    return SpeedResult(rows, repeats, sanity, compile_s)
 
 
-def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMemory) -> dict[str, list[dict]]:
+def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMemory, decode: str = "dynamic"
+                        ) -> dict[str, list[dict]]:
     """Every repeat runs base and each variant once; odd repeats run them in reverse order."""
     variants = [(BASE, MergeSettings()), *plan.variants()]
     runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for repeat in range(plan.repeats):
         for name, settings in variants if repeat % 2 == 0 else reversed(variants):
-            runs[name].append(timed_run(engine, ids, settings, mode, plan.tokens_for(mode), memory))
+            runs[name].append(timed_run(engine, ids, settings, mode, plan.tokens_for(mode), memory, decode))
     return runs
 
 
-def host_work(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, plan: SpeedPlan) -> dict:
+def host_work(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, plan: SpeedPlan, decode: str
+              ) -> dict:
     """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run."""
     if not plan.profile:
         return {}
-    work = profile_decode_step(engine, ids, settings)
+    work = profile_decode_step(engine, ids, settings, decode)
     if settings.cutoffs:
         hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
         work.update(profile_merge(engine, hidden, settings))
@@ -238,8 +263,8 @@ def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, merge
 
 
 def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, name: str,
-              settings: MergeSettings, mode: str, runs: dict[str, list[dict]], measured: dict, merge_s: float,
-              memory_kind: str | None, work: dict, base_work: dict) -> dict:
+              settings: MergeSettings, mode: str, decode: str, runs: dict[str, list[dict]], measured: dict,
+              merge_s: float, memory_kind: str | None, work: dict, base_work: dict) -> dict:
     """One (length, variant, mode): medians of base and merged, their ratios, and the config's limits."""
     base, merged = runs[BASE], runs[name]
     new_tokens = plan.tokens_for(mode)
@@ -247,7 +272,8 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
     base_ttft, merged_ttft = median_of(base, "ttft_s"), median_of(merged, "ttft_s")
     base_decode, merged_decode = median_of(base, "decode_ms"), median_of(merged, "decode_ms")
     base_kv, merged_kv = median_of(base, "kv_bytes"), median_of(merged, "kv_bytes")
-    cached_base_decode = median_of(measured.get("cached", {}).get(BASE, []), "decode_ms")
+    cached = measured.get(("cached", decode)) or next((r for (m, _), r in measured.items() if m == "cached"), {})
+    cached_base_decode = median_of(cached.get(BASE, []), "decode_ms")
     kv_fraction = quotient(merged_kv, base_kv)
     return {
         "length": length,
@@ -256,6 +282,7 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "stages": len(settings.cutoffs),
         "first_cutoff": min(settings.cutoffs),
         "mode": mode,
+        "decode": decode,
         "repeats": plan.repeats,
         "new_tokens": new_tokens,
         "base_ttft_s": base_ttft,
@@ -288,4 +315,6 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "merged_decode_syncs": work.get("decode_syncs"),
         "base_decode_ops": base_work.get("decode_ops"),
         "merged_decode_ops": work.get("decode_ops"),
+        "base_decode_setup_s": median_of(base, "decode_setup_s"),
+        "merged_decode_setup_s": median_of(merged, "decode_setup_s"),
     }
