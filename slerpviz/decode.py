@@ -19,8 +19,11 @@ prefilled session instead:
 - `step(token)` takes the token id as a device tensor [1, 1] and returns the next token's logits [1, vocab] (float32)
   on the device; the caller reads the chosen token once (the step's one sync, for its text).
 
-`compiled=True` wraps the step in `torch.compile(mode="reduce-overhead", fullgraph=True)`: on a GPU a CUDA graph, so
-one step is one graph launch. Compiling and capturing happen in `warm_up()` (seconds, reported apart from the steps).
+`graphed=True` records the eager step once as a CUDA graph (torch.cuda.CUDAGraph) over the decoder's own buffers, so
+one step is one graph launch and nothing is compiled: recording costs a few steps' time, per decoder, in `warm_up()`.
+`compiled=True` wraps the step in `torch.compile(mode="reduce-overhead", fullgraph=True)` instead: also a CUDA graph,
+of kernels inductor fused, after a compile of tens of seconds per structure. Both happen in `warm_up()` (seconds,
+reported apart from the steps).
 
 What compiles again (torch.compile's guards), and what does not:
 - one compiled step serves every engine and decoder in the process; a new graph is compiled for each new structure:
@@ -60,7 +63,7 @@ from .engine import Interrupted, MergeSettings
 BUCKET = 256  # buffer capacities are rounded up to a multiple of this, so different prompts share a compiled graph
 MAX_IDLE = 2  # idle decoders pooled per engine (each holds a KV cache of the model's full depth)
 WARM_UP_STEPS = 3  # CUDA graph trees run a function eagerly once, record it on the second call and replay after
-DECODE_MODES = ("dynamic", "static", "compiled")
+DECODE_MODES = ("dynamic", "static", "graph", "compiled")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -68,14 +71,15 @@ def default_mode(device: torch.device) -> str:
     """The decode a run uses when none is asked for.
 
     On a GPU each step is a few hundred small kernels whose launches, plus the dynamic path's host-to-device copies,
-    cost more than the work: the compiled static step launches one CUDA graph. On a CPU there is no launch overhead
-    to save, torch.compile costs seconds to minutes of compiling, and the dynamic decode is as fast: dynamic. On a
-    ZeroGPU Space (SPACES_ZERO_GPU) each generation runs in a worker that holds the GPU for that call alone, so what
-    was compiled and captured would not outlive it: static, uncompiled.
+    cost more than the work: the static step recorded as a CUDA graph launches one graph, and recording it costs a
+    few steps, where torch.compile costs tens of seconds for every new set of cutoffs the page is given (and gives
+    up past 8 of them). On a CPU there is no launch overhead to save: dynamic. On a ZeroGPU Space (SPACES_ZERO_GPU)
+    each generation runs in a worker that holds the GPU for that call alone, so what was recorded would not outlive
+    it: static, unrecorded.
     """
     if torch.device(device).type != "cuda":
         return "dynamic"
-    return "static" if os.environ.get("SPACES_ZERO_GPU") else "compiled"
+    return "static" if os.environ.get("SPACES_ZERO_GPU") else "graph"
 
 
 def check_mode(mode: str | None) -> None:
@@ -298,13 +302,17 @@ class StaticDecoder:
     and captures on first use), call `step(token)` once per token, `release()` it when the run is done.
     """
 
-    def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False):
+    def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False, graphed: bool = False):
         self.engine, self.shapes, self.compiled = engine, shapes, compiled
-        self.key = (shapes, bool(compiled))  # its place in the pool: what it was built for
+        self.key = (shapes, bool(compiled), bool(graphed))  # its place in the pool: what it was built for
         self.state = _State(shapes, engine.config, engine.dtype, engine.device)
         self.capacity = min(g.capacity for s in shapes for g in s.groups)
         self.warm = False  # warmed (compiled and captured) for its buffers
-        self.fallback = ""  # why a compiled decoder runs uncompiled, if it does
+        self.fallback = ""  # why a compiled or graphed decoder runs otherwise, if it does
+        self.graphed = graphed and engine.device.type == "cuda"
+        if graphed and not self.graphed:
+            self.fallback = "CUDA graphs need a GPU; decoding uncaptured"
+        self._graph, self._graph_logits = None, None  # the recorded step and the tensor its replays write
         self._step = compiled_step() if compiled else static_step
         self._stored: list[int] = []  # per group: keys the prefill left (host copies of state, for the bounds)
         self._cumulative: list[int] = []  # per layer: tokens the layer has seen (a sliding layer's full count)
@@ -351,7 +359,10 @@ class StaticDecoder:
         if interrupt is not None and interrupt.is_set():
             raise Interrupted("the run was stopped")
         self.state.token.copy_(token.view(1, 1))
-        if self.compiled:
+        if self._graph is not None:
+            self._graph.replay()
+            logits = self._graph_logits.clone()  # the next replay overwrites it
+        elif self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
             # a graph's output is overwritten by its next replay: a copy the caller may keep
             logits = self._step(self.engine, self.state).clone()
@@ -390,9 +401,32 @@ class StaticDecoder:
                 self.step(token)
         self.state.t.zero_()
         self.steps = 0
+        if self.graphed:
+            try:
+                self._record_graph()
+            except Exception as error:  # noqa: BLE001 - any capture failure: exact tokens, uncaptured
+                self.graphed, self._graph, self._graph_logits = False, None, None
+                self.fallback = f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding uncaptured"
+            self.state.t.zero_()
         self.engine.sync()
         self.warm = True
         return time.perf_counter() - began
+
+    @torch.inference_mode()
+    def _record_graph(self) -> None:
+        """Record one step as a CUDA graph over this decoder's buffers. Recording runs nothing (the counter does not
+        move); the capture asks for a warm-up on a side stream first, which the caller rewinds."""
+        engine, state = self.engine, self.state
+        side = torch.cuda.Stream(device=engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):
+            static_step(engine, state)
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        state.t.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = static_step(engine, state)
+        self._graph, self._graph_logits = graph, logits
 
     # -- what the trace shows ---------------------------------------------------------------------------------------
 
@@ -438,10 +472,11 @@ def start_decoding(session, max_new_tokens: int, mode: str | None) -> tuple[Stat
     if reason is not None:
         return None, f"dynamic ({reason})", 0.0
     began = time.perf_counter()
-    decoder = acquire(session, max_new_tokens, compiled=mode == "compiled")
+    decoder = acquire(session, max_new_tokens, compiled=mode == "compiled", graphed=mode == "graph")
     decoder.warm_up()
     seconds = time.perf_counter() - began  # buffers, the cache's copy and, on first use, compiling and capturing
-    return decoder, f"static ({decoder.fallback})" if decoder.fallback else mode, seconds
+    path = f"static ({decoder.fallback})" if decoder.fallback else mode
+    return decoder, path, seconds
 
 
 def warm_up(engine, settings: Iterable[MergeSettings] = (MergeSettings(),), mode: str | None = None,
@@ -468,19 +503,20 @@ _pool_lock = threading.Lock()
 POOL_ATTRIBUTE = "_slerpviz_static_decoders"  # on the engine: {(shapes, compiled): [idle decoders]}, oldest first
 
 
-def acquire(session, max_new_tokens: int, compiled: bool = False, bucket: int = BUCKET) -> StaticDecoder:
+def acquire(session, max_new_tokens: int, compiled: bool = False, bucket: int = BUCKET, graphed: bool = False
+            ) -> StaticDecoder:
     """A decoder loaded with the session, room for `max_new_tokens` more tokens (and the warm-up): an idle one of
     the same structure from the engine's pool, else a new one."""
     reason = unsupported(session)
     if reason is not None:
         raise ValueError(f"static decoding cannot run this session: {reason}")
     shapes = structure(session, max(int(max_new_tokens), WARM_UP_STEPS), bucket)
-    key = (shapes, bool(compiled))
+    key = (shapes, bool(compiled), bool(graphed))
     with _pool_lock:
         idle = _pool(session.engine).get(key)
         decoder = idle.pop() if idle else None
     if decoder is None:
-        decoder = StaticDecoder(session.engine, shapes, compiled)
+        decoder = StaticDecoder(session.engine, shapes, compiled, graphed)
     return decoder.load(session)
 
 

@@ -302,10 +302,10 @@ def test_on_a_cpu_runs_decode_dynamic_by_default_and_unknown_decodes_are_refused
     assert run.trace.decode == "dynamic" and run.trace.decode_warmup_s == 0
     assert decode.default_mode(torch.device("cpu")) == "dynamic"
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-    assert decode.default_mode(torch.device("cuda", 0)) == "compiled"
-    monkeypatch.setenv("SPACES_ZERO_GPU", "1")  # compiled graphs would not outlive the call that holds the GPU
+    assert decode.default_mode(torch.device("cuda", 0)) == "graph"
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")  # recorded graphs would not outlive the call that holds the GPU
     assert decode.default_mode(torch.device("cuda", 0)) == "static"
-    with pytest.raises(ValueError, match="unknown decode 'fast'; choose one of dynamic, static, compiled"):
+    with pytest.raises(ValueError, match="unknown decode 'fast'; choose one of dynamic, static, graph, compiled"):
         engine.start(random_ids(12), decode="fast")
 
 
@@ -389,3 +389,30 @@ def test_stop_takes_effect_between_static_steps():
     stop.set()
     with pytest.raises(Interrupted):
         next(run)
+
+
+def test_a_graph_decode_without_a_gpu_decodes_static_and_says_why():
+    engine = tiny_engine("llama")
+    ids = random_ids(20)
+    expected, _ = greedy_run(engine, ids, SETTINGS[1], 5, "dynamic")
+    tokens, run = greedy_run(engine, ids, SETTINGS[1], 5, "graph")
+    assert tokens == expected
+    assert run.trace.decode == "static (CUDA graphs need a GPU; decoding uncaptured)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on one: pytest -k on_a_gpu)")
+@pytest.mark.parametrize("family", ["mistral", "llama", "qwen2"])
+def test_on_a_gpu_every_decode_gives_the_dynamic_tokens(family):
+    # bf16 on CUDA, as the Space runs: the recorded graph and the compiled step replay the static step's kernels.
+    from conftest import tiny_model, word_tokenizer
+    from slerpviz.engine import MergingEngine
+
+    engine = MergingEngine(tiny_model(family).to("cuda", torch.bfloat16), word_tokenizer())
+    ids = random_ids(60, seed=5).cuda()
+    for settings in (MergeSettings(), MergeSettings(cutoffs=(1, 4), ratio=(0.5, 1.0)),
+                     MergeSettings(cutoffs=(2,), choice="attention", ratio=0.5, attention_keep=4, proportional=True)):
+        expected, _ = greedy_run(engine, ids, settings, 12, "dynamic")
+        for mode in ("static", "graph", "compiled"):
+            tokens, run = greedy_run(engine, ids, settings, 12, mode)
+            assert run.trace.decode == mode, run.trace.decode
+            assert tokens == expected, (mode, settings)
