@@ -48,8 +48,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import inputs
 from .merge import (
-    PLANNED_AT_CUTOFF, Stage, adjacent_cosines, apply_plan, check_choice, check_method, check_positions, check_spans,
-    layer_lengths, next_stage, pair_cosines, plan_stages, ratio_per_stage, slot_positions,
+    INTERPOLATE, PLANNED_AT_CUTOFF, Stage, adjacent_cosines, check_choice, check_method, check_positions, check_spans,
+    cosine, gather_pairs, last_slot_offset, slerp_and_cosine, layer_lengths, next_stage, plan_stages, ratio_per_stage, slot_positions,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
@@ -143,6 +143,8 @@ class Trace:
     finished: bool = False
     plan_pending: bool = False  # `similar` and `attention` are planned at the cutoff, during the prefill
     slot_sizes: list[list[int]] = field(default_factory=list)  # per stage: original tokens in each slot
+    decode: str = ""  # the decode steps' path (slerpviz.decode), and why it fell back to dynamic if it did
+    decode_warmup_s: float = 0.0  # readying the static decoder (compiling, capturing on first use): in no step
 
     @property
     def prompt_length(self) -> int:
@@ -262,6 +264,12 @@ class MergingEngine:
         if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
+        attn = getattr(self.config, "_attn_implementation", None)
+        if settings.proportional and attn not in ("sdpa", "eager"):
+            # Its log(size) bias goes into the additive attention mask, a tensor only sdpa and eager attention take.
+            raise ValueError(f"proportional attention needs sdpa or eager attention (it adds log(size) to the "
+                             f"attention mask), and this model runs {attn!r}: load it with attn_implementation="
+                             "'sdpa', or merge without proportional attention")
         # The same rules, and words, as the page and the command line use for the raw values (slerpviz.inputs).
         inputs.attention_budget(settings.attention_window, settings.attention_keep, settings.attention_reach,
                                 settings.attention_keep_share)
@@ -359,24 +367,25 @@ class MergingEngine:
         length = h.shape[1]
         cutoffs = settings.cutoffs if stages is None else tuple(stage.cutoff for stage in stages)
         ratios = ratio_per_stage(settings.ratio, len(settings.cutoffs))
-        positions = torch.arange(length, dtype=torch.float32)
-        first = last = torch.arange(length)
-        log_sizes = None
+        # Everything a stage builds lives on the hidden states' device: nothing per slot is read back to the host.
+        positions = torch.arange(length, dtype=torch.float32, device=h.device)
+        first = last = torch.arange(length, device=h.device)
+        log_sizes, offset = None, 0
         segments, realised, cosines, scores, start = [], [], [], [], 0
         for index, cutoff in enumerate([*cutoffs, None]):
             end = self.num_layers if cutoff is None else cutoff
             if end > start:
                 if run_layers:
                     h = self._run_layers(h, start, end, positions, cache, log_sizes)
-                # The last token is always its own slot, so a new token's position follows the last slot's.
-                segments.append(_Segment(start, end, float(positions[-1]) - (length - 1), log_sizes))
+                segments.append(_Segment(start, end, offset, log_sizes))
                 start = end
             if cutoff is None:
                 break
             merged = self.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings,
                                           ratios[index] if stages is None else 1.0,
-                                          stages[index] if stages is not None else None)
+                                          stages[index] if stages is not None else None, length)
             h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes
+            offset = last_slot_offset(length, merged.stage.plan.merged_length, settings.positions)
             first, last = merged.stage.first, merged.stage.last
             cosines.append(merged.cosines)
             realised.append(merged.stage)
@@ -386,7 +395,7 @@ class MergingEngine:
     def _forward_new(self, h: torch.Tensor, position: int, layout: Layout, cache) -> torch.Tensor:
         """New tokens' embeddings h [1, n, d], the first at original position `position`, through every layer's
         cache; each layer places them after its own (possibly merged) sequence."""
-        new = torch.arange(h.shape[1], dtype=torch.float32) + position
+        new = torch.arange(h.shape[1], dtype=torch.float32, device=h.device) + position  # no host tensor per step
         for segment in layout.segments:
             h = self._run_layers(h, segment.start, segment.end, new + segment.offset, cache, segment.log_sizes)
         return h
@@ -417,9 +426,14 @@ class MergingEngine:
     def merge_at_cutoff(
         self, h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, positions: torch.Tensor,
         log_sizes: torch.Tensor | None, cutoff: int, settings: MergeSettings, ratio: float, stage: Stage | None = None,
+        prompt_length: int | None = None,
     ) -> "Merged":
         """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar` and
-        `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes."""
+        `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes.
+
+        On the device throughout: the plan reads one number back (the slots' count) only where the choice cannot
+        know it ahead, `similar` and the attention choice's kept budget."""
+        prompt_length = first.numel() if prompt_length is None else prompt_length  # tokens before any merge
         attention = None
         if stage is None:
             mixed = settings.choice == "attention" and settings.cosine_share > 0
@@ -427,14 +441,21 @@ class MergingEngine:
             if settings.choice == "attention":
                 attention = self.attention_received(cutoff, h, positions, settings.attention_window, log_sizes)
             stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
-                               similarity, settings.size_weighted, attention,
-                               settings.kept_budget(int(last[-1]) + 1),  # last: each slot's last prompt token
+                               similarity, settings.size_weighted, attention, settings.kept_budget(prompt_length),
                                settings.cosine_share, settings.attention_reach)
-        cosines = pair_cosines(h, stage.plan)
-        hidden = apply_plan(h, stage.plan, settings.method)
+        else:
+            stage = stage.to(h.device)  # a replayed plan may have been made on the CPU
+        a, b = gather_pairs(h, stage.plan)
+        check_method(settings.method)
+        if settings.method == "slerp":
+            hidden, cosines = slerp_and_cosine(a, b, stage.plan.t)
+        else:
+            hidden, cosines = INTERPOLATE[settings.method](a, b, stage.plan.t), cosine(a, b)
         slots = slot_positions(stage.first, stage.last, settings.positions)
-        several = settings.proportional and bool((stage.sizes > 1).any())
-        return Merged(hidden, stage, cosines, slots, stage.sizes.float().log() if several else None, attention)
+        several = settings.proportional and stage.plan.merged_length < prompt_length  # some slot holds several
+        log_sizes = stage.sizes.float().log() if several else None
+        # Each slot's two members' cosine (0 for a single, whose partner is the zero row); the trace keeps the pairs'.
+        return Merged(hidden, stage, cosines, slots, log_sizes, attention)
 
     def attention_received(
         self, cutoff: int, h: torch.Tensor, positions: torch.Tensor, window: int,
@@ -448,23 +469,23 @@ class MergingEngine:
         """
         layer = self.decoder.layers[min(cutoff, self.num_layers - 1)]
         attention = layer.self_attn
-        length = h.shape[1]
+        length, head_dim = h.shape[1], attention.head_dim
         queries = min(int(window), length)  # validate() lets 8.0 pass as 8, as the page does
-        x = layer.input_layernorm(h)
-        head_dim = attention.head_dim
-        q = attention.q_proj(x[:, -queries:]).view(1, queries, -1, head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(1, length, -1, head_dim).transpose(1, 2)
-        cos, sin = self.decoder.rotary_emb(h, positions[None].to(h.device))
-        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        q, _ = rotate(q, q, cos[:, -queries:], sin[:, -queries:])
-        _, k = rotate(k, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling  # [1, heads, W, L]
+        x = layer.input_layernorm(h)[0]
+        q = attention.q_proj(x[-queries:]).view(queries, -1, head_dim).transpose(0, 1)  # [heads, W, hd]
+        k = attention.k_proj(x).view(length, -1, head_dim).transpose(0, 1)  # [kv heads, L, hd]
+        cos, sin = self.decoder.rotary_emb(h, positions[None])
+        rotate_half = sys.modules[type(attention).__module__].rotate_half  # RoPE as the model applies it
+        q = q * cos[0, -queries:] + rotate_half(q) * sin[0, -queries:]
+        k = k * cos[0] + rotate_half(k) * sin[0]
+        # Query heads grouped under the KV head they share ([kv heads, groups·W, hd]): no copy of the keys per head.
+        q = q.reshape(k.shape[0], -1, head_dim)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scaling
         if log_sizes is not None:
-            logits = logits + log_sizes.to(logits.device)
-        future = torch.arange(length, device=h.device)[None] > torch.arange(length - queries, length,
-                                                                             device=h.device)[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
+            logits = logits + log_sizes
+        # Query r sits at item L - W + r and sees the items up to it.
+        future = torch.ones(queries, length, dtype=torch.bool, device=h.device).triu(length - queries + 1)
+        logits = logits.view(k.shape[0], -1, queries, length).masked_fill(future, float("-inf"))
         return logits.softmax(-1).mean(dim=(0, 1, 2))
 
     @torch.inference_mode()
@@ -483,12 +504,17 @@ class MergingEngine:
 
     def start(
         self, input_ids: torch.Tensor, settings: MergeSettings = MergeSettings(), sampling: Sampling = Sampling(),
-        mode: str = "cached", interrupt: threading.Event | None = None,
+        mode: str = "cached", interrupt: threading.Event | None = None, decode: str | None = None,
     ) -> "Run":
         """Validate and plan now; the returned run generates lazily, one token per step. Setting `interrupt` stops
-        the step under way at its next layer (a long prefill need not run to its end after Stop)."""
+        the step under way at its next layer (a long prefill need not run to its end after Stop). `decode` picks
+        the decode steps' path (slerpviz.decode: dynamic, static, compiled; None: `decode.default_mode`, compiled on
+        a GPU, dynamic on a CPU)."""
         self.validate(input_ids.shape[-1], settings, sampling, mode)
-        return Run(self, input_ids, settings, sampling, mode, interrupt)
+        from .decode import check_mode
+
+        check_mode(decode)
+        return Run(self, input_ids, settings, sampling, mode, interrupt, decode)
 
     @contextlib.contextmanager
     def interruptible(self, interrupt: threading.Event | None) -> Iterator[None]:
@@ -545,6 +571,13 @@ class Session:
         self.logits = self.engine._logits(h)
         return self.logits
 
+    def static_decoder(self, max_new_tokens: int, compiled: bool = False):
+        """A static decoder (slerpviz.decode) continuing this session: the same tokens as `decode`, on fixed-size
+        buffers, nothing made on the host per step. It copies the cache: this session does not advance with it."""
+        from .decode import acquire
+
+        return acquire(self, max_new_tokens, compiled)
+
     def kv_lengths(self) -> list[int]:
         """Tokens (slots) each layer's cache holds."""
         return cache_lengths(self.cache) if self.cache is not None else []
@@ -561,7 +594,9 @@ class Run:
     """
 
     def __init__(self, engine: MergingEngine, input_ids, settings: MergeSettings, sampling: Sampling, mode: str,
-                 interrupt: threading.Event | None = None):
+                 interrupt: threading.Event | None = None, decode: str | None = None):
+        # decode: "dynamic", "static" or "compiled"; None: slerpviz.decode.default_mode (compiled on a GPU)
+        self.decode, self.static = decode, None  # the static decoder while the run decodes static
         self.engine, self.input_ids, self.settings = engine, input_ids, settings
         self.sampling, self.mode, self.interrupt = sampling, mode, interrupt
         self.trace = engine.new_trace(input_ids, settings, mode, preview=False)  # filled by the prefill's session
@@ -569,7 +604,8 @@ class Run:
         self._steps = self._generate()
 
     def __iter__(self) -> Iterator[Step]:
-        return self._steps
+        # The run itself, not its generator: a `for` loop then goes through __next__, which arms the interrupt.
+        return self
 
     def __next__(self) -> Step:
         with self.engine.interruptible(self.interrupt):
@@ -579,12 +615,30 @@ class Run:
         self._steps.close()
 
     def _generate(self) -> Iterator[Step]:
+        try:
+            yield from self._tokens()
+        finally:
+            if self.static is not None:  # back to the engine's pool, for the next run of the same shapes
+                self.static.release()
+                self.static = None
+
+    def _start_decoding(self) -> None:
+        """Choose the decode (slerpviz.decode) after the prefill: the static decoder where asked for and exact, its
+        warm-up (compiling and capturing on first use) recorded on its own, never in a step's time."""
+        from .decode import start_decoding
+
+        self.static, self.trace.decode, self.trace.decode_warmup_s = start_decoding(
+            self.session, self.sampling.max_new_tokens - 1, self.decode)
+
+    def _tokens(self) -> Iterator[Step]:
         engine, trace, sampling = self.engine, self.trace, self.sampling
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         warp = _warpers(sampling)
         ids = self.input_ids
         emitted = ""
         for step in range(sampling.max_new_tokens):
+            if step == 1 and self.mode == "cached":
+                self._start_decoding()  # builds (and compiles) the static decoder, timed on its own
             engine.sync()
             began = time.perf_counter()
             if step == 0 or self.mode == "recompute":
@@ -593,9 +647,16 @@ class Run:
                 logits = session.logits
                 if step == 0:
                     self.session = session
+            elif self.static is not None:
+                logits = self.static.step(next_id)
             else:
                 logits = self.session.decode(ids[:, -1:])
-            token = _choose(logits, ids, warp, generator)
+            if warp is None:
+                next_id = logits.argmax(-1, keepdim=True)  # [1, 1], stays on the device for the next step
+                token = int(next_id)  # the step's one sync: the token's text is shown now
+            else:
+                token = _choose(logits, ids, warp, generator)
+                next_id = torch.tensor([[token]], device=ids.device)
             engine.sync()
             seconds = time.perf_counter() - began
 
@@ -604,10 +665,12 @@ class Run:
                 record_session(trace, self.session)
             else:
                 trace.decode_s.append(seconds)
-            if self.session.cache is not None:
+            if self.static is not None:
+                trace.kv_bytes_per_layer = self.static.kv_bytes()  # what the dynamic cache would hold
+            elif self.session.cache is not None:
                 trace.kv_bytes_per_layer = self.session.kv_bytes()
             trace.generated_ids.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+            ids = torch.cat([ids, next_id.to(ids.device)], dim=1)
             text = engine.tokenizer.decode(trace.generated_ids, skip_special_tokens=True)
             piece = ""
             if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
@@ -626,8 +689,10 @@ class MergingForward:
 
     A prompt fed with an empty cache (or none) runs the engine's merging forward; tokens fed with a cache that this
     forward filled continue it, each layer after its own shorter sequence. The output has one hidden state per input
-    token: after a merge each token gets its final slot's (ToMe's "unmerge"), so the last token's, the one that
-    `generate` reads, is exact; per-token scores of merged tokens mean what their slot means.
+    token: after a merge each token gets its final slot's (ToMe's "unmerge"). Only rows that depend on no later
+    token may be read (`rows`, the caller's logits_to_keep, which the patch passes on): the last one, what `generate`
+    reads, always; a row whose slot also holds the token it predicts never, nor any row but the last when the pairs
+    were chosen from the whole sequence. Asking for another is refused (see `_check_rows`).
     """
 
     def __init__(self, engine: MergingEngine, settings: MergeSettings):
@@ -638,6 +703,19 @@ class MergingForward:
         self.previous = None  # a forward set on the decoder instance before the patch (slerpviz.patch)
         self.previous_generate = None  # likewise, a generate set on the model instance
         self.was_training = False  # the model's mode before the patch
+        self.previous_model_forward = None  # a forward set on the model instance before the patch
+        # The rows the caller will read, as transformers' logits_to_keep (0: all, k: the last k, or positions); the
+        # patch sets it around each call of the model's forward. Called on its own, the decoder is read whole.
+        self.rows: int | torch.Tensor = 0
+
+    @contextlib.contextmanager
+    def reading(self, rows: int | torch.Tensor) -> Iterator[None]:
+        """While the block runs, calls read only these rows (transformers' logits_to_keep)."""
+        previous, self.rows = self.rows, rows
+        try:
+            yield
+        finally:
+            self.rows = previous
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                  use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
@@ -673,6 +751,7 @@ class MergingForward:
         else:
             engine.validate(h.shape[1], self.settings)
             hidden, layout, _ = engine._forward_prompt(h, self.settings, cache)
+            self._check_rows(layout, h.shape[1])
             if layout.stages:  # one row per original token again: each gets its final slot's
                 hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
             if cache is not None:
@@ -683,6 +762,43 @@ class MergingForward:
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
 
+    def honest_rows(self, layout: Layout, length: int) -> tuple[torch.Tensor, str]:
+        """Which rows of a sequence fed whole [length] depend on no later token (bool), and why the others do.
+
+        Slot s attends to slots up to s, which hold original tokens up to its last one, so a token that ends its slot
+        is honest when the plan is fixed by positions alone (`consecutive`, `uniform`, a per-vector interpolation).
+        `similar` and `attention` choose the pairs from every token's hidden state (the attention of the last ones),
+        and seed-2024 divides by the norm of the whole sequence: then only the last row, which sees every token.
+        """
+        honest = torch.ones(length, dtype=torch.bool)
+        if not layout.stages or not bool((layout.stages[-1].sizes > 1).any()):
+            return honest, ""  # nothing merged: the model's own rows
+        honest[:-1] = False
+        if self.settings.choice in PLANNED_AT_CUTOFF or self.settings.method == "seed-2024":
+            why = ("was merged by the seed-2024 method, which divides by the whole sequence"
+                   if self.settings.method == "seed-2024" else
+                   f"depends on which pairs the {self.settings.choice!r} choice took from the whole sequence")
+            return honest, why
+        honest[layout.stages[-1].last.cpu()] = True
+        return honest, "shares a merged slot with the token it predicts"
+
+    def _check_rows(self, layout: Layout, length: int) -> None:
+        """Refuse a sequence fed whole whose caller would read a row that depends on a later token."""
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        honest, why = self.honest_rows(layout, length)
+        rows = self.rows.cpu() if isinstance(self.rows, torch.Tensor) else self.rows
+        wanted = slice_logits_to_keep(torch.arange(length).view(1, length, 1), rows).reshape(-1)
+        unfair = wanted[~honest[wanted]]
+        if unfair.numel():
+            raise ValueError(
+                f"under merging, {unfair.numel()} of the {wanted.numel()} rows asked for would depend on a later token "
+                f"(row {int(unfair[0])} {why}; logits_to_keep=0, the default, asks for every row), so per-token "
+                "log-likelihoods are refused (lm-eval's loglikelihood, multiple-choice and perplexity tasks); "
+                "generation reads only the last row, which is exact: generate, pipelines and generate_until tasks "
+                "run, and so does a forward with logits_to_keep=1"
+            )
+
     @staticmethod
     def _check_caller_agrees(cache, entry: CacheEntry | None, start: int, new: int, attention_mask, position_ids
                              ) -> None:
@@ -690,14 +806,23 @@ class MergingForward:
         if entry is not None and cache_lengths(cache) != entry.lengths:
             raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
                              "assisted and prompt-lookup generation do): they are not supported while merging")
-        claimed = []  # where the caller thinks these tokens start
+        claimed = []  # where the caller thinks these tokens start, and what says so
         if attention_mask is not None and attention_mask.ndim == 2:
-            claimed.append(attention_mask.shape[-1] - new)
+            covered = attention_mask.shape[-1]
+            claimed.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
         if position_ids is not None:
-            claimed.append(int(position_ids.reshape(-1)[0]))
-        if any(c != start for c in claimed):
+            first = int(position_ids.reshape(-1)[0])
+            claimed.append((first, f"its position_ids start at {first}"))
+        wrong = [(where, said) for where, said in claimed if where != start]
+        if wrong and entry is None:  # a fresh forward: there is no cache to continue, the sequence starts here
             raise ValueError(
-                f"this call continues the merged cache from token {claimed[0]}, but it holds {start} tokens: continue "
+                f"this forward starts a new sequence under merging (no merged cache before it), but {wrong[0][1]}: "
+                "a sequence fed without a merged cache starts at position 0 (merged slots get their own "
+                "positions); give position_ids from 0, or none, and an attention mask as long as the tokens fed"
+            )
+        if wrong:
+            raise ValueError(
+                f"this call continues the merged cache from token {wrong[0][0]}, but it holds {start} tokens: continue "
                 "a merged cache only within the `merging` block that filled it, and only by the tokens it has not "
                 "seen (generate counts a cache by its first layer, which a cutoff at layer 0 shortens)"
             )
@@ -755,7 +880,7 @@ class Merged:
 
     hidden: torch.Tensor  # [1, slots, d]
     stage: Stage
-    cosines: torch.Tensor  # [1, pairs]: cosine of each merged pair before merging
+    cosines: torch.Tensor  # [1, slots]: cosine of each slot's two members before merging (0 for a single)
     positions: torch.Tensor  # [slots]: RoPE positions of the slots
     log_sizes: torch.Tensor | None  # log(tokens per slot) for proportional attention, when any slot holds several
     attention: torch.Tensor | None = None  # [items]: attention received, when the `attention` choice planned the stage
@@ -764,7 +889,8 @@ class Merged:
 def record_session(trace: Trace, session: Session) -> None:
     """Write what the prompt's prefill did into the trace: the stages that ran, pair cosines, attention scores."""
     record_plan(trace, session.stages)
-    trace.pair_cosines = [c.flatten().tolist() for c in session.cosines]
+    trace.pair_cosines = [[c for c, size in zip(cosines.flatten().tolist(), stage.plan.sizes.tolist()) if size == 2]
+                          for cosines, stage in zip(session.cosines, session.stages)]
     trace.attention_scores = [a.tolist() if a is not None else [] for a in session.layout.attention]
 
 

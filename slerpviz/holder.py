@@ -85,27 +85,27 @@ def fetch_weights(name: str, progress: Callable[[str], None]) -> None:
     snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
 
 
-HUB_CONNECT_TIMEOUT = 10.0
-HUB_READ_TIMEOUT = 60.0  # seconds without a byte arriving; a large file may take far longer in all
+HUB_CONNECT_TIMEOUT = 10.0  # a file's metadata, asked before each download (HF_HUB_ETAG_TIMEOUT)
+HUB_READ_TIMEOUT = 60.0  # a download: to connect, and between two bytes (HF_HUB_DOWNLOAD_TIMEOUT); a large file may
+# take far longer in all
 
 
-@functools.cache  # once per process: setting a factory closes the hub's shared session
+@functools.cache  # once per process: a user's own setting, made later, is not overwritten
 def bound_hub_timeouts() -> None:
-    """huggingface_hub's HTTP client waits forever by default: a hub that accepts a connection and never answers
-    would hold a switch (and every page waiting on it) for good. Give it timeouts, keeping its own client setup."""
-    try:
-        import httpx2
-        from huggingface_hub import set_client_factory
-        from huggingface_hub.utils._http import default_client_factory
-    except ImportError:  # another huggingface_hub: its own defaults stand
-        return
+    """huggingface_hub's HTTP client has no timeout of its own: a hub that accepts a connection and never answers
+    would hold a switch (and every page waiting on it) for good. Bound its downloads by its documented settings,
+    unless the environment already has them: HF_HUB_ETAG_TIMEOUT (the metadata asked before each file) to
+    HUB_CONNECT_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (the file itself) to HUB_READ_TIMEOUT.
 
-    def client():
-        session = default_client_factory()
-        session.timeout = httpx2.Timeout(HUB_READ_TIMEOUT, connect=HUB_CONNECT_TIMEOUT)
-        return session
+    huggingface_hub reads the two once, when `huggingface_hub.constants` is first imported — transformers imports
+    it, so in this process that has happened before this runs — and its downloads read them from that module at
+    each call. So they are set there as well as in the environment (which the processes started from here read)."""
+    from huggingface_hub import constants
 
-    set_client_factory(client)
+    for name, seconds in (("HF_HUB_ETAG_TIMEOUT", HUB_CONNECT_TIMEOUT), ("HF_HUB_DOWNLOAD_TIMEOUT", HUB_READ_TIMEOUT)):
+        if name not in os.environ:  # the user's own setting stands: huggingface_hub read it at import
+            os.environ[name] = str(round(seconds))
+            setattr(constants, name, round(seconds))
 
 
 def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> MergingEngine:

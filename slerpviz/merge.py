@@ -55,17 +55,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor = 0.5) -> to
     the vectors as they are, so at t = 0.5 the result is the mean scaled by 1/cos(θ/2). Nearly parallel or
     opposite vectors (|cos θ| > 0.9995) and zero vectors fall back to linear interpolation: no NaN anywhere.
     """
+    return slerp_and_cosine(a, b, t)[0]
+
+
+def slerp_and_cosine(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor = 0.5
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """slerp(a, b, t) and the cosine of each pair [...] it measured on the way (0 where a vector is zero), so a
+    caller that shows the angles need not compute them twice."""
     a32, b32 = a.float(), b.float()
     w = _as_weight(t, a)
     norm_a = a32.norm(dim=-1, keepdim=True)
     norm_b = b32.norm(dim=-1, keepdim=True)
     cos = ((a32 * b32).sum(-1, keepdim=True) / (norm_a * norm_b).clamp_min(_EPS)).clamp(-1.0, 1.0)
-    linear = (cos.abs() > PARALLEL_COS) | (norm_a <= _EPS) | (norm_b <= _EPS)
+    linear = (cos.abs() > PARALLEL_COS) | (torch.minimum(norm_a, norm_b) <= _EPS)
     theta = torch.acos(cos)
-    sin_theta = torch.where(linear, torch.ones_like(theta), torch.sin(theta))
-    weight_a = torch.where(linear, 1 - w, torch.sin((1 - w) * theta) / sin_theta)
-    weight_b = torch.where(linear, w.expand_as(theta), torch.sin(w * theta) / sin_theta)
-    return (weight_a * a32 + weight_b * b32).to(a.dtype)
+    sin_theta = torch.where(linear, 1.0, torch.sin(theta))
+    rest = 1 - w
+    weight_a = torch.where(linear, rest, torch.sin(rest * theta) / sin_theta)
+    weight_b = torch.where(linear, w, torch.sin(w * theta) / sin_theta)
+    return (weight_a * a32 + weight_b * b32).to(a.dtype), cos.squeeze(-1)
 
 
 def slerp_dir(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor = 0.5) -> torch.Tensor:
@@ -140,14 +148,26 @@ class MergePlan:
     keep_end: int
     starts: torch.Tensor  # long [slots]
     sizes: torch.Tensor  # long [slots]
+    ends: torch.Tensor  # long [slots]: the last item of each slot
     a_index: torch.Tensor  # long [slots]
     b_index: torch.Tensor  # long [slots]
     t: torch.Tensor  # float32 [slots]
-    protected: torch.Tensor  # bool [slots]: inside a protected span
 
     @property
     def merged_length(self) -> int:
         return int(self.starts.numel())
+
+    @property
+    def protected(self) -> torch.Tensor:
+        """bool [slots]: inside a protected span (the spans are singles at both ends, counted in slots)."""
+        slot = torch.arange(self.merged_length, device=self.starts.device)
+        return (slot < self.keep_start) | (slot >= self.merged_length - self.keep_end)
+
+    def to(self, device) -> "MergePlan":
+        """The same plan with its tensors on `device` (a plan made on the CPU, run on a GPU)."""
+        return MergePlan(self.length, self.keep_start, self.keep_end,
+                         *(getattr(self, name).to(device)
+                           for name in ("starts", "sizes", "ends", "a_index", "b_index", "t")))
 
     @property
     def pair_slots(self) -> torch.Tensor:
@@ -189,6 +209,24 @@ def check_ratio(ratio: float) -> None:
         raise ValueError(f"merge ratio {ratio!r} must be between 0 and 1 (the share of eligible pairs merged)")
 
 
+# Every pair choice below is tensor work on the device the scores live on, with no value read back to the host: on a
+# GPU each read is a synchronisation that stalls the launch queue (issue 23 measured 14 of them in one merge). The
+# choices return a mask over the items, True at the first item of each pair to merge; only turning the mask into
+# slots (plan_from_mask) needs the number of pairs, and that is known ahead for every choice but `similar` and the
+# `attention` choice's kept budget.
+
+
+def eligible_pairs(length: int, keep_start: int = 0, keep_end: int = 0, device=None) -> torch.Tensor:
+    """First items of the pairs that may merge: (lead, lead + 1), (lead + 2, lead + 3), ... within the middle."""
+    lead, end = _middle(length, keep_start, keep_end)
+    return torch.arange(lead, max(end - 1, lead), 2, device=device)
+
+
+def pair_count(eligible: int, ratio: float) -> int:
+    """How many of `eligible` pairs a merge ratio asks for (rounded half up)."""
+    return math.floor(ratio * eligible + 0.5)
+
+
 def choose_pairs(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, attention: torch.Tensor | None = None, keep_top: int = 0,
@@ -199,37 +237,56 @@ def choose_pairs(
     The eligible pairs are the consecutive pairs of the middle, (lead, lead+1), (lead+2, lead+3), ...; `ratio` of
     them are merged: the first ones (`consecutive`), spread evenly (`uniform`), for `similar` the most similar
     adjacent pairs by `similarity` [length - 1], the cosine of items i and i + 1, at any offset, and for
-    `attention` the least-attended eligible pairs by `attention` [length] (see least_attended_pairs; with
+    `attention` the least-attended eligible pairs by `attention` [length] (see least_attended_on_grid; with
     `reach` > 0 a pair ranks with the most attended item within reach, with `cosine_share` > 0 its ranking also
     weighs how alike the pair is, by `similarity`).
     """
+    mask, _ = pair_mask(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top, cosine_share,
+                        reach)
+    return torch.nonzero(mask).flatten()
+
+
+def pair_mask(
+    length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
+    similarity: torch.Tensor | None = None, attention: torch.Tensor | None = None, keep_top: int = 0,
+    cosine_share: float = 0.0, reach: int = 0, device=None,
+) -> tuple[torch.Tensor, int | None]:
+    """choose_pairs as a mask: bool [length], True at the first item of each pair to merge, on the scores' device
+    (or `device`), and the number of pairs where it is known without reading the scores (None otherwise)."""
     check_spans(length, keep_start, keep_end)
     check_ratio(ratio)
     check_choice(choice)
+    scores = attention if choice == "attention" else similarity if choice == "similar" else None
+    device = scores.device if scores is not None else device
     lead, end = _middle(length, keep_start, keep_end)
-    grid = torch.arange(lead, max(end - 1, lead), 2)
-    count = math.floor(ratio * grid.numel() + 0.5)
+    grid = eligible_pairs(length, keep_start, keep_end, device)
+    count = pair_count(grid.numel(), ratio)
+    mask = torch.zeros(length, dtype=torch.bool, device=device)
     if choice == "consecutive":
-        return grid[:count]
+        return mask.index_fill_(0, grid[:count], True), count
     if choice == "uniform":
-        return grid[((torch.arange(count) + 0.5) * grid.numel() / max(count, 1)).long()]
+        spread = ((torch.arange(count, device=device) + 0.5) * grid.numel() / max(count, 1)).long()
+        return mask.index_fill_(0, grid[spread], True), count
     if choice == "attention":
         if attention is None:
             raise ValueError("the 'attention' pair choice needs the attention each item receives")
         if cosine_share > 0 and similarity is None:
             raise ValueError("mixing the cosine into the 'attention' pair choice needs the adjacent similarities")
-        return least_attended_pairs(attention, grid, count, keep_top, similarity if cosine_share > 0 else None,
-                                    cosine_share, reach)
+        on_grid = least_attended_on_grid(attention, grid, count, keep_top, similarity if cosine_share > 0 else None,
+                                         cosine_share, reach)
+        known = count if keep_top <= 0 or count == 0 else None  # kept tokens may leave fewer pairs than asked
+        return mask.index_put_((grid,), on_grid), known
     if similarity is None:
         raise ValueError("the 'similar' pair choice needs the similarity of adjacent hidden states")
-    return most_similar_pairs(similarity, lead, end, count)
+    mask[:-1] = most_similar_mask(similarity, lead, end, count)
+    return mask, (0 if count == 0 else None)
 
 
-def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int, keep_top: int = 0,
-                         similarity: torch.Tensor | None = None, cosine_share: float = 0.0,
-                         reach: int = 0) -> torch.Tensor:
-    """The `count` pairs of the grid (i, i + 1 for i in grid) whose more-attended member receives the least
-    attention; a pair holding one of the `keep_top` most-attended items never merges (so fewer may merge).
+def least_attended_on_grid(attention: torch.Tensor, grid: torch.Tensor, count: int, keep_top: int = 0,
+                           similarity: torch.Tensor | None = None, cosine_share: float = 0.0,
+                           reach: int = 0) -> torch.Tensor:
+    """bool [grid]: the `count` pairs of the grid (i, i + 1 for i in grid) whose more-attended member receives the
+    least attention; a pair holding one of the `keep_top` most-attended items never merges (so fewer may merge).
 
     A pair is scored by its maximum, not its sum: one token the prompt looks at is reason enough to keep a pair.
     With `reach` R > 0 the pairs rank by the spread attention (spread_attention), so the items around an attended
@@ -239,21 +296,28 @@ def least_attended_pairs(attention: torch.Tensor, grid: torch.Tensor, count: int
     (1 - s) * their rank by attention + s * their rank by dissimilarity: ranks, because an attention weight and a
     cosine have no common scale. Ties go to the earlier pair, so the result is deterministic.
     """
-    scores = attention.detach().float().cpu()
     if grid.numel() == 0 or count <= 0:
-        return grid[:0]
+        return torch.zeros(grid.numel(), dtype=torch.bool, device=grid.device)
+    scores = attention.float()
+    second = grid + 1
     ranked = spread_attention(scores, reach)
-    pair_score = torch.maximum(ranked[grid], ranked[grid + 1])
+    pair_score = torch.maximum(ranked[grid], ranked[second])
+    if keep_top <= 0 and (similarity is None or cosine_share <= 0):
+        return ranks(pair_score) < count
+    allowed = torch.ones_like(pair_score, dtype=torch.bool)
     if keep_top > 0:
-        kept = torch.zeros(scores.numel(), dtype=torch.bool)
-        kept[scores.topk(min(keep_top, scores.numel())).indices] = True
-        allowed = ~(kept[grid] | kept[grid + 1])
-        grid, pair_score = grid[allowed], pair_score[allowed]
-    if similarity is not None and cosine_share > 0 and grid.numel() > 0:
-        unlike = 1 - similarity.detach().float().cpu()[grid]
-        pair_score = (1 - cosine_share) * share_ranks(pair_score) + cosine_share * share_ranks(unlike)
-    order = torch.sort(pair_score, stable=True).indices[:count]
-    return grid[order].sort().values
+        kept = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        kept.index_fill_(0, scores.topk(min(keep_top, scores.numel())).indices, True)
+        allowed = ~(kept[grid] | kept[second])
+    # A pair that may not merge ranks after every other (+inf), so the ranks of the allowed ones are theirs alone.
+    pair_score = torch.where(allowed, pair_score, math.inf)
+    if similarity is not None and cosine_share > 0:
+        unlike = torch.where(allowed, 1 - similarity.float()[grid], math.inf)
+        allowed_count = allowed.sum()
+        mixed = (1 - cosine_share) * share_ranks(pair_score, allowed_count) + cosine_share * share_ranks(
+            unlike, allowed_count)
+        pair_score = torch.where(allowed, mixed, math.inf)
+    return (ranks(pair_score) < count) & allowed
 
 
 def spread_attention(attention: torch.Tensor, reach: int) -> torch.Tensor:
@@ -262,101 +326,132 @@ def spread_attention(attention: torch.Tensor, reach: int) -> torch.Tensor:
     rank with it, so a fact stays whole rather than only its most-attended token."""
     if reach <= 0:
         return attention
-    return F.max_pool1d(attention.float()[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0]
+    return F.max_pool1d(attention.view(1, 1, -1), 2 * reach + 1, stride=1, padding=reach).view(-1)
 
 
-def share_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Each value's rank among `values` as a share in [0, 1] (0 for the smallest; ties by order)."""
-    ranks = torch.empty(values.numel())
-    ranks[torch.sort(values, stable=True).indices] = torch.arange(values.numel(), dtype=torch.float)
-    return ranks / max(values.numel() - 1, 1)
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank among `values`, 0 for the smallest, ties in order of position (long [n])."""
+    return torch.sort(values, stable=True).indices.argsort()  # the inverse of the sorting permutation
+
+
+def share_ranks(values: torch.Tensor, count: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Each value's rank among `values` as a share in [0, 1] (0 for the smallest; ties by order), the ranks divided
+    by count - 1 (default: the number of values; a tensor when only the device knows how many count)."""
+    count = values.numel() if count is None else count
+    scale = (count - 1).clamp_min(1) if torch.is_tensor(count) else max(count - 1, 1)
+    return ranks(values).float() / scale
 
 
 def most_similar_pairs(similarity: torch.Tensor, lead: int, end: int, count: int) -> torch.Tensor:
-    """Greedy non-overlapping matching of adjacent pairs by similarity, then the `count` most similar of it.
+    """First items of the pairs most_similar_mask chooses, sorted."""
+    return torch.nonzero(most_similar_mask(similarity, lead, end, count)).flatten()
 
-    Greedy (take the most similar pair, drop its two neighbours, repeat) is computed in rounds: every pair that is a
-    local maximum among the pairs still open is one greedy would take, so each round takes them all at once. Ties
-    go to the earlier pair, so the result is deterministic. A greedy matching holds at least a third of the middle;
-    when `count` asks for more, fewer pairs are merged.
+
+def most_similar_mask(similarity: torch.Tensor, lead: int, end: int, count: int) -> torch.Tensor:
+    """bool [length - 1]: greedy non-overlapping matching of the adjacent pairs of [lead, end) by similarity, then
+    the `count` most similar of it.
+
+    Greedy takes the most similar pair, drops its two neighbours, and repeats; ties go to the earlier pair, so the
+    result is deterministic. A greedy matching holds at least a third of the middle; when `count` asks for more,
+    fewer pairs are merged.
+
+    Greedy on a path needs no rounds. A pair is settled by its neighbours only when they are more similar, so it
+    lies on a slope that climbs to a peak (a pair more similar than both neighbours, taken first). Down a slope the
+    pairs alternate, taken at even distance from the peak; a valley (both neighbours more similar) is taken when
+    neither neighbour is. That is a few prefix scans, on the device, whatever the similarities.
     """
-    score = torch.full((similarity.numel(),), -math.inf)
-    if end - lead >= 2:
-        score[lead : end - 1] = similarity.detach().float().cpu()[lead : end - 1]
-    chosen = torch.zeros_like(score, dtype=torch.bool)
-    while True:
-        left = torch.nn.functional.pad(score[:-1], (1, 0), value=-math.inf)
-        right = torch.nn.functional.pad(score[1:], (0, 1), value=-math.inf)
-        take = (score > left) & (score >= right) & torch.isfinite(score)
-        if not take.any():
-            break
-        chosen |= take
-        closed = take.clone()
-        closed[1:] |= take[:-1]
-        closed[:-1] |= take[1:]
-        score = score.masked_fill(closed, -math.inf)
-    starts = torch.nonzero(chosen).flatten()
-    if starts.numel() > count:
-        order = torch.sort(similarity.detach().float().cpu()[starts], descending=True, stable=True).indices
-        starts = starts[order[:count]].sort().values
-    return starts
+    length = similarity.numel()
+    sim = similarity.detach().float()
+    index = torch.arange(length, device=sim.device)
+    valid = (index >= lead) & (index < end - 1)
+    score = sim.masked_fill(~valid, -math.inf)
+    # Ties go to the earlier pair: the left neighbour wins on equal scores, the right one only when strictly above.
+    left_wins = F.pad(valid[:-1] & (score[:-1] >= score[1:]), (1, 0))
+    right_wins = F.pad(valid[1:] & (score[1:] > score[:-1]), (0, 1))
+    peak = valid & ~left_wins & ~right_wins
+    down_right = valid & left_wins & ~right_wins  # on a slope falling from a peak on its left
+    down_left = valid & right_wins & ~left_wins
+    from_left_peak = index - torch.cummax(torch.where(down_right, -1, index), 0).values
+    from_right_peak = torch.cummin(torch.where(down_left, length, index).flip(0), 0).values.flip(0) - index
+    taken = peak | (down_right & (from_left_peak % 2 == 0)) | (down_left & (from_right_peak % 2 == 0))
+    valley = valid & left_wins & right_wins
+    neighbour_taken = F.pad(taken[:-1], (1, 0)) | F.pad(taken[1:], (0, 1))
+    taken = taken | (valley & ~neighbour_taken)
+    # Then the `count` most similar of the matching: rank the taken pairs by similarity, ties to the earlier pair.
+    return taken & (ranks(torch.where(taken, -sim, math.inf)) < count)
 
 
 def plan_from_pairs(
     length: int, pair_starts: torch.Tensor, keep_start: int = 0, keep_end: int = 0,
     weights: torch.Tensor | None = None,
 ) -> MergePlan:
-    """The plan that merges items (i, i + 1) for each i in pair_starts and keeps every other item alone.
+    """The plan that merges items (i, i + 1) for each i in pair_starts and keeps every other item alone."""
+    is_pair_start = torch.zeros(length, dtype=torch.bool, device=pair_starts.device)
+    is_pair_start[pair_starts] = True
+    return plan_from_mask(length, is_pair_start, keep_start, keep_end, weights, pairs=int(pair_starts.numel()))
+
+
+def plan_from_mask(
+    length: int, is_pair_start: torch.Tensor, keep_start: int = 0, keep_end: int = 0,
+    weights: torch.Tensor | None = None, pairs: int | None = None,
+) -> MergePlan:
+    """The plan that merges items (i, i + 1) wherever is_pair_start [length] is True and keeps every other item
+    alone, on the mask's device. With `pairs`, the number of True values, the slots are found without reading
+    anything back to the host; without, one read (the number of slots) is the only one.
 
     `weights` (tokens held by each item, default 1) set t = w_b / (w_a + w_b), so a slot holding two tokens meeting
     a single one weighs 2:1.
     """
-    is_pair_start = torch.zeros(length, dtype=torch.bool)
-    is_pair_start[pair_starts] = True
-    is_second = torch.zeros(length, dtype=torch.bool)
-    is_second[pair_starts + 1] = True
-    starts = torch.nonzero(~is_second).flatten()
+    keeps = ~F.pad(is_pair_start[:-1], (1, 0))  # every item but the second of a pair starts a slot
+    starts = (torch.nonzero(keeps) if pairs is None else torch.nonzero_static(keeps, size=length - pairs))[:, 0]
     pair = is_pair_start[starts]
-    sizes = 1 + pair.long()
+    sizes = pair + 1
+    ends = starts + pair
     # Singles before the first pair sit as (zero, x) at t = 1, the others as (x, zero) at t = 0: the article's
     # layout, with index `length` standing for the zero row.
-    first_pair = int(pair_starts.min()) if pair_starts.numel() else length
-    before = ~pair & (starts < first_pair)
-    zero = torch.full_like(starts, length)
-    second = (starts + 1).clamp(max=length - 1)
-    a_index = torch.where(before, zero, starts)
-    b_index = torch.where(pair, second, torch.where(before, starts, zero))
-    w = torch.ones(length) if weights is None else weights.float().cpu()
-    t_pair = w[second] / (w[starts] + w[second])
+    before = torch.cumsum(pair, 0) == 0
+    a_index = torch.where(before, length, starts)
+    b_index = torch.where(pair, ends, torch.where(before, starts, length))
+    if weights is None:
+        t_pair = 0.5
+    else:
+        w = weights.to(is_pair_start.device, torch.float32)
+        end_weight = w[ends]
+        t_pair = end_weight / (w[starts] + end_weight)
     t = torch.where(pair, t_pair, before.float())
-    slot_index = torch.arange(starts.numel())
-    protected = (slot_index < keep_start) | (slot_index >= starts.numel() - keep_end)
-    return MergePlan(length, keep_start, keep_end, starts, sizes, a_index, b_index, t, protected)
+    return MergePlan(length, keep_start, keep_end, starts, sizes, ends, a_index, b_index, t)
 
 
 def plan_merge(
     length: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0, choice: str = "consecutive",
     similarity: torch.Tensor | None = None, weights: torch.Tensor | None = None,
     attention: torch.Tensor | None = None, keep_top: int = 0, cosine_share: float = 0.0, reach: int = 0,
+    device=None,
 ) -> MergePlan:
     """Pair consecutive items, except the protected spans and the first and last item, which stay alone.
 
     By default the whole unprotected middle is cut into consecutive pairs; when it has odd length its last item
-    stays alone. `ratio` and `choice` merge only some of the pairs (see choose_pairs).
+    stays alone. `ratio` and `choice` merge only some of the pairs (see choose_pairs). The plan lives on the scores'
+    device, or `device` for the choices that need none.
     """
-    pairs = choose_pairs(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top, cosine_share,
-                         reach)
-    return plan_from_pairs(length, pairs, keep_start, keep_end, weights)
+    mask, pairs = pair_mask(length, keep_start, keep_end, ratio, choice, similarity, attention, keep_top,
+                            cosine_share, reach, device)
+    return plan_from_mask(length, mask, keep_start, keep_end, weights, pairs)
+
+
+def gather_pairs(x: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two rows each slot interpolates, from x [batch, length, d]: [batch, slots, d] each (a zero row where a
+    slot keeps a single item)."""
+    padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)
+    return padded.index_select(1, plan.a_index), padded.index_select(1, plan.b_index)
 
 
 def apply_plan(x: torch.Tensor, plan: MergePlan, method: str = "slerp") -> torch.Tensor:
     """Merge x [batch, length, d] into [batch, slots, d]: one gather and one batched interpolation."""
     check_method(method)
-    padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[-1])], dim=1)
-    device = x.device
-    a = padded.index_select(1, plan.a_index.to(device))
-    b = padded.index_select(1, plan.b_index.to(device))
-    return INTERPOLATE[method](a, b, plan.t.to(device))
+    plan = plan.to(x.device)
+    a, b = gather_pairs(x, plan)
+    return INTERPOLATE[method](a, b, plan.t)
 
 
 def adjacent_cosines(x: torch.Tensor) -> torch.Tensor:
@@ -394,6 +489,9 @@ class Stage:
         """Original token positions of each slot after this stage."""
         return [tuple(range(f, l + 1)) for f, l in zip(self.first.tolist(), self.last.tolist())]
 
+    def to(self, device) -> "Stage":
+        return Stage(self.cutoff, self.plan.to(device), self.first.to(device), self.last.to(device))
+
 
 def next_stage(
     first: torch.Tensor, last: torch.Tensor, cutoff: int, keep_start: int = 0, keep_end: int = 0, ratio: float = 1.0,
@@ -407,8 +505,8 @@ def next_stage(
     """
     weights = (last - first + 1) if size_weighted else None
     plan = plan_merge(first.numel(), keep_start, keep_end, ratio, choice, similarity, weights, attention, keep_top,
-                      cosine_share, reach)
-    return Stage(cutoff, plan, first[plan.starts], last[plan.starts + plan.sizes - 1])
+                      cosine_share, reach, device=first.device)
+    return Stage(cutoff, plan, first[plan.starts], last[plan.ends])
 
 
 def ratio_per_stage(ratio: float | tuple[float, ...], stages: int) -> tuple[float, ...]:
@@ -434,7 +532,9 @@ def plan_stages(
     ratios = ratio_per_stage(ratio, len(cutoffs))
     first = last = torch.arange(length)
     stages = []
-    for cutoff, stage_ratio in zip(sorted(cutoffs), ratios):
+    # Stages run in layer order, and a per-cutoff ratio travels with its cutoff: cutoffs (4, 2) with ratios (1, 0.5)
+    # merge half the pairs at layer 2, then all at layer 4.
+    for cutoff, stage_ratio in sorted(zip(cutoffs, ratios), key=lambda pair: pair[0]):
         stage = next_stage(first, last, cutoff, keep_start, keep_end, stage_ratio, choice, None, size_weighted)
         first, last = stage.first, stage.last
         stages.append(stage)
@@ -454,7 +554,15 @@ def slot_positions(first: torch.Tensor, last: torch.Tensor, mode: str = "mean") 
     """RoPE position of each slot: the mean of its tokens' positions, its first token's, or 0..slots-1."""
     check_positions(mode)
     if mode == "mean":
-        return (first + last).float() / 2
+        return (first + last) * 0.5
     if mode == "first":
         return first.float()
-    return torch.arange(first.numel(), dtype=torch.float32)  # renumber
+    return torch.arange(first.numel(), dtype=torch.float32, device=first.device)  # renumber
+
+
+def last_slot_offset(length: int, slots: int, mode: str = "mean") -> int:
+    """Where the last token's slot sits, minus where the token sat: a token after the prompt sits at its own position
+    plus this. The last token is always a slot of its own, so every mode places it at length - 1, except renumber,
+    which places it at slots - 1. Known without reading the positions back from the device."""
+    check_positions(mode)
+    return slots - length if mode == "renumber" else 0

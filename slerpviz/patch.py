@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 
 from .engine import MergeSettings, MergingEngine, MergingForward
@@ -29,7 +30,28 @@ def apply(model, settings: MergeSettings) -> MergingForward:
     decoder.forward = forward
     forward.previous_generate = model.__dict__.get("generate")
     model.generate = _refusing_draft_tokens(model.generate)
+    forward.previous_model_forward = model.__dict__.get("forward")
+    model.forward = _telling_rows(model.forward, forward)
     return forward
+
+
+def _telling_rows(model_forward, merging: MergingForward):
+    """The model's forward, telling the merging decoder which rows its caller reads (logits_to_keep): under merging
+    only rows that depend on no later token are honest, and the decoder refuses a call that would read another."""
+    signature = inspect.signature(model_forward)
+    parameter = signature.parameters.get("logits_to_keep")
+    default = parameter.default if parameter is not None and parameter.default is not parameter.empty else 0
+
+    @functools.wraps(model_forward)
+    def merging_forward(*args, **kwargs):
+        try:
+            rows = signature.bind_partial(*args, **kwargs).arguments.get("logits_to_keep", default)
+        except TypeError:  # the model's own forward will say what is wrong with the arguments
+            rows = default
+        with merging.reading(rows):
+            return model_forward(*args, **kwargs)
+
+    return merging_forward
 
 
 # Generation modes that feed draft tokens with the prompt and crop the cache back to those accepted: the drafts would
@@ -58,6 +80,7 @@ def remove(model) -> None:
         return
     _restore(decoder, "forward", forward.previous)
     _restore(model, "generate", forward.previous_generate)
+    _restore(model, "forward", forward.previous_model_forward)
     model.train(forward.was_training)
 
 

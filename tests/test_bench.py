@@ -14,7 +14,7 @@ from slerpviz.bench.engines import random_weight_engine, shape_config
 from slerpviz.bench.fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, FidelityPlan, TokenText, base_reference,
                                      best_combination, compare, earliest_cutoff, run_fidelity)
 from slerpviz.bench.machine import PeakMemory
-from slerpviz.bench.speed import SPEED_COLUMNS, SpeedPlan, run_speed
+from slerpviz.bench.speed import SPEED_COLUMNS, SpeedPlan, random_prompt, run_speed
 from slerpviz.bench.texts import read_texts, tokenize
 from slerpviz.engine import MergeSettings
 from slerpviz.merge import plan_stages
@@ -199,12 +199,38 @@ def test_fidelity_grid_over_pair_choice_and_proportional_attention(tiny):
     assert result["best"]["label"] in labels and len(result["summary"]) == 2 * 4
 
 
-def test_speed_with_similar_pairs_and_a_ratio(tiny):
-    plan = SpeedPlan(lengths=(20,), schedules=((2,),), modes=("cached",), repeats=1, new_tokens=2, merge_repeats=1,
-                     merge=MergeSettings(choice="similar", ratio=0.5, proportional=True), warmup=False)
-    (row,) = run_speed(tiny, plan, log=lambda m: None).rows
-    # 20 tokens: 9 eligible pairs, half of them (rounded) merge under the consecutive plan's budget.
-    assert row["merged_length"] == 20 - 5 and row["kv_fraction"] is not None and row["merge_ms"] > 0
+@pytest.mark.parametrize("merge", [
+    MergeSettings(choice="similar", ratio=1.0, proportional=True),
+    # A kept budget of 16 of 40 tokens leaves far fewer pairs free than the ratio asks for.
+    MergeSettings(choice="attention", ratio=1.0, attention_keep=16, attention_reach=2),
+], ids=["similar", "attention-kept-budget"])
+def test_speed_takes_its_limits_from_the_plan_that_ran(tiny, merge):
+    # issue 21, item 5: the limit of a variant planned from the hidden states is that plan's, not the consecutive
+    # plan's with the same ratio (which merges all 19 eligible pairs of 40 tokens, to 21 slots).
+    plan = SpeedPlan(lengths=(40,), schedules=((2,),), modes=("cached", "recompute"), repeats=1, new_tokens=3,
+                     recompute_new_tokens=2, merge_repeats=1, merge=merge, warmup=False)
+    rows = run_speed(tiny, plan, log=lambda m: None).rows
+    cached = next(r for r in rows if r["mode"] == "cached")
+    session = tiny.prefill(random_prompt(tiny, 40, plan.seed), replace(merge, cutoffs=(2,)))
+    assert cached["merged_length"] == session.stages[-1].plan.merged_length > 21
+    assert cached["kv_fraction"] == pytest.approx(cached["kv_fraction_limit"])  # limit and cache are one plan
+    assert all(r["merged_length"] == cached["merged_length"] for r in rows)
+    assert cached["merge_ms"] > 0 and cached["merge_syncs"] == 1  # the count depends on the data: one read
+
+
+def test_speed_times_named_presets_beside_schedules(tiny):
+    from slerpviz import presets
+
+    recommended = presets.recommended(tiny.num_layers)
+    plan = SpeedPlan(lengths=(48,), schedules=((2,),), modes=("cached",), repeats=1, new_tokens=2, merge_repeats=1,
+                     warmup=False, named=(("recommended", recommended),))
+    rows = run_speed(tiny, plan, log=lambda m: None).rows
+    assert [r["schedule"] for r in rows] == ["2", "recommended"]
+    row = rows[1]
+    assert row["stages"] == len(recommended.cutoffs) and row["first_cutoff"] == recommended.cutoffs[0]
+    assert row["merge_syncs"] <= row["stages"] and row["merge_ops_per_stage"] > 0
+    assert row["base_decode_syncs"] == 0 and row["merged_decode_syncs"] == 0  # a decode step reads nothing back
+    assert row["merge_gpu_ms"] is None  # no GPU here
 
 
 def test_divergence_counts_tokens_up_to_the_first_difference():
@@ -288,8 +314,24 @@ def test_speed_times_a_preset_with_its_attention_scoring_in_the_merge_share(tmp_
                          "--preset", "recommended", "--method", "lerp", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "speed.csv")))
     expected = recommended(4)
-    assert {r["schedule"] for r in rows} == {schedules.label(expected.cutoffs)}
+    assert {r["schedule"] for r in rows} == {"recommended"}  # the preset alone, not --quick's default schedules
+    assert all(int(r["first_cutoff"]) == expected.cutoffs[0] and int(r["stages"]) == len(expected.cutoffs)
+               for r in rows)
     assert all(float(r["merge_ms"]) > 0 and 0 < float(r["merge_share"]) < 1 for r in rows)
-    plan = json.loads((out / "speed.json").read_text())["plan"]["merge"]
+    ((name, plan),) = json.loads((out / "speed.json").read_text())["plan"]["named"]
+    assert name == "recommended"
     assert plan["choice"] == expected.choice and plan["attention_window"] == expected.attention_window
     assert plan["method"] == "lerp"  # the preset replaces the merge flags, not how its slots are made
+
+
+def test_speed_times_each_decode_for_base_and_merged_alike(tiny):
+    plan = SpeedPlan(lengths=(40,), schedules=((2,),), modes=("cached",), repeats=1, new_tokens=3, merge_repeats=1,
+                     warmup=False, decodes=("dynamic", "static"))
+    result = run_speed(tiny, plan, log=lambda m: None)
+    assert [(r["decode"], r["schedule"]) for r in result.rows] == [("dynamic", "2"), ("static", "2")]
+    paths = {(r["decode"], r["variant"]): r["decode_path"] for r in result.repeats}
+    assert paths == {("dynamic", "base"): "dynamic", ("dynamic", "2"): "dynamic",
+                     ("static", "base"): "static", ("static", "2"): "static"}
+    static = result.rows[1]
+    assert static["merged_decode_syncs"] == 0 and static["base_decode_syncs"] == 0
+    assert static["merged_decode_setup_s"] > 0  # the decoder's setup, apart from the steps

@@ -215,3 +215,165 @@ def test_a_model_out_of_reach_is_one_line_and_status_2(subcommand, monkeypatch, 
     assert command.main([subcommand, "--model", model, "--quick", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: could not load {model}: We couldn't connect to 'https://huggingface.co' to load the files of {model}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Texts: a file that cannot be read is named
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def texts_with_a_bad_file(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "good.txt").write_text("A sentence of filler prose that is plain UTF-8. " * 40, encoding="utf-8")
+    (folder / "latin1.txt").write_bytes("Caf\u00e9 au lait, na\u00efve. ".encode("latin-1") * 40)  # 0xe9: not UTF-8
+    return folder
+
+
+def test_a_text_file_that_is_not_utf8_is_named(texts_with_a_bad_file):
+    from slerpviz.bench.texts import read_texts
+
+    with pytest.raises(ValueError) as error:
+        read_texts([texts_with_a_bad_file])
+    message = str(error.value)
+    assert str(texts_with_a_bad_file / "latin1.txt") in message and "not UTF-8" in message and "0xe9" in message
+    assert "good.txt" not in message
+
+
+def test_a_folder_where_a_text_file_should_be_is_named(tmp_path):
+    from slerpviz.bench.texts import read_texts
+
+    (tmp_path / "chapter.txt").mkdir()  # matches *.txt, but cannot be read as a text
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path / 'chapter.txt'}"):
+        read_texts([tmp_path])
+
+
+@pytest.mark.parametrize("subcommand", ["retrieval", "locate", "frontier"])
+def test_a_bad_text_file_is_one_line_naming_it_and_status_2(subcommand, texts_with_a_bad_file, tmp_path, capsys):
+    argv = [subcommand, "--shape", "tiny", "--quick", "--texts", str(texts_with_a_bad_file),
+            "--out", str(tmp_path / "out")]
+    assert command.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(texts_with_a_bad_file / "latin1.txt") in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Empty values are refused, never read as "not given"
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Any engine built fails the test: these inputs must be refused before a benchmark starts (once an empty
+    --lengths ran the default, full benchmark)."""
+    from slerpviz.bench import locate
+
+    def refused(*args, **kwargs):
+        pytest.fail("a benchmark started on an input it should have refused")
+
+    for module in (options, command, retrieval_command, locate):
+        monkeypatch.setattr(module, "build_engine", refused)
+
+
+LIST_OPTIONS = [
+    ("speed", "--lengths"), ("speed", "--modes"), ("speed", "--cutoffs"), ("speed", "--choice"), ("speed", "--preset"),
+    ("speed", "--decode"),
+    ("fidelity", "--prefixes"), ("fidelity", "--methods"), ("fidelity", "--positions"), ("fidelity", "--cutoffs"),
+    ("fidelity", "--choice"),
+    ("retrieval", "--lengths"), ("retrieval", "--depths"), ("retrieval", "--tasks"), ("retrieval", "--cutoffs"),
+    ("locate", "--lengths"), ("locate", "--depths"), ("locate", "--tasks"),
+    ("frontier", "--prefixes"), ("frontier", "--offsets"), ("frontier", "--retrieval-lengths"),
+]
+
+
+@pytest.mark.parametrize("empty", ["", ",", " , "])
+@pytest.mark.parametrize("name, flag", LIST_OPTIONS)
+def test_an_empty_list_is_one_line_and_status_2(no_run, capsys, tmp_path, name, flag, empty):
+    with pytest.raises(SystemExit) as exit_:
+        command.main([name, "--shape", "tiny", "--out", str(tmp_path), flag, empty])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {flag}: an empty list ({empty!r})")
+
+
+@pytest.mark.parametrize("argv", [
+    ["retrieval", "--preset", ""], ["frontier", "--grid", ""],
+    ["retrieval", "--model", ""], ["speed", "--device", ""],
+    ["fidelity", "--texts", ""], ["locate", "--out", ""],  # Path("") is the current folder
+])
+def test_an_empty_name_or_path_is_one_line_and_status_2(no_run, capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        command.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {argv[1]}: an empty ")
+
+
+def test_every_list_option_refuses_an_empty_list():
+    """Each subcommand's list options (their help says comma-separated or shows a list, or their default is one) are
+    among those LIST_OPTIONS tests, so a list option added later without the check shows here."""
+    import re
+
+    parsers = subparsers()
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            listish = ("comma-separated" in (action.help or "") or "," in str(action.default or "")
+                       or re.search(r"\d,\d", action.help or ""))
+            if listish:
+                assert (name, action.option_strings[0]) in LIST_OPTIONS, f"{name} {action.option_strings} is a list"
+    for name, flag in LIST_OPTIONS:
+        (action,) = [a for a in parsers[name]._actions if flag in a.option_strings]
+        assert action.type is options.listed, f"{name} {flag} takes an empty list"
+
+
+def test_the_list_readers_refuse_an_empty_list_too():
+    from slerpviz.bench import schedules
+    from slerpviz.bench.retrieval import TASKS, task_list
+
+    with pytest.raises(ValueError, match=r"an empty list \(''\): give at least one length"):
+        options.int_list("")
+    with pytest.raises(ValueError, match=r"an empty list \(','\): give at least one depth"):
+        options.float_list(",", "depth")
+    with pytest.raises(ValueError, match=r"an empty list \(' '\): give at least one method"):
+        options.str_list(" ", ("slerp", "lerp"), "method")
+    with pytest.raises(ValueError, match="an empty list"):
+        task_list("")
+    assert task_list(None) == TASKS and task_list("multikey") == ("multikey",)
+    with pytest.raises(ValueError, match="no cutoff schedule given"):
+        schedules.parse(",")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --out is checked before the run, not after it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_run(no_run, subcommand, where, tmp_path, capsys):
+    """Once a whole run, then a traceback with status 1 and the results lost."""
+    if where == "proc":
+        out = "/proc/nope"  # no folder can be made there, not even by root
+    else:
+        (tmp_path / "taken").write_text("a file where the folder should go")
+        out = str(tmp_path / "taken" / "results")
+    assert command.main([subcommand, "--shape", "tiny", "--quick", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: cannot write the results there (") and err.count("\n") == 1
+
+
+def test_an_out_folder_made_for_the_check_is_not_left_behind(tmp_path, capsys):
+    from slerpviz.bench.options import check_out
+
+    out = tmp_path / "new" / "deeper"
+    check_out(out)  # writable: no error
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    check_out(tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
+    # refused for another reason after the check: nothing made stays
+    argv = ["retrieval", "--shape", "tiny", "--tasks", "needle", "--out", str(out)]
+    assert command.main(argv) == 2 and "unknown task" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

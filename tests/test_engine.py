@@ -288,6 +288,22 @@ def test_proportional_attention_works_with_eager_and_sdpa_and_changes_the_result
     assert not torch.allclose(plain, sdpa, atol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2"])
+def test_proportional_attention_is_refused_where_the_mask_is_not_a_tensor(attn):
+    """Its bias is added to the attention mask; flex attention's is a BlockMask, flash attention's none at all."""
+    engine = tiny_engine("mistral", "flex_attention")  # a real model on that path (flex runs on the CPU)
+    engine.model.config._attn_implementation = attn
+    ids = random_ids(24, seed=2)
+    with pytest.raises(ValueError, match=f"proportional attention needs sdpa or eager attention .* runs '{attn}'"):
+        engine.start(ids, MergeSettings(cutoffs=(1, 3), proportional=True), Sampling(max_new_tokens=2))
+    import slerpviz
+
+    with pytest.raises(ValueError, match="proportional attention needs sdpa or eager attention"):
+        slerpviz.apply(engine.model, MergeSettings(cutoffs=(2,), proportional=True))
+    assert "forward" not in engine.model.model.__dict__
+    engine.start(ids, MergeSettings(cutoffs=(1, 3)), Sampling(max_new_tokens=2))  # without the bias: accepted
+
+
 def test_a_runs_trace_records_the_stages_its_prefill_ran():
     engine = tiny_engine("llama")
     ids = random_ids(40, seed=6)
@@ -564,9 +580,11 @@ def test_a_set_interrupt_stops_the_step_under_way_at_the_next_layer():
     engine = tiny_engine("llama")
     stop = threading.Event()
     layers_run = []
+    armed = []  # the event the engine checked while each layer ran
 
     def after_layer(module, args, output):
         layers_run.append(module)
+        armed.append(engine._interrupt)
         if len(layers_run) == 3:
             stop.set()  # Stop pressed while the third layer runs
 
@@ -577,9 +595,32 @@ def test_a_set_interrupt_stops_the_step_under_way_at_the_next_layer():
             next(run)
         assert len(layers_run) == 3 < engine.num_layers and engine._interrupt is None
         stop.clear()
-        steps = list(engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=2),
-                                  interrupt=stop))
-        assert len(steps) == 2  # an interrupt never set changes nothing
+        del armed[:]  # (layers_run keeps counting: the hook presses Stop at the third layer only)
+        # An interrupt never set changes nothing, on the path that checks it: every layer ran with it armed.
+        run = engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=2), interrupt=stop)
+        steps = [next(run), next(run)]
+        assert next(run, None) is None and len(steps) == 2
+        assert len(armed) == 2 * engine.num_layers and all(event is stop for event in armed)
+        assert engine._interrupt is None
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_a_for_loop_over_a_run_stops_when_its_interrupt_is_set():
+    import threading
+
+    from slerpviz.engine import Interrupted
+
+    engine = tiny_engine("llama")
+    stop = threading.Event()
+    run = engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=4), interrupt=stop)
+    steps = []
+    with pytest.raises(Interrupted):
+        for step in run:
+            steps.append(step)
+            stop.set()  # Stop pressed after the first token
+    assert len(steps) == 1 and engine._interrupt is None
+    stop.clear()
+    assert len(list(engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=3),
+                                 interrupt=stop))) == 3  # list() goes the same way and runs to the end

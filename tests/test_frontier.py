@@ -3,19 +3,19 @@
 import csv
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from slerpviz.bench import limits
 from slerpviz.bench.engines import shape_config
-from slerpviz.bench.frontier import (FRONTIER_COLUMNS, best_at, default_grid, frontier_main, is_article_setting,
-                                     named_grid, pareto_front)
+from slerpviz.bench.frontier import (ATTENTION_PASSES, FRONTIER_COLUMNS, best_at, default_grid, frontier_main,
+                                     is_article_setting, named_grid, pareto_front)
 from slerpviz.engine import MergeSettings
 from slerpviz.merge import merged_length, plan_stages
 
-# `fast` on 30 layers as the seventh to ninth passes measured it (layers 15, 16, 18, 20), without the growing budget
-FAST_AS_IT_WAS = MergeSettings(cutoffs=(15, 16, 18, 20), ratio=(0.5, 0.5, 0.5, 1.0), choice="attention",
-                               attention_window=8, attention_keep=32, attention_reach=7)
+RESULTS = Path(__file__).resolve().parents[1] / "assets" / "results"
 
 
 def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
@@ -41,9 +41,9 @@ def test_default_grid_spans_choices_and_holds_the_article_setting():
 
 def test_frontier_command_writes_its_files(tmp_path, capsys):
     out = tmp_path / "frontier"
-    code = frontier_main(["--shape", "tiny", "--quick", "--out", str(out), "--prefixes", "48", "--speed-length", "96",
-                          "--repeats", "1", "--continuation", "3", "--retrieval-lengths", "300"])
-    assert code == 0
+    argv = ["--shape", "tiny", "--quick", "--out", str(out), "--prefixes", "48", "--speed-length", "96", "--repeats",
+            "1", "--continuation", "3", "--retrieval-lengths", "300"]
+    assert frontier_main(argv) == 0
     printed = capsys.readouterr().out
     assert "Pareto front" in printed and "best at 1.3x" in printed and "best at 1.3x (by FLOP limit)" in printed
     assert "base: pass key" in printed
@@ -51,8 +51,13 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == FRONTIER_COLUMNS
         rows = list(reader)
-    grid = default_grid(4, quick=True)
-    assert len(rows) == len(grid)
+    # --quick's default grid on the tiny model's 4 layers: cutoffs at a quarter and half the depth (1, 2), ratios 0.5
+    # and 1, consecutive pairs and similar ones with proportional attention; the article's is all pairs, consecutive.
+    settings = [(int(r["cutoffs"]), float(r["ratio"]), r["choice"], r["proportional"] == "True") for r in rows]
+    assert sorted(settings) == sorted((c, ratio, choice, proportional) for c in (1, 2) for ratio in (0.5, 1.0)
+                                      for choice, proportional in (("consecutive", False), ("similar", True)))
+    assert {(int(r["cutoffs"]), float(r["ratio"])) for r in rows if r["article"] == "True"} == {(1, 1.0), (2, 1.0)}
+    assert all(r["choice"] == "consecutive" for r in rows if r["article"] == "True")
     assert any(r["on_front"] == "True" for r in rows)
     for row in rows:
         assert 0 <= float(row["top1"]) <= 1 and float(row["prefill_speedup"]) > 0
@@ -68,7 +73,25 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
     data = json.loads((out / "frontier.json").read_text())
     assert {"machine", "model", "rows", "best_at_1.3x", "best_at_1.5x", "best_at_1.3x_by_limit"} <= data.keys()
     assert data["base_passkey"]["passkey_n"] == 3
-    assert "<html>" in (out / "frontier.html").read_text().lower() or "plotly" in (out / "frontier.html").read_text()
+    assert_report(out / "frontier.html", rows, "python -m slerpviz.bench frontier " + " ".join(argv))
+
+
+def assert_report(path, rows: list[dict], command: str) -> None:
+    """What the HTML report must hold: a whole page that opens offline (plotly.js inlined, nothing fetched), its
+    title and command, the notes, and one figure of two panels (top-1, pass key) with a point in each for every
+    setting of the CSV, named as it is."""
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html><html>") and page.rstrip().endswith("</html>")
+    assert "<title>slerpviz frontier: tiny (random weights)</title>" in page and command in page
+    assert re.search(r"plotly\.js v\d", page) and not re.search(r"<script[^>]*\ssrc=", page)  # inlined, offline
+    assert page.count("Plotly.newPlot(") == 1 and "Pass key: a 5-digit key hidden at five depths" in page
+    # the panels' titles; JSON writes "/" as \u002f and "<" as \u003c
+    assert "next-token top-1 agreement with base" in page
+    assert re.search(r"pass-key accuracy \(base \d\\u002f3\)", page)
+    for row in rows:  # each setting's points: their hover text begins with its label
+        label = f"cutoff {row['cutoffs']}" + (", ratio 0.5" if row["ratio"] == "0.5" else "") + (
+            ", similar, proportional" if row["choice"] == "similar" else "")
+        assert page.count(f'"{label}\\u003cbr\\u003espeed-up ') == 2, label
 
 
 def test_frontier_refuses_a_speed_length_longer_than_the_texts(tmp_path, capsys):
@@ -98,13 +121,35 @@ def test_attention_grid_explores_attention_with_consecutive_beside_it():
     assert len(set(grid)) == len(grid)
 
 
-def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
-    from slerpviz.presets import recommended
+def recorded_settings(row: dict) -> MergeSettings:
+    """A setting as a frontier.json row records it (written before a field existed, it lacks it: the default)."""
+    fields = {f.name for f in dataclasses.fields(MergeSettings)} - {"cutoffs"}
+    values = {key: tuple(v) if isinstance(v, list) else v for key, v in row.items() if key in fields}
+    return MergeSettings(cutoffs=tuple(int(c) for c in str(row["cutoffs"]).split("+")), **values)
 
+
+RECORDED = sorted(path.parent.name for path in RESULTS.glob("*/frontier.json")
+                  if json.loads(path.read_text())["plan"].get("grid", "default") != "presets")
+
+
+@pytest.mark.parametrize("run", RECORDED)
+def test_a_named_grid_is_the_grid_its_recorded_run_measured(run):
+    """--grid NAME reruns what docs/measurements.md measured: the settings of its run in assets/results, in order.
+    (The presets grid is the presets as they are now, not a past pass: left out.)"""
+    data = json.loads((RESULTS / run / "frontier.json").read_text())
+    grid = named_grid(data["plan"].get("grid", "default"), data["model"]["layers"], quick=False)
+    assert list(grid) == [recorded_settings(row) for row in data["rows"]]
+
+
+def test_every_past_grid_has_its_recorded_run():
+    grids = {json.loads((RESULTS / run / "frontier.json").read_text())["plan"].get("grid", "default")
+             for run in RECORDED}
+    assert grids == {"default", "attention", *ATTENTION_PASSES}
+
+
+def test_stretch_pyramid_and_late_grids_reach_past_the_limit_of_the_shape_before_them():
     grid = named_grid("stretch", 30, quick=False)
-    # The passes were run before the reach and the growing budget: the recommended setting as it stood then leads them.
-    then = dataclasses.replace(recommended(30), attention_reach=0, attention_keep_share=0.0)
-    assert grid[0] == then and len(set(grid)) == len(grid)
+    assert len(set(grid)) == len(grid)
     # SmolLM2-135M's sizes: the 1.5x the grid aims at is a limit on that model.
     shape = limits.Shape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152)
 
@@ -113,46 +158,39 @@ def test_stretch_pyramid_and_late_grids_reach_past_the_recommended_limit():
         return limits.prefill_flops(shape, [1024] * 30) / limits.prefill_flops(
             shape, limits.layer_lengths(1024, stages, 30))
 
-    assert limit(grid[0]) < 1.4 and all(limit(s) >= 1.5 for s in grid[1:])
+    # the stretch pass led with the shape it set out to pass (half the pairs at 15, all at 20), under 1.4x
+    assert grid[0].cutoffs == (15, 20) and grid[0].ratio == (0.5, 1.0) and limit(grid[0]) < 1.4
+    assert all(limit(s) >= 1.5 for s in grid[1:])
     pyramids = named_grid("pyramid", 30, quick=False) + named_grid("late", 30, quick=False)
     assert all(limit(s) >= 1.5 and len(s.cutoffs) >= 3 and s.choice == "attention" for s in pyramids)
     assert all(s.cutoffs[0] >= 14 for s in named_grid("late", 30, quick=False))
 
 
-def test_variants_grid_turns_one_lever_at_a_time_around_the_recommended_setting():
-    from slerpviz.presets import recommended
-
-    # The sixth pass came before the reach and the growing budget.
-    then = dataclasses.replace(recommended(30), attention_reach=0, attention_keep_share=0.0)
+def test_variants_grid_turns_one_lever_at_a_time_around_its_first_setting():
     grid = named_grid("variants", 30, quick=False)
-    assert grid[0] == then and len(set(grid)) == len(grid)
+    assert len(set(grid)) == len(grid)
     for setting in grid[1:]:
-        changed = {f.name for f in dataclasses.fields(setting) if getattr(setting, f.name) != getattr(then, f.name)}
+        changed = {f.name for f in dataclasses.fields(setting) if getattr(setting, f.name) != getattr(grid[0], f.name)}
         assert len(changed) == 1 and changed <= {"cosine_share", "proportional", "positions", "keep_end", "method"}
 
 
-def test_reach_grid_sets_the_reach_on_the_recommended_and_fast_shapes():
-    from slerpviz.presets import preset
-
+def test_reach_grid_sets_the_reach_on_each_of_its_shapes():
     grid = named_grid("reach", 30, quick=False)
     assert {s.attention_reach for s in grid} == {0, 4, 7} and len(set(grid)) == len(grid)
-    # recommended's and fast's shapes as they were then (before the growing budget), with their reach and without
-    for before in (dataclasses.replace(preset("recommended", 30), attention_keep_share=0.0), FAST_AS_IT_WAS):
-        assert before in grid and dataclasses.replace(before, attention_reach=0) in grid
+    shapes = {s.cutoffs for s in grid}
+    assert len(shapes) == 2  # the recommended and the fast shape of the time
+    for cutoffs in shapes:  # each shape with the reach of 7 and without
+        assert {s.attention_reach for s in grid if s.cutoffs == cutoffs} >= {0, 7}
 
 
-def test_share_grid_sets_the_growing_budget_on_the_recommended_and_fast_shapes():
-    from slerpviz.presets import preset
-
+def test_share_grid_sets_the_growing_budget_on_each_of_its_shapes():
     grid = named_grid("share", 30, quick=False)
     assert {s.attention_keep_share for s in grid} == {0.0, 1 / 16} and len(set(grid)) == len(grid) == 4
-    fast_then = dataclasses.replace(FAST_AS_IT_WAS, attention_keep_share=1 / 16)
-    for now in (preset("recommended", 30), fast_then):  # each shape with the growing budget, and without it
-        assert now in grid and dataclasses.replace(now, attention_keep_share=0.0) in grid
+    for setting in grid:  # each shape with the growing budget, and without it
+        assert dataclasses.replace(setting, attention_keep_share=1 / 16 - setting.attention_keep_share) in grid
         # docs/measurements.md's reading: up to 512 tokens the budget is the fixed 32, so short-prompt figures stand.
-        assert [now.kept_budget(n) for n in (64, 512, 1024, 2048)] == [32, 32, 64, 128]
-    # fast moved its cutoffs in the tenth pass; its budget and every other field stayed
-    assert dataclasses.replace(preset("fast", 30), cutoffs=fast_then.cutoffs) == fast_then
+        if setting.attention_keep_share:
+            assert [setting.kept_budget(n) for n in (64, 512, 1024, 2048)] == [32, 32, 64, 128]
 
 
 def test_presets_grid_judges_every_preset():

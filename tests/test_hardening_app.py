@@ -735,24 +735,6 @@ def test_a_slow_switch_does_not_stop_requests_for_the_model_still_resident():
             switching.join(10)
 
 
-def test_hub_requests_get_timeouts_instead_of_waiting_forever(monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.utils import _http
-
-    from slerpviz import holder as holder_module
-
-    factories = []
-    monkeypatch.setattr(huggingface_hub, "set_client_factory", factories.append)
-    holder_module.bound_hub_timeouts.cache_clear()
-    holder_module.bound_hub_timeouts()
-    holder_module.bound_hub_timeouts.cache_clear()  # leave the real one to be set by a real fetch
-    (factory,) = factories
-    client = factory()
-    assert client.timeout.connect == holder_module.HUB_CONNECT_TIMEOUT
-    assert client.timeout.read == holder_module.HUB_READ_TIMEOUT
-    assert client.event_hooks == _http.default_client_factory().event_hooks  # the hub's own setup is kept
-
-
 def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenised(engine):
     context = engine.config.max_position_embeddings
     calls = []

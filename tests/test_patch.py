@@ -85,19 +85,89 @@ def test_patched_generate_equals_the_engines_run(model, settings):
         patched = plain_generate(model, ids)
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(ids, cache=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     assert patched == engine_tokens(model, ids, settings)
     assert cache.layers[-1].get_seq_length() < ids.shape[1]  # the model's own forward did merge
 
 
-def test_a_full_forward_has_one_row_per_token_and_the_engines_last_logits(model):
+def test_a_whole_forward_gives_the_engines_last_logits_and_refuses_rows_that_see_the_next_token(model):
     ids = random_ids(25, seed=3)
     settings = MergeSettings(cutoffs=(2,), keep_end=4)
     with slerpviz.merging(model, settings), torch.no_grad():
-        logits = model(ids, use_cache=False).logits
+        last = model(ids, use_cache=False, logits_to_keep=1).logits
+        tail = model(ids, use_cache=False, logits_to_keep=4).logits  # keep_end's tokens: never merged
+        with pytest.raises(ValueError, match=r"rows asked for would depend on a later token \(row \d+ shares a "
+                                             r"merged slot with the token it predicts;.*generate_until tasks run"):
+            model(ids, use_cache=False)  # all rows, as lm-eval's loglikelihood asks
+        with pytest.raises(ValueError, match="rows asked for would depend on a later token"):
+            model.model(ids, use_cache=False)  # the decoder on its own is read whole
     engine = MergingEngine(model, word_tokenizer())
-    assert logits.shape[1] == ids.shape[1]
-    torch.testing.assert_close(logits[:, -1].float(), engine.prefill(ids, settings).logits, atol=1e-5, rtol=1e-5)
+    assert last.shape[1] == 1 and tail.shape[1] == 4
+    torch.testing.assert_close(last[:, -1].float(), engine.prefill(ids, settings).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tail[:, -1:], last)
+
+
+CAUSAL_SETTINGS = [
+    MergeSettings(cutoffs=(2,), keep_end=4),
+    MergeSettings(cutoffs=(1, 4), ratio=(0.5, 1.0), choice="uniform", keep_start=2, keep_end=3, proportional=True),
+    MergeSettings(cutoffs=(2,), ratio=0.5, choice="similar", keep_end=4),
+    MergeSettings(cutoffs=(1, 3), ratio=(0.5, 1.0), choice="attention", attention_window=4, attention_keep=2,
+                  keep_end=4),
+    MergeSettings(cutoffs=(3,), method="seed-2024", keep_end=4),
+    MergeSettings(cutoffs=(N_LAYERS,)),  # merged after the last layer: the rows themselves are mixed
+]
+
+
+@pytest.mark.parametrize("settings", CAUSAL_SETTINGS, ids=lambda s: f"{s.cutoffs}-{s.choice}-{s.method}")
+def test_no_row_a_whole_forward_returns_moves_when_a_later_token_changes(settings):
+    """Causality, as a log-likelihood harness relies on it: change token k, and every row before k that the forward
+    returns stays as it was; a call that would return a row that moves is refused."""
+    from transformers.modeling_utils import slice_logits_to_keep
+
+    model = tiny_model("llama")
+    length = 24
+    ids = random_ids(length, seed=11)
+    asks = [0, 1, 3, 4, 9, torch.arange(0, length, 2)]
+    returned = {}  # ask -> logits, for the asks not refused
+    with slerpviz.merging(model, settings), torch.no_grad():
+        for index, rows in enumerate(asks):
+            try:
+                returned[index] = model(ids, use_cache=False, logits_to_keep=rows).logits
+            except ValueError as error:
+                assert "would depend on a later token" in str(error)
+        for k in range(1, length):
+            changed = ids.clone()
+            changed[0, k] = 3 + (int(ids[0, k]) - 3 + 1) % (TINY["vocab_size"] - 3)
+            for index, logits in returned.items():
+                positions = slice_logits_to_keep(torch.arange(length).view(1, length, 1), asks[index]).reshape(-1)
+                try:
+                    moved = model(changed, use_cache=False, logits_to_keep=asks[index]).logits
+                except ValueError:
+                    continue  # refused is honest too
+                before = positions < k
+                torch.testing.assert_close(moved[:, before], logits[:, before], atol=1e-5, rtol=1e-5,
+                                           msg=f"a row before token {k} moved (logits_to_keep={asks[index]})")
+    assert 1 in returned and 0 not in returned  # the last row always; all rows never, once something merged
+    if settings.choice == "consecutive" and settings.method == "slerp" and settings.keep_end >= 4:
+        assert {2, 3} <= set(returned)  # rows of tokens keep_end protects end their own slots
+
+
+def test_on_the_embedded_model_the_recommended_preset_never_returns_a_row_that_saw_its_answer(embedded):
+    """The issue's measurement: 600 tokens, recommended; token 300 changed moved row 299 of a whole forward."""
+    from slerpviz.presets import recommended
+
+    model = embedded.model
+    ids = torch.randint(100, 20000, (1, 600), generator=torch.Generator().manual_seed(21))
+    changed = ids.clone()
+    changed[0, 300] = ids[0, 300] + 1
+    with slerpviz.merging(model, recommended(embedded.num_layers)), torch.no_grad():
+        with pytest.raises(ValueError, match="rows asked for would depend on a later token .*'attention' choice"):
+            model(ids, use_cache=False)
+        with pytest.raises(ValueError, match="would depend on a later token"):
+            model(ids, use_cache=False, logits_to_keep=302)  # the rows from 298 on
+        last = model(ids, use_cache=False, logits_to_keep=1).logits
+    session = embedded.prefill(ids, recommended(embedded.num_layers), cached=False)
+    torch.testing.assert_close(last[:, -1].float(), session.logits, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- always taken off
@@ -227,3 +297,17 @@ def test_a_text_generation_pipeline_merges_under_the_patch(embedded):
         pass
     assert merged.strip() == run.trace.text.strip()
     assert merged != plain  # all pairs from layer 4 of 30 on: the answer changes
+
+
+def test_a_fresh_forward_with_offset_positions_is_told_so_not_about_a_cache(model):
+    # No merged cache before the call (none, or an empty one): the wrong start is the caller's positions or mask.
+    ids = random_ids(20, seed=9)
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
+        for cache in (None, DynamicCache(config=model.config)):
+            with pytest.raises(ValueError, match="starts a new sequence under merging .* position_ids start at 5: "
+                                                 "a sequence fed without a merged cache starts at position 0") as error:
+                model(ids, position_ids=torch.arange(5, 25)[None], cache=cache, use_cache=cache is not None)
+            assert "holds" not in str(error.value) and "continue" not in str(error.value)
+        with pytest.raises(ValueError, match="attention mask covers 23 tokens for the 20 fed"):
+            model(ids, attention_mask=torch.ones(1, 23, dtype=torch.long), use_cache=False)
+        model(ids, position_ids=torch.arange(20)[None], logits_to_keep=1)  # from 0: accepted

@@ -76,24 +76,50 @@ def test_too_short_filler_and_unknown_task_are_refused(embedded):
         build_prompt(short, "needle", 512, 0.5, 0)
 
 
-def test_run_on_a_tiny_model_gives_a_row_per_trial_and_variant(haystack):
+def test_run_on_a_tiny_model_gives_a_row_per_trial_and_variant(haystack, monkeypatch):
+    """A real run on a tiny model whose continuations are then scripted per variant (a random model never writes a
+    digit): each trial's `correct` is known without the scorer under test."""
     from conftest import tiny_engine
+
+    from slerpviz.bench import retrieval
 
     engine = tiny_engine("llama")
     hay = Haystack(engine.tokenizer, ["w3 w4 w5 . w6 w7 w8 w9 . " * 200])
     variants = (("cutoff 3", MergeSettings(cutoffs=(3,))), ("cutoff 2, ratio 0.5", MergeSettings((2,), ratio=0.5)))
+    # what each variant "says": the answer alone, the answer inside a longer number, the answer's digits apart
+    script = {MergeSettings(): lambda answer: f" {answer}. Remember", variants[0][1]: lambda answer: f" 1{answer}",
+              variants[1][1]: lambda answer: f" {answer[:2]} {answer[2:]}"}
+    expected = {"base": 1, "cutoff 3": 0, "cutoff 2, ratio 0.5": 0}
+    built = []
+    real_build, real_greedy = retrieval.build_prompt, retrieval.greedy
+
+    def build_prompt(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    def greedy(engine, ids, settings, new_tokens):
+        assert ids.equal(built[-1].ids)  # every variant continues the prompt built last
+        trace = real_greedy(engine, ids, settings, new_tokens)
+        trace.text = script[settings](built[-1].answer)
+        return trace
+
+    monkeypatch.setattr(retrieval, "build_prompt", build_prompt)
+    monkeypatch.setattr(retrieval, "greedy", greedy)
     plan = RetrievalPlan(tasks=TASKS, lengths=(80, 160), depths=(0.0, 1.0), samples=2, variants=variants)
     rows = run_retrieval(engine, hay, plan, log=lambda m: None)
     assert len(rows) == 2 * 2 * 2 * 2 * 3
     assert {r["variant"] for r in rows} == {"base", "cutoff 3", "cutoff 2, ratio 0.5"}
     for row in rows:
         assert set(RETRIEVAL_COLUMNS) <= set(row)
-        assert row["correct"] == int(is_correct(row["answer"], row["output"]))
+        assert row["correct"] == expected[row["variant"]], row
         assert (row["flop_limit"] == 1.0) == (row["variant"] == "base")
     assert all(r["flop_limit"] > 1 for r in rows if r["variant"] == "cutoff 3")
     cells = summarise(rows)
     assert all(c["n"] == 2 for c in cells) and len(cells) == 2 * 3 * 2 * 2
-    assert passkey_accuracy(rows, "base", 100)[1] == 2 * 2
+    assert {(c["variant"], c["correct"], c["accuracy"]) for c in cells} == {
+        ("base", 2, 1.0), ("cutoff 3", 0, 0.0), ("cutoff 2, ratio 0.5", 0, 0.0)}
+    assert passkey_accuracy(rows, "base", 100) == (4, 4)  # 160 tokens: 2 depths x 2 samples, every one found
+    assert passkey_accuracy(rows, "cutoff 3") == (0, 8)
 
 
 def test_variant_labels_say_what_differs():

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..cli import Parser
+from ..decode import DECODE_MODES
 from ..engine import MergeSettings
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from . import report, schedules
@@ -21,9 +22,9 @@ from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, Fidelity
                        earliest_cutoff, run_fidelity, same_variant, summarise, variant_label)
 from .frontier import frontier_main, frontier_parser
 from .machine import commit_at_start, machine_info
-from .options import (CHOICES_HELP, PROG, build_engine, describe_model, int_list, interpolation_options,
-                      merge_fields, merge_options, model_options, one_of, run_options, share, str_list, subcommand,
-                      text_options, torch_threads, whole)
+from .options import (CHOICES_HELP, PROG, build_engine, check_out, describe_model, given, int_list,
+                      interpolation_options, listed, merge_fields, merge_options, model_options, one_of, run_options,
+                      share, str_list, subcommand, text_options, torch_threads, whole)
 from .locate import locate_main
 from .locate import parser as locate_parser
 from .retrieval_command import retrieval_main
@@ -65,15 +66,22 @@ def speed_parser(add_parser=None) -> argparse.ArgumentParser:
     parents = [*speed_fidelity_parents(fidelity=False), interpolation_options("the merged variants timed")]
     p = subcommand("speed", description, parents, add_parser,
                    summary="time base and merged: prefill, decoding, KV cache, against the limits from the config")
-    p.add_argument("--preset", help="speed: time a named preset of slerpviz.presets (its cutoffs, ratios, choice and "
-                                    "protection) instead of --cutoffs/--ratio/--choice")
-    p.add_argument("--lengths", help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
+    p.add_argument("--preset", type=listed,
+                   help="speed: time named presets of slerpviz.presets, comma-separated (their cutoffs, ratios, "
+                        "choice and protection), beside any --cutoffs schedules")
+    p.add_argument("--lengths", type=listed,
+                   help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
     p.add_argument("--repeats", type=whole(1), help="timed repeats of every variant (default 3; 5 on a GPU)")
     p.add_argument("--new-tokens", type=whole(1), help="tokens generated per cached run, the first included")
     p.add_argument("--recompute-new-tokens", type=whole(1), help="tokens generated per run without cache")
     p.add_argument("--recompute-max-length", type=whole(1),
                    help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
-    p.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
+    p.add_argument("--modes", type=listed, default=",".join(MODES), help="cached, recompute or both")
+    p.add_argument("--decode", type=listed,
+                   help="how cached runs decode, comma-separated: dynamic (a growing cache, per-step masks), static "
+                        "(fixed buffers, nothing made on the host per step), compiled (static, captured as a CUDA "
+                        "graph by torch.compile; its compile time is reported apart). Default: dynamic on a CPU, "
+                        "dynamic,compiled on a GPU")
     p.set_defaults(run=benchmark_main(speed_main))
     return p
 
@@ -82,10 +90,10 @@ def fidelity_parser(add_parser=None) -> argparse.ArgumentParser:
     description = __doc__.split("\n\n")[1]
     p = subcommand("fidelity", description, [*speed_fidelity_parents(fidelity=True), text_options()], add_parser,
                    summary="next-token agreement and KL of merged against base on real texts")
-    p.add_argument("--prefixes", help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, "
-                                      "32..1024 on GPU)")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--positions", default=",".join(POSITION_MODES))
+    p.add_argument("--prefixes", type=listed,
+                   help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, 32..1024 on GPU)")
+    p.add_argument("--methods", type=listed, default=",".join(METHODS))
+    p.add_argument("--positions", type=listed, default=",".join(POSITION_MODES))
     p.add_argument("--continuation", type=whole(1), help="greedy tokens compared after each prefix")
     p.add_argument("--threshold", type=share, default=0.9,
                    help="top-1 agreement the recommended cutoff must keep (default 0.9)")
@@ -128,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
 def speed_plan(args, engine) -> SpeedPlan:
     gpu = engine.device.type == "cuda"
     layers = engine.num_layers
-    if args.lengths:
+    if args.lengths is not None:
         lengths = int_list(args.lengths)
     elif args.quick:
         lengths = (128, 512)
@@ -136,16 +144,20 @@ def speed_plan(args, engine) -> SpeedPlan:
         lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if gpu else (128, 256, 512, 1024, 2048, 4096)
         context = getattr(engine.config, "max_position_embeddings", None) or lengths[-1] + 64
         lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
-    chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.speed_defaults(layers, args.quick)
+    chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
+              else [] if args.preset is not None else schedules.speed_defaults(layers, args.quick))
     variant = merge_fields(args, choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
-    if args.preset:
-        from ..presets import preset
+    proportional = one_of(PROPORTIONAL[args.proportional], "--proportional")
+    named = []
+    if args.preset is not None:
+        from ..presets import PRESETS, preset
 
-        settings = preset(args.preset, layers)
-        chosen = [settings.cutoffs]
-        # The preset replaces the merge flags; --method and --positions still say how its slots are made.
-        variant = {**{key: getattr(settings, key) for key in variant}, "method": args.method,
-                   "positions": args.positions}
+        for name in str_list(args.preset, tuple(PRESETS), "preset"):
+            settings = preset(name, layers)
+            # The preset replaces the merge flags; --method, --positions and --proportional still say how its
+            # slots are made.
+            named.append((name, replace(settings, method=args.method, positions=args.positions,
+                                        proportional=proportional)))
     schedules.check(chosen, layers)
     return SpeedPlan(
         lengths=lengths,
@@ -155,19 +167,24 @@ def speed_plan(args, engine) -> SpeedPlan:
         new_tokens=args.new_tokens or (8 if args.quick else 16),
         recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
         recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
-        merge=MergeSettings(proportional=one_of(PROPORTIONAL[args.proportional], "--proportional"), **variant),
+        merge=MergeSettings(proportional=proportional, **variant),
         seed=args.seed,
+        named=tuple(named),
+        decodes=(str_list(args.decode, DECODE_MODES, "decode") if args.decode is not None
+                 else ("dynamic", "compiled") if gpu else ("dynamic",)),
     )
 
 
 SPEED_TABLE = [
-    ("length", "len", ""), ("schedule", "cutoff", ""), ("mode", "mode", ""),
+    ("length", "len", ""), ("schedule", "cutoff", ""), ("mode", "mode", ""), ("decode", "decode", ""),
     ("base_ttft_s", "TTFT base s", ".3f"), ("merged_ttft_s", "merged s", ".3f"), ("ttft_speedup", "x", ".2f"),
     ("ttft_speedup_limit", "limit", ".2f"), ("ttft_achieved_over_limit", "x/limit", ".2f"),
     ("base_decode_ms", "decode base ms", ".1f"), ("merged_decode_ms", "merged ms", ".1f"),
     ("decode_speedup", "x", ".2f"), ("decode_speedup_limit", "limit", ".2f"),
     ("decode_speedup_vs_base_cached", "x vs cached base", ".2f"),
     ("kv_fraction", "KV frac", ".3f"), ("kv_fraction_limit", "limit", ".3f"), ("merge_share", "merge share", ".1%"),
+    ("merge_ms", "merge ms", ".2f"), ("merge_gpu_ms", "kernels ms", ".2f"), ("merge_syncs", "syncs", ""),
+    ("merge_ops_per_stage", "ops/stage", ".0f"), ("merged_decode_syncs", "decode syncs", ""),
 ]
 
 
@@ -178,6 +195,7 @@ def write_speed_report(out: Path, result, plan: SpeedPlan, machine: dict, model:
     report.write_json(out / "speed.json", {
         "benchmark": "speed", "machine": machine, "model": model, "plan": asdict(plan), "rows": result.rows,
         "repeats": result.repeats, "hf_sanity": result.hf_sanity, "repeat_columns": REPEAT_COLUMNS,
+        "decode_compile_s": result.compile_s,
         "definitions": SPEED_DEFINITIONS,
     })
     notes = [
@@ -193,7 +211,9 @@ def write_speed_report(out: Path, result, plan: SpeedPlan, machine: dict, model:
     sanity = "; ".join(
         f"{s['length']}: HF {s['hf_forward_s']:.3f} s vs engine base {s['engine_base_ttft_s']:.3f} s"
         for s in result.hf_sanity if s["engine_base_ttft_s"] is not None)
-    return f"{table}\n\nsanity, one plain HF forward vs the engine's base prefill (seconds): {sanity}"
+    compiled = "; ".join(f"{decode} {seconds:.1f} s" for decode, seconds in result.compile_s.items() if seconds)
+    compiled = f"\ndecode compiled and captured once, before any timed run: {compiled}" if compiled else ""
+    return f"{table}\n\nsanity, one plain HF forward vs the engine's base prefill (seconds): {sanity}{compiled}"
 
 
 def memory_note(rows: list[dict]) -> str:
@@ -216,6 +236,14 @@ SPEED_DEFINITIONS = {
     "kv_fraction": "merged KV-cache bytes after the prefill ÷ base",
     "kv_fraction_limit": "sum of per-layer cache lengths, merged ÷ base, from the plan",
     "merge_share": "seconds of planning + pair cosines + interpolation + slot positions ÷ merged time to first token",
+    "merge_gpu_ms": "one merge's kernels, summed device time (torch.profiler; GPU only)",
+    "merge_kernels": "kernels and copies one merge launches on the GPU (torch.profiler; GPU only)",
+    "merge_syncs": "host syncs in one merge: scalar reads, data-dependent shapes, copies to the CPU (bench/ops.py)",
+    "merge_ops_per_stage": "aten ops one merge dispatches (TorchDispatchMode, nested calls not counted) ÷ stages",
+    "base_decode_syncs": "host syncs in one cached decode step of base, the sampler's token read not included",
+    "merged_decode_syncs": "the same for the merged variant",
+    "base_decode_ops": "aten ops one cached decode step of base dispatches",
+    "merged_decode_ops": "the same for the merged variant",
     "peak_mem_bytes": "see peak_mem_kind: cuda_allocated (exact) or cpu_rss_delta (rough); empty = not measurable",
 }
 
@@ -240,9 +268,10 @@ def speed_main(args, argv=None) -> int:
 
 def fidelity_plan(args, engine) -> FidelityPlan:
     layers = engine.num_layers
-    chosen = schedules.parse(args.cutoffs) if args.cutoffs else schedules.fidelity_defaults(layers, args.quick)
+    chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
+              else schedules.fidelity_defaults(layers, args.quick))
     schedules.check(chosen, layers)
-    if args.prefixes:
+    if args.prefixes is not None:
         prefixes = int_list(args.prefixes, "prefix")
     elif args.quick:
         prefixes = (64, 256)
@@ -354,6 +383,7 @@ def benchmark_main(run):
     def main(args, argv) -> int:
         with torch_threads(args, one_when_quick=True):
             try:
+                check_out(args.out)
                 return run(args, argv)
             except (ValueError, FileNotFoundError) as error:  # bad settings or paths: say what is wrong, no traceback
                 print(f"error: {error}", file=sys.stderr)

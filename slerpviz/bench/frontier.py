@@ -412,18 +412,20 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
                             "folder for frontier.csv, .json, .html"),
         options.text_options(), options.interpolation_options("every setting of the grid"),
     ], add_parser, summary="the speed x fidelity frontier: which settings are worth using")
-    p.add_argument("--grid", default="default",
+    p.add_argument("--grid", type=options.given, default="default",
                    help=f"default (cutoff x ratio x pair choice), attention, {', '.join(ATTENTION_PASSES)} (the "
                         "attention-guided exploration) or presets (judge them)")
-    p.add_argument("--prefixes", help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
-    p.add_argument("--offsets", help="fidelity samples also start this many tokens into each text, comma-separated "
-                                     "(default 0): more samples from the same texts")
+    p.add_argument("--prefixes", type=options.listed,
+                   help="fidelity prompt lengths in tokens, comma-separated (default 128,512)")
+    p.add_argument("--offsets", type=options.listed,
+                   help="fidelity samples also start this many tokens into each text, comma-separated (default 0): "
+                        "more samples from the same texts")
     p.add_argument("--speed-length", type=options.whole(1), help="prompt length the prefill is timed at (default 1024)")
     p.add_argument("--repeats", type=options.whole(0),
                    help="interleaved timing repeats (default 3; 0 = FLOP limit only)")
     p.add_argument("--continuation", type=options.whole(1), help="greedy tokens compared after each prefix (default 8)")
-    p.add_argument("--retrieval-lengths", help="pass-key prompt lengths, comma-separated (default 1024; --quick 512; "
-                                               "'none' to skip)")
+    p.add_argument("--retrieval-lengths", type=options.listed,
+                   help="pass-key prompt lengths, comma-separated (default 1024; --quick 512; 'none' to skip)")
     p.add_argument("--retrieval-samples", type=options.whole(1),
                    help="pass-key prompts per length and depth, five depths (default 2: 10 per length)")
     return p
@@ -435,7 +437,7 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
 
     from . import report
     from .machine import machine_info
-    from .options import build_engine, describe_model, int_list
+    from .options import build_engine, check_out, describe_model, int_list
     from .retrieval import Haystack
     from .texts import random_texts, read_texts, tokenize, windows
 
@@ -444,12 +446,14 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
         torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
+        check_out(args.out)
         engine, name = build_engine(args)
         retrieval_lengths = (() if args.retrieval_lengths == "none" else int_list(args.retrieval_lengths)
-                             if args.retrieval_lengths else ((512,) if args.quick else (1024,)))
+                             if args.retrieval_lengths is not None else ((512,) if args.quick else (1024,)))
         plan = FrontierPlan(
             settings=named_grid(args.grid, engine.num_layers, args.quick, args.method, args.positions),
-            prefixes=int_list(args.prefixes, "prefix") if args.prefixes else ((128,) if args.quick else (128, 512)),
+            prefixes=(int_list(args.prefixes, "prefix") if args.prefixes is not None
+                      else (128,) if args.quick else (128, 512)),
             speed_length=args.speed_length or (512 if args.quick else 1024),
             repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3),
             continuation=args.continuation or (4 if args.quick else 8),
@@ -466,7 +470,7 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
         if longest.ids.shape[-1] < plan.speed_length:
             raise ValueError(f"the longest text has {longest.ids.shape[-1]} tokens; --speed-length "
                              f"{plan.speed_length} needs at least that many")
-        samples = windows(texts, int_list(args.offsets, "offset", 0) if args.offsets else (0,))
+        samples = windows(texts, int_list(args.offsets, "offset", 0) if args.offsets is not None else (0,))
         haystack = Haystack(engine.tokenizer, [text for _, text in named_texts]) if plan.retrieval_lengths else None
         began = time.perf_counter()
         rows, base = run_frontier(engine, samples, plan, longest.ids, log, haystack)

@@ -22,8 +22,8 @@ from ..engine import MergingEngine
 from ..presets import PRESETS, preset
 from . import report
 from .machine import machine_info
-from .options import (attention_window_option, build_engine, describe_model, float_list, int_list, model_options,
-                      run_options, subcommand, text_options, torch_threads, whole)
+from .options import (attention_window_option, build_engine, check_out, describe_model, float_list, int_list,
+                      listed, model_options, run_options, subcommand, text_options, torch_threads, whole)
 from .retrieval import TASKS, Haystack, Prompt, build_prompt, check_prompts, task_list
 from .texts import read_texts
 
@@ -150,9 +150,9 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
         run_options("a small run: under a minute on a 2-core CPU"),
         text_options("filler: "),
     ], add_parser, summary="where can the attention choice see the answer? The needle's rank, layer by layer")
-    p.add_argument("--tasks", help=f"comma-separated: {', '.join(TASKS)} (default: both)")
-    p.add_argument("--lengths", help="prompt lengths in tokens (default 1024,2048; --quick 256,512)")
-    p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--tasks", type=listed, help=f"comma-separated: {', '.join(TASKS)} (default: both)")
+    p.add_argument("--lengths", type=listed, help="prompt lengths in tokens (default 1024,2048; --quick 256,512)")
+    p.add_argument("--depths", type=listed, help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=whole(1), help="prompts per length and depth (default 4: 20 per length)")
     attention_window_option(p)
     return p
@@ -163,9 +163,11 @@ def locate_main(argv: list[str] | None = None, args: argparse.Namespace | None =
     args = args if args is not None else parser().parse_args(argv)
     with torch_threads(args, one_when_quick=True):
         try:
+            check_out(args.out)
             tasks = task_list(args.tasks)
-            lengths = int_list(args.lengths) if args.lengths else ((256, 512) if args.quick else (1024, 2048))
-            depths = float_list(args.depths) if args.depths else (
+            lengths = (int_list(args.lengths) if args.lengths is not None
+                       else (256, 512) if args.quick else (1024, 2048))
+            depths = float_list(args.depths, "depth") if args.depths is not None else (
                 (0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75, 1.0))
             samples = args.samples or (2 if args.quick else 4)
             engine, name = build_engine(args)

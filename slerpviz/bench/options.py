@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -63,6 +64,31 @@ def whole(low: int, high: int | None = None):
 share = _argument(lambda text: inputs.real(text, "it", 0, 1))  # an argparse type: a number from 0 to 1
 
 
+def listed(text: str) -> str:
+    """An argparse type for a comma-separated list (--lengths 512,1024), kept as the text its reader parses: at least
+    one item. An empty list ("" or ",") was once read as "not given", and ran the default, full benchmark."""
+    if not split(text):
+        raise argparse.ArgumentTypeError(f"an empty list ({text!r}): give at least one value, comma-separated, or "
+                                         "leave the option out for its default")
+    return text
+
+
+def given(text: str) -> str:
+    """An argparse type for a name (--model, --device): not empty. An empty --model was once the default model."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value: give one, or leave the option out for its default")
+    return text
+
+
+def path(text: str) -> Path:
+    """An argparse type for a file or folder: not empty. Path("") is the current folder, so an empty --texts once read
+    every .txt there and an empty --out wrote there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder, or leave the option out for its "
+                                         "default")
+    return Path(text)
+
+
 def ratios(text: str) -> float | tuple[float, ...]:
     """An argparse type: one merge ratio for every cutoff (0.5), or one per cutoff in layer order (0.5/1)."""
     parts = tuple(share(part) for part in text.split("/"))
@@ -77,9 +103,10 @@ def model_options(shape_help: str, seed_help: str | None = None) -> argparse.Arg
     """--model | --shape, --device, --dtype, --seed; `shape_help` says what random weights are good for here."""
     p = _parent()
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
+    which.add_argument("--model", type=given,
+                       help="an allow-listed model name (default: the embedded SmolLM2-135M-Instruct)")
     which.add_argument("--shape", choices=SHAPES, help=shape_help)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=given, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="for --shape: default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=whole(0, inputs.SEED_LIMIT - 1), default=0, help=seed_help)
     return p
@@ -90,7 +117,7 @@ def run_options(quick_help: str, out_help: str = "folder for the CSV, JSON and H
     """--quick, --out (default bench-out), --threads."""
     p = _parent()
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help=out_help)
+    p.add_argument("--out", type=path, default=Path("bench-out"), help=out_help)
     p.add_argument("--threads", type=whole(1),
                    help=f"CPU threads for torch (default: {threads_default}). On a CPU shared with other jobs 1 is "
                         "faster and far steadier: threads waiting on a busy core stall each other")
@@ -100,7 +127,7 @@ def run_options(quick_help: str, out_help: str = "folder for the CSV, JSON and H
 def text_options(what: str = "") -> argparse.ArgumentParser:
     """--texts, repeatable; `what` says what the texts are for here ("filler: ")."""
     p = _parent()
-    p.add_argument("--texts", type=Path, action="append",
+    p.add_argument("--texts", type=path, action="append",
                    help=f"{what}a text file (texts separated by '---' lines) or a folder of .txt; repeatable "
                         "(default: assets/texts)")
     return p
@@ -111,10 +138,10 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     """The flags of one merge setting (read back by `merge_fields`); `attention` adds the attention choice's
     window and budget."""
     p = _parent()
-    p.add_argument("--cutoffs", help=cutoffs_help)
+    p.add_argument("--cutoffs", type=listed, help=cutoffs_help)
     p.add_argument("--ratio", type=ratios, default=1.0,
                    help="share of eligible pairs merged at each cutoff, or one per cutoff in layer order: 0.5/1")
-    p.add_argument("--choice", default="consecutive", help=choice_help)
+    p.add_argument("--choice", type=listed, default="consecutive", help=choice_help)
     p.add_argument("--keep-start", type=whole(0), default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=whole(0), default=0, help="protected tokens at the end")
     if attention:
@@ -167,10 +194,24 @@ def subcommand(name: str, description: str, parents: list[argparse.ArgumentParse
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def split(text: str) -> list[str]:
+    """"512, 1024," -> ["512", "1024"]: the items of a comma-separated list, spaces and empty items dropped."""
+    return [item for item in text.replace(" ", "").split(",") if item]
+
+
+def items(text: str, what: str, example: str) -> list[str]:
+    """The items of a list option; none at all is refused (never read as "the default")."""
+    found = split(text)
+    if not found:
+        raise ValueError(f"an empty list ({text!r}): give at least one {what}, comma-separated, like {example}")
+    return found
+
+
 def int_list(text: str, what: str = "length", low: int = 1) -> tuple[int, ...]:
-    """"512, 1024" -> (512, 1024); each `what` a whole number, `low` or more."""
+    """"512, 1024" -> (512, 1024); each `what` a whole number, `low` or more; at least one."""
+    found = items(text, what, "512,1024")
     try:
-        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+        values = tuple(int(x) for x in found)
     except ValueError:
         raise ValueError(f"bad list of whole numbers {text!r}: write them comma-separated, like 512,1024") from None
     for value in values:
@@ -178,20 +219,22 @@ def int_list(text: str, what: str = "length", low: int = 1) -> tuple[int, ...]:
     return values
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    """"0, 0.5, 1" -> (0.0, 0.5, 1.0)."""
+def float_list(text: str, what: str = "number") -> tuple[float, ...]:
+    """"0, 0.5, 1" -> (0.0, 0.5, 1.0); at least one."""
+    found = items(text, what, "0,0.5,1")
     try:
-        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+        return tuple(float(x) for x in found)
     except ValueError:
         raise ValueError(f"bad list of numbers {text!r}: write them comma-separated, like 0,0.5,1") from None
 
 
 def str_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
-    items = tuple(x for x in text.replace(" ", "").split(",") if x)
-    for item in items:
+    """"slerp, lerp" -> ("slerp", "lerp"); each one of `allowed`; at least one."""
+    found = tuple(items(text, what, ",".join(allowed[:2])))
+    for item in found:
         if item not in allowed:
             raise ValueError(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
-    return items
+    return found
 
 
 def one_of(values: tuple, flag: str):
@@ -244,6 +287,24 @@ def merge_fields(args, **overrides) -> dict:
               "cosine_share": args.cosine_share}
     fields.update({name: getattr(args, name) for name in ("method", "positions") if hasattr(args, name)})
     return {**fields, **overrides}
+
+
+def check_out(out: Path) -> None:
+    """--out, checked before any work: a file is written in the folder and removed, so that a folder that cannot take
+    the results (under /proc, read-only, a file in the way) is one error line now, not a traceback after the whole run
+    that loses its results. A folder made for the check is removed again: bad input leaves nothing behind."""
+    out = Path(out)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write the results there ({error.strerror or error})") from None
+    finally:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------------

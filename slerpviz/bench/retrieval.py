@@ -236,8 +236,15 @@ def merged_share(trace: Trace, start: int, end: int) -> float:
 
 
 def task_list(text: str | None) -> tuple[str, ...]:
-    """"passkey, multikey" -> ("passkey", "multikey"); None -> every task. Checked by check_prompts."""
-    return tuple(t for t in (text or ",".join(TASKS)).replace(" ", "").split(",") if t)
+    """"passkey, multikey" -> ("passkey", "multikey"); None -> every task; an empty list is refused (it once meant every
+    task). Checked by check_prompts."""
+    if text is None:
+        return TASKS
+    tasks = tuple(t for t in text.replace(" ", "").split(",") if t)
+    if not tasks:
+        raise ValueError(f"an empty list ({text!r}): give at least one task, comma-separated, like "
+                         f"{','.join(TASKS)}")
+    return tasks
 
 
 def check_prompts(engine: MergingEngine, tasks: tuple[str, ...], lengths: tuple[int, ...],

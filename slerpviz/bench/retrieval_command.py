@@ -19,9 +19,9 @@ from plotly.subplots import make_subplots
 from ..engine import MergeSettings
 from . import report, schedules
 from .machine import machine_info
-from .options import (build_engine, describe_model, float_list, int_list, interpolation_options, merge_fields,
-                      merge_options, model_options, run_options, settings_label, subcommand, text_options,
-                      torch_threads, whole)
+from .options import (build_engine, check_out, describe_model, float_list, given, int_list, interpolation_options,
+                      listed, merge_fields, merge_options, model_options, run_options, settings_label, subcommand,
+                      text_options, torch_threads, whole)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise, task_list)
 from .texts import read_texts
@@ -37,12 +37,12 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
         merge_options("merged variants, comma-separated schedules: 15,22,7+15 (default: N/2 and 3N/4; --quick N/2)"),
         interpolation_options("every merged variant"),
     ], add_parser, summary="pass-key and multi-key retrieval: does the answer survive the merge?")
-    p.add_argument("--tasks", help=f"comma-separated: {', '.join(TASKS)} (default: both)")
-    p.add_argument("--lengths", help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; "
-                                     "--quick 256,384)")
-    p.add_argument("--depths", help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--tasks", type=listed, help=f"comma-separated: {', '.join(TASKS)} (default: both)")
+    p.add_argument("--lengths", type=listed,
+                   help="prompt lengths in tokens (default 512,1024,2048,4096 within the context; --quick 256,384)")
+    p.add_argument("--depths", type=listed, help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=whole(1), help="prompts per length and depth (default 4: 20 per length)")
-    p.add_argument("--preset", action="append", default=[],
+    p.add_argument("--preset", type=given, action="append", default=[],
                    help="add a named preset as a variant (see slerpviz.presets); repeatable")
     return p
 
@@ -50,7 +50,7 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
 def retrieval_plan(args, engine) -> RetrievalPlan:
     layers = engine.num_layers
     context = getattr(engine.config, "max_position_embeddings", None)
-    if args.lengths:
+    if args.lengths is not None:
         lengths = int_list(args.lengths)
     else:
         lengths = (256, 384) if args.quick else (512, 1024, 2048, 4096)
@@ -58,19 +58,19 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
         if skipped:
             print(f"note: skipping lengths {skipped}: beyond the model's context of {context} tokens", file=sys.stderr)
         lengths = tuple(n for n in lengths if n not in skipped)
-    chosen = schedules.parse(args.cutoffs) if args.cutoffs else (
+    chosen = schedules.parse(args.cutoffs) if args.cutoffs is not None else (
         [(layers // 2,)] if args.quick else [(layers // 2,), (3 * layers // 4,)])
     schedules.check(chosen, layers)
     variants = [MergeSettings(cutoffs=s, **merge_fields(args)) for s in chosen]
     if args.preset:
         from ..presets import preset
 
-        variants = [*(preset(name, layers) for name in args.preset), *(variants if args.cutoffs else [])]
+        variants = [*(preset(name, layers) for name in args.preset), *(variants if args.cutoffs is not None else [])]
     tasks = task_list(args.tasks)
     return RetrievalPlan(
         tasks=tasks,
         lengths=lengths,
-        depths=float_list(args.depths) if args.depths else (
+        depths=float_list(args.depths, "depth") if args.depths is not None else (
             (0.0, 0.5, 1.0) if args.quick else (0.0, 0.25, 0.5, 0.75, 1.0)),
         samples=args.samples or (2 if args.quick else 4),
         variants=tuple((settings_label(s), s) for s in variants),
@@ -154,6 +154,7 @@ def retrieval_main(argv: list[str] | None = None, args: argparse.Namespace | Non
     args = args if args is not None else parser().parse_args(argv)
     with torch_threads(args, one_when_quick=True):
         try:
+            check_out(args.out)
             engine, name = build_engine(args)
             plan = retrieval_plan(args, engine)
             haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])

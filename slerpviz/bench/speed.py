@@ -17,25 +17,34 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import PLANNED_AT_CUTOFF
 from . import limits
 from .engines import never_stops
 from .machine import PeakMemory
+from .. import decode as static_decode
+from .ops import profile_decode_step, profile_merge
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
 
 SPEED_COLUMNS = (
-    "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "repeats", "new_tokens",
+    "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "decode", "repeats", "new_tokens",
     "base_ttft_s", "merged_ttft_s", "ttft_speedup", "ttft_speedup_limit", "ttft_achieved_over_limit",
     "base_decode_ms", "merged_decode_ms", "decode_speedup", "decode_speedup_limit", "decode_achieved_over_limit",
     "decode_speedup_vs_base_cached",
     "base_kv_bytes", "merged_kv_bytes", "kv_fraction", "kv_fraction_limit", "kv_achieved_over_limit",
     "base_peak_mem_bytes", "merged_peak_mem_bytes", "peak_mem_kind",
     "merge_ms", "merge_share",
+    # What the merge and a decode step ask of the host (bench/ops.py): aten ops and host syncs, and on a GPU the
+    # kernels launched and their time on the device.
+    "merge_gpu_ms", "merge_kernels", "merge_syncs", "merge_ops_per_stage",
+    "base_decode_syncs", "merged_decode_syncs", "base_decode_ops", "merged_decode_ops",
+    # The static decoder's setup per run (its buffers, the cache's copy, a CUDA graph recorded for a new size),
+    # never inside a step's time; compiling is once per process and structure (SpeedResult.compile_s).
+    "base_decode_setup_s", "merged_decode_setup_s",
 )
 
-REPEAT_COLUMNS = ("length", "mode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes", "peak_mem_bytes")
+REPEAT_COLUMNS = ("length", "mode", "decode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes",
+                  "peak_mem_bytes", "decode_setup_s", "decode_path")
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,18 @@ class SpeedPlan:
     merge: MergeSettings = MergeSettings()  # how every schedule merges; its own cutoffs are ignored
     seed: int = 0
     warmup: bool = True
+    # Variants with settings of their own (the presets), timed beside the schedules: label -> settings.
+    named: tuple[tuple[str, MergeSettings], ...] = ()
+    profile: bool = True  # count ops and syncs of one merge and one decode step (never inside a timed run)
+    # How the cached runs decode (slerpviz.decode): each is timed for base and every variant alike.
+    decodes: tuple[str, ...] = ("dynamic",)
 
     def settings(self, schedule: Schedule) -> MergeSettings:
         return replace(self.merge, cutoffs=schedule) if schedule else MergeSettings()
+
+    def variants(self) -> list[tuple[str, MergeSettings]]:
+        """The merged variants, labelled: each schedule under the shared merge settings, then the named ones."""
+        return [(label(s), self.settings(s)) for s in self.schedules] + list(self.named)
 
     def modes_at(self, length: int) -> list[str]:
         too_long = self.recompute_max_length is not None and length > self.recompute_max_length
@@ -64,12 +82,16 @@ class SpeedPlan:
     def tokens_for(self, mode: str) -> int:
         return self.new_tokens if mode == "cached" else self.recompute_new_tokens
 
+    def decodes_for(self, mode: str) -> tuple[str, ...]:
+        return self.decodes if mode == "cached" else ("dynamic",)  # without a cache every step is a prefill
+
 
 @dataclass
 class SpeedResult:
     rows: list[dict]
     repeats: list[dict]
     hf_sanity: list[dict] = field(default_factory=list)
+    compile_s: dict[str, float] = field(default_factory=dict)  # per decode: compiling once per process, up front
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,9 +106,9 @@ def random_prompt(engine: MergingEngine, length: int, seed: int) -> torch.Tensor
 
 
 def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, mode: str, new_tokens: int,
-              memory: PeakMemory) -> dict:
+              memory: PeakMemory, decode: str = "dynamic") -> dict:
     """Generate `new_tokens` greedily; the engine times each step itself (synchronised on a GPU)."""
-    run = engine.start(ids, settings, Sampling(max_new_tokens=new_tokens, temperature=0.0), mode)
+    run = engine.start(ids, settings, Sampling(max_new_tokens=new_tokens, temperature=0.0), mode, decode=decode)
     kv_bytes = None
     memory.start()
     with never_stops(engine):
@@ -100,6 +122,10 @@ def timed_run(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings,
         "decode_ms": 1000 * statistics.median(decode) if decode else None,
         "kv_bytes": kv_bytes,
         "peak_mem_bytes": peak,
+        # What each layer ran on in this very prefill (the stages the merge chose from these hidden states).
+        "layer_lengths": list(run.trace.seq_len_per_layer),
+        "decode_setup_s": run.trace.decode_warmup_s,
+        "decode_path": run.trace.decode,  # the path that ran: a static decode that could not run exactly says why
     }
 
 
@@ -141,39 +167,64 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
             engine.validate(length, plan.settings(schedule), Sampling(max_new_tokens=plan.new_tokens))
     memory = PeakMemory(engine.device)
     shape = limits.Shape.from_config(engine.config, engine.dtype)
+    variants = plan.variants()
     repeats, rows, sanity = [], [], []
+    compile_s = {}
+    for decode in plan.decodes:  # compile and capture every structure once, before anything is timed
+        compile_s[decode] = static_decode.warm_up(engine, [MergeSettings(), *(s for _, s in variants)], decode)
+        if compile_s[decode]:
+            log(f"speed: {decode} decode compiled and captured in {compile_s[decode]:.1f} s (not in any run's time)")
     for length in plan.lengths:
         ids = random_prompt(engine, length, plan.seed)
         if plan.warmup:  # first calls at a new size pay for kernel selection and allocator growth
-            for schedule in ((), plan.schedules[0]):
-                timed_run(engine, ids, plan.settings(schedule), "cached", 2, memory)
+            for settings in (MergeSettings(), variants[0][1]):
+                for decode in plan.decodes:
+                    timed_run(engine, ids, settings, "cached", 2, memory, decode)
         measured = {}
         for mode in plan.modes_at(length):
-            log(f"speed: length {length}, {mode}, {plan.repeats} repeats of base + {len(plan.schedules)} merged")
-            measured[mode] = measure_interleaved(engine, ids, plan, mode, memory)
-            for variant, runs in measured[mode].items():
-                repeats += [{"length": length, "mode": mode, "variant": variant, "repeat": i, **r}
-                            for i, r in enumerate(runs)]
-        merge_s = {s: time_merge(engine, length, plan.settings(s), plan.merge_repeats) for s in plan.schedules}
-        for mode, runs in measured.items():
-            for schedule in plan.schedules:
-                rows.append(speed_row(engine, shape, plan, length, schedule, mode, runs, measured,
-                                      merge_s[schedule], memory.kind))
+            for decode in plan.decodes_for(mode):
+                log(f"speed: length {length}, {mode}, {decode} decode, {plan.repeats} repeats of base + "
+                    f"{len(variants)} merged")
+                measured[mode, decode] = measure_interleaved(engine, ids, plan, mode, memory, decode)
+                for variant, runs in measured[mode, decode].items():
+                    repeats += [{"length": length, "mode": mode, "decode": decode, "variant": variant, "repeat": i,
+                                 **r} for i, r in enumerate(runs)]
+        merge_s = {name: time_merge(engine, length, settings, plan.merge_repeats) for name, settings in variants}
+        counted = {(name, decode): host_work(engine, ids, settings, plan, decode)
+                   for name, settings in [(BASE, MergeSettings()), *variants] for decode in plan.decodes}
+        for (mode, decode), runs in measured.items():
+            for name, settings in variants:
+                rows.append(speed_row(engine, shape, plan, length, name, settings, mode, decode, runs, measured,
+                                      merge_s[name], memory.kind, counted.get((name, decode), {}),
+                                      counted.get((BASE, decode), {})))
         hf_s = time_hf_forward(engine, ids)
-        engine_s = median_of(measured.get("recompute", measured.get("cached", {})).get(BASE, []), "ttft_s")
+        first = next(iter(measured.values()), {})
+        engine_s = median_of(measured.get(("recompute", "dynamic"), first).get(BASE, []), "ttft_s")
         sanity.append({"length": length, "hf_forward_s": hf_s, "engine_base_ttft_s": engine_s})
-    return SpeedResult(rows, repeats, sanity)
+    return SpeedResult(rows, repeats, sanity, compile_s)
 
 
-def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMemory) -> dict[str, list[dict]]:
-    """Every repeat runs base and each schedule once; odd repeats run them in reverse order."""
-    variants = [(), *plan.schedules]
-    runs: dict[str, list[dict]] = {label(v): [] for v in variants}
+def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMemory, decode: str = "dynamic"
+                        ) -> dict[str, list[dict]]:
+    """Every repeat runs base and each variant once; odd repeats run them in reverse order."""
+    variants = [(BASE, MergeSettings()), *plan.variants()]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for repeat in range(plan.repeats):
-        for schedule in variants if repeat % 2 == 0 else reversed(variants):
-            result = timed_run(engine, ids, plan.settings(schedule), mode, plan.tokens_for(mode), memory)
-            runs[label(schedule)].append(result)
+        for name, settings in variants if repeat % 2 == 0 else reversed(variants):
+            runs[name].append(timed_run(engine, ids, settings, mode, plan.tokens_for(mode), memory, decode))
     return runs
+
+
+def host_work(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, plan: SpeedPlan, decode: str
+              ) -> dict:
+    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run."""
+    if not plan.profile:
+        return {}
+    work = profile_decode_step(engine, ids, settings, decode)
+    if settings.cutoffs:
+        hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
+        work.update(profile_merge(engine, hidden, settings))
+    return work
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -187,53 +238,51 @@ def quotient(numerator, denominator) -> float | None:
     return numerator / denominator
 
 
-def planned_layer_lengths(engine: MergingEngine, length: int, settings: MergeSettings) -> list[int]:
-    """Each layer's sequence length under the engine's own plan for these settings. `similar` and `attention` are
-    planned from hidden states at run time; their limit is taken from the consecutive plan with the same pair
-    budget, and where they merge fewer pairs (the greedy matching, or the attention choice's kept tokens) the
-    measured KV fraction shows it (achieved ÷ limit above 1)."""
-    if not settings.cutoffs:
-        return [length] * engine.num_layers
-    if settings.choice in PLANNED_AT_CUTOFF:
-        settings = replace(settings, choice="consecutive")
-    stages = engine.plan(torch.zeros(1, length, dtype=torch.long), settings)
-    return limits.layer_lengths(length, stages, engine.num_layers)
-
-
-def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, settings: MergeSettings, mode: str,
+def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, merged: list[int], mode: str,
                   new_tokens: int) -> dict:
-    """The ratios the config allows for one merged variant against base, in one mode."""
-    base, merged = [length] * engine.num_layers, planned_layer_lengths(engine, length, settings)
+    """The ratios the config allows for one merged variant against base, in one mode, for the layer lengths the
+    merged prefill ran on (`merged`, from its own plan on these very prompts: the attention and similar choices
+    decide from the hidden states, and a kept budget can merge fewer pairs than the ratio asks).
+
+    These are FLOP and byte counts, not a ceiling on time: a measured ratio above its limit means the cost model
+    underprices what the merge saves (on a CPU, attention costs more than its FLOPs), below it the merge's own cost
+    or launch overhead eats into the saving."""
+    base = [length] * engine.num_layers
     if mode == "cached":
         decode = limits.cached_decode_speedup_limit(shape, base, merged, new_tokens)
         kv = limits.kv_fraction_limit(base, merged)
     else:
-        grown = range(length + 1, length + max(new_tokens, 2))  # each step re-runs the prompt grown by one
+        # Each step re-runs the prompt grown by one token; the grown prompt is taken to merge as the prompt did, its
+        # new tokens kept whole (they sit in the protected end), so the limit does not re-plan from other prompts.
+        grown = range(1, max(new_tokens, 2))
         decode = limits.recompute_decode_speedup_limit(
-            shape, [([n] * engine.num_layers, planned_layer_lengths(engine, n, settings)) for n in grown])
+            shape, [([length + k] * engine.num_layers, [n + k for n in merged]) for k in grown])
         kv = None  # no cache in this pair
     return {"merged_length": merged[-1], "ttft": limits.prefill_speedup_limit(shape, base, merged),
             "decode": decode, "kv": kv}
 
 
-def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, schedule: Schedule,
-              mode: str, runs: dict[str, list[dict]], measured: dict, merge_s: float, memory_kind: str | None) -> dict:
-    """One (length, schedule, mode): medians of base and merged, their ratios, and the config's limits."""
-    base, merged = runs[BASE], runs[label(schedule)]
+def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, name: str,
+              settings: MergeSettings, mode: str, decode: str, runs: dict[str, list[dict]], measured: dict,
+              merge_s: float, memory_kind: str | None, work: dict, base_work: dict) -> dict:
+    """One (length, variant, mode): medians of base and merged, their ratios, and the config's limits."""
+    base, merged = runs[BASE], runs[name]
     new_tokens = plan.tokens_for(mode)
-    limit = config_limits(engine, shape, length, plan.settings(schedule), mode, new_tokens)
+    limit = config_limits(engine, shape, length, merged[0]["layer_lengths"], mode, new_tokens)
     base_ttft, merged_ttft = median_of(base, "ttft_s"), median_of(merged, "ttft_s")
     base_decode, merged_decode = median_of(base, "decode_ms"), median_of(merged, "decode_ms")
     base_kv, merged_kv = median_of(base, "kv_bytes"), median_of(merged, "kv_bytes")
-    cached_base_decode = median_of(measured.get("cached", {}).get(BASE, []), "decode_ms")
+    cached = measured.get(("cached", decode)) or next((r for (m, _), r in measured.items() if m == "cached"), {})
+    cached_base_decode = median_of(cached.get(BASE, []), "decode_ms")
     kv_fraction = quotient(merged_kv, base_kv)
     return {
         "length": length,
         "merged_length": limit["merged_length"],
-        "schedule": label(schedule),
-        "stages": len(schedule),
-        "first_cutoff": min(schedule),
+        "schedule": name,
+        "stages": len(settings.cutoffs),
+        "first_cutoff": min(settings.cutoffs),
         "mode": mode,
+        "decode": decode,
         "repeats": plan.repeats,
         "new_tokens": new_tokens,
         "base_ttft_s": base_ttft,
@@ -258,4 +307,14 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "peak_mem_kind": memory_kind,
         "merge_ms": 1000 * merge_s,
         "merge_share": quotient(merge_s, merged_ttft),
+        "merge_gpu_ms": work.get("merge_gpu_ms"),
+        "merge_kernels": work.get("merge_kernels"),
+        "merge_syncs": work.get("merge_syncs"),
+        "merge_ops_per_stage": quotient(work.get("merge_ops"), len(settings.cutoffs)),
+        "base_decode_syncs": base_work.get("decode_syncs"),
+        "merged_decode_syncs": work.get("decode_syncs"),
+        "base_decode_ops": base_work.get("decode_ops"),
+        "merged_decode_ops": work.get("decode_ops"),
+        "base_decode_setup_s": median_of(base, "decode_setup_s"),
+        "merged_decode_setup_s": median_of(merged, "decode_setup_s"),
     }

@@ -24,11 +24,23 @@ def read_texts(paths: list[Path] | None = None) -> list[tuple[str, str]]:
             raise FileNotFoundError(f"no such text file or folder: {path}")
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
         for file in files:
-            parts = [p.strip() for p in _SEPARATOR.split(file.read_text(encoding="utf-8")) if p.strip()]
+            parts = [p.strip() for p in _SEPARATOR.split(read_file(file)) if p.strip()]
             texts += [(file.stem if len(parts) == 1 else f"{file.stem}#{i + 1}", part) for i, part in enumerate(parts)]
     if not texts:
         raise ValueError(f"no texts found in {', '.join(map(str, paths))}")
     return texts
+
+
+def read_file(file: Path) -> str:
+    """One text file as UTF-8; a file that is not (or cannot be read) is a ValueError naming it, so that one bad file
+    among a folder's is found without a hunt."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file} is not UTF-8 text: byte 0x{error.object[error.start]:02x} at offset {error.start} "
+                         f"({error.reason}); save it as UTF-8 or leave it out of --texts") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {file}: {error.strerror or error}") from None
 
 
 def tokenize(tokenizer, texts: list[tuple[str, str]]) -> list[TokenText]:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU figures in the README, in one go, from the repository root on a machine with an NVIDIA GPU and torch:
+#   bash scripts/gpu-speed.sh [OUT]
+# Random bf16 weights of Mistral-7B's shape (they time like trained ones). Where the machine's image lacks the
+# pinned transformers or plotly, put their wheels in .whl/ first; they are installed to /tmp/site, not over it.
+set -uo pipefail
+out=${1:-${OUT:-bench-out/gpu}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  # Every decode path gives the dynamic path's tokens on this GPU (tiny Mistral, Llama and Qwen2).
+  python3 -m pytest -q -p no:cacheprovider tests/test_decode.py -k on_a_gpu 2>&1 | tail -4
+} 2>&1 | tee "$out/env.txt"
+# Time to first token and decode, base against the presets and the article-style cutoff 16, dynamic against the
+# static decode recorded as a CUDA graph (the app's default on a GPU).
+python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 1024,4096,16384 \
+  --preset recommended,fast --cutoffs 16 --modes cached --decode dynamic,graph --repeats 5 --new-tokens 16 \
+  --out "$out/speed" 2>&1 | tee "$out/speed.log"
+# The torch.compile'd decode beside it, with its compile time (last: it may not finish in a short lease).
+timeout "${COMPILED_TIMEOUT:-240}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 4096 \
+  --preset recommended --modes cached --decode graph,compiled --repeats 3 --new-tokens 16 \
+  --out "$out/compiled" 2>&1 | tee "$out/compiled.log"
+rm -f "$out/compiled/speed.html"  # the table and JSON say it all; the device tool brings back at most 8 files

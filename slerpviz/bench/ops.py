@@ -1,0 +1,100 @@
+"""Counting what a piece of work asks of the host: aten ops, and the ones that make the host wait for the device.
+
+On a GPU, every value read back to the host (`.item()`, `int(t)`, `bool(t)`, a data-dependent shape from `nonzero`,
+a copy to the CPU) stalls the launch queue until the device catches up; a merge that does it per pair choice or
+per layer is host-bound however fast its kernels are. These ops are the same on the CPU, so counting them here is
+a proxy that needs no GPU: a TorchDispatchMode sees every aten op a block dispatches, on any device.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops whose result the host must wait for: a scalar read, or an output whose shape depends on the values.
+SYNC_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim", "aten::_unique2",
+    "aten::unique_consecutive", "aten::is_nonzero",
+})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched inside the block; `syncs` counts those in SYNC_OPS, and copies from a device
+    to the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.device_to_host = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        self.ops[name] += 1
+        if name in ("aten::_to_copy", "aten::copy_"):
+            source = args[1] if name == "aten::copy_" else args[0]
+            target = (args[0].device if name == "aten::copy_"
+                      else torch.device(kwargs.get("device") or source.device))
+            if isinstance(source, torch.Tensor) and source.device.type != "cpu" and target.type == "cpu":
+                self.device_to_host += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(count for name, count in self.ops.items() if name in SYNC_OPS) + self.device_to_host
+
+    def sync_ops(self) -> dict[str, int]:
+        return {name: count for name, count in self.ops.items() if name in SYNC_OPS}
+
+
+def profile_merge(engine, hidden: torch.Tensor, settings) -> dict:
+    """One merge of hidden states [1, L, d] at the settings' cutoffs (engine.merge_only), counted: aten ops and
+    host syncs, and on a GPU the kernels it launched and their summed time on the device (torch.profiler)."""
+    engine.merge_only(hidden, settings)  # warm: first calls initialise things once
+    with OpCounter() as counter:
+        engine.merge_only(hidden, settings)
+    work = {"merge_ops": counter.total, "merge_syncs": counter.syncs}
+    if hidden.device.type == "cuda":
+        work.update(device_kernels(lambda: engine.merge_only(hidden, settings), "merge"))
+    return work
+
+
+def profile_decode_step(engine, ids: torch.Tensor, settings, decode: str = "dynamic") -> dict:
+    """One cached decode step after the prompt `ids` [1, L] under `settings`, counted: aten ops and host syncs.
+    The token fed is the greedy one, left on the device: reading it back is the sampler's one sync, not the
+    step's. A static or compiled decode is counted as its uncompiled static step (what a CUDA graph replays)."""
+    with torch.inference_mode():
+        session = engine.prefill(ids, settings)
+        token = session.logits.argmax(-1, keepdim=True)
+        if decode == "dynamic":
+            step = session.decode
+        else:
+            decoder = session.static_decoder(4, compiled=False)
+            decoder.warm_up()
+            step = decoder.step
+        step(token)  # warm
+        token = step(token).argmax(-1, keepdim=True)
+        with OpCounter() as counter:
+            step(token)
+        if decode != "dynamic":
+            decoder.release()
+    return {"decode_ops": counter.total, "decode_syncs": counter.syncs}
+
+
+def device_kernels(work, prefix: str) -> dict:
+    """Kernels (and copies) `work()` launches on the GPU, and their summed device time in ms, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        work()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {f"{prefix}_kernels": len(kernels),
+            f"{prefix}_gpu_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000}

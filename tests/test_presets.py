@@ -1,0 +1,78 @@
+"""Presets at every depth: one layer per stage, in order, for any model from 12 to 80 layers and on the page."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from slerpviz import presets
+from slerpviz.merge import ratio_per_stage
+from slerpviz.models import ALLOWED_MODELS, EMBEDDED
+
+# num_hidden_layers of every allow-listed model, from each one's config.json on the hub (nothing is downloaded here).
+DEPTHS = {
+    EMBEDDED: 30,
+    "mistralai/Mistral-7B-Instruct-v0.2": 32,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 30,
+    "HuggingFaceTB/SmolLM2-360M-Instruct": 32,
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": 24,
+    "Qwen/Qwen2.5-0.5B-Instruct": 24,
+    "Qwen/Qwen2.5-1.5B-Instruct": 28,
+    "Qwen/Qwen2.5-7B-Instruct": 28,
+}
+
+
+def check_stages(settings, preset: presets.Preset, num_layers: int) -> None:
+    cutoffs = settings.cutoffs
+    assert len(cutoffs) == len(preset.depth_shares)  # one stage per share: none lost to a shared layer
+    assert all(a < b for a, b in zip(cutoffs, cutoffs[1:])), cutoffs
+    assert 1 <= cutoffs[0] and cutoffs[-1] < num_layers  # every stage merges before the last layer
+    assert all(abs(c - share * num_layers) <= 1 for c, share in zip(cutoffs, preset.depth_shares)), cutoffs
+    assert len(ratio_per_stage(settings.ratio, len(cutoffs))) == len(cutoffs)
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_gives_distinct_increasing_cutoffs_at_every_depth_from_12_to_80(name):
+    preset = presets.PRESETS[name]
+    for num_layers in range(12, 81):
+        check_stages(presets.preset(name, num_layers), preset, num_layers)
+
+
+def test_a_preset_keeps_the_layers_its_shares_round_to_where_they_do_not_collide():
+    # Moving a stage is only for shares that round to one layer: elsewhere each cutoff is its share, rounded.
+    for name, preset in presets.PRESETS.items():
+        for num_layers in range(12, 81):
+            rounded = [round(share * num_layers) for share in preset.depth_shares]
+            if len(set(rounded)) == len(rounded):
+                assert list(presets.preset(name, num_layers).cutoffs) == rounded, (name, num_layers)
+
+
+def test_shares_given_out_of_order_keep_their_ratios_when_they_share_a_layer():
+    # 0.6 and 0.57 of 24 both round to 14: the larger share takes the next layer, and each keeps its own ratio.
+    settings = presets.Preset("test", (0.6, 0.57, 0.2), ratio=(1.0, 0.5, 0.25)).settings(24)
+    assert settings.cutoffs == tuple(sorted(set(settings.cutoffs))) and len(settings.cutoffs) == 3
+    by_share = dict(zip((0.2, 0.57, 0.6), zip(settings.cutoffs, settings.ratio)))
+    assert by_share[0.57][0] < by_share[0.6][0] and [r for _, r in by_share.values()] == [0.25, 0.5, 1.0]
+
+
+def test_the_allow_list_depths_are_all_known():
+    assert set(DEPTHS) == set(ALLOWED_MODELS)
+
+
+@pytest.mark.parametrize("model", ALLOWED_MODELS)
+def test_the_pages_preset_menu_fills_every_preset_the_page_accepts_for_every_allowed_model(model):
+    """Through the page's own fill (Page.fill_preset, for the loaded model's depth) and its own parse: the preset
+    comes back whole, a ratio per cutoff, where a shared layer made the page refuse it ("4 ratios for 3 cutoffs")."""
+    from slerpviz import callbacks, form
+    from slerpviz.holder import EngineHolder
+
+    page = callbacks.Page()
+    page.holder = EngineHolder()
+    page.holder.install(model, types.SimpleNamespace(num_layers=DEPTHS[model]))  # the depth is all the fill reads
+    for name, preset in presets.PRESETS.items():
+        values = dict(zip(form.MERGE_FIELDS, page.fill_preset(name)))
+        request = form.parse(form.Form(prompt="Why is the sky blue?", model=model, chat=True, mode="cached",
+                                       max_new_tokens=8, temperature=0.0, seed=0, **values))
+        assert request.settings == presets.preset(name, DEPTHS[model])
+        check_stages(request.settings, preset, DEPTHS[model])
