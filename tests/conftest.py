@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -71,9 +72,10 @@ def embedded():
     return load(EMBEDDED)
 
 
-@pytest.fixture(scope="module")
-def app_url():
-    """The app launched on a free loopback port for this module, with the embedded model loaded."""
+@contextlib.contextmanager
+def launched_app(**environment: str):
+    """The app launched on a free loopback port with the embedded model loaded, its settings read from the
+    environment with these variables set while it is built: its URL."""
     import socket
 
     from slerpviz import layout
@@ -81,7 +83,10 @@ def app_url():
     from slerpviz.models import EMBEDDED
 
     ENGINES.ensure(EMBEDDED)
-    demo = layout.build_app(EMBEDDED, preload=False)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        demo = layout.build_app(EMBEDDED, preload=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -90,6 +95,13 @@ def app_url():
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    """The app launched on a free loopback port for this module, with the embedded model loaded."""
+    with launched_app() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

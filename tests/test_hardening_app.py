@@ -168,6 +168,8 @@ def test_a_raw_request_to_the_model_menu_is_refused(app_url, monkeypatch):
     """The menu's event is private, so no client library calls it, but a plain POST to the queue still reaches it:
     there the holder's admission decides, and it starts no load."""
     monkeypatch.setattr(ENGINES, "_switched_at", ENGINES._clock())  # as if the menu had switched a moment ago
+    # ... to the loaded model: a failed switch to OTHER left by an earlier test would be repeated as its reason.
+    monkeypatch.setattr(ENGINES, "_outcome", (ENGINES.name, None))
     switch = page_event(app_url, "model", "select")
     *_, done = run_event(app_url, uuid.uuid4().hex, switch, [OTHER, 15, []])
     assert done["success"] and "switches at most once every" in done["output"]["data"][0], done
