@@ -20,8 +20,8 @@ if os.environ.get("SPACES_ZERO_GPU"):
 
 import argparse
 
-from slerpviz.holder import ENGINES, default_model, load_for_zero_gpu, on_zero_gpu
-from slerpviz.layout import build_app, serve
+from slerpviz.app.holder import ENGINES, default_model, load_for_zero_gpu, on_zero_gpu
+from slerpviz.app.layout import build_app, serve
 from slerpviz.models import ALLOWED_MODELS
 
 if on_zero_gpu():

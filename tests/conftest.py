@@ -78,8 +78,8 @@ def launched_app(**environment: str):
     environment with these variables set while it is built: its URL."""
     import socket
 
-    from slerpviz import layout
-    from slerpviz.holder import ENGINES
+    from slerpviz.app import layout
+    from slerpviz.app.holder import ENGINES
     from slerpviz.models import EMBEDDED
 
     ENGINES.ensure(EMBEDDED)
@@ -107,7 +107,7 @@ def app_url():
 @pytest.fixture(scope="module")
 def app_engine():
     """The engine the app's holder serves (the embedded model), as the page's callbacks see it."""
-    from slerpviz.holder import ENGINES
+    from slerpviz.app.holder import ENGINES
     from slerpviz.models import EMBEDDED
 
     return ENGINES.ensure(EMBEDDED)
@@ -116,7 +116,7 @@ def app_engine():
 @pytest.fixture(scope="module")
 def page(app_engine):
     """The page's callbacks, called directly, with the embedded model loaded."""
-    from slerpviz import callbacks
+    from slerpviz.app import callbacks
 
     return callbacks.Page()
 

@@ -64,8 +64,8 @@ def test_the_allow_list_depths_are_all_known():
 def test_the_pages_preset_menu_fills_every_preset_the_page_accepts_for_every_allowed_model(model):
     """Through the page's own fill (Page.fill_preset, for the loaded model's depth) and its own parse: the preset
     comes back whole, a ratio per cutoff, where a shared layer made the page refuse it ("4 ratios for 3 cutoffs")."""
-    from slerpviz import callbacks, form
-    from slerpviz.holder import EngineHolder
+    from slerpviz.app import callbacks, form
+    from slerpviz.app.holder import EngineHolder
 
     page = callbacks.Page()
     page.holder = EngineHolder()

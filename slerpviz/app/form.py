@@ -18,10 +18,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from . import inputs
-from .engine import MODES, MergeSettings, Sampling, check_sampling
-from .merge import check_choice, check_method, check_positions, ratio_per_stage
-from .models import EMBEDDED, check_allowed
+from .. import inputs
+from ..engine import MODES, MergeSettings, Sampling, check_sampling
+from ..merge import check_choice, check_method, check_positions, ratio_per_stage
+from ..models import EMBEDDED, check_allowed
 
 # The page's own limits, which every API client meets too: the longest generation one request may hold the device for,
 # and the temperature slider's range.

@@ -19,14 +19,15 @@ import gradio as gr
 import torch
 from gradio.components.plot import PlotData
 
-from . import panels, plots, presets
-from .bench.retrieval import find_passkey
-from .engine import Interrupted, Sampling, Trace
+from .. import presets
+from . import panels, plots
+from ..bench.retrieval import find_passkey
+from ..engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
 from .holder import ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
-from .inputs import whole
-from .models import ALLOWED_MODELS
+from ..inputs import whole
+from ..models import ALLOWED_MODELS
 
 DEFAULT_LAYERS = 30  # the controls' range before a model is loaded (the embedded model's depth)
 # The page opens on the setting we stand behind, not on the article's (every pair at half the depth), which loses the

@@ -12,9 +12,10 @@ import torch
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
-from slerpviz import callbacks, form, layout, panels, presets
+from slerpviz import presets
+from slerpviz.app import callbacks, form, layout, panels
 from slerpviz.engine import Run, Trace, interleave
-from slerpviz.holder import EngineHolder
+from slerpviz.app.holder import EngineHolder
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."

@@ -15,9 +15,9 @@ import pytest
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
-from slerpviz import admission, callbacks, form, layout
+from slerpviz.app import admission, callbacks, form, layout
 from slerpviz.engine import Sampling
-from slerpviz.holder import ENGINES, EngineHolder, SwitchRefused
+from slerpviz.app.holder import ENGINES, EngineHolder, SwitchRefused
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import inputs, plots, presets
-from .bench.retrieval import find_passkey, is_correct
-from .engine import Sampling, Trace
+from .. import inputs, presets
+from . import plots
+from ..bench.retrieval import find_passkey, is_correct
+from ..engine import Sampling, Trace
 
 
 

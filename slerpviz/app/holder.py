@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .engine import MergeSettings, MergingEngine, Trace, interleave
+from ..engine import MergeSettings, MergingEngine, Trace, interleave
 from .form import Request
-from .models import EMBEDDED, check_allowed, load
+from ..models import EMBEDDED, check_allowed, load
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from slerpviz import holder
+from slerpviz.app import holder
 
 SETTINGS = {"HF_HUB_ETAG_TIMEOUT": "HUB_CONNECT_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT": "HUB_READ_TIMEOUT"}
 

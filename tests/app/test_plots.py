@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slerpviz import plots
+from slerpviz.app import plots
 from slerpviz.engine import Trace, record_plan
 from slerpviz.merge import plan_stages
 

@@ -16,7 +16,7 @@ import pytest
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = ROOT / "test-output"
 # Headless and offline: no sandbox in a container, no GPU, nothing reaching out to the network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -183,7 +183,7 @@ def test_the_pass_key_example_fills_the_page_from_the_preset(page):
 
 
 def test_one_pick_in_the_model_menu_switches_once_and_says_why_it_failed(page, url, monkeypatch):
-    from slerpviz.holder import ENGINES
+    from slerpviz.app.holder import ENGINES
 
     other = "Qwen/Qwen2.5-0.5B-Instruct"
     monkeypatch.setattr(ENGINES, "_switched_at", None)  # no earlier switch in this process stands in the way

@@ -18,8 +18,8 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
-from .engine import Trace
-from .merge import PARALLEL_COS
+from ..engine import Trace
+from ..merge import PARALLEL_COS
 
 BASE_COLOR = "#4C78A8"
 MERGED_COLOR = "#F58518"

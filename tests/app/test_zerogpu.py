@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # What the real package does that matters here: `spaces.GPU` wraps the functions that get a GPU, and a module-level
 # move to "cuda" is accepted at once and completed when a GPU is attached (on this CPU machine: recorded, not done).
@@ -59,8 +59,9 @@ SCRIPT = textwrap.dedent('''
 
     started_threads = threading.active_count()
     import app  # a Space runs this file: on ZeroGPU the model loads here, at import
-    from slerpviz import callbacks, engine as engine_module, layout
-    from slerpviz.holder import ENGINES
+    from slerpviz import engine as engine_module
+    from slerpviz.app import callbacks, layout
+    from slerpviz.app.holder import ENGINES
     from slerpviz.models import EMBEDDED
 
     holder = ENGINES

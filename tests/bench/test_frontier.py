@@ -15,7 +15,7 @@ from slerpviz.bench.frontier import (ATTENTION_PASSES, FRONTIER_COLUMNS, best_at
 from slerpviz.engine import MergeSettings
 from slerpviz.merge import merged_length, plan_stages
 
-RESULTS = Path(__file__).resolve().parents[1] / "assets" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results"
 
 
 def test_pareto_front_keeps_the_rows_nothing_beats_on_both_axes():
