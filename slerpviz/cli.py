@@ -7,9 +7,10 @@ import dataclasses
 import json
 import sys
 
-from . import inputs
+from . import settings as checks
 from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
-from .merge import CHOICES, METHODS, POSITION_MODES, check_choice, check_method, check_positions, ratio_per_stage
+from .merge import CHOICES, METHODS, POSITION_MODES, ratio_per_stage
+from .settings import check_choice, check_method, check_positions
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load_for_command_line
 from .presets import PRESETS, preset
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"tokens (0 to 1; default {DEFAULTS.attention_keep_share:g}: the budget stays K)")
     gen.add_argument("--attention-reach", type=int, default=None, metavar="R",
                      help="with --choice attention: a pair ranks with the most attended token within R tokens "
-                          f"either side (0 to {inputs.MAX_ATTENTION_REACH}; default {DEFAULTS.attention_reach})")
+                          f"either side (0 to {checks.MAX_ATTENTION_REACH}; default {DEFAULTS.attention_reach})")
     gen.add_argument("--proportional", action="store_true", default=None,
                      help="proportional attention: add log(tokens held) to a merged key's attention logit")
     gen.add_argument("--mode", default="cached", help=f"one of: {', '.join(MODES)}")
@@ -96,25 +97,25 @@ def check_arguments(args) -> Sampling:
     """Everything that can be checked without the model, checked before it loads (seconds saved on every typo), by
     the same rules as the app: a negative seed or an infinite temperature is refused here as it is there."""
     check_allowed(args.model)
-    inputs.text(args.prompt, "prompt")
+    checks.text(args.prompt, "prompt")
     if args.preset is not None:
-        inputs.one_of(args.preset, "preset", tuple(PRESETS))
+        checks.one_of(args.preset, "preset", tuple(PRESETS))
     for cutoff in args.cutoff or ():
-        inputs.whole(cutoff, "cutoff", 0)
+        checks.whole(cutoff, "cutoff", 0)
     if args.keep_start is not None:
-        inputs.whole(args.keep_start, "keep start", 0)
+        checks.whole(args.keep_start, "keep start", 0)
     if args.keep_end is not None:
-        inputs.whole(args.keep_end, "keep end", 0)
+        checks.whole(args.keep_end, "keep end", 0)
     if args.method is not None:
         check_method(args.method)
     if args.positions is not None:
         check_positions(args.positions)
     if args.choice is not None:
         check_choice(args.choice)
-    inputs.attention_budget(*(getattr(DEFAULTS, name) if getattr(args, name) is None else getattr(args, name)
+    checks.attention_budget(*(getattr(DEFAULTS, name) if getattr(args, name) is None else getattr(args, name)
                               for name in ("attention_window", "attention_keep", "attention_reach",
                                            "attention_keep_share")))
-    inputs.one_of(args.mode, "mode", MODES)
+    checks.one_of(args.mode, "mode", MODES)
     chosen = PRESETS[args.preset] if args.preset is not None else None
     stages = len(args.cutoff) if args.cutoff else len(chosen.depth_shares) if chosen else 1
     if args.ratio is not None:

@@ -46,78 +46,23 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from . import inputs
+from .settings import (  # noqa: F401  (MODES, MergeSettings and Sampling are the engine's names too)
+    MODES, MergeSettings, Sampling, attention_budget, check_choice, check_method, check_mode, check_positions,
+    check_sampling, real,
+)
 from .merge import (
-    INTERPOLATE, PLANNED_AT_CUTOFF, Stage, adjacent_cosines, check_choice, check_method, check_positions, check_spans,
-    cosine, gather_pairs, last_slot_offset, slerp_and_cosine, layer_lengths, next_stage, plan_stages, ratio_per_stage, slot_positions,
+    INTERPOLATE, PLANNED_AT_CUTOFF, Stage, adjacent_cosines, check_spans, cosine, gather_pairs, last_slot_offset,
+    layer_lengths, next_stage, plan_stages, ratio_per_stage, slerp_and_cosine, slot_positions,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
-MODES = ("cached", "recompute")
 
 
 MAX_CHARS_PER_TOKEN = 64  # far more than any tokenizer puts in one token of text
 
 
-@dataclass(frozen=True)
-class MergeSettings:
-    """Where and how to merge. No cutoffs means the base model."""
-
-    cutoffs: tuple[int, ...] = ()
-    keep_start: int = 0
-    keep_end: int = 0
-    method: str = "slerp"
-    positions: str = "mean"
-    ratio: float | tuple[float, ...] = 1.0  # share of eligible pairs merged, one for all cutoffs or one each
-    choice: str = "consecutive"  # which pairs: consecutive, uniform, the most similar or least attended at the cutoff
-    proportional: bool = False  # add log(tokens held) to a merged key's attention logit
-    size_weighted: bool = True  # t follows the tokens each side holds when merged slots merge again
-    # `attention` choice: the last W prompt tokens whose attention scores the others, and the most-attended tokens
-    # that never merge. Defaults by measurement (docs/measurements.md, "Merge what the prompt is not looking at"):
-    # W = 8 kept the pass key better than 32, and keeping 32 tokens lifted top-1 from 0.81 to 0.94 at 15+20 (n = 72).
-    attention_window: int = 8
-    attention_keep: int = 32
-    # `attention` choice: a kept budget that grows with the prompt, this share of its tokens where that is more than
-    # attention_keep (0: the budget is attention_keep alone). A fixed 32 kept the multi-key answer at 512 to 1,024
-    # tokens but lost some at 2,048, where 128 kept them; 1/16 (32 at 512, 128 at 2,048) is in the recommended and
-    # fast presets (docs/measurements.md, "A kept budget that grows with the prompt").
-    attention_keep_share: float = 0.0
-    # `attention` choice: a pair ranks with the most attended token within this many tokens either side (0: alone);
-    # the kept budget stays the most-attended tokens themselves. Measured in docs/measurements.md ("Reach"): 4 to 12
-    # kept most of the retrieval that 0 lost at 1.5x, 7 best; the recommended and fast presets use 7.
-    attention_reach: int = 0
-    # `attention` choice: the share of the pair ranking given to how unlike the pair is (1 - cosine); 0 ranks by
-    # attention alone (see merge.least_attended_pairs).
-    cosine_share: float = 0.0
-
-    def kept_budget(self, prompt_length: int) -> int:
-        """How many of the most-attended tokens never merge, for a prompt of this many tokens."""
-        return max(int(self.attention_keep), round(self.attention_keep_share * prompt_length))
-
-    def __post_init__(self):
-        # Stages run in layer order; per-cutoff ratios travel with their cutoffs (cutoffs 20, 10 with ratios 1, 0.5
-        # merge half at layer 10 and all at layer 20).
-        order = sorted(range(len(self.cutoffs)), key=lambda i: self.cutoffs[i])
-        if isinstance(self.ratio, (tuple, list)):
-            ratios = tuple(self.ratio)
-            if len(ratios) == len(self.cutoffs):
-                ratios = tuple(ratios[i] for i in order)
-            object.__setattr__(self, "ratio", ratios)
-        object.__setattr__(self, "cutoffs", tuple(self.cutoffs[i] for i in order))
-
-
 class Interrupted(Exception):
     """A step stopped between two layers because its run's interrupt was set (the page's Stop)."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding: temperature 0 is greedy; otherwise temperature and top-p with a seeded generator."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
 
 
 @dataclass
@@ -183,18 +128,6 @@ class Layout:
     segments: list[_Segment]
     stages: list[Stage]
     attention: list[torch.Tensor | None] = field(default_factory=list)  # per stage: scores of the `attention` choice
-
-
-def check_sampling(sampling: Sampling) -> None:
-    """Decoding settings that no model can use, refused before any model work."""
-    if not isinstance(sampling.max_new_tokens, int) or sampling.max_new_tokens < 1:
-        raise ValueError("max new tokens must be a whole number of at least 1")
-    if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
-        raise ValueError("temperature must be a finite number, 0 (greedy) or more")
-    if not math.isfinite(sampling.top_p) or not 0 < sampling.top_p <= 1:
-        raise ValueError("top-p must be in (0, 1]")
-    if not isinstance(sampling.seed, int) or not 0 <= sampling.seed < 2**63:
-        raise ValueError("seed must be a whole number from 0 to 2**63 - 1")
 
 
 def check_supported(model) -> None:
@@ -270,11 +203,11 @@ class MergingEngine:
             raise ValueError(f"proportional attention needs sdpa or eager attention (it adds log(size) to the "
                              f"attention mask), and this model runs {attn!r}: load it with attn_implementation="
                              "'sdpa', or merge without proportional attention")
-        # The same rules, and words, as the page and the command line use for the raw values (slerpviz.inputs).
-        inputs.attention_budget(settings.attention_window, settings.attention_keep, settings.attention_reach,
-                                settings.attention_keep_share)
-        inputs.real(settings.cosine_share, "cosine share", 0, 1)
-        inputs.one_of(mode, "mode", MODES)
+        # The same rules, and words, as the page and the command line use for the raw values (slerpviz.settings).
+        attention_budget(settings.attention_window, settings.attention_keep, settings.attention_reach,
+                         settings.attention_keep_share)
+        real(settings.cosine_share, "cosine share", 0, 1)
+        check_mode(mode)
         if sampling is not None:
             check_sampling(sampling)
             context = getattr(self.config, "max_position_embeddings", None)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import inputs
 
 METHODS = ("slerp", "lerp", "slerp-dir", "seed-2024")
 CHOICES = ("consecutive", "uniform", "similar", "attention")
@@ -110,18 +109,11 @@ def seed2024(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch
 INTERPOLATE = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir, "seed-2024": seed2024}
 
 
-def check_method(method) -> str:
-    """The merge method, checked. This check and the two below take any value, not only text: the page and the
-    command line check their raw input with them, as the engine checks its settings."""
-    return inputs.one_of(method, "merge method", METHODS)
-
-
-def check_positions(mode) -> str:
-    return inputs.one_of(mode, "positions mode", POSITION_MODES)
-
-
-def check_choice(choice) -> str:
-    return inputs.one_of(choice, "pair choice", CHOICES)
+def _known(value, names: tuple[str, ...], what: str) -> str:
+    """A name the maths knows, or ValueError (the raw-value checks with their field names are slerpviz.settings')."""
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(names)}")
+    return value
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -255,7 +247,7 @@ def pair_mask(
     (or `device`), and the number of pairs where it is known without reading the scores (None otherwise)."""
     check_spans(length, keep_start, keep_end)
     check_ratio(ratio)
-    check_choice(choice)
+    _known(choice, CHOICES, "pair choice")
     scores = attention if choice == "attention" else similarity if choice == "similar" else None
     device = scores.device if scores is not None else device
     lead, end = _middle(length, keep_start, keep_end)
@@ -448,7 +440,7 @@ def gather_pairs(x: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.
 
 def apply_plan(x: torch.Tensor, plan: MergePlan, method: str = "slerp") -> torch.Tensor:
     """Merge x [batch, length, d] into [batch, slots, d]: one gather and one batched interpolation."""
-    check_method(method)
+    _known(method, METHODS, "merge method")
     plan = plan.to(x.device)
     a, b = gather_pairs(x, plan)
     return INTERPOLATE[method](a, b, plan.t)
@@ -552,7 +544,7 @@ def layer_lengths(length: int, stages: list[Stage], layers: int) -> list[int]:
 
 def slot_positions(first: torch.Tensor, last: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """RoPE position of each slot: the mean of its tokens' positions, its first token's, or 0..slots-1."""
-    check_positions(mode)
+    _known(mode, POSITION_MODES, "positions mode")
     if mode == "mean":
         return (first + last) * 0.5
     if mode == "first":
@@ -564,5 +556,5 @@ def last_slot_offset(length: int, slots: int, mode: str = "mean") -> int:
     """Where the last token's slot sits, minus where the token sat: a token after the prompt sits at its own position
     plus this. The last token is always a slot of its own, so every mode places it at length - 1, except renumber,
     which places it at slots - 1. Known without reading the positions back from the device."""
-    check_positions(mode)
+    _known(mode, POSITION_MODES, "positions mode")
     return slots - length if mode == "renumber" else 0

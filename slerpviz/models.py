@@ -113,7 +113,7 @@ def load_for_command_line(name: str, device: str | None = None, progress=print) 
     any bad input, and the hub's retry warnings (a dozen lines over half a minute) stay quiet."""
     from huggingface_hub.utils import logging as hub_logging
 
-    from .inputs import one_line
+    from .settings import one_line
 
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()

@@ -84,7 +84,7 @@ def test_an_unreachable_hub_model_exits_2_with_one_line(tmp_path):
 
 
 def test_one_line_keeps_a_first_sentence_or_cuts_a_long_one_at_a_word():
-    from slerpviz.inputs import one_line
+    from slerpviz.settings import one_line
 
     assert one_line(OSError("Could not connect.\nSee the docs. More.")) == "Could not connect."
     long = "An error happened while trying to locate the files on the Hub " * 5

@@ -26,7 +26,7 @@ from ..engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
 from .holder import ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
-from ..inputs import whole
+from ..settings import whole
 from ..models import ALLOWED_MODELS
 
 DEFAULT_LAYERS = 30  # the controls' range before a model is loaded (the embedded model's depth)

@@ -7,7 +7,7 @@ positional API calls written for fewer inputs keep working.
 
 Every field is checked before any model work, by the checks the engine itself uses where they take raw values
 (`check_allowed`, the merge method, positions and pair-choice checks, `ratio_per_stage`, `check_sampling`), and
-otherwise by `slerpviz.inputs`; a bad value raises ValueError with one line that names the field and says what is
+otherwise by `slerpviz.settings`; a bad value raises ValueError with one line that names the field and says what is
 allowed. What depends on the model (a cutoff past its depth, spans longer than the tokenised prompt, the context)
 is checked by `MergingEngine.validate` once the prompt is tokenised (`holder.plan_trace`).
 """
@@ -18,9 +18,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .. import inputs
+from .. import settings as checks
 from ..engine import MODES, MergeSettings, Sampling, check_sampling
-from ..merge import check_choice, check_method, check_positions, ratio_per_stage
+from ..merge import ratio_per_stage
+from ..settings import check_choice, check_method, check_positions
 from ..models import EMBEDDED, check_allowed
 
 # The page's own limits, which every API client meets too: the longest generation one request may hold the device for,
@@ -79,18 +80,18 @@ class Request:
 
 def parse_cutoffs(cutoff, more_cutoffs) -> tuple[int, ...]:
     """The main cutoff plus any further ones (a list, or text like "20, 25"), each layer once, in order."""
-    return inputs.layers(cutoff, more_cutoffs)
+    return checks.layers(cutoff, more_cutoffs)
 
 
 def parse(form: Form) -> Request:
     """A form as engine settings; `ratios` (one per cutoff, in layer order) overrides `ratio` when given."""
-    prompt = inputs.text(form.prompt, "prompt")
+    prompt = checks.text(form.prompt, "prompt")
     model = EMBEDDED if form.model is None or form.model == "" else form.model
     check_allowed(model)
-    chat = inputs.flag(form.chat, "chat")
+    chat = checks.flag(form.chat, "chat")
     cutoffs = parse_cutoffs(form.cutoff, form.more_cutoffs)
-    ratio = inputs.real(form.ratio, "merge ratio", 0.0, 1.0)
-    per_cutoff = inputs.ratios(form.ratios, "ratio per cutoff")
+    ratio = checks.real(form.ratio, "merge ratio", 0.0, 1.0)
+    per_cutoff = checks.ratios(form.ratios, "ratio per cutoff")
     if per_cutoff is not None:
         try:
             ratio_per_stage(per_cutoff, len(cutoffs))  # each ratio is in range already: only the count can fail
@@ -98,20 +99,20 @@ def parse(form: Form) -> Request:
             raise ValueError(f"ratio per cutoff: {len(per_cutoff)} ratios for {len(cutoffs)} cutoffs ("
                              f"{', '.join(map(str, cutoffs))}): give one per cutoff, in layer order, or leave it "
                              "empty") from None
-    window, keep, reach, keep_share = inputs.attention_budget(form.attention_window, form.attention_keep,
+    window, keep, reach, keep_share = checks.attention_budget(form.attention_window, form.attention_keep,
                                                               form.attention_reach, form.attention_keep_share)
     settings = MergeSettings(
-        cutoffs=cutoffs, keep_start=inputs.whole(form.keep_start, "keep start", 0),
-        keep_end=inputs.whole(form.keep_end, "keep end", 0), method=check_method(form.method),
+        cutoffs=cutoffs, keep_start=checks.whole(form.keep_start, "keep start", 0),
+        keep_end=checks.whole(form.keep_end, "keep end", 0), method=check_method(form.method),
         positions=check_positions(form.positions), ratio=ratio if per_cutoff is None else per_cutoff,
-        choice=check_choice(form.choice), proportional=inputs.flag(form.proportional, "proportional attention"),
+        choice=check_choice(form.choice), proportional=checks.flag(form.proportional, "proportional attention"),
         attention_window=window, attention_keep=keep, attention_reach=reach, attention_keep_share=keep_share,
     )
-    mode = inputs.one_of(form.mode, "mode", MODES)  # MergingEngine.validate checks it alike, once there is a model
+    mode = checks.one_of(form.mode, "mode", MODES)  # MergingEngine.validate checks it alike, once there is a model
     # The page's limits are tighter than the engine's (check_sampling), and each is worded for its field.
-    sampling = Sampling(max_new_tokens=inputs.whole(form.max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
-                        temperature=inputs.real(form.temperature, "temperature", 0.0, MAX_TEMPERATURE),
-                        seed=inputs.whole(form.seed, "seed", 0, inputs.SEED_LIMIT - 1))
+    sampling = Sampling(max_new_tokens=checks.whole(form.max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS),
+                        temperature=checks.real(form.temperature, "temperature", 0.0, MAX_TEMPERATURE),
+                        seed=checks.whole(form.seed, "seed", 0, checks.SEED_LIMIT - 1))
     check_sampling(sampling)
     return Request(prompt, model, chat, settings, sampling, mode)
 
@@ -148,7 +149,7 @@ def fit_cutoffs(num_layers: int, cutoff=None, more_cutoffs=None) -> tuple[int, l
     to the depth (the middle layer when it is not a whole number), further cutoffs past the depth or not layer
     numbers dropped."""
     try:
-        value = min(inputs.whole(cutoff, "cutoff", 0), num_layers)
+        value = min(checks.whole(cutoff, "cutoff", 0), num_layers)
     except ValueError:
         value = num_layers // 2
     kept = [c for c in (more_cutoffs or []) if str(c).strip().isdigit() and int(c) <= num_layers]

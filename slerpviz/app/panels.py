@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import inputs, presets
+from .. import presets
+from .. import settings as checks
 from . import plots
 from ..bench.retrieval import find_passkey, is_correct
 from ..engine import Sampling, Trace
@@ -200,7 +201,7 @@ def cannot_plan_markdown(error: BaseException) -> str:
 def load_failure(model: str, error: BaseException, serving: str | None) -> tuple[str, str]:
     """A failed model switch, as a pop-up's plain text and the status line's Markdown: why, in one line (a hub error
     runs to a paragraph with links), and the model still serving."""
-    reason = message_for(error) if isinstance(error, ValueError) else inputs.one_line(error)
+    reason = message_for(error) if isinstance(error, ValueError) else checks.one_line(error)
     warning = f"Could not load {model}: {reason}" + (f" Still serving {serving}." if serving else "")
     status = f"**Could not load** {escape(str(model))}: {escape(reason)}" + (
         f" Still serving **{escape(serving)}**." if serving else "")

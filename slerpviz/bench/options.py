@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import inputs
+from .. import settings as checks
 from ..cli import Parser
 from ..engine import MergeSettings
 from ..merge import CHOICES, METHODS, POSITION_MODES
@@ -45,7 +45,7 @@ CHOICES_HELP = f"which pairs merge: {', '.join(CHOICES)}"
 
 
 def _argument(parse):
-    """An argparse type from a slerpviz.inputs check: its message, without the field name argparse already gives."""
+    """An argparse type from a slerpviz.settings check: its message, without the field name argparse already gives."""
     def argument(text: str):
         try:
             return parse(text)
@@ -58,10 +58,10 @@ def _argument(parse):
 @functools.cache  # one function per rule, so subcommands sharing an option share its type
 def whole(low: int, high: int | None = None):
     """An argparse type: a whole number in [low, high], by the same rule and words as the app and the CLI."""
-    return _argument(lambda text: inputs.whole(text, "it", low, high))
+    return _argument(lambda text: checks.whole(text, "it", low, high))
 
 
-share = _argument(lambda text: inputs.real(text, "it", 0, 1))  # an argparse type: a number from 0 to 1
+share = _argument(lambda text: checks.real(text, "it", 0, 1))  # an argparse type: a number from 0 to 1
 
 
 def listed(text: str) -> str:
@@ -108,7 +108,7 @@ def model_options(shape_help: str, seed_help: str | None = None) -> argparse.Arg
     which.add_argument("--shape", choices=SHAPES, help=shape_help)
     p.add_argument("--device", type=given, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="for --shape: default bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--seed", type=whole(0, inputs.SEED_LIMIT - 1), default=0, help=seed_help)
+    p.add_argument("--seed", type=whole(0, checks.SEED_LIMIT - 1), default=0, help=seed_help)
     return p
 
 
@@ -152,7 +152,7 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
         p.add_argument("--attention-keep-share", type=share, default=MergeSettings.attention_keep_share,
                        help="attention choice: on a long prompt the kept budget grows to this share of its tokens "
                             f"(default {MergeSettings.attention_keep_share:g}: the budget stays --attention-keep)")
-        p.add_argument("--attention-reach", type=whole(0, inputs.MAX_ATTENTION_REACH),
+        p.add_argument("--attention-reach", type=whole(0, checks.MAX_ATTENTION_REACH),
                        default=MergeSettings.attention_reach,
                        help="attention choice: a pair ranks with the most attended token within this many tokens "
                             f"either side (default {MergeSettings.attention_reach})")
@@ -215,7 +215,7 @@ def int_list(text: str, what: str = "length", low: int = 1) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"bad list of whole numbers {text!r}: write them comma-separated, like 512,1024") from None
     for value in values:
-        inputs.whole(value, what, low)
+        checks.whole(value, what, low)
     return values
 
 
