@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import random
+import re
+from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 from hypothesis import given, settings
@@ -399,3 +404,106 @@ def test_an_attention_plan_is_announced_as_attention():
     similar.groups, similar.protected, similar.seq_len_per_layer, similar.plan_pending = [], [], [], True
     similar.settings["choice"] = "similar"
     assert not plots.same_pairing(similar, trace) and plots.same_pairing(trace, trace)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The figures, byte for byte: tests/app/figures.json records each case as the code drew it when the figures last
+# changed on purpose (a refactoring must leave every digest as it is). After a deliberate change to a figure, write
+# the record again: PYTHONPATH=. python tests/app/test_plots.py
+# --------------------------------------------------------------------------------------------------------------------
+
+FIGURES = Path(__file__).with_name("figures.json")
+
+
+def figure_cases() -> dict[str, go.Figure]:
+    """Every figure of the page, drawn for traces that take each path: cosines known or not, protected spans, two
+    stages, a long prompt's overview, a plan still pending, the base model, a pass key near or far, attention
+    colours; the lengths, latency and KV figures with and without their data."""
+    cases = {"pairing plain": plots.pairing_figure(make_trace(words(11), cutoffs=(4,))),
+             "pairing default window": plots.pairing_figure(make_trace(words(600), cutoffs=(6,))),
+             "pairing protected": plots.pairing_figure(make_trace(words(20), cutoffs=(3,), keep_start=4, keep_end=3)),
+             "pairing base": plots.pairing_figure(make_trace(words(6), cutoffs=())),
+             "pairing overview": plots.pairing_figure(make_trace(words(40), cutoffs=(3,)), window=8, detail=12),
+             "pairing chat markers": plots.pairing_figure(
+                 make_trace(["<|im_start|>", "user", "\n", " hi", "<|im_end|>"], cutoffs=(1,)))}
+    trace = make_trace(["<s>", " a", " b", " c", " d", "</s>"], cutoffs=(2,))
+    trace.pair_cosines = [[0.25, 0.75]]
+    cases["pairing cosines"] = plots.pairing_figure(trace)
+    trace = make_trace(words(9), cutoffs=(1, 2))
+    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in plots.slot_parents(trace.groups, s)) for s in range(2)]
+    cases["pairing two stages"] = plots.pairing_figure(trace)
+    trace = make_trace(words(60), cutoffs=(2, 5), keep_start=2, keep_end=3, ratio=(0.5, 1.0))
+    trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(plots.slot_parents(trace.groups, s)) if len(p) == 2]
+                          for s in range(2)]
+    trace.settings["choice"] = "attention"
+    trace.attention_scores = [[(i % 7 + 1) / 600 for i in range(60)]]
+    cases["pairing overview, attention and cosines"] = plots.pairing_figure(trace, window=10, start=20, detail=16)
+    trace = make_trace(words(12), cutoffs=(5,))
+    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    cases["pairing pending similar"] = plots.pairing_figure(trace)
+    cases["lengths pending"] = plots.length_figure(trace)
+    trace.settings["choice"] = "attention"
+    cases["pairing pending attention"] = plots.pairing_figure(trace)
+    trace = make_trace(with_needle(10, 8), cutoffs=(3, 6), keep_start=2)
+    cases["pairing pass key"] = plots.pairing_figure(trace, needle=needle_of(trace.tokens))
+    trace = make_trace(with_needle(70, 30), cutoffs=(4,))
+    cases["pairing pass key far"] = plots.pairing_figure(trace, window=12, detail=20, needle=needle_of(trace.tokens))
+    cases["pairing pass key, moved"] = plots.pairing_figure(trace, window=12, start=60, detail=20,
+                                                            needle=needle_of(trace.tokens))
+    trace = make_trace(words(10), cutoffs=(2,))
+    trace.settings["choice"] = "attention"
+    trace.attention_scores = [[0.5, 0.001, 0.002, 0.05, 0.01, 0.02, 0.3, 0.0005, 0.1, 0.0115]]
+    cases["pairing attention"] = plots.pairing_figure(trace)
+    trace.pair_cosines = [[0.9] * sum(len(p) == 2 for p in plots.slot_parents(trace.groups, 0))]
+    trace.settings["size_weighted"] = False
+    cases["pairing attention and cosines"] = plots.pairing_figure(trace)
+    cases["lengths"] = plots.length_figure(make_trace(words(40), cutoffs=(4, 8)))
+    merged, base = make_trace(words(10), cutoffs=(2,)), make_trace(words(10), cutoffs=())
+    base.seq_len_per_layer = [10] * LAYERS
+    cases["lengths with base"] = plots.length_figure(merged, base)
+    base, merged = make_trace(words(5), cutoffs=()), make_trace(words(5))
+    cases["latency empty"] = plots.latency_figure(base, merged)
+    cases["kv empty"] = plots.kv_figure(base, merged)
+    base.generated_ids, base.prefill_s, base.decode_s = [1, 2, 3], 0.5, [0.1, 0.2]
+    merged.generated_ids, merged.prefill_s, merged.decode_s = [1, 2], 0.25, [0.05]
+    cases["latency"] = plots.latency_figure(base, merged)
+    base.kv_bytes_per_layer, merged.kv_bytes_per_layer = [2048] * 4, [2048, 2048, 1024, 1024]
+    cases["kv"] = plots.kv_figure(base, merged)
+    cases["kv recompute"] = plots.kv_figure(make_trace(words(5), cutoffs=(), mode="recompute"),
+                                            make_trace(words(5), mode="recompute"))
+    return cases
+
+
+def points(data: dict) -> int:
+    """How many points a trace draws: its x (or y) as a list or as a typed array."""
+    values = data.get("x", data.get("y", []))
+    if isinstance(values, dict):  # plotly's typed array: {"dtype": ..., "bdata": base64}
+        return len(base64.b64decode(values["bdata"])) // np.dtype(values["dtype"]).itemsize
+    return len(values)
+
+
+def figure_record(fig: go.Figure) -> dict:
+    """What a figure draws, readably (its traces: type, name, points; its annotations and shapes), and the digest of
+    its JSON as the page receives it, which holds every array, label and setting besides."""
+    payload = json.loads(fig.to_json())
+    return {"traces": [[t["type"], t.get("name"), points(t)] for t in payload["data"]],
+            "annotations": [a.get("text") for a in payload["layout"].get("annotations", [])],
+            "shapes": len(payload["layout"].get("shapes", [])),
+            "sha256": hashlib.sha256(fig.to_json().encode()).hexdigest()}
+
+
+def test_every_figure_is_drawn_as_recorded():
+    recorded = json.loads(FIGURES.read_text())
+    drawn = {name: figure_record(fig) for name, fig in figure_cases().items()}
+    assert sorted(drawn) == sorted(recorded)
+    for name, record in drawn.items():
+        assert {**record, "sha256": None} == {**recorded[name], "sha256": None}, name
+        assert record["sha256"] == recorded[name]["sha256"], f"{name}: the same traces, but not the same JSON"
+
+
+if __name__ == "__main__":
+    records = {name: figure_record(fig) for name, fig in figure_cases().items()}
+    # One line per trace, so a change to the record reads as a diff of what is drawn.
+    text = json.dumps(records, indent=1, ensure_ascii=False)
+    FIGURES.write_text(re.sub(r"\[\n\s+(\"[^\n]*\",)\n\s+(.*),\n\s+(\d+)\n\s+\]", r"[\1 \2, \3]", text) + "\n")
+    print(f"wrote {FIGURES}: {len(records)} figures")
