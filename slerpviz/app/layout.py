@@ -18,7 +18,7 @@ import gradio as gr
 from gradio.utils import get_space
 from starlette.middleware import Middleware
 
-from . import plots
+from . import pairing_data
 from .admission import ClientLimit, RefuseUploads, limit_queue_per_client
 from .callbacks import OPENING_PRESET, ModelControls, OpeningControls, Page, PageView, Panels, PlanViews, StoppedPanels
 from ..engine import MODES, MergeSettings
@@ -208,8 +208,8 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
         named["pairing"] = gr.Plot(label="Token pairing", elem_id="pairing-plot", show_label=False)
         labels_from = gr.Number(
             value=0, precision=0, minimum=0, label="Token labels from", elem_id="labels-from",
-            info=f"A long prompt's pairing plot labels {plots.DETAIL_TOKENS} tokens from here (with hover text and "
-                 "links); the rest shows as markers coloured by pair cosine.")
+            info=f"A long prompt's pairing plot labels {pairing_data.DETAIL_TOKENS} tokens from here (with hover text "
+                 "and links); the rest shows as markers coloured by pair cosine.")
         named["lengths"] = gr.Plot(label="Sequence length and attention cost per layer", elem_id="length-plot",
                                    show_label=False)
         with gr.Row():
