@@ -278,7 +278,8 @@ def test_a_long_prompt_pairing_plot_stays_small():
                        ratio=(0.5, 1.0))
     trace.settings.update(choice="attention", ratio=(0.5, 1.0))
     trace.attention_scores = [[generator.random() / 8192 for _ in range(8192)]]
-    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in pairing_data.slot_parents(trace.groups, s) if len(p) == 2]
+    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in pairing_data.slot_parents(trace.groups, s)
+                           if len(p) == 2]
                           for s in range(2)]
     fig = pairing.pairing_figure(trace)
     assert len(json.dumps(fig.to_json(), ensure_ascii=False).encode()) < 300_000
@@ -430,10 +431,12 @@ def figure_cases() -> dict[str, go.Figure]:
     trace.pair_cosines = [[0.25, 0.75]]
     cases["pairing cosines"] = pairing.pairing_figure(trace)
     trace = make_trace(words(9), cutoffs=(1, 2))
-    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.groups, s)) for s in range(2)]
+    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.groups, s))
+                          for s in range(2)]
     cases["pairing two stages"] = pairing.pairing_figure(trace)
     trace = make_trace(words(60), cutoffs=(2, 5), keep_start=2, keep_end=3, ratio=(0.5, 1.0))
-    trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(pairing_data.slot_parents(trace.groups, s)) if len(p) == 2]
+    trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(pairing_data.slot_parents(trace.groups, s))
+                           if len(p) == 2]
                           for s in range(2)]
     trace.settings["choice"] = "attention"
     trace.attention_scores = [[(i % 7 + 1) / 600 for i in range(60)]]
