@@ -20,6 +20,7 @@ import torch
 from gradio.components.plot import PlotData
 
 from .. import presets
+from . import pairing
 from . import panels, plots
 from ..bench.retrieval import find_passkey
 from ..engine import Interrupted, Sampling, Trace
@@ -303,7 +304,7 @@ class Page:
         if view is None:
             return self._pairing_figure(trace, None)
         with self._showing:
-            if view.pairing is not None and plots.same_pairing(view.pairing, trace):
+            if view.pairing is not None and pairing.same_pairing(view.pairing, trace):
                 return gr.skip()
             view.pairing = trace
         return self._pairing_figure(trace, view)
@@ -311,7 +312,7 @@ class Page:
     @staticmethod
     def _pairing_figure(trace: Trace, view: PageView | None):
         """The pairing plot, with a pass key in the prompt marked (its tokens and the slots they fell into)."""
-        return plots.pairing_figure(trace, start=view.labels_from if view is not None else 0,
+        return pairing.pairing_figure(trace, start=view.labels_from if view is not None else 0,
                                     needle=find_passkey(trace.tokens))
 
     def pairing_window(self, labels_from, view=None):

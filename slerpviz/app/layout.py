@@ -4,7 +4,8 @@ The page only lays out and wires. Its form is `slerpviz.form.Form`: one control 
 /generate and the preview by field name, in the order the form lists them (the API's order). What the callbacks
 (`slerpviz.callbacks.Page`) return is named by their output tuples, whose field names are the names the layout
 gives its components here. The engine runs the two generations, `slerpviz.panels` writes the text and
-`slerpviz.plots` draws the pictures.
+`slerpviz.app.plots` and `slerpviz.app.pairing` draw the pictures. `build_app` puts the page together from small
+functions, one for each part of it (the controls, the outputs) and one for each group of events.
 
 One model lives on the device at a time (`slerpviz.holder.ENGINES`); generations and model swaps queue for it one
 at a time, and a bounded queue tells everyone else their place in line.
@@ -18,7 +19,7 @@ import gradio as gr
 from gradio.utils import get_space
 from starlette.middleware import Middleware
 
-from . import plots
+from . import pairing_data
 from .admission import ClientLimit, RefuseUploads, limit_queue_per_client
 from .callbacks import OPENING_PRESET, ModelControls, OpeningControls, Page, PageView, Panels, PlanViews, StoppedPanels
 from ..engine import MODES, MergeSettings
@@ -78,6 +79,10 @@ CSS = """
 """
 
 
+# The page's components, by name: the form's fields and the callbacks' outputs by the names the form and the output
+# tuples give them, and the page's own controls (buttons, the examples, the preset menu) by names of their own.
+Named = dict[str, gr.components.Component]
+
 
 def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     """The whole page. `model` picks the dropdown's default; `preload` starts loading it before anyone asks.
@@ -90,198 +95,284 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     if preload and not zero_gpu:
         ENGINES.preload(model)
     page = Page()
-    layers = page._num_layers()
-    # The controls' initial values are also the API's defaults (gradio_client fills in what a call leaves out with
-    # them), so they stay the plain settings older calls were written against. The page itself opens on the
-    # recommended preset for the loaded model: Page.on_open sets it as the page opens.
-    defaults = MergeSettings()
-    # Every component an event names, by the name the form's fields and the callbacks' output tuples give it.
-    named: dict[str, gr.components.Component] = {}
-
-    def components(names) -> list:
-        return [named[name] for name in names]
-
+    named: Named = {}
     with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=3):
-                named["prompt"] = gr.Textbox(label="Prompt", lines=6, max_lines=14, elem_id="prompt",
-                                             placeholder="Type a prompt, or click an example below")
-                with gr.Row():
-                    named["model"] = gr.Dropdown(
-                        [model] if zero_gpu else list(ALLOWED_MODELS), value=model, label="Model", scale=3,
-                        interactive=not zero_gpu, elem_id="model",
-                        info="Loaded when the Space starts (ZeroGPU)." if zero_gpu else
-                        "One model on the device at a time, shared by everyone; changing it waits for running "
-                        "generations, then reloads.")
-                    named["chat"] = gr.Checkbox(value=True, label="Chat template", scale=1, elem_id="chat",
-                                                info="Wrap the prompt as a user turn (instruct models).")
-                with gr.Row():
-                    run_button = gr.Button("Run", variant="primary", elem_id="run")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                named["status"] = gr.Markdown("**Starting…**", elem_id="status", label="Status")
+                prompt_controls(named, model, zero_gpu)
                 examples_place = gr.Column()  # filled below, once the controls the examples set exist
             with gr.Column(scale=2):
-                named["cutoff"] = gr.Slider(
-                    0, layers, value=min(15, layers), step=1, precision=0, label="Cutoff layer", elem_id="cutoff",
-                    info="Merge before this decoder layer (0 = at the embeddings).")
-                named["more_cutoffs"] = gr.Dropdown(
-                    list(range(layers + 1)), value=[], multiselect=True,
-                    allow_custom_value=True,  # the engine checks the range, per model
-                    label="Further cutoffs (optional)",
-                    info="Merge again at these layers: each stage halves the sequence.")
-                with gr.Row():
-                    named["keep_start"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep start",
-                                                    info="Protected tokens at the start.", elem_id="keep-start")
-                    named["keep_end"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep end",
-                                                  info="Protected tokens at the end.", elem_id="keep-end")
-                with gr.Row():
-                    named["method"] = gr.Radio(list(METHODS), value="slerp", label="Method")
-                    named["positions"] = gr.Radio(list(POSITION_MODES), value="mean", label="Positions")
-                named["mode"] = gr.Radio(list(MODES), value="cached", label="Mode")
-                with gr.Group():
-                    gr.Markdown(preset_note(), elem_id="preset-note", padding=True)
-                    with gr.Row():
-                        preset_name = gr.Dropdown(list(PRESETS), value=OPENING_PRESET, show_label=False,
-                                                  container=False, elem_id="preset-name", scale=1)
-                        preset_button = gr.Button("Use this preset", size="sm", elem_id="preset", scale=1)
-                    # A line each above; what each preset does in full only for whoever asks.
-                    with gr.Accordion("What each preset does", open=False, elem_id="preset-details"):
-                        gr.Markdown(preset_details(), elem_id="preset-details-text")
-                with gr.Accordion("More merge settings: ratio, pair choice, attention, proportional attention",
-                                  open=False):
-                    named["ratio"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Merge ratio", elem_id="ratio",
-                                               info="Share of the eligible pairs merged at each cutoff (1 = all).")
-                    named["ratios"] = gr.Textbox(value="", label="Ratio per cutoff (optional)", elem_id="ratios",
-                                                 placeholder="e.g. 0.5, 1",
-                                                 info="One ratio per cutoff, in layer order; overrides the slider.")
-                    named["choice"] = gr.Radio(
-                        list(CHOICES), value="consecutive", label="Pair choice", elem_id="choice",
-                        info="Which pairs, when the ratio is below 1: the first ones, spread evenly, the most similar "
-                             "at the cutoff, or the least attended there.")
-                    with gr.Row(visible=False, elem_id="attention-controls") as attention_controls:
-                        named["attention_window"] = gr.Number(
-                            value=defaults.attention_window, precision=0, minimum=1,
-                            label="Attention window W", elem_id="attention-window",
-                            info="Tokens are scored by the attention the last W prompt tokens pay them at the cutoff.")
-                        named["attention_keep"] = gr.Number(
-                            value=defaults.attention_keep, precision=0, minimum=0,
-                            label="Keep most attended", elem_id="attention-keep",
-                            info="This many of the most-attended tokens never merge.")
-                        named["attention_keep_share"] = gr.Number(
-                            value=defaults.attention_keep_share, minimum=0, maximum=1, step=0.0625,
-                            label="Kept share of a long prompt", elem_id="attention-keep-share",
-                            info="On a long prompt the kept budget grows to this share of its tokens (0: fixed).")
-                        named["attention_reach"] = gr.Number(
-                            value=defaults.attention_reach, precision=0, minimum=0,
-                            label="Reach", elem_id="attention-reach",
-                            info="A pair ranks with the most attended token within this many tokens either side.")
-                    named["proportional"] = gr.Checkbox(
-                        value=False, label="Proportional attention",
-                        info="Add log(tokens held) to a merged key's attention logit.")
-                with gr.Row():
-                    named["max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, precision=0,
-                                                        label="Max new tokens", elem_id="max-new-tokens")
-                    named["temperature"] = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05,
-                                                     label="Temperature", info="0 = greedy")
-                    named["seed"] = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-
+                merge_controls(named, page._num_layers())
         with examples_place:
-            # Labels only: a click asks the page for the values, so a preset is read for the model loaded then.
-            example_list = gr.Dataset(components=[named["prompt"]], samples=[[e.label] for e in page.examples],
-                                      sample_labels=[e.label for e in page.examples], type="index",
-                                      label="Examples (click to fill in, then Run)", elem_id="examples")
-
-        with gr.Row(equal_height=True):
-            with gr.Column(elem_classes="panel-base"):
-                gr.Markdown("### Base model")
-                named["base_text"] = gr.Textbox(label="Base output", lines=8, max_lines=16, interactive=False,
-                                                elem_id="base-text", elem_classes="generation", buttons=["copy"])
-                named["base_stats"] = gr.Markdown(elem_id="base-stats", label="Base figures")
-            with gr.Column(elem_classes="panel-merged"):
-                gr.Markdown("### Merged model")
-                named["merged_text"] = gr.Textbox(label="Merged output", lines=8, max_lines=16, interactive=False,
-                                                  elem_id="merged-text", elem_classes="generation", buttons=["copy"])
-                named["merged_stats"] = gr.Markdown(elem_id="merged-stats", label="Merged figures")
-        named["comparison"] = gr.Markdown(elem_id="comparison", label="Comparison")
-
-        named["pairing"] = gr.Plot(label="Token pairing", elem_id="pairing-plot", show_label=False)
-        labels_from = gr.Number(
-            value=0, precision=0, minimum=0, label="Token labels from", elem_id="labels-from",
-            info=f"A long prompt's pairing plot labels {plots.DETAIL_TOKENS} tokens from here (with hover text and "
-                 "links); the rest shows as markers coloured by pair cosine.")
-        named["lengths"] = gr.Plot(label="Sequence length and attention cost per layer", elem_id="length-plot",
-                                   show_label=False)
-        with gr.Row():
-            named["latency"] = gr.Plot(label="Per-token latency", elem_id="latency-plot", show_label=False)
-            named["kv"] = gr.Plot(label="KV cache per layer", elem_id="kv-plot", show_label=False)
-        with gr.Accordion("Notes: SLERP vs LERP, positions, modes, timing", open=False):
-            gr.Markdown(NOTES)
-
+            named["examples"] = example_list(named, page)
+        output_panels(named)
+        plot_views(named)
         # What this page shows, per session: Stop finalises the panels from it; previews and Run skip re-sending plots.
         view = gr.State(PageView())  # Gradio deep-copies it for each session (a callable would be a public endpoint)
-
-        # The form goes to its callbacks by field name, in the form's order: the API takes it in that order, with
-        # those names. preprocess=False: the callbacks get the values as sent and check each one themselves
-        # (slerpviz.form), so a bad value from any client gets a message naming the field, never a silent rounding
-        # or Gradio's generic error. Planning only tokenises, so it never waits behind a generation; the generation
-        # queues for the device. Neither ever starts a model load.
         form = {**{name: named[name] for name in FIELDS}, "view": view}
-        plan = dict(inputs=None, inputs_kwargs=form, outputs=components(PlanViews._fields), preprocess=False,
-                    concurrency_limit=None, show_progress="hidden")
-        generate = dict(inputs=None, inputs_kwargs=form, outputs=components(Panels._fields), preprocess=False,
-                        concurrency_id="device", concurrency_limit=1,
-                        show_progress_on=components(("base_text", "merged_text")))
-        # The API, /plan and /generate, for clients: every view in each one's last message. No control triggers them.
-        gr.on([], page.plan, api_name="plan", **plan)
-        gr.on([], page.generate, api_name="generate", **generate)
-        # The page's Run: the same two steps, never sending a pairing plot the page already shows, nor one twice: the
-        # plan's picture only where the page lacks it, the one drawn once the prompt has run (pair cosines, a
-        # `similar` or `attention` plan) once (Page.run_plan, Page.run_generate).
-        planned = run_button.click(page.run_plan, api_visibility="private", **plan)
-        generating = planned.success(page.run_generate, api_visibility="private", **generate)
-        # Cancel first, then finalise: panels written with the cancel could be overwritten by the last message the
-        # cancelled generation had already sent. The plan is cancelled too: Stop pressed while it still runs (a long
-        # prompt) must not let the generation start after it.
-        stop_button.click(None, None, None, cancels=[planned, generating], api_visibility="private", queue=False).then(
-            page.stopped, [view], components(StoppedPanels._fields), api_visibility="private", queue=False)
+        wire_generation(page, named, form, view)
+        wire_previews(page, named, form)
+        named["labels_from"].submit(page.pairing_window, [named["labels_from"], view], [named["pairing"]],
+                                    api_visibility="private", concurrency_limit=None, show_progress="hidden",
+                                    trigger_mode="always_last")
+        wire_model(page, named, demo)
+    open_queue(demo)
+    return demo
 
-        preview = dict(fn=page.preview, inputs=None, inputs_kwargs=form, outputs=components(PlanViews._fields),
-                       preprocess=False, api_visibility="private", concurrency_limit=None, show_progress="hidden",
-                       trigger_mode="always_last")
-        named["prompt"].blur(**preview)
-        example_list.click(page.fill_example, [example_list], components((*EXAMPLE_FIELDS, *MERGE_FIELDS)),
-                           api_visibility="private", queue=False, show_progress="hidden").then(**preview)
-        preset_button.click(page.fill_preset, [preset_name], components(MERGE_FIELDS), api_visibility="private",
+
+def components(named: Named, names) -> list:
+    return [named[name] for name in names]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The controls: prompt and model on the left, merge settings on the right
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def prompt_controls(named: Named, model: str, zero_gpu: bool) -> None:
+    """The prompt, the model menu and the chat template, Run and Stop, and the status line."""
+    named["prompt"] = gr.Textbox(label="Prompt", lines=6, max_lines=14, elem_id="prompt",
+                                 placeholder="Type a prompt, or click an example below")
+    with gr.Row():
+        named["model"] = gr.Dropdown(
+            [model] if zero_gpu else list(ALLOWED_MODELS), value=model, label="Model", scale=3,
+            interactive=not zero_gpu, elem_id="model",
+            info="Loaded when the Space starts (ZeroGPU)." if zero_gpu else
+            "One model on the device at a time, shared by everyone; changing it waits for running "
+            "generations, then reloads.")
+        named["chat"] = gr.Checkbox(value=True, label="Chat template", scale=1, elem_id="chat",
+                                    info="Wrap the prompt as a user turn (instruct models).")
+    with gr.Row():
+        named["run"] = gr.Button("Run", variant="primary", elem_id="run")
+        named["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
+    named["status"] = gr.Markdown("**Starting…**", elem_id="status", label="Status")
+
+
+def merge_controls(named: Named, layers: int) -> None:
+    """Where and how to merge: cutoffs, protected spans, method, positions, mode, the presets, the further merge
+    settings, and the generation's length, temperature and seed.
+
+    The controls' initial values are also the API's defaults (gradio_client fills in what a call leaves out with
+    them), so they stay the plain settings older calls were written against. The page itself opens on the
+    recommended preset for the loaded model: Page.on_open sets it as the page opens.
+    """
+    cutoff_controls(named, layers)
+    preset_controls(named)
+    more_merge_settings(named)
+    with gr.Row():
+        named["max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, precision=0,
+                                            label="Max new tokens", elem_id="max-new-tokens")
+        named["temperature"] = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05,
+                                         label="Temperature", info="0 = greedy")
+        named["seed"] = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+
+
+def cutoff_controls(named: Named, layers: int) -> None:
+    """The cutoff and further cutoffs (for a model of `layers` layers), the protected spans, method, positions and
+    mode."""
+    named["cutoff"] = gr.Slider(
+        0, layers, value=min(15, layers), step=1, precision=0, label="Cutoff layer", elem_id="cutoff",
+        info="Merge before this decoder layer (0 = at the embeddings).")
+    named["more_cutoffs"] = gr.Dropdown(
+        list(range(layers + 1)), value=[], multiselect=True,
+        allow_custom_value=True,  # the engine checks the range, per model
+        label="Further cutoffs (optional)",
+        info="Merge again at these layers: each stage halves the sequence.")
+    with gr.Row():
+        named["keep_start"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep start",
+                                        info="Protected tokens at the start.", elem_id="keep-start")
+        named["keep_end"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep end",
+                                      info="Protected tokens at the end.", elem_id="keep-end")
+    with gr.Row():
+        named["method"] = gr.Radio(list(METHODS), value="slerp", label="Method")
+        named["positions"] = gr.Radio(list(POSITION_MODES), value="mean", label="Positions")
+    named["mode"] = gr.Radio(list(MODES), value="cached", label="Mode")
+
+
+def preset_controls(named: Named) -> None:
+    """The preset menu and its button, with a line on each preset and, for whoever asks, what each does in full."""
+    with gr.Group():
+        gr.Markdown(preset_note(), elem_id="preset-note", padding=True)
+        with gr.Row():
+            named["preset_name"] = gr.Dropdown(list(PRESETS), value=OPENING_PRESET, show_label=False,
+                                               container=False, elem_id="preset-name", scale=1)
+            named["use_preset"] = gr.Button("Use this preset", size="sm", elem_id="preset", scale=1)
+        # A line each above; what each preset does in full only for whoever asks.
+        with gr.Accordion("What each preset does", open=False, elem_id="preset-details"):
+            gr.Markdown(preset_details(), elem_id="preset-details-text")
+
+
+def more_merge_settings(named: Named) -> None:
+    """The folded settings: merge ratio (or one per cutoff), pair choice with its attention controls, proportional
+    attention."""
+    with gr.Accordion("More merge settings: ratio, pair choice, attention, proportional attention", open=False):
+        named["ratio"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Merge ratio", elem_id="ratio",
+                                   info="Share of the eligible pairs merged at each cutoff (1 = all).")
+        named["ratios"] = gr.Textbox(value="", label="Ratio per cutoff (optional)", elem_id="ratios",
+                                     placeholder="e.g. 0.5, 1",
+                                     info="One ratio per cutoff, in layer order; overrides the slider.")
+        named["choice"] = gr.Radio(
+            list(CHOICES), value="consecutive", label="Pair choice", elem_id="choice",
+            info="Which pairs, when the ratio is below 1: the first ones, spread evenly, the most similar "
+                 "at the cutoff, or the least attended there.")
+        named["attention_controls"] = attention_controls(named)
+        named["proportional"] = gr.Checkbox(
+            value=False, label="Proportional attention",
+            info="Add log(tokens held) to a merged key's attention logit.")
+
+
+def attention_controls(named: Named) -> gr.Row:
+    """The window, budget, kept share and reach of the `attention` choice (MergeSettings' defaults at first),
+    hidden for the other choices."""
+    defaults = MergeSettings()
+    with gr.Row(visible=False, elem_id="attention-controls") as row:
+        named["attention_window"] = gr.Number(
+            value=defaults.attention_window, precision=0, minimum=1,
+            label="Attention window W", elem_id="attention-window",
+            info="Tokens are scored by the attention the last W prompt tokens pay them at the cutoff.")
+        named["attention_keep"] = gr.Number(
+            value=defaults.attention_keep, precision=0, minimum=0,
+            label="Keep most attended", elem_id="attention-keep",
+            info="This many of the most-attended tokens never merge.")
+        named["attention_keep_share"] = gr.Number(
+            value=defaults.attention_keep_share, minimum=0, maximum=1, step=0.0625,
+            label="Kept share of a long prompt", elem_id="attention-keep-share",
+            info="On a long prompt the kept budget grows to this share of its tokens (0: fixed).")
+        named["attention_reach"] = gr.Number(
+            value=defaults.attention_reach, precision=0, minimum=0,
+            label="Reach", elem_id="attention-reach",
+            info="A pair ranks with the most attended token within this many tokens either side.")
+    return row
+
+
+def example_list(named: Named, page: Page) -> gr.Dataset:
+    """The examples, by label only: a click asks the page for the values, so a preset is read for the model loaded
+    then."""
+    return gr.Dataset(components=[named["prompt"]], samples=[[e.label] for e in page.examples],
+                      sample_labels=[e.label for e in page.examples], type="index",
+                      label="Examples (click to fill in, then Run)", elem_id="examples")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The outputs: the two generations side by side, the comparison, the plots
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def output_panels(named: Named) -> None:
+    """The base and the merged generation side by side, each with its figures, and the comparison below."""
+    with gr.Row(equal_height=True):
+        with gr.Column(elem_classes="panel-base"):
+            gr.Markdown("### Base model")
+            named["base_text"] = gr.Textbox(label="Base output", lines=8, max_lines=16, interactive=False,
+                                            elem_id="base-text", elem_classes="generation", buttons=["copy"])
+            named["base_stats"] = gr.Markdown(elem_id="base-stats", label="Base figures")
+        with gr.Column(elem_classes="panel-merged"):
+            gr.Markdown("### Merged model")
+            named["merged_text"] = gr.Textbox(label="Merged output", lines=8, max_lines=16, interactive=False,
+                                              elem_id="merged-text", elem_classes="generation", buttons=["copy"])
+            named["merged_stats"] = gr.Markdown(elem_id="merged-stats", label="Merged figures")
+    named["comparison"] = gr.Markdown(elem_id="comparison", label="Comparison")
+
+
+def plot_views(named: Named) -> None:
+    """The pairing plot and where its labels start, the lengths, latency and KV plots, and the notes."""
+    named["pairing"] = gr.Plot(label="Token pairing", elem_id="pairing-plot", show_label=False)
+    named["labels_from"] = gr.Number(
+        value=0, precision=0, minimum=0, label="Token labels from", elem_id="labels-from",
+        info=f"A long prompt's pairing plot labels {pairing_data.DETAIL_TOKENS} tokens from here (with hover text "
+             "and links); the rest shows as markers coloured by pair cosine.")
+    named["lengths"] = gr.Plot(label="Sequence length and attention cost per layer", elem_id="length-plot",
+                               show_label=False)
+    with gr.Row():
+        named["latency"] = gr.Plot(label="Per-token latency", elem_id="latency-plot", show_label=False)
+        named["kv"] = gr.Plot(label="KV cache per layer", elem_id="kv-plot", show_label=False)
+    with gr.Accordion("Notes: SLERP vs LERP, positions, modes, timing", open=False):
+        gr.Markdown(NOTES)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The events
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def wire_generation(page: Page, named: Named, form: dict, view: gr.State) -> None:
+    """/plan and /generate for clients, and the page's Run and Stop.
+
+    The form goes to its callbacks by field name, in the form's order: the API takes it in that order, with those
+    names. preprocess=False: the callbacks get the values as sent and check each one themselves (slerpviz.form), so
+    a bad value from any client gets a message naming the field, never a silent rounding or Gradio's generic error.
+    Planning only tokenises, so it never waits behind a generation; the generation queues for the device. Neither
+    ever starts a model load.
+    """
+    plan = dict(inputs=None, inputs_kwargs=form, outputs=components(named, PlanViews._fields), preprocess=False,
+                concurrency_limit=None, show_progress="hidden")
+    generate = dict(inputs=None, inputs_kwargs=form, outputs=components(named, Panels._fields), preprocess=False,
+                    concurrency_id="device", concurrency_limit=1,
+                    show_progress_on=components(named, ("base_text", "merged_text")))
+    # The API, /plan and /generate, for clients: every view in each one's last message. No control triggers them.
+    gr.on([], page.plan, api_name="plan", **plan)
+    gr.on([], page.generate, api_name="generate", **generate)
+    # The page's Run: the same two steps, never sending a pairing plot the page already shows, nor one twice: the
+    # plan's picture only where the page lacks it, the one drawn once the prompt has run (pair cosines, a `similar`
+    # or `attention` plan) once (Page.run_plan, Page.run_generate).
+    planned = named["run"].click(page.run_plan, api_visibility="private", **plan)
+    generating = planned.success(page.run_generate, api_visibility="private", **generate)
+    # Cancel first, then finalise: panels written with the cancel could be overwritten by the last message the
+    # cancelled generation had already sent. The plan is cancelled too: Stop pressed while it still runs (a long
+    # prompt) must not let the generation start after it.
+    named["stop"].click(None, None, None, cancels=[planned, generating], api_visibility="private", queue=False).then(
+        page.stopped, [view], components(named, StoppedPanels._fields), api_visibility="private", queue=False)
+
+
+def wire_previews(page: Page, named: Named, form: dict) -> None:
+    """The pairing plot and lengths redrawn as the form changes (an example, a preset, a released slider, a changed
+    menu, a submitted number), and the attention controls shown for the `attention` choice only."""
+    preview = dict(fn=page.preview, inputs=None, inputs_kwargs=form, outputs=components(named, PlanViews._fields),
+                   preprocess=False, api_visibility="private", concurrency_limit=None, show_progress="hidden",
+                   trigger_mode="always_last")
+    named["prompt"].blur(**preview)
+    named["examples"].click(page.fill_example, [named["examples"]],
+                            components(named, (*EXAMPLE_FIELDS, *MERGE_FIELDS)), api_visibility="private",
                             queue=False, show_progress="hidden").then(**preview)
-        for slider in components(("cutoff", "keep_start", "keep_end", "ratio")):
-            slider.release(**preview)
-        for control in components(("more_cutoffs", "chat", "choice")):
-            control.change(**preview)
-        for control in components(("ratios", "attention_window", "attention_keep", "attention_keep_share",
-                                   "attention_reach")):
-            control.submit(**preview)
-        # The attention window, budget and reach mean something for the `attention` choice only.
-        named["choice"].change(lambda chosen: gr.update(visible=chosen == "attention"), [named["choice"]],
-                               [attention_controls], api_visibility="private", queue=False, show_progress="hidden")
+    named["use_preset"].click(page.fill_preset, [named["preset_name"]], components(named, MERGE_FIELDS),
+                              api_visibility="private", queue=False, show_progress="hidden").then(**preview)
+    for slider in components(named, ("cutoff", "keep_start", "keep_end", "ratio")):
+        slider.release(**preview)
+    for control in components(named, ("more_cutoffs", "chat", "choice")):
+        control.change(**preview)
+    for control in components(named, ("ratios", "attention_window", "attention_keep", "attention_keep_share",
+                                      "attention_reach")):
+        control.submit(**preview)
+    # The attention window, budget and reach mean something for the `attention` choice only.
+    named["choice"].change(lambda chosen: gr.update(visible=chosen == "attention"), [named["choice"]],
+                           [named["attention_controls"]], api_visibility="private", queue=False,
+                           show_progress="hidden")
 
-        labels_from.submit(page.pairing_window, [labels_from, view], [named["pairing"]], api_visibility="private",
-                           concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
 
-        # Switching the shared model is the page's own control, not an API: private (no client library reaches it),
-        # and in the device's queue, so it waits for running generations and none starts during it. A raw request
-        # still reaches it, so the holder admits a switch only to an allowed model, when no other load is under way,
-        # and at most one per interval (EngineHolder.admit_switch). `select`, not `input`: Gradio's Dropdown sends
-        # `input` when an option is picked and again on the blur that follows, so one pick would switch twice.
-        model_inputs = components(("model", "cutoff", "more_cutoffs"))  # load_model(model, cutoff, more_cutoffs)
-        named["model"].select(page.load_model, model_inputs, components(ModelControls._fields),
-                              api_visibility="private", concurrency_id="device", concurrency_limit=1)
-        demo.load(page.on_open, [named["model"]], components(OpeningControls._fields), api_visibility="private",
-                  concurrency_limit=None)
+def wire_model(page: Page, named: Named, demo: gr.Blocks) -> None:
+    """The model menu, and what the page sets as it opens.
 
-    # api_open=False: Gradio's REST routes (/run/..., /api/...) call an event directly, outside the queue and its
-    # concurrency groups, so a model switch or a generation sent there would run beside the one on the device. Closed,
-    # every queued event is reached through the queue only (the page, gradio_client and /call all join it).
+    Switching the shared model is the page's own control, not an API: private (no client library reaches it), and
+    in the device's queue, so it waits for running generations and none starts during it. A raw request still
+    reaches it, so the holder admits a switch only to an allowed model, when no other load is under way, and at most
+    one per interval (EngineHolder.admit_switch). `select`, not `input`: Gradio's Dropdown sends `input` when an
+    option is picked and again on the blur that follows, so one pick would switch twice.
+    """
+    model_inputs = components(named, ("model", "cutoff", "more_cutoffs"))  # load_model(model, cutoff, more_cutoffs)
+    named["model"].select(page.load_model, model_inputs, components(named, ModelControls._fields),
+                          api_visibility="private", concurrency_id="device", concurrency_limit=1)
+    demo.load(page.on_open, [named["model"]], components(named, OpeningControls._fields), api_visibility="private",
+              concurrency_limit=None)
+
+
+def open_queue(demo: gr.Blocks) -> None:
+    """The bounded queue every event goes through, with each page's and each address's share of it.
+
+    api_open=False: Gradio's REST routes (/run/..., /api/...) call an event directly, outside the queue and its
+    concurrency groups, so a model switch or a generation sent there would run beside the one on the device. Closed,
+    every queued event is reached through the queue only (the page, gradio_client and /call all join it).
+    """
     demo.queue(max_size=int(os.environ.get("SLERPVIZ_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=1,
                api_open=False)
     # The queue's bound is for everyone together; each page and each address gets at most a share of it. Behind a
@@ -289,7 +380,6 @@ def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     # page server-side ($GRADIO_SSR_MODE, as Gradio reads it).
     behind_proxy = get_space() is not None or os.environ.get("GRADIO_SSR_MODE", "False").lower() == "true"
     limit_queue_per_client(demo._queue, ClientLimit.from_environment(behind_proxy=behind_proxy))
-    return demo
 
 
 def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **options):

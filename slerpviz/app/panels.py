@@ -14,6 +14,8 @@ import torch
 
 from .. import presets
 from .. import settings as checks
+from . import pairing_data
+from .token_text import visible_token
 from . import plots
 from ..bench.retrieval import find_passkey, is_correct
 from ..engine import Sampling, Trace
@@ -128,7 +130,7 @@ def comparison_markdown(base: Trace, merged: Trace, token_text: Callable[[int], 
         i = result.first_difference
 
         def shown(ids):
-            return f"`{escape(plots.visible_token(token_text(ids[i])))}`" if i < len(ids) else "*(stopped)*"
+            return f"`{escape(visible_token(token_text(ids[i])))}`" if i < len(ids) else "*(stopped)*"
 
         first = f"**First difference at generated token {i + 1}**: base {shown(base.generated_ids)} · merged " \
                 f"{shown(merged.generated_ids)}."
@@ -214,7 +216,7 @@ def plan_markdown(trace: Trace) -> str:
     found = "" if needle is None else (f" The prompt holds **pass key {escape(needle.answer)}** (tokens "
                                        f"{needle.start}–{needle.end - 1}), marked in the pairing plot.")
     if trace.plan_pending:
-        why = plots.pending_why(trace).replace("<i>", "*").replace("</i>", "*")
+        why = pairing_data.pending_why(trace).replace("<i>", "*").replace("</i>", "*")
         return (f"{trace.prompt_length} prompt tokens. {why[0].upper()}{why[1:]}: the pairing appears once the "
                 f"prompt has run.{found} Press Run to generate.")
     if not trace.cutoffs:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import random
+import re
+from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slerpviz.app import plots
+from slerpviz.app import pairing, pairing_data, plots, token_text
 from slerpviz.engine import Trace, record_plan
 from slerpviz.merge import plan_stages
 
@@ -45,16 +50,16 @@ def real_points(values) -> list:
 
 
 def test_visible_token_draws_whitespace():
-    assert plots.visible_token(" the") == "·the"
-    assert plots.visible_token("\n") == "↵"
-    assert plots.visible_token("  ") == "··"
-    assert plots.visible_token("") == "∅"
+    assert token_text.visible_token(" the") == "·the"
+    assert token_text.visible_token("\n") == "↵"
+    assert token_text.visible_token("  ") == "··"
+    assert token_text.visible_token("") == "∅"
 
 
 def test_labels_escape_chat_markers_and_shorten():
-    assert plots.token_label("<|im_start|>") == "&lt;|im_st…"
-    assert "&lt;|im_start|&gt;" in plots.token_hover("<|im_start|>")
-    assert len(plots.token_label(" a-very-long-token", width=6)) == 6
+    assert token_text.token_label("<|im_start|>") == "&lt;|im_st…"
+    assert "&lt;|im_start|&gt;" in token_text.token_hover("<|im_start|>")
+    assert len(token_text.token_label(" a-very-long-token", width=6)) == 6
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -64,7 +69,7 @@ def test_labels_escape_chat_markers_and_shorten():
 
 def test_pairing_rows_links_and_slot_positions():
     trace = make_trace(words(11), cutoffs=(4,))
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     (tokens,) = traces_named(fig, "prompt tokens")
     assert list(tokens.x) == list(range(11)) and set(tokens.y) == {0}
     groups = trace.groups[0]
@@ -82,12 +87,12 @@ def test_pairing_rows_links_and_slot_positions():
 
 def test_pairing_hover_shows_tokens_and_cosine_once_known():
     trace = make_trace(["<s>", " a", " b", " c", " d", "</s>"], cutoffs=(2,))
-    before = plots.pairing_figure(trace)
+    before = pairing.pairing_figure(trace)
     (merged,) = traces_named(before, "merged slots")
     assert all("known once the prompt has run" in h for h in merged.hovertext)
 
     trace.pair_cosines = [[0.25, 0.75]]
-    after = plots.pairing_figure(trace)
+    after = pairing.pairing_figure(trace)
     (merged,) = traces_named(after, "merged slots")
     assert "“·a” + “·b”" in merged.hovertext[0] and "pair cosine: 0.250" in merged.hovertext[0]
     assert "pair cosine: 0.750" in merged.hovertext[1]
@@ -97,23 +102,23 @@ def test_pairing_hover_shows_tokens_and_cosine_once_known():
 def test_slerp_hover_gives_the_norm_factor_over_the_mean():
     trace = make_trace(["<s>", " a", " b", "</s>"], cutoffs=(2,))
     trace.pair_cosines = [[0.0]]  # orthogonal: cos(θ/2) = cos(45°), SLERP is the mean times √2
-    (merged,) = traces_named(plots.pairing_figure(trace), "merged slots")
+    (merged,) = traces_named(pairing.pairing_figure(trace), "merged slots")
     assert "SLERP = mean × 1.414" in merged.hovertext[0]
-    assert plots.slerp_scale(0.99999) == 1.0  # nearly parallel: the merge falls back to the mean itself
+    assert pairing_data.slerp_scale(0.99999) == 1.0  # nearly parallel: the merge falls back to the mean itself
     trace.settings["method"] = "lerp"
-    (merged,) = traces_named(plots.pairing_figure(trace), "merged slots")
+    (merged,) = traces_named(pairing.pairing_figure(trace), "merged slots")
     assert "SLERP" not in merged.hovertext[0]
 
 
 def test_pairing_ignores_cosines_that_do_not_match_the_plan():
     trace = make_trace(words(8), cutoffs=(2,))
     trace.pair_cosines = [[0.5]]  # the plan has 3 pairs: a mismatch must not be drawn against the wrong slots
-    assert plots.stage_cosines(trace, 0) == [None] * len(trace.groups[0])
+    assert pairing_data.stage_cosines(trace, 0) == [None] * len(trace.groups[0])
 
 
 def test_protected_spans_are_shaded_and_labelled():
     trace = make_trace(words(20), cutoffs=(3,), keep_start=4, keep_end=3)
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     rects = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect"]
     assert sorted(rects) == [(-0.5, 3.5), (16.5, 19.5)]
     texts = [a.text for a in fig.layout.annotations]
@@ -124,12 +129,12 @@ def test_protected_spans_are_shaded_and_labelled():
 
 def test_second_stage_links_slots_of_the_first():
     trace = make_trace(words(18), cutoffs=(2, 5))
-    parents = plots.slot_parents(trace.groups, 1)
+    parents = pairing_data.slot_parents(trace.groups, 1)
     first_stage = trace.groups[0]
     for slot, members in zip(trace.groups[1], parents):
         # A second-stage slot covers exactly the original tokens of the first-stage slots it merges.
         assert sorted(p for m in members for p in first_stage[m]) == slot
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     assert list(fig.layout.yaxis.tickvals) == [0, -1, -2]
     (second,) = traces_named(fig, "merged slots, layer 5")
     assert set(second.y) == {-2}
@@ -138,18 +143,18 @@ def test_second_stage_links_slots_of_the_first():
 
 def test_long_prompt_opens_on_a_window_with_a_range_slider():
     trace = make_trace(words(600), cutoffs=(6,))
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     low, high = fig.layout.xaxis.range
-    assert high - low <= plots.PAIRING_WINDOW + 1
+    assert high - low <= pairing.PAIRING_WINDOW + 1
     assert fig.layout.xaxis.rangeslider.visible
     (tokens,) = traces_named(fig, "prompt tokens")
     (rest,) = traces_named(fig, "overview: prompt tokens")
     # All tokens are there to pan to, not just the window: labelled near the view, as plain markers further on.
-    assert list(tokens.x) == list(range(plots.DETAIL_TOKENS)) and rest.x0 == plots.DETAIL_TOKENS
+    assert list(tokens.x) == list(range(pairing_data.DETAIL_TOKENS)) and rest.x0 == pairing_data.DETAIL_TOKENS
     assert len(tokens.x) + len(rest.y) == 600
     # Links stay two traces whatever the length, the overview one per kind of slot, so the figure stays light.
     assert len(fig.data) == 8
-    short = plots.pairing_figure(make_trace(words(20)))
+    short = pairing.pairing_figure(make_trace(words(20)))
     assert not short.layout.xaxis.rangeslider.visible
 
 
@@ -157,9 +162,9 @@ def test_a_plan_chosen_at_the_cutoff_is_announced_not_guessed():
     # The `similar` choice plans from the hidden states, so before the prefill the trace has no groups yet.
     trace = make_trace(words(12), cutoffs=(5,))
     trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
-    pairing = plots.pairing_figure(trace)
-    assert any("appears once the prompt has run" in a.text for a in pairing.layout.annotations)
-    assert [t.name for t in pairing.data] == ["prompt tokens"]
+    figure = pairing.pairing_figure(trace)
+    assert any("appears once the prompt has run" in a.text for a in figure.layout.annotations)
+    assert [t.name for t in figure.data] == ["prompt tokens"]
     lengths = plots.length_figure(trace)
     assert list(lengths.data[0].y) == [12] * LAYERS and list(lengths.data[2].y) == []
     assert not any("of base" in a.text for a in lengths.layout.annotations)
@@ -168,9 +173,9 @@ def test_a_plan_chosen_at_the_cutoff_is_announced_not_guessed():
 def test_slerp_factor_only_where_t_is_one_half():
     # 2 + 2 tokens merge at t = 0.5; a 2-token slot with a single token is size-weighted away from 0.5.
     trace = make_trace(words(9), cutoffs=(1, 2))
-    first, second = plots.slot_parents(trace.groups, 0), plots.slot_parents(trace.groups, 1)
+    first, second = pairing_data.slot_parents(trace.groups, 0), pairing_data.slot_parents(trace.groups, 1)
     trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in parents) for parents in (first, second)]
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     (slots,) = traces_named(fig, "merged slots, layer 2")
     seen = set()
     for x, hover in zip(slots.x, slots.hovertext):
@@ -182,14 +187,14 @@ def test_slerp_factor_only_where_t_is_one_half():
 
 
 def test_base_trace_says_nothing_is_merged():
-    fig = plots.pairing_figure(make_trace(words(6), cutoffs=()))
+    fig = pairing.pairing_figure(make_trace(words(6), cutoffs=()))
     assert any("nothing is merged" in a.text for a in fig.layout.annotations)
     assert len(fig.data) == 1
 
 
 def test_figures_serialise_to_json():
     trace = make_trace(["<|im_start|>", "user", "\n", " hi", "<|im_end|>"], cutoffs=(1,))
-    payload = json.loads(plots.pairing_figure(trace).to_json())
+    payload = json.loads(pairing.pairing_figure(trace).to_json())
     assert any(t.get("name") == "prompt tokens" for t in payload["data"])
 
 
@@ -200,7 +205,7 @@ def test_pairing_draws_every_token_and_slot(n, keep_start, keep_end, cutoffs):
     if keep_start + keep_end > n:
         keep_start = keep_end = 0
     trace = make_trace(words(n), tuple(cutoffs), keep_start, keep_end)
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     (tokens,) = traces_named(fig, "prompt tokens")
     assert len(tokens.x) == n
     for stage in range(len(trace.cutoffs)):
@@ -273,9 +278,10 @@ def test_a_long_prompt_pairing_plot_stays_small():
                        ratio=(0.5, 1.0))
     trace.settings.update(choice="attention", ratio=(0.5, 1.0))
     trace.attention_scores = [[generator.random() / 8192 for _ in range(8192)]]
-    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in plots.slot_parents(trace.groups, s) if len(p) == 2]
+    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in pairing_data.slot_parents(trace.groups, s)
+                           if len(p) == 2]
                           for s in range(2)]
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     assert len(json.dumps(fig.to_json(), ensure_ascii=False).encode()) < 300_000
     # The same figure as plotly writes it, without its HTML escapes: every "/" of a base64 array as \u002f.
     assert json.loads(fig.to_json()) == json.loads(go.Figure.to_json(fig))
@@ -302,11 +308,11 @@ def test_a_single_latency_point_still_has_labelled_ticks():
 
 def test_a_detailed_window_can_start_anywhere():
     trace = make_trace(words(1000), cutoffs=(4,))
-    fig = plots.pairing_figure(trace, start=700)
+    fig = pairing.pairing_figure(trace, start=700)
     (tokens,) = traces_named(fig, "prompt tokens")
-    assert list(tokens.x) == list(range(700, 700 + plots.DETAIL_TOKENS))
+    assert list(tokens.x) == list(range(700, 700 + pairing_data.DETAIL_TOKENS))
     assert fig.layout.xaxis.range[0] == 699
-    assert plots.detail_span(1000, start=900) == (1000 - plots.DETAIL_TOKENS, 1000)
+    assert pairing_data.detail_span(1000, start=900) == (1000 - pairing_data.DETAIL_TOKENS, 1000)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ def test_a_pass_key_is_marked_with_the_slots_it_fell_into():
     trace = make_trace(with_needle(10, 8), cutoffs=(3, 6), keep_start=2)
     needle = needle_of(trace.tokens)
     assert (needle.answer, needle.start, needle.end) == ("71152", 11, 36)
-    fig = plots.pairing_figure(trace, needle=needle)
+    fig = pairing.pairing_figure(trace, needle=needle)
     (rings,) = traces_named(fig, "pass key")
     assert rings.showlegend and fig.layout.showlegend
     points = list(zip(rings.x, rings.y))
@@ -340,23 +346,23 @@ def test_a_pass_key_is_marked_with_the_slots_it_fell_into():
         slots = [sum(g) / len(g) for g in trace.groups[stage] if any(11 <= p < 36 for p in g)]
         assert [x for x, y in points if y == -(stage + 1)] == slots
     assert any("holds pass-key tokens" in h for h in rings.hovertext)
-    bands = [(s.x0, s.x1) for s in fig.layout.shapes if s.fillcolor == plots.NEEDLE_FILL]
+    bands = [(s.x0, s.x1) for s in fig.layout.shapes if s.fillcolor == pairing.NEEDLE_FILL]
     assert bands == [(10.5, 35.5)]
     assert "pass key 71152" in [a.text for a in fig.layout.annotations]
-    plain = plots.pairing_figure(trace)
+    plain = pairing.pairing_figure(trace)
     assert not traces_named(plain, "pass key") and not plain.layout.showlegend
 
 
 def test_the_view_opens_on_a_pass_key_far_into_a_long_prompt():
     trace = make_trace(with_needle(700, 300), cutoffs=(4,))
     needle = needle_of(trace.tokens)
-    fig = plots.pairing_figure(trace, needle=needle)
+    fig = pairing.pairing_figure(trace, needle=needle)
     low, high = fig.layout.xaxis.range
-    assert low < needle.start and needle.end - 1 < high and high - low <= plots.PAIRING_WINDOW + 1
+    assert low < needle.start and needle.end - 1 < high and high - low <= pairing.PAIRING_WINDOW + 1
     # Outside the labelled span the needle's tokens are labelled by its own trace; inside, once only.
     (rings,) = traces_named(fig, "pass key")
-    assert [t for t, y in zip(rings.text, rings.y) if y == 0] == [plots.token_label(t) for t in NEEDLE_TOKENS[1:]]
-    moved = plots.pairing_figure(trace, start=650, needle=needle)
+    assert [t for t, y in zip(rings.text, rings.y) if y == 0] == [token_text.token_label(t) for t in NEEDLE_TOKENS[1:]]
+    moved = pairing.pairing_figure(trace, start=650, needle=needle)
     assert moved.layout.xaxis.range[0] == 649
     (rings,) = traces_named(moved, "pass key")
     assert set(rings.text) == {""}
@@ -367,7 +373,7 @@ def test_attention_scores_colour_the_prompt_tokens_with_a_colour_bar():
     trace.settings["choice"] = "attention"
     scores = [0.5, 0.001, 0.002, 0.05, 0.01, 0.02, 0.3, 0.0005, 0.1, 0.0115]
     trace.attention_scores = [scores]
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     (tokens,) = traces_named(fig, "prompt tokens")
     assert list(tokens.marker.color) == pytest.approx([math.log10(s) for s in scores])
     assert tokens.marker.showscale and "attention" in tokens.marker.colorbar.title.text
@@ -375,16 +381,16 @@ def test_attention_scores_colour_the_prompt_tokens_with_a_colour_bar():
         [10 ** v for v in tokens.marker.colorbar.tickvals])
     assert "attention received: 0.5000" in tokens.hovertext[0]
     trace.attention_scores = [scores[:5]]  # scores that do not match the tokens are not drawn against them
-    (tokens,) = traces_named(plots.pairing_figure(trace), "prompt tokens")
+    (tokens,) = traces_named(pairing.pairing_figure(trace), "prompt tokens")
     assert tokens.marker.color == plots.BASE_COLOR
 
 
 def test_attention_colours_reach_the_overview_of_a_long_prompt():
     trace = make_trace(words(600), cutoffs=(4,))
     trace.attention_scores = [[1 / 600] * 599 + [0.5]]
-    fig = plots.pairing_figure(trace)
+    fig = pairing.pairing_figure(trace)
     (rest,) = traces_named(fig, "overview: prompt tokens")
-    assert len(rest.marker.color) == 600 - plots.DETAIL_TOKENS
+    assert len(rest.marker.color) == 600 - pairing_data.DETAIL_TOKENS
     assert rest.marker.color[-1] == pytest.approx(math.log10(0.5))
 
 
@@ -392,10 +398,115 @@ def test_an_attention_plan_is_announced_as_attention():
     trace = make_trace(words(12), cutoffs=(5,))
     trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
     trace.settings["choice"] = "attention"
-    texts = [a.text for a in plots.pairing_figure(trace).layout.annotations]
+    texts = [a.text for a in pairing.pairing_figure(trace).layout.annotations]
     assert any("<i>attention</i> choice" in t and "appears once the prompt has run" in t for t in texts)
     # Switching between the two choices planned at the cutoff redraws the plot, which names the choice.
     similar = make_trace(words(12), cutoffs=(5,))
     similar.groups, similar.protected, similar.seq_len_per_layer, similar.plan_pending = [], [], [], True
     similar.settings["choice"] = "similar"
-    assert not plots.same_pairing(similar, trace) and plots.same_pairing(trace, trace)
+    assert not pairing.same_pairing(similar, trace) and pairing.same_pairing(trace, trace)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The figures, byte for byte: tests/app/figures.json records each case as the code drew it when the figures last
+# changed on purpose (a refactoring must leave every digest as it is). After a deliberate change to a figure, write
+# the record again: PYTHONPATH=. python tests/app/test_plots.py
+# --------------------------------------------------------------------------------------------------------------------
+
+FIGURES = Path(__file__).with_name("figures.json")
+
+
+def figure_cases() -> dict[str, go.Figure]:
+    """Every figure of the page, drawn for traces that take each path: cosines known or not, protected spans, two
+    stages, a long prompt's overview, a plan still pending, the base model, a pass key near or far, attention
+    colours; the lengths, latency and KV figures with and without their data."""
+    cases = {"pairing plain": pairing.pairing_figure(make_trace(words(11), cutoffs=(4,))),
+             "pairing default window": pairing.pairing_figure(make_trace(words(600), cutoffs=(6,))),
+             "pairing protected": pairing.pairing_figure(make_trace(words(20), cutoffs=(3,), keep_start=4, keep_end=3)),
+             "pairing base": pairing.pairing_figure(make_trace(words(6), cutoffs=())),
+             "pairing overview": pairing.pairing_figure(make_trace(words(40), cutoffs=(3,)), window=8, detail=12),
+             "pairing chat markers": pairing.pairing_figure(
+                 make_trace(["<|im_start|>", "user", "\n", " hi", "<|im_end|>"], cutoffs=(1,)))}
+    trace = make_trace(["<s>", " a", " b", " c", " d", "</s>"], cutoffs=(2,))
+    trace.pair_cosines = [[0.25, 0.75]]
+    cases["pairing cosines"] = pairing.pairing_figure(trace)
+    trace = make_trace(words(9), cutoffs=(1, 2))
+    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.groups, s))
+                          for s in range(2)]
+    cases["pairing two stages"] = pairing.pairing_figure(trace)
+    trace = make_trace(words(60), cutoffs=(2, 5), keep_start=2, keep_end=3, ratio=(0.5, 1.0))
+    trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(pairing_data.slot_parents(trace.groups, s))
+                           if len(p) == 2]
+                          for s in range(2)]
+    trace.settings["choice"] = "attention"
+    trace.attention_scores = [[(i % 7 + 1) / 600 for i in range(60)]]
+    cases["pairing overview, attention and cosines"] = pairing.pairing_figure(trace, window=10, start=20, detail=16)
+    trace = make_trace(words(12), cutoffs=(5,))
+    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    cases["pairing pending similar"] = pairing.pairing_figure(trace)
+    cases["lengths pending"] = plots.length_figure(trace)
+    trace.settings["choice"] = "attention"
+    cases["pairing pending attention"] = pairing.pairing_figure(trace)
+    trace = make_trace(with_needle(10, 8), cutoffs=(3, 6), keep_start=2)
+    cases["pairing pass key"] = pairing.pairing_figure(trace, needle=needle_of(trace.tokens))
+    trace = make_trace(with_needle(70, 30), cutoffs=(4,))
+    cases["pairing pass key far"] = pairing.pairing_figure(trace, window=12, detail=20, needle=needle_of(trace.tokens))
+    cases["pairing pass key, moved"] = pairing.pairing_figure(trace, window=12, start=60, detail=20,
+                                                            needle=needle_of(trace.tokens))
+    trace = make_trace(words(10), cutoffs=(2,))
+    trace.settings["choice"] = "attention"
+    trace.attention_scores = [[0.5, 0.001, 0.002, 0.05, 0.01, 0.02, 0.3, 0.0005, 0.1, 0.0115]]
+    cases["pairing attention"] = pairing.pairing_figure(trace)
+    trace.pair_cosines = [[0.9] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.groups, 0))]
+    trace.settings["size_weighted"] = False
+    cases["pairing attention and cosines"] = pairing.pairing_figure(trace)
+    cases["lengths"] = plots.length_figure(make_trace(words(40), cutoffs=(4, 8)))
+    merged, base = make_trace(words(10), cutoffs=(2,)), make_trace(words(10), cutoffs=())
+    base.seq_len_per_layer = [10] * LAYERS
+    cases["lengths with base"] = plots.length_figure(merged, base)
+    base, merged = make_trace(words(5), cutoffs=()), make_trace(words(5))
+    cases["latency empty"] = plots.latency_figure(base, merged)
+    cases["kv empty"] = plots.kv_figure(base, merged)
+    base.generated_ids, base.prefill_s, base.decode_s = [1, 2, 3], 0.5, [0.1, 0.2]
+    merged.generated_ids, merged.prefill_s, merged.decode_s = [1, 2], 0.25, [0.05]
+    cases["latency"] = plots.latency_figure(base, merged)
+    base.kv_bytes_per_layer, merged.kv_bytes_per_layer = [2048] * 4, [2048, 2048, 1024, 1024]
+    cases["kv"] = plots.kv_figure(base, merged)
+    cases["kv recompute"] = plots.kv_figure(make_trace(words(5), cutoffs=(), mode="recompute"),
+                                            make_trace(words(5), mode="recompute"))
+    return cases
+
+
+def points(data: dict) -> int:
+    """How many points a trace draws: its x (or y) as a list or as a typed array."""
+    values = data.get("x", data.get("y", []))
+    if isinstance(values, dict):  # plotly's typed array: {"dtype": ..., "bdata": base64}
+        return len(base64.b64decode(values["bdata"])) // np.dtype(values["dtype"]).itemsize
+    return len(values)
+
+
+def figure_record(fig: go.Figure) -> dict:
+    """What a figure draws, readably (its traces: type, name, points; its annotations and shapes), and the digest of
+    its JSON as the page receives it, which holds every array, label and setting besides."""
+    payload = json.loads(fig.to_json())
+    return {"traces": [[t["type"], t.get("name"), points(t)] for t in payload["data"]],
+            "annotations": [a.get("text") for a in payload["layout"].get("annotations", [])],
+            "shapes": len(payload["layout"].get("shapes", [])),
+            "sha256": hashlib.sha256(fig.to_json().encode()).hexdigest()}
+
+
+def test_every_figure_is_drawn_as_recorded():
+    recorded = json.loads(FIGURES.read_text())
+    drawn = {name: figure_record(fig) for name, fig in figure_cases().items()}
+    assert sorted(drawn) == sorted(recorded)
+    for name, record in drawn.items():
+        assert {**record, "sha256": None} == {**recorded[name], "sha256": None}, name
+        assert record["sha256"] == recorded[name]["sha256"], f"{name}: the same traces, but not the same JSON"
+
+
+if __name__ == "__main__":
+    records = {name: figure_record(fig) for name, fig in figure_cases().items()}
+    # One line per trace, so a change to the record reads as a diff of what is drawn.
+    text = json.dumps(records, indent=1, ensure_ascii=False)
+    FIGURES.write_text(re.sub(r"\[\n\s+(\"[^\n]*\",)\n\s+(.*),\n\s+(\d+)\n\s+\]", r"[\1 \2, \3]", text) + "\n")
+    print(f"wrote {FIGURES}: {len(records)} figures")

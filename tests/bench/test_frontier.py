@@ -10,8 +10,8 @@ import pytest
 
 from slerpviz.bench import limits
 from slerpviz.bench.engines import shape_config
-from slerpviz.bench.frontier import (ATTENTION_PASSES, FRONTIER_COLUMNS, best_at, default_grid, frontier_main,
-                                     is_article_setting, named_grid, pareto_front)
+from slerpviz.bench.frontier import FRONTIER_COLUMNS, best_at, frontier_main, is_article_setting, pareto_front
+from slerpviz.bench.grids import ATTENTION_PASSES, default_grid, named_grid
 from slerpviz.engine import MergeSettings
 from slerpviz.merge import merged_length, plan_stages
 
