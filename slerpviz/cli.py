@@ -10,7 +10,7 @@ import sys
 from . import settings as checks
 from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
 from .merge import CHOICES, METHODS, POSITION_MODES, ratio_per_stage
-from .settings import check_choice, check_method, check_positions
+from .settings import Parser, check_choice, check_method, check_positions
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load_for_command_line
 from .presets import PRESETS, preset
 
@@ -18,13 +18,6 @@ DEFAULTS = MergeSettings()
 # The flags that set one merge setting each; given with --preset, each overrides the preset's value.
 MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "method", "positions", "ratio", "choice", "proportional",
                "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag or value is one line on stderr and status 2, like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,12 +3,14 @@
 `MergeSettings` (where and how to merge) and `Sampling` (how to decode) are what the engine takes. The page, its API,
 the command line and the benchmarks all take values from outside: JSON from any client, text from a shell. Each
 function here turns one raw value into the type the engine takes, or raises ValueError with one line that names
-the field and says what is allowed. Nothing is rounded or coerced behind the caller's back: 2.5 is not a whole
+the field and says what is allowed; `Parser` is the argparse both shell commands read their flags with (a bad flag
+is one line and status 2). Nothing is rounded or coerced behind the caller's back: 2.5 is not a whole
 number, "no" is not a yes/no answer, NaN is not a temperature.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -235,6 +237,14 @@ def attention_budget(window, keep, reach=0, keep_share=0.0) -> tuple[int, int, i
     the prompt the budget grows to on long prompts (0 to 1)."""
     return (whole(window, "attention window", 1), whole(keep, "attention keep", 0),
             whole(reach, "attention reach", 0, MAX_ATTENTION_REACH), real(keep_share, "attention keep share", 0, 1))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for raw values from a shell (`python -m slerpviz` and `python -m slerpviz.bench`): a bad flag or value
+    is one line on stderr and status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def one_line(error: BaseException) -> str:

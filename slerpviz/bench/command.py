@@ -13,9 +13,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..cli import Parser
 from ..decode import DECODE_MODES
-from ..engine import MergeSettings
+from ..settings import MergeSettings, Parser
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from . import report, schedules
 from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, FidelityPlan, best_combination,

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import settings as checks
-from ..cli import Parser
-from ..engine import MergeSettings
+from ..settings import MergeSettings, Parser
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from ..models import EMBEDDED
 from .engines import SHAPES, named_engine, random_weight_engine
