@@ -150,23 +150,6 @@ def merge_settings(args, num_layers: int) -> MergeSettings:
     return dataclasses.replace(base, **changes)
 
 
-def describe(settings: dict) -> str:
-    """The merged side's settings in one line."""
-    ratio = settings["ratio"]
-    ratio = ", ".join(f"{r:g}" for r in ratio) if isinstance(ratio, (list, tuple)) else f"{ratio:g}"
-    line = (f"cutoffs {', '.join(map(str, settings['cutoffs']))} · ratio {ratio} · {settings['choice']} pairs · "
-            f"{settings['method']} / {settings['positions']}")
-    if settings["choice"] == "attention":
-        line += f" · attention window {settings['attention_window']}, keep {settings['attention_keep']}"
-        if settings.get("attention_keep_share"):
-            line += f" or {settings['attention_keep_share']:g} of the prompt"
-        if settings.get("attention_reach"):
-            line += f", reach {settings['attention_reach']}"
-    if settings["keep_start"] or settings["keep_end"]:
-        line += f" · keep start {settings['keep_start']}, end {settings['keep_end']}"
-    return line + (" · proportional attention" if settings["proportional"] else "")
-
-
 def generate(args) -> dict:
     sampling = check_arguments(args)
     engine = load_for_command_line(args.model, progress=lambda message: print(message, file=sys.stderr))
@@ -203,7 +186,7 @@ def print_text(result: dict) -> None:
         print(f"== {name} ==")
         if name == "merged":
             preset_name = f"preset {result['preset']}: " if result.get("preset") else ""
-            print(f"({preset_name}{describe(result['plan']['settings'])})")
+            print(f"({preset_name}{checks.describe(result['plan']['settings'])})")
         print(side["text"])
         print(
             f"-- {side['tokens_generated']} tokens, first token after {side['time_to_first_token_s'] * 1000:.1f} ms, "

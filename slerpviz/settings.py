@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 from .merge import CHOICES, METHODS, POSITION_MODES
 
@@ -65,6 +65,43 @@ class MergeSettings:
                 ratios = tuple(ratios[i] for i in order)
             object.__setattr__(self, "ratio", ratios)
         object.__setattr__(self, "cutoffs", tuple(self.cutoffs[i] for i in order))
+
+
+def describe(setting) -> str:
+    """A merge setting (MergeSettings, or a mapping of its fields such as a trace's settings or a result row) in words,
+    naming only what differs from the defaults: 'cutoff 15', 'cutoff 15+20, ratio 0.5/1, attention, W 8, keep top
+    32', ... The one description of a setting: the command line prints it beside the merged text, and it labels the
+    benchmarks' variants, so it is also the key their result files (assets/results/) are read by: its wording stays.
+    (It describes; it is not input: per-cutoff ratios are written "0.5, 1" wherever they are read.)"""
+    fields = asdict(setting) if is_dataclass(setting) else dict(setting)
+    default = MergeSettings()
+    cutoffs = fields["cutoffs"]
+    parts = [f"cutoff {cutoffs if isinstance(cutoffs, str) else '+'.join(map(str, cutoffs))}"]
+    ratio = fields.get("ratio", 1.0)
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
+    if any(r != 1.0 for r in ratios):
+        parts.append("ratio " + "/".join(f"{r:g}" for r in ratios))
+    choice = fields.get("choice", default.choice)
+    if choice != default.choice:
+        parts.append(choice)
+    if choice == "attention":
+        parts.append(f"W {fields.get('attention_window', default.attention_window)}")
+        if fields.get("attention_keep"):
+            parts.append(f"keep top {fields['attention_keep']}")
+        if fields.get("attention_keep_share"):
+            parts.append(f"keep share {float(fields['attention_keep_share']):g}")
+        if fields.get("attention_reach"):
+            parts.append(f"reach {fields['attention_reach']}")
+        if fields.get("cosine_share"):
+            parts.append(f"cosine share {fields['cosine_share']:g}")
+    if fields.get("keep_start") or fields.get("keep_end"):
+        parts.append(f"protect {fields.get('keep_start', 0)}/{fields.get('keep_end', 0)}")
+    if fields.get("proportional"):
+        parts.append("proportional")
+    for name in ("method", "positions"):
+        if fields.get(name, getattr(default, name)) != getattr(default, name):
+            parts.append(f"{name} {fields[name]}")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch
 
 from .. import settings as checks
 from ..settings import MergeSettings, Parser
+from ..settings import describe as settings_label  # a merge setting in words; the label of a variant
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from ..models import EMBEDDED
 from .engines import SHAPES, named_engine, random_weight_engine
@@ -241,40 +242,6 @@ def one_of(values: tuple, flag: str):
     if len(values) != 1:
         raise ValueError(f"speed times one variant: give {flag} a single value")
     return values[0]
-
-
-def settings_label(setting) -> str:
-    """A merge setting (MergeSettings, or a result row holding its fields) in words, naming only what differs from
-    the defaults: 'cutoff 15', 'cutoff 15+20, ratio 0.5/1, attention, W 8, keep top 32', ..."""
-    fields = asdict(setting) if is_dataclass(setting) else dict(setting)
-    default = MergeSettings()
-    cutoffs = fields["cutoffs"]
-    parts = [f"cutoff {cutoffs if isinstance(cutoffs, str) else '+'.join(map(str, cutoffs))}"]
-    ratio = fields.get("ratio", 1.0)
-    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
-    if any(r != 1.0 for r in ratios):
-        parts.append("ratio " + "/".join(f"{r:g}" for r in ratios))
-    choice = fields.get("choice", default.choice)
-    if choice != default.choice:
-        parts.append(choice)
-    if choice == "attention":
-        parts.append(f"W {fields.get('attention_window', default.attention_window)}")
-        if fields.get("attention_keep"):
-            parts.append(f"keep top {fields['attention_keep']}")
-        if fields.get("attention_keep_share"):
-            parts.append(f"keep share {float(fields['attention_keep_share']):g}")
-        if fields.get("attention_reach"):
-            parts.append(f"reach {fields['attention_reach']}")
-        if fields.get("cosine_share"):
-            parts.append(f"cosine share {fields['cosine_share']:g}")
-    if fields.get("keep_start") or fields.get("keep_end"):
-        parts.append(f"protect {fields.get('keep_start', 0)}/{fields.get('keep_end', 0)}")
-    if fields.get("proportional"):
-        parts.append("proportional")
-    for name in ("method", "positions"):
-        if fields.get(name, getattr(default, name)) != getattr(default, name):
-            parts.append(f"{name} {fields[name]}")
-    return ", ".join(parts)
 
 
 def merge_fields(args, **overrides) -> dict:
