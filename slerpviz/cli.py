@@ -121,7 +121,7 @@ def check_arguments(args) -> Sampling:
 
 
 def check_preset_ratio(name: str, stages: int) -> None:
-    ratio = PRESETS[name].ratio
+    ratio = PRESETS[name].merge.ratio
     try:
         ratio_per_stage(ratio, stages)
     except ValueError:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from slerpviz import cli, models, presets
+from slerpviz.settings import MergeSettings
 from tests.conftest import tiny_engine
 
 PROMPT = " ".join(f"w{i % 90}" for i in range(3, 43))  # 40 words of the tiny models' vocabulary
@@ -71,7 +72,7 @@ def test_text_output_names_the_preset_and_the_attention_settings(tiny, monkeypat
 
 def test_a_per_cutoff_preset_with_other_cutoffs_asks_for_ratios(monkeypatch, capsys):
     monkeypatch.setattr(models, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
-    monkeypatch.setitem(presets.PRESETS, "two", presets.Preset("two stages", (0.25, 0.5), ratio=(0.5, 1.0)))
+    monkeypatch.setitem(presets.PRESETS, "two", presets.Preset("two stages", (0.25, 0.5), MergeSettings(ratio=(0.5, 1.0))))
     assert cli.main(["generate", "--prompt", "hi", "--preset", "two", "--cutoff", "3"]) == 2
     err = capsys.readouterr().err
     assert err == "error: preset two gives one merge ratio per cutoff (0.5, 1), and --cutoff gives 1 cutoffs: " \

@@ -154,7 +154,7 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
 def attention_pass(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                    ) -> tuple[MergeSettings, ...]:
     """One of ATTENTION_PASSES as settings for a model of `num_layers` layers (cutoffs placed as presets place them)."""
-    from ..presets import Preset
+    from ..presets import from_fields as Preset
 
     entries = ATTENTION_PASSES[name][:1] if quick else ATTENTION_PASSES[name][1:]
     return tuple(dict.fromkeys(
