@@ -9,8 +9,8 @@ import sys
 
 from . import settings as checks
 from .engine import MODES, MergeSettings, Sampling, Trace, check_sampling, interleave
-from .merge import CHOICES, METHODS, POSITION_MODES, ratio_per_stage
-from .settings import check_choice, check_method, check_positions
+from .merge import CHOICES, METHODS, POSITION_MODES
+from .settings import Parser
 from .models import ALLOWED_MODELS, EMBEDDED, check_allowed, load_for_command_line
 from .presets import PRESETS, preset
 
@@ -18,13 +18,6 @@ DEFAULTS = MergeSettings()
 # The flags that set one merge setting each; given with --preset, each overrides the preset's value.
 MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "method", "positions", "ratio", "choice", "proportional",
                "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag or value is one line on stderr and status 2, like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS)} (default {DEFAULTS.method})")
     gen.add_argument("--positions", default=None,
                      help=f"one of: {', '.join(POSITION_MODES)} (default {DEFAULTS.positions})")
-    gen.add_argument("--ratio", type=float, action="append", default=None,
-                     help="share of eligible pairs merged at each cutoff (one for all, or one per --cutoff; "
-                          "default 1)")
+    gen.add_argument("--ratio", action="append", default=None, metavar="R",
+                     help="share of eligible pairs merged: one for every cutoff, or one per cutoff in the order of "
+                          f"the --cutoff flags, comma-separated as on the page and in the benchmarks (--ratio "
+                          f"{checks.RATIO_EXAMPLE}); repeated --ratio flags join into that list (default 1)")
     gen.add_argument("--choice", default=None,
                      help=f"which pairs: {', '.join(CHOICES)} (default {DEFAULTS.choice}); attention merges the "
                           "pairs the last prompt tokens attend to least at the cutoff layer")
@@ -95,83 +89,56 @@ def summary(trace: Trace) -> dict:
 
 def check_arguments(args) -> Sampling:
     """Everything that can be checked without the model, checked before it loads (seconds saved on every typo), by
-    the same rules as the app: a negative seed or an infinite temperature is refused here as it is there."""
+    the same rules as the app: a negative seed or an infinite temperature is refused here as it is there, and the
+    merge flags go through the library's one parser of merge settings, as the page's fields do."""
     check_allowed(args.model)
     checks.text(args.prompt, "prompt")
     if args.preset is not None:
         checks.one_of(args.preset, "preset", tuple(PRESETS))
-    for cutoff in args.cutoff or ():
-        checks.whole(cutoff, "cutoff", 0)
-    if args.keep_start is not None:
-        checks.whole(args.keep_start, "keep start", 0)
-    if args.keep_end is not None:
-        checks.whole(args.keep_end, "keep end", 0)
-    if args.method is not None:
-        check_method(args.method)
-    if args.positions is not None:
-        check_positions(args.positions)
-    if args.choice is not None:
-        check_choice(args.choice)
-    checks.attention_budget(*(getattr(DEFAULTS, name) if getattr(args, name) is None else getattr(args, name)
-                              for name in ("attention_window", "attention_keep", "attention_reach",
-                                           "attention_keep_share")))
-    checks.one_of(args.mode, "mode", MODES)
     chosen = PRESETS[args.preset] if args.preset is not None else None
-    stages = len(args.cutoff) if args.cutoff else len(chosen.depth_shares) if chosen else 1
-    if args.ratio is not None:
-        ratio_per_stage(merge_ratio(args), stages)
-    elif chosen is not None and args.cutoff:
-        check_preset_ratio(args.preset, stages)
+    if chosen is not None and args.cutoff and args.ratio is None:
+        check_preset_ratio(args.preset, len(args.cutoff))
+    # The cutoffs of a preset, or half the depth, wait for the model; until then only their count is known.
+    template = checks.merge_settings(**raw_fields(args, chosen.merge if chosen is not None else DEFAULTS,
+                                                  args.cutoff))
+    if not args.cutoff:
+        checks.ratio_count(template.ratio, len(chosen.depth_shares) if chosen is not None else 1)
+    checks.one_of(args.mode, "mode", MODES)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     check_sampling(sampling)
     return sampling
 
 
 def check_preset_ratio(name: str, stages: int) -> None:
-    ratio = PRESETS[name].ratio
-    try:
-        ratio_per_stage(ratio, stages)
-    except ValueError:
+    ratio = PRESETS[name].merge.ratio
+    if isinstance(ratio, tuple) and len(ratio) != stages:
         raise ValueError(f"preset {name} gives one merge ratio per cutoff ({', '.join(f'{r:g}' for r in ratio)}), "
-                         f"and --cutoff gives {stages} cutoffs: give --ratio too") from None
+                         f"and --cutoff gives {stages} cutoffs: give --ratio too")
 
 
-def merge_ratio(args) -> float | tuple[float, ...]:
-    return 1.0 if args.ratio is None else args.ratio[0] if len(args.ratio) == 1 else tuple(args.ratio)
+def raw_fields(args, base: MergeSettings, cutoffs) -> dict:
+    """The raw values of the merged side's settings: `base`'s, with every merge flag given in place of its setting
+    (repeated --ratio flags joined into the one syntax of per-cutoff ratios, "0.5, 1"), and `cutoffs` (None: not
+    known yet)."""
+    fields = dataclasses.asdict(base)
+    fields.update({flag: getattr(args, flag) for flag in MERGE_FLAGS
+                   if flag not in ("cutoff", "ratio") and getattr(args, flag) is not None})
+    if args.ratio is not None:
+        fields["ratio"] = ", ".join(args.ratio)
+    fields["cutoffs"] = None if cutoffs is None else list(cutoffs)
+    return fields
 
 
 def merge_settings(args, num_layers: int) -> MergeSettings:
     """The merged side's settings: the preset's (or the defaults, with one cutoff at half the depth), with every merge
-    flag given on the command line in place of its setting."""
+    flag given on the command line in place of its setting, through the library's parser (settings.merge_settings)."""
     base = preset(args.preset, num_layers) if args.preset is not None else MergeSettings(cutoffs=(num_layers // 2,))
-    changes = {}
+    cutoffs = base.cutoffs
     if args.cutoff is not None:
         # Ratios given with the cutoffs pair with them in the order given; a preset's ratios are in layer order, so
         # its ratios meet the cutoffs in layer order too, whatever order the flags came in.
-        changes["cutoffs"] = tuple(args.cutoff) if args.ratio is not None else tuple(sorted(args.cutoff))
-    if args.ratio is not None:
-        changes["ratio"] = merge_ratio(args)
-    for flag in MERGE_FLAGS:
-        if flag not in ("cutoff", "ratio") and getattr(args, flag) is not None:
-            changes[flag] = getattr(args, flag)
-    return dataclasses.replace(base, **changes)
-
-
-def describe(settings: dict) -> str:
-    """The merged side's settings in one line."""
-    ratio = settings["ratio"]
-    ratio = ", ".join(f"{r:g}" for r in ratio) if isinstance(ratio, (list, tuple)) else f"{ratio:g}"
-    line = (f"cutoffs {', '.join(map(str, settings['cutoffs']))} · ratio {ratio} · {settings['choice']} pairs · "
-            f"{settings['method']} / {settings['positions']}")
-    if settings["choice"] == "attention":
-        line += f" · attention window {settings['attention_window']}, keep {settings['attention_keep']}"
-        if settings.get("attention_keep_share"):
-            line += f" or {settings['attention_keep_share']:g} of the prompt"
-        if settings.get("attention_reach"):
-            line += f", reach {settings['attention_reach']}"
-    if settings["keep_start"] or settings["keep_end"]:
-        line += f" · keep start {settings['keep_start']}, end {settings['keep_end']}"
-    return line + (" · proportional attention" if settings["proportional"] else "")
+        cutoffs = args.cutoff if args.ratio is not None else sorted(args.cutoff)
+    return checks.merge_settings(**raw_fields(args, base, cutoffs))
 
 
 def generate(args) -> dict:
@@ -210,7 +177,7 @@ def print_text(result: dict) -> None:
         print(f"== {name} ==")
         if name == "merged":
             preset_name = f"preset {result['preset']}: " if result.get("preset") else ""
-            print(f"({preset_name}{describe(result['plan']['settings'])})")
+            print(f"({preset_name}{checks.describe(result['plan']['settings'])})")
         print(side["text"])
         print(
             f"-- {side['tokens_generated']} tokens, first token after {side['time_to_first_token_s'] * 1000:.1f} ms, "

@@ -12,26 +12,30 @@ tuned on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 
-from .engine import MergeSettings
+from .settings import MergeSettings
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A named setting: what it does in words (`description`, and `summary`, one short line for the page's preset
+    menu), where it cuts (each cutoff as a share of the model's depth) and how it merges: `merge`, a MergeSettings
+    without cutoffs, holds every other field, so a field MergeSettings gains is a preset's too, with no line here."""
+
     description: str
     depth_shares: tuple[float, ...]  # each cutoff as a share of the number of layers
-    ratio: float | tuple[float, ...] = 1.0
-    choice: str = "consecutive"
-    attention_window: int = MergeSettings.attention_window
-    attention_keep: int = MergeSettings.attention_keep
-    attention_reach: int = MergeSettings.attention_reach
-    attention_keep_share: float = MergeSettings.attention_keep_share
-    keep_start: int = 0
-    keep_end: int = 0
-    summary: str = ""  # one short line for the page's preset menu; `description` has the detail
+    merge: MergeSettings = MergeSettings()  # every merge setting but the cutoffs; per-cutoff ratios in shares' order
+    summary: str = ""
+
+    def __post_init__(self):
+        if self.merge.cutoffs:
+            raise ValueError("a preset's cutoffs are its depth shares, placed for each model's depth: its merge "
+                             "settings hold none")
 
     def settings(self, num_layers: int) -> MergeSettings:
+        """The template with its cutoffs placed for a model of `num_layers` layers."""
         # Each share rounded to a layer; where two round to the same layer (0.57 and 0.6 of 24 are both 14) the larger
         # share takes the next layer (15), and any pushed past the last layer step back, so every stage keeps a layer
         # of its own. Worked in depth order; each cutoff stays in its share's place, beside its ratio.
@@ -46,10 +50,16 @@ class Preset:
             raise ValueError(f"a model of {num_layers} layers has no room for {len(layers)} distinct cutoffs")
         placed = dict(zip(order, layers))
         cutoffs = tuple(placed[index] for index in range(len(order)))
-        # Every field but these three is a MergeSettings field of the same name: a new one needs no line here.
-        merge = {f.name: getattr(self, f.name) for f in fields(self)
-                 if f.name not in ("description", "summary", "depth_shares")}
-        return MergeSettings(cutoffs=cutoffs, **merge)
+        return dataclasses.replace(self.merge, cutoffs=cutoffs)
+
+
+def from_fields(description: str, depth_shares: tuple[float, ...], ratio: float | tuple[float, ...] = 1.0,
+                choice: str = "consecutive", attention_window: int = MergeSettings.attention_window,
+                attention_keep: int = MergeSettings.attention_keep, **fields) -> Preset:
+    """A preset written as its shape and MergeSettings fields, the first four by position (ratio, choice, attention
+    window, attention keep), as bench frontier's grids write their settings."""
+    return Preset(description, tuple(depth_shares), MergeSettings(
+        ratio=ratio, choice=choice, attention_window=attention_window, attention_keep=attention_keep, **fields))
 
 
 PRESETS: dict[str, Preset] = {
@@ -59,8 +69,9 @@ PRESETS: dict[str, Preset] = {
                     "tokens of it: half of the pairs at 1/2 of the depth, then all that remain at 2/3 (about 1.35x "
                     "fewer prefill FLOPs; retrieval within a miss or two of the base from 512 to 2,048 tokens on "
                     "text it was not tuned on)",
-        depth_shares=(0.5, 0.67), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
-        attention_reach=7, attention_keep_share=1 / 16,
+        depth_shares=(0.5, 0.67),
+        merge=MergeSettings(ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
+                            attention_reach=7, attention_keep_share=1 / 16),
         summary="about 1.35x fewer prefill FLOPs; retrieval within a miss or two of the base",
     ),
     # Its cutoffs sit where the last prompt tokens' attention finds a retrieval needle (python -m slerpviz.bench
@@ -70,20 +81,22 @@ PRESETS: dict[str, Preset] = {
         description="toward 1.5x: the same attention choice, budget and reach, half the pairs at 0.47 of the "
                     "depth, half of the rest at 0.57 and at 0.6, then all at 2/3 (about 1.5x fewer prefill FLOPs; "
                     "chosen where the prompt's attention finds a retrieval answer)",
-        depth_shares=(0.47, 0.57, 0.6, 0.67), ratio=(0.5, 0.5, 0.5, 1.0), choice="attention", attention_window=8,
-        attention_keep=32, attention_reach=7, attention_keep_share=1 / 16,
+        depth_shares=(0.47, 0.57, 0.6, 0.67),
+        merge=MergeSettings(ratio=(0.5, 0.5, 0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
+                            attention_reach=7, attention_keep_share=1 / 16),
         summary="about 1.5x fewer prefill FLOPs; retrieval within a miss or two of the base",
     ),
     "careful": Preset(
         description="closest to the base model's next token: the recommended shape merged later, half the pairs "
                     "at 0.6 of the depth and the rest at 0.73, with a fixed budget of 32 and without the reach "
                     "(about 1.25x fewer prefill FLOPs)",
-        depth_shares=(0.6, 0.73), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
+        depth_shares=(0.6, 0.73),
+        merge=MergeSettings(ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32),
         summary="about 1.25x fewer prefill FLOPs; closest to the base model's next token",
     ),
     "article": Preset(
         description="the April 2024 article: every consecutive pair at half the depth",
-        depth_shares=(0.5,), ratio=1.0, choice="consecutive",
+        depth_shares=(0.5,), merge=MergeSettings(ratio=1.0, choice="consecutive"),
         summary="every pair at half the depth, as the article did; loses the pass key every time",
     ),
 }

@@ -3,15 +3,17 @@
 `MergeSettings` (where and how to merge) and `Sampling` (how to decode) are what the engine takes. The page, its API,
 the command line and the benchmarks all take values from outside: JSON from any client, text from a shell. Each
 function here turns one raw value into the type the engine takes, or raises ValueError with one line that names
-the field and says what is allowed. Nothing is rounded or coerced behind the caller's back: 2.5 is not a whole
+the field and says what is allowed; `Parser` is the argparse both shell commands read their flags with (a bad flag
+is one line and status 2). Nothing is rounded or coerced behind the caller's back: 2.5 is not a whole
 number, "no" is not a yes/no answer, NaN is not a temperature.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 from .merge import CHOICES, METHODS, POSITION_MODES
 
@@ -63,6 +65,43 @@ class MergeSettings:
                 ratios = tuple(ratios[i] for i in order)
             object.__setattr__(self, "ratio", ratios)
         object.__setattr__(self, "cutoffs", tuple(self.cutoffs[i] for i in order))
+
+
+def describe(setting) -> str:
+    """A merge setting (MergeSettings, or a mapping of its fields such as a trace's settings or a result row) in words,
+    naming only what differs from the defaults: 'cutoff 15', 'cutoff 15+20, ratio 0.5/1, attention, W 8, keep top
+    32', ... The one description of a setting: the command line prints it beside the merged text, and it labels the
+    benchmarks' variants, so it is also the key their result files (assets/results/) are read by: its wording stays.
+    (It describes; it is not input: per-cutoff ratios are written "0.5, 1" wherever they are read.)"""
+    fields = asdict(setting) if is_dataclass(setting) else dict(setting)
+    default = MergeSettings()
+    cutoffs = fields["cutoffs"]
+    parts = [f"cutoff {cutoffs if isinstance(cutoffs, str) else '+'.join(map(str, cutoffs))}"]
+    ratio = fields.get("ratio", 1.0)
+    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
+    if any(r != 1.0 for r in ratios):
+        parts.append("ratio " + "/".join(f"{r:g}" for r in ratios))
+    choice = fields.get("choice", default.choice)
+    if choice != default.choice:
+        parts.append(choice)
+    if choice == "attention":
+        parts.append(f"W {fields.get('attention_window', default.attention_window)}")
+        if fields.get("attention_keep"):
+            parts.append(f"keep top {fields['attention_keep']}")
+        if fields.get("attention_keep_share"):
+            parts.append(f"keep share {float(fields['attention_keep_share']):g}")
+        if fields.get("attention_reach"):
+            parts.append(f"reach {fields['attention_reach']}")
+        if fields.get("cosine_share"):
+            parts.append(f"cosine share {fields['cosine_share']:g}")
+    if fields.get("keep_start") or fields.get("keep_end"):
+        parts.append(f"protect {fields.get('keep_start', 0)}/{fields.get('keep_end', 0)}")
+    if fields.get("proportional"):
+        parts.append("proportional")
+    for name in ("method", "positions"):
+        if fields.get(name, getattr(default, name)) != getattr(default, name):
+            parts.append(f"{name} {fields[name]}")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -209,20 +248,49 @@ def layers(cutoff, more_cutoffs, low: int = 0, high: int | None = None) -> tuple
     return tuple(sorted(chosen))
 
 
-def ratios(value, field: str = "ratio per cutoff") -> float | tuple[float, ...] | None:
-    """Optional merge ratios, one per cutoff in layer order (a list, or text like "0.5, 1"): None when empty, one
-    number when one is given (it applies to every cutoff), else a tuple. Each is a number from 0 to 1."""
-    if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple))
-                                                                          and not value):
-        return None
+# Per-cutoff merge ratios have one syntax wherever they are read (the page's field, `python -m slerpviz generate
+# --ratio`, `python -m slerpviz.bench ... --ratio`): numbers separated by commas, one per cutoff, as in
+# RATIO_EXAMPLE. A bench grid separates its variants by commas too, but --ratio is never a grid: it is one setting,
+# each of its ratios meeting one cutoff of every schedule (--cutoffs 15+20 --ratio 0.5,1).
+RATIO_EXAMPLE = "0.5,1"
+
+
+def merge_ratio(value) -> float | tuple[float, ...]:
+    """The share of eligible pairs merged: one number for every cutoff, or one per cutoff, in the cutoffs' order,
+    as a list or as text with the ratios separated by commas ("0.5, 1"; semicolons pass too). A single value is
+    the "merge ratio"; each of a list is a "ratio per cutoff"; each is a number from 0 to 1. A list of one is that
+    one ratio, for every cutoff. The benchmarks' old "0.5/1" is refused with a line naming the commas."""
     if isinstance(value, str):
+        if "/" in value:
+            raise ValueError(f"ratio per cutoff: separate the ratios with commas, like {RATIO_EXAMPLE} (got "
+                             f"{_shown(value)})")
         parts = [part for part in value.replace(";", ",").split(",") if part.strip()]
+        if len(parts) == 1:
+            return real(parts[0], "merge ratio", 0.0, 1.0)
+        if not parts:
+            raise ValueError(f"merge ratio must be a number from 0 to 1, or one per cutoff like {RATIO_EXAMPLE} "
+                             f"(got {_shown(value)})")
     elif isinstance(value, (list, tuple)):
         parts = list(value)
+        if not parts:
+            raise ValueError(f"ratio per cutoff: an empty list; give one ratio, or one per cutoff like "
+                             f"{RATIO_EXAMPLE}")
     else:
-        parts = [value]
-    numbers = tuple(real(part, field, 0.0, 1.0) for part in parts)
+        return real(value, "merge ratio", 0.0, 1.0)
+    numbers = tuple(real(part, "ratio per cutoff", 0.0, 1.0) for part in parts)
     return numbers[0] if len(numbers) == 1 else numbers
+
+
+def ratio_count(ratio: float | tuple[float, ...], cutoffs: Sequence[int] | int) -> None:
+    """Per-cutoff ratios (from `merge_ratio`), one for each cutoff: `cutoffs` are the layers, or only their count
+    where the layers are not known yet (a preset's, before the model's depth is). One number fits any cutoffs."""
+    if not isinstance(ratio, tuple):
+        return
+    count = cutoffs if isinstance(cutoffs, int) else len(cutoffs)
+    if len(ratio) != count:
+        layers = "" if isinstance(cutoffs, int) else f" ({', '.join(map(str, cutoffs))})"
+        raise ValueError(f"ratio per cutoff: {len(ratio)} ratios for {count} cutoffs{layers}: give one per cutoff, "
+                         "in the cutoffs' order, or one for all")
 
 
 MAX_ATTENTION_REACH = 256
@@ -235,6 +303,55 @@ def attention_budget(window, keep, reach=0, keep_share=0.0) -> tuple[int, int, i
     the prompt the budget grows to on long prompts (0 to 1)."""
     return (whole(window, "attention window", 1), whole(keep, "attention keep", 0),
             whole(reach, "attention reach", 0, MAX_ATTENTION_REACH), real(keep_share, "attention keep share", 0, 1))
+
+
+_DEFAULT = MergeSettings()
+
+
+def merge_settings(*, cutoffs=(), keep_start=_DEFAULT.keep_start, keep_end=_DEFAULT.keep_end,
+                   method=_DEFAULT.method, positions=_DEFAULT.positions, ratio=_DEFAULT.ratio,
+                   choice=_DEFAULT.choice, proportional=_DEFAULT.proportional,
+                   size_weighted=_DEFAULT.size_weighted, attention_window=_DEFAULT.attention_window,
+                   attention_keep=_DEFAULT.attention_keep, attention_reach=_DEFAULT.attention_reach,
+                   attention_keep_share=_DEFAULT.attention_keep_share,
+                   cosine_share=_DEFAULT.cosine_share) -> MergeSettings:
+    """MergeSettings from raw values, every field checked by the checks above (a ValueError of one line naming the
+    field): the one parser of merge settings, which the page (`app.form.parse`), the command line (`python -m
+    slerpviz generate`) and the benchmarks (`bench.options.merge_settings`) all call, so the same values make the same
+    settings and the same mistakes the same line everywhere.
+
+    `cutoffs`: the layers, in any order (a list; each a whole number, 0 or more; the model's depth is checked once
+    there is a model), or None where they are not known here (a template: no cutoffs, and per-cutoff ratios not
+    counted). `ratio`: one number, or one per cutoff in the cutoffs' order, as a list or as "0.5, 1"
+    (`merge_ratio`). The rest as MergeSettings names them; a field left out keeps MergeSettings' default."""
+    if cutoffs is None:
+        chosen = ()
+    elif isinstance(cutoffs, (list, tuple)):
+        chosen = tuple(whole(cutoff, "cutoff", 0) for cutoff in cutoffs)
+    else:
+        raise ValueError(f"cutoffs must be a list of layer numbers (got {_shown(cutoffs)})")
+    start, end = whole(keep_start, "keep start", 0), whole(keep_end, "keep end", 0)
+    method, positions = check_method(method), check_positions(positions)
+    ratio = merge_ratio(ratio)
+    if cutoffs is not None:
+        ratio_count(ratio, chosen)
+    choice = check_choice(choice)
+    window, keep, reach, keep_share = attention_budget(attention_window, attention_keep, attention_reach,
+                                                       attention_keep_share)
+    return MergeSettings(
+        cutoffs=chosen, keep_start=start, keep_end=end, method=method, positions=positions, ratio=ratio,
+        choice=choice, proportional=flag(proportional, "proportional attention"),
+        size_weighted=flag(size_weighted, "size weighted"), attention_window=window, attention_keep=keep,
+        attention_reach=reach, attention_keep_share=keep_share, cosine_share=real(cosine_share, "cosine share", 0, 1),
+    )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for raw values from a shell (`python -m slerpviz` and `python -m slerpviz.bench`): a bad flag or value
+    is one line on stderr and status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def one_line(error: BaseException) -> str:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from slerpviz import cli, models, presets
+from slerpviz.settings import MergeSettings
 from tests.conftest import tiny_engine
 
 PROMPT = " ".join(f"w{i % 90}" for i in range(3, 43))  # 40 words of the tiny models' vocabulary
@@ -63,15 +64,15 @@ def test_text_output_names_the_preset_and_the_attention_settings(tiny, monkeypat
     monkeypatch.setattr(models, "load", lambda name, **options: tiny)
     assert cli.main(["generate", "--prompt", PROMPT, "--no-chat", "--max-new-tokens", "1", "--preset", "article",
                      "--choice", "attention", "--attention-window", "8"]) == 0
-    cutoffs = ", ".join(map(str, presets.preset("article", tiny.num_layers).cutoffs))
+    # The library's one description of a setting (slerpviz.settings.describe), as the benchmarks label variants.
+    cutoffs = "+".join(map(str, presets.preset("article", tiny.num_layers).cutoffs))
     keep = presets.preset("article", tiny.num_layers).attention_keep
-    assert f"(preset article: cutoffs {cutoffs} · ratio 1 · attention pairs · slerp / mean · attention window 8, " \
-           f"keep {keep})" in capsys.readouterr().out
+    assert f"(preset article: cutoff {cutoffs}, attention, W 8, keep top {keep})" in capsys.readouterr().out
 
 
 def test_a_per_cutoff_preset_with_other_cutoffs_asks_for_ratios(monkeypatch, capsys):
     monkeypatch.setattr(models, "load", lambda *args, **kwargs: pytest.fail("the model was loaded for bad input"))
-    monkeypatch.setitem(presets.PRESETS, "two", presets.Preset("two stages", (0.25, 0.5), ratio=(0.5, 1.0)))
+    monkeypatch.setitem(presets.PRESETS, "two", presets.Preset("two stages", (0.25, 0.5), MergeSettings(ratio=(0.5, 1.0))))
     assert cli.main(["generate", "--prompt", "hi", "--preset", "two", "--cutoff", "3"]) == 2
     err = capsys.readouterr().err
     assert err == "error: preset two gives one merge ratio per cutoff (0.5, 1), and --cutoff gives 1 cutoffs: " \

@@ -8,6 +8,7 @@ import pytest
 
 from slerpviz import presets
 from slerpviz.merge import ratio_per_stage
+from slerpviz.settings import MergeSettings
 from slerpviz.models import ALLOWED_MODELS, EMBEDDED
 
 # num_hidden_layers of every allow-listed model, from each one's config.json on the hub (nothing is downloaded here).
@@ -50,7 +51,7 @@ def test_a_preset_keeps_the_layers_its_shares_round_to_where_they_do_not_collide
 
 def test_shares_given_out_of_order_keep_their_ratios_when_they_share_a_layer():
     # 0.6 and 0.57 of 24 both round to 14: the larger share takes the next layer, and each keeps its own ratio.
-    settings = presets.Preset("test", (0.6, 0.57, 0.2), ratio=(1.0, 0.5, 0.25)).settings(24)
+    settings = presets.Preset("test", (0.6, 0.57, 0.2), MergeSettings(ratio=(1.0, 0.5, 0.25))).settings(24)
     assert settings.cutoffs == tuple(sorted(set(settings.cutoffs))) and len(settings.cutoffs) == 3
     by_share = dict(zip((0.2, 0.57, 0.6), zip(settings.cutoffs, settings.ratio)))
     assert by_share[0.57][0] < by_share[0.6][0] and [r for _, r in by_share.values()] == [0.25, 0.5, 1.0]
@@ -76,3 +77,19 @@ def test_the_pages_preset_menu_fills_every_preset_the_page_accepts_for_every_all
                                        max_new_tokens=8, temperature=0.0, seed=0, **values))
         assert request.settings == presets.preset(name, DEPTHS[model])
         check_stages(request.settings, preset, DEPTHS[model])
+
+
+def test_a_preset_is_a_merge_settings_template_with_its_cutoffs_placed():
+    # Every setting but the cutoffs is the template's own: a field MergeSettings gains is a preset's too.
+    import dataclasses
+
+    for name, preset in presets.PRESETS.items():
+        assert isinstance(preset.merge, MergeSettings) and preset.merge.cutoffs == ()
+        for num_layers in (24, 30, 32):
+            placed = presets.preset(name, num_layers)
+            assert placed == dataclasses.replace(preset.merge, cutoffs=placed.cutoffs)
+    with pytest.raises(ValueError, match="a preset's cutoffs are its depth shares"):
+        presets.Preset("test", (0.5,), MergeSettings(cutoffs=(15,)))
+    # frontier's grids write theirs as shape and fields: the same preset.
+    assert presets.from_fields("t", (0.5, 0.67), (0.5, 1.0), "attention", 8, 32, attention_reach=7).merge == \
+        MergeSettings(ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32, attention_reach=7)

@@ -5,9 +5,9 @@
 the callbacks bind the values they get to it by name. A field added later goes at the end, with a default, so that
 positional API calls written for fewer inputs keep working.
 
-Every field is checked before any model work, by the checks the engine itself uses where they take raw values
-(`check_allowed`, the merge method, positions and pair-choice checks, `ratio_per_stage`, `check_sampling`), and
-otherwise by `slerpviz.settings`; a bad value raises ValueError with one line that names the field and says what is
+Every field is checked before any model work: the merge fields by `slerpviz.settings.merge_settings`, the one parser
+of merge settings (the command line's and the benchmarks' too), the rest by `check_allowed`, `check_sampling` and
+the checks of `slerpviz.settings`; a bad value raises ValueError with one line that names the field and says what is
 allowed. What depends on the model (a cutoff past its depth, spans longer than the tokenised prompt, the context)
 is checked by `MergingEngine.validate` once the prompt is tokenised (`holder.plan_trace`).
 """
@@ -20,8 +20,6 @@ from typing import Any
 
 from .. import settings as checks
 from ..engine import MODES, MergeSettings, Sampling, check_sampling
-from ..merge import ratio_per_stage
-from ..settings import check_choice, check_method, check_positions
 from ..models import EMBEDDED, check_allowed
 
 # The page's own limits, which every API client meets too: the longest generation one request may hold the device for,
@@ -84,29 +82,23 @@ def parse_cutoffs(cutoff, more_cutoffs) -> tuple[int, ...]:
 
 
 def parse(form: Form) -> Request:
-    """A form as engine settings; `ratios` (one per cutoff, in layer order) overrides `ratio` when given."""
+    """A form as engine settings; `ratios` (one per cutoff, in layer order: "0.5, 1") overrides `ratio` when given."""
     prompt = checks.text(form.prompt, "prompt")
     model = EMBEDDED if form.model is None or form.model == "" else form.model
     check_allowed(model)
     chat = checks.flag(form.chat, "chat")
     cutoffs = parse_cutoffs(form.cutoff, form.more_cutoffs)
-    ratio = checks.real(form.ratio, "merge ratio", 0.0, 1.0)
-    per_cutoff = checks.ratios(form.ratios, "ratio per cutoff")
-    if per_cutoff is not None:
-        try:
-            ratio_per_stage(per_cutoff, len(cutoffs))  # each ratio is in range already: only the count can fail
-        except ValueError:
-            raise ValueError(f"ratio per cutoff: {len(per_cutoff)} ratios for {len(cutoffs)} cutoffs ("
-                             f"{', '.join(map(str, cutoffs))}): give one per cutoff, in layer order, or leave it "
-                             "empty") from None
-    window, keep, reach, keep_share = checks.attention_budget(form.attention_window, form.attention_keep,
-                                                              form.attention_reach, form.attention_keep_share)
-    settings = MergeSettings(
-        cutoffs=cutoffs, keep_start=checks.whole(form.keep_start, "keep start", 0),
-        keep_end=checks.whole(form.keep_end, "keep end", 0), method=check_method(form.method),
-        positions=check_positions(form.positions), ratio=ratio if per_cutoff is None else per_cutoff,
-        choice=check_choice(form.choice), proportional=checks.flag(form.proportional, "proportional attention"),
-        attention_window=window, attention_keep=keep, attention_reach=reach, attention_keep_share=keep_share,
+    slider = checks.real(form.ratio, "merge ratio", 0.0, 1.0)  # one number, whether or not `ratios` is used
+    per_cutoff = form.ratios
+    blank = (per_cutoff is None or (isinstance(per_cutoff, str) and not per_cutoff.strip())
+             or (isinstance(per_cutoff, (list, tuple)) and not per_cutoff))  # empty: the slider's ratio
+    # The library's one parser of merge settings (as the command line's and the benchmarks'): the same words for
+    # the same mistake, and "0.5, 1" read as everywhere else.
+    settings = checks.merge_settings(
+        cutoffs=cutoffs, keep_start=form.keep_start, keep_end=form.keep_end, method=form.method,
+        positions=form.positions, ratio=slider if blank else per_cutoff, choice=form.choice,
+        proportional=form.proportional, attention_window=form.attention_window, attention_keep=form.attention_keep,
+        attention_reach=form.attention_reach, attention_keep_share=form.attention_keep_share,
     )
     mode = checks.one_of(form.mode, "mode", MODES)  # MergingEngine.validate checks it alike, once there is a model
     # The page's limits are tighter than the engine's (check_sampling), and each is worded for its field.

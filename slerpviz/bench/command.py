@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..cli import Parser
 from ..decode import DECODE_MODES
-from ..engine import MergeSettings
+from .. import settings as checks
+from ..settings import Parser
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from . import report, schedules
 from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, FidelityPlan, best_combination,
@@ -23,7 +23,7 @@ from .fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, VARIANT_KEYS, Fidelity
 from .frontier import frontier_main, frontier_parser
 from .machine import commit_at_start, machine_info
 from .options import (CHOICES_HELP, PROG, build_engine, check_out, describe_model, given, int_list,
-                      interpolation_options, listed, merge_fields, merge_options, model_options, one_of, run_options,
+                      interpolation_options, listed, merge_options, merge_settings, model_options, one_of, run_options,
                       share, str_list, subcommand, text_options, torch_threads, whole)
 from .locate import locate_main
 from .locate import parser as locate_parser
@@ -146,8 +146,11 @@ def speed_plan(args, engine) -> SpeedPlan:
         lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
     chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
               else [] if args.preset is not None else schedules.speed_defaults(layers, args.quick))
-    variant = merge_fields(args, choice=one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice"))
+    choice = one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice")
     proportional = one_of(PROPORTIONAL[args.proportional], "--proportional")
+    merge = merge_settings(args, None, choice=choice, proportional=proportional)  # every schedule's, cutoffs aside
+    for schedule in chosen:
+        checks.ratio_count(merge.ratio, schedule)  # per-cutoff ratios: one for each cutoff of every schedule
     named = []
     if args.preset is not None:
         from ..presets import PRESETS, preset
@@ -167,7 +170,7 @@ def speed_plan(args, engine) -> SpeedPlan:
         new_tokens=args.new_tokens or (8 if args.quick else 16),
         recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
         recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
-        merge=MergeSettings(proportional=proportional, **variant),
+        merge=merge,
         seed=args.seed,
         named=tuple(named),
         decodes=(str_list(args.decode, DECODE_MODES, "decode") if args.decode is not None
@@ -277,7 +280,7 @@ def fidelity_plan(args, engine) -> FidelityPlan:
         prefixes = (64, 256)
     else:  # a CPU spends most of the grid's time on the longest prefix
         prefixes = (32, 64, 128, 256, 512, 1024) if engine.device.type == "cuda" else (64, 128, 256, 512)
-    return FidelityPlan(
+    plan = FidelityPlan(
         prefixes=prefixes,
         schedules=tuple(chosen),
         methods=str_list(args.methods, METHODS, "method"),
@@ -289,6 +292,8 @@ def fidelity_plan(args, engine) -> FidelityPlan:
         keep_start=args.keep_start,
         keep_end=args.keep_end,
     )
+    plan.settings()  # every setting of the grid through the library's parser, before any work: one line if bad
+    return plan
 
 
 def fidelity_texts(args, engine, plan: FidelityPlan):

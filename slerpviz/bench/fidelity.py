@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import settings as checks
 from ..engine import MergeSettings, MergingEngine, Sampling
 from ..merge import METHODS, POSITION_MODES
 from .schedules import Schedule, label
@@ -50,15 +51,16 @@ class FidelityPlan:
     positions: tuple[str, ...] = POSITION_MODES
     choices: tuple[str, ...] = ("consecutive",)
     proportional: tuple[bool, ...] = (False,)
-    ratio: float = 1.0
+    ratio: float | tuple[float, ...] = 1.0  # one for every cutoff, or one per cutoff of each schedule
     continuation: int = 16
     keep_start: int = 0
     keep_end: int = 0
 
     def settings(self) -> list[MergeSettings]:
+        """Every setting of the grid, each through the library's parser of merge settings (a bad one is one line)."""
         return [
-            MergeSettings(cutoffs=s, keep_start=self.keep_start, keep_end=self.keep_end, method=m, positions=p,
-                          choice=c, proportional=a, ratio=self.ratio)
+            checks.merge_settings(cutoffs=s, keep_start=self.keep_start, keep_end=self.keep_end, method=m,
+                                  positions=p, choice=c, proportional=a, ratio=self.ratio)
             for s in self.schedules for m in self.methods for p in self.positions for c in self.choices
             for a in self.proportional
         ]

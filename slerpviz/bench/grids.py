@@ -118,11 +118,11 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
 def attention_pass(name: str, num_layers: int, quick: bool, method: str = "slerp", positions: str = "mean",
                    ) -> tuple[MergeSettings, ...]:
     """One of ATTENTION_PASSES as settings for a model of `num_layers` layers (cutoffs placed as presets place them)."""
-    from ..presets import Preset
+    from ..presets import from_fields
 
     entries = ATTENTION_PASSES[name][:1] if quick else ATTENTION_PASSES[name][1:]
     return tuple(dict.fromkeys(
-        dataclasses.replace(Preset(name, shares, ratio, "attention", 8, keep).settings(num_layers),
+        dataclasses.replace(from_fields(name, shares, ratio, "attention", 8, keep).settings(num_layers),
                             **{"method": method, "positions": positions, **(extra[0] if extra else {})})
         for shares, ratio, keep, *extra in entries))
 

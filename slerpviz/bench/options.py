@@ -6,7 +6,8 @@ The options come as argparse parent parsers, one per concern:
 - `run_options`: how big a run and where it writes (--quick, --out, --threads);
 - `text_options`: the texts read (--texts);
 - `merge_options`: one merge setting (--cutoffs, --ratio, --choice, --keep-start, --keep-end and, where the
-  subcommand uses them, --attention-window, --attention-keep, --cosine-share);
+  subcommand uses them, --attention-window, --attention-keep, --cosine-share), read back by `merge_settings` through
+  the library's parser of merge settings (slerpviz.settings.merge_settings, the page's and the CLI's too);
 - `interpolation_options`: how the slots are made (--method, --positions), where it is one setting, not a grid.
 
 `subcommand` builds a subcommand's parser from the parents it needs, as a sub-parser of `python -m slerpviz.bench`
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 
 from .. import settings as checks
-from ..cli import Parser
-from ..engine import MergeSettings
+from ..settings import MergeSettings, Parser
+from ..settings import describe as settings_label  # a merge setting in words; the label of a variant
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from ..models import EMBEDDED
 from .engines import SHAPES, named_engine, random_weight_engine
@@ -89,10 +90,10 @@ def path(text: str) -> Path:
     return Path(text)
 
 
-def ratios(text: str) -> float | tuple[float, ...]:
-    """An argparse type: one merge ratio for every cutoff (0.5), or one per cutoff in layer order (0.5/1)."""
-    parts = tuple(share(part) for part in text.split("/"))
-    return parts[0] if len(parts) == 1 else parts
+# An argparse type: one merge ratio for every cutoff (0.5), or one per cutoff of each schedule, in layer order,
+# comma-separated (0.5,1), by the library's one reading of ratios (slerpviz.settings.merge_ratio), as the page's and
+# the CLI's; the old "0.5/1" is refused with a line naming the commas.
+ratios = _argument(checks.merge_ratio)
 
 
 def _parent() -> argparse.ArgumentParser:
@@ -140,7 +141,10 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     p = _parent()
     p.add_argument("--cutoffs", type=listed, help=cutoffs_help)
     p.add_argument("--ratio", type=ratios, default=1.0,
-                   help="share of eligible pairs merged at each cutoff, or one per cutoff in layer order: 0.5/1")
+                   help="share of eligible pairs merged: one for every cutoff, or one per cutoff of each schedule, "
+                        f"in layer order, comma-separated as on the page and the command line: --cutoffs 15+20 "
+                        f"--ratio {checks.RATIO_EXAMPLE}. A list is one setting, not a grid of ratios: each schedule "
+                        "then needs one cutoff per ratio")
     p.add_argument("--choice", type=listed, default="consecutive", help=choice_help)
     p.add_argument("--keep-start", type=whole(0), default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=whole(0), default=0, help="protected tokens at the end")
@@ -244,49 +248,22 @@ def one_of(values: tuple, flag: str):
     return values[0]
 
 
-def settings_label(setting) -> str:
-    """A merge setting (MergeSettings, or a result row holding its fields) in words, naming only what differs from
-    the defaults: 'cutoff 15', 'cutoff 15+20, ratio 0.5/1, attention, W 8, keep top 32', ..."""
-    fields = asdict(setting) if is_dataclass(setting) else dict(setting)
-    default = MergeSettings()
-    cutoffs = fields["cutoffs"]
-    parts = [f"cutoff {cutoffs if isinstance(cutoffs, str) else '+'.join(map(str, cutoffs))}"]
-    ratio = fields.get("ratio", 1.0)
-    ratios = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
-    if any(r != 1.0 for r in ratios):
-        parts.append("ratio " + "/".join(f"{r:g}" for r in ratios))
-    choice = fields.get("choice", default.choice)
-    if choice != default.choice:
-        parts.append(choice)
-    if choice == "attention":
-        parts.append(f"W {fields.get('attention_window', default.attention_window)}")
-        if fields.get("attention_keep"):
-            parts.append(f"keep top {fields['attention_keep']}")
-        if fields.get("attention_keep_share"):
-            parts.append(f"keep share {float(fields['attention_keep_share']):g}")
-        if fields.get("attention_reach"):
-            parts.append(f"reach {fields['attention_reach']}")
-        if fields.get("cosine_share"):
-            parts.append(f"cosine share {fields['cosine_share']:g}")
-    if fields.get("keep_start") or fields.get("keep_end"):
-        parts.append(f"protect {fields.get('keep_start', 0)}/{fields.get('keep_end', 0)}")
-    if fields.get("proportional"):
-        parts.append("proportional")
-    for name in ("method", "positions"):
-        if fields.get(name, getattr(default, name)) != getattr(default, name):
-            parts.append(f"{name} {fields[name]}")
-    return ", ".join(parts)
-
-
 def merge_fields(args, **overrides) -> dict:
-    """The merge setting `merge_options` (and `interpolation_options`, where given) read, as MergeSettings fields
-    (all but the cutoffs)."""
+    """The merge setting `merge_options` (and `interpolation_options`, where given) read, as raw MergeSettings fields
+    (all but the cutoffs), for `merge_settings`."""
     fields = {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
               "attention_window": args.attention_window, "attention_keep": args.attention_keep,
               "attention_reach": args.attention_reach, "attention_keep_share": args.attention_keep_share,
               "cosine_share": args.cosine_share}
     fields.update({name: getattr(args, name) for name in ("method", "positions") if hasattr(args, name)})
     return {**fields, **overrides}
+
+
+def merge_settings(args, cutoffs, **overrides) -> MergeSettings:
+    """The merge setting the options read, with these cutoffs (a schedule; None: every schedule's, cutoffs aside),
+    through the library's one parser of merge settings (slerpviz.settings.merge_settings), as the page's and the
+    CLI's: per-cutoff ratios are counted against the schedule, in the same words."""
+    return checks.merge_settings(cutoffs=None if cutoffs is None else list(cutoffs), **merge_fields(args, **overrides))
 
 
 def check_out(out: Path) -> None:

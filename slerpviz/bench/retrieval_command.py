@@ -16,11 +16,10 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..engine import MergeSettings
 from . import report, schedules
 from .machine import machine_info
 from .options import (build_engine, check_out, describe_model, float_list, given, int_list, interpolation_options,
-                      listed, merge_fields, merge_options, model_options, run_options, settings_label, subcommand,
+                      listed, merge_options, merge_settings, model_options, run_options, settings_label, subcommand,
                       text_options, torch_threads, whole)
 from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
                         summarise, task_list)
@@ -61,7 +60,7 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
     chosen = schedules.parse(args.cutoffs) if args.cutoffs is not None else (
         [(layers // 2,)] if args.quick else [(layers // 2,), (3 * layers // 4,)])
     schedules.check(chosen, layers)
-    variants = [MergeSettings(cutoffs=s, **merge_fields(args)) for s in chosen]
+    variants = [merge_settings(args, s) for s in chosen]
     if args.preset:
         from ..presets import preset
 

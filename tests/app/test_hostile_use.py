@@ -317,7 +317,9 @@ MERGE_VALUES = [
     (dict(attention_keep_share="half"), r"attention keep share must be a number from 0 to 1 \(got 'half'\)"),
     (dict(ratios="0.5, x"), r"ratio per cutoff must be a number from 0 to 1 \(got ' x'\)"),
     (dict(ratios=[1.5]), r"ratio per cutoff must be a number from 0 to 1 \(got 1.5\)"),
-    (dict(ratios="0.5, 1"), r"ratio per cutoff: 2 ratios for 1 cutoffs \(15\): give one per cutoff, in layer order"),
+    (dict(ratios="0.5, 1"), r"ratio per cutoff: 2 ratios for 1 cutoffs \(15\): give one per cutoff, in the cutoffs' "
+                            r"order, or one for all"),
+    (dict(ratios="0.5/1"), r"ratio per cutoff: separate the ratios with commas, like 0.5,1 \(got '0.5/1'\)"),
 ]
 
 

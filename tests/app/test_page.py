@@ -17,6 +17,7 @@ from slerpviz.app import callbacks, form, layout, panels
 from slerpviz.engine import Run, Trace, interleave
 from slerpviz.app.holder import EngineHolder
 from slerpviz.models import EMBEDDED
+from slerpviz.settings import MergeSettings
 
 PROMPT = "Why is the sky blue? One sentence."
 # The page's inputs, by name, in the order the callbacks take them.
@@ -256,9 +257,8 @@ def test_examples_and_the_preset_button_read_the_preset_when_clicked(page, engin
         values = dict(zip(fields, page.fill_example(example_index(page, label))))
         assert as_request(values).settings == presets.recommended(engine.num_layers)
     # Whatever the preset says at click time, not a copy taken earlier: two stages, a ratio each, spans kept.
-    monkeypatch.setitem(presets.PRESETS, "recommended", presets.Preset(
-        "test", (0.5, 0.25), ratio=(1.0, 0.5), choice="similar", attention_window=7, attention_keep=2,
-        keep_start=3, keep_end=5))
+    monkeypatch.setitem(presets.PRESETS, "recommended", presets.Preset("test", (0.5, 0.25), MergeSettings(
+        ratio=(1.0, 0.5), choice="similar", attention_window=7, attention_keep=2, keep_start=3, keep_end=5)))
     expected = presets.recommended(engine.num_layers)
     values = dict(zip(fields, page.fill_example(example_index(page, "Why is the sky blue? Recommended"))))
     assert values["ratios"] == "0.5, 1" and as_request(values).settings == expected

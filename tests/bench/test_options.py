@@ -99,7 +99,7 @@ def test_help_lists_each_subcommands_options(name, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["speed", "--ratio", "half"], "argument --ratio: must be a number from 0 to 1 (got 'half')"),
+    (["speed", "--ratio", "half"], "argument --ratio: merge ratio must be a number from 0 to 1 (got 'half')"),
     (["fidelity", "--lengths", "128"], "unrecognized arguments: --lengths 128"),  # speed's, not fidelity's
     (["speed", "--texts", "x.txt"], "unrecognized arguments: --texts x.txt"),  # fidelity's, not speed's
     (["retrieval", "--shape", "huge"], "argument --shape: invalid choice: 'huge'"),
@@ -115,7 +115,10 @@ def test_help_lists_each_subcommands_options(name, capsys):
     (["frontier", "--threads", "0"], "argument --threads: must be a whole number, 1 or more (got '0')"),
     (["retrieval", "--seed", "-1"], "argument --seed: must be a whole number from 0 to"),
     (["speed", "--repeats", "0"], "argument --repeats: must be a whole number, 1 or more (got '0')"),
-    (["speed", "--ratio", "nan"], "argument --ratio: must be a number from 0 to 1 (got 'nan')"),
+    (["speed", "--ratio", "nan"], "argument --ratio: merge ratio must be a number from 0 to 1 (got 'nan')"),
+    (["retrieval", "--ratio", "0.5,2"], "argument --ratio: ratio per cutoff must be a number from 0 to 1 (got '2')"),
+    (["retrieval", "--ratio", "0.5/1"],
+     "argument --ratio: ratio per cutoff: separate the ratios with commas, like 0.5,1 (got '0.5/1')"),
     (["retrieval", "--cosine-share", "2"], "argument --cosine-share: must be a number from 0 to 1 (got '2')"),
     (["retrieval", "--keep-end", "2.5"], "argument --keep-end: must be a whole number, 0 or more (got '2.5')"),
 ])
@@ -321,7 +324,11 @@ def test_every_list_option_refuses_an_empty_list():
         for action in parser._actions:
             listish = ("comma-separated" in (action.help or "") or "," in str(action.default or "")
                        or re.search(r"\d,\d", action.help or ""))
-            if listish:
+            if listish and action.type is options.ratios:  # the library's ratio syntax: it refuses "" itself
+                assert action.option_strings == ["--ratio"]
+                with pytest.raises(argparse.ArgumentTypeError, match=r"merge ratio must be .* \(got ''\)"):
+                    action.type("")
+            elif listish:
                 assert (name, action.option_strings[0]) in LIST_OPTIONS, f"{name} {action.option_strings} is a list"
     for name, flag in LIST_OPTIONS:
         (action,) = [a for a in parsers[name]._actions if flag in a.option_strings]

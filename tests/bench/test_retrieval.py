@@ -1,5 +1,6 @@
 """The retrieval benchmark: prompts (exact length, the needle at the asked depth), scoring, files, bad input."""
 
+import argparse
 import csv
 import json
 
@@ -220,9 +221,13 @@ def test_needle_merged_is_the_share_of_the_needle_in_merged_slots():
 
 
 def test_per_cutoff_ratios_on_the_command_line():
+    # Comma-separated, as on the page and the CLI (slerpviz.settings.merge_ratio); the old "0.5/1" is refused.
     from slerpviz.bench import retrieval_command
-    from slerpviz.bench.options import ratios
+    from slerpviz.bench.options import merge_settings, ratios
 
-    assert ratios("0.5") == 0.5 and ratios("0.5/1") == (0.5, 1.0)
-    args = retrieval_command.parser().parse_args(["--cutoffs", "2+3", "--ratio", "0.5/1", "--choice", "attention"])
+    assert ratios("0.5") == 0.5 and ratios("0.5,1") == (0.5, 1.0) and ratios("0.5, 1") == (0.5, 1.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="separate the ratios with commas, like 0.5,1"):
+        ratios("0.5/1")
+    args = retrieval_command.parser().parse_args(["--cutoffs", "2+3", "--ratio", "0.5,1", "--choice", "attention"])
     assert args.ratio == (0.5, 1.0)
+    assert merge_settings(args, (2, 3)) == MergeSettings(cutoffs=(2, 3), ratio=(0.5, 1.0), choice="attention")
