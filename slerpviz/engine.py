@@ -51,9 +51,9 @@ from .settings import (  # noqa: F401  (MODES, MergeSettings and Sampling are th
     check_sampling, real,
 )
 from .merge import (
-    INTERPOLATE, PLANNED_AT_CUTOFF, Stage, adjacent_cosines, check_spans, cosine, gather_pairs, last_slot_offset,
-    layer_lengths, next_stage, plan_stages, ratio_per_stage, slerp_and_cosine, slot_positions,
+    INTERPOLATE, PLANNED_AT_CUTOFF, adjacent_cosines, cosine, gather_pairs, ratio_per_stage, slerp_and_cosine,
 )
+from .pairs import Stage, check_spans, last_slot_offset, layer_lengths, next_stage, plan_stages, slot_positions
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
 

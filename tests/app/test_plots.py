@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from slerpviz.app import plots
 from slerpviz.engine import Trace, record_plan
-from slerpviz.merge import plan_stages
+from slerpviz.pairs import plan_stages
 
 LAYERS = 12
 

@@ -13,7 +13,7 @@ from slerpviz.bench.engines import shape_config
 from slerpviz.bench.frontier import (ATTENTION_PASSES, FRONTIER_COLUMNS, best_at, default_grid, frontier_main,
                                      is_article_setting, named_grid, pareto_front)
 from slerpviz.engine import MergeSettings
-from slerpviz.merge import merged_length, plan_stages
+from slerpviz.pairs import merged_length, plan_stages
 
 RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results"
 
