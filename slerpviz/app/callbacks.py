@@ -21,7 +21,7 @@ from gradio.components.plot import PlotData
 
 from .. import presets
 from . import panels, plots
-from ..bench.retrieval import find_passkey
+from ..tasks import find_passkey
 from ..engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse

@@ -15,7 +15,7 @@ import torch
 from .. import presets
 from .. import settings as checks
 from . import plots
-from ..bench.retrieval import find_passkey, is_correct
+from ..tasks import find_passkey, is_correct
 from ..engine import Sampling, Trace
 
 

@@ -322,7 +322,7 @@ def with_needle(before: int, after: int) -> list[str]:
 
 
 def needle_of(tokens):
-    from slerpviz.bench.retrieval import find_passkey
+    from slerpviz.tasks import find_passkey
 
     return find_passkey(tokens)
 
