@@ -58,7 +58,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Interrupted, MergeSettings
+from .forward import Interrupted
+from .settings import MergeSettings
 
 BUCKET = 256  # buffer capacities are rounded up to a multiple of this, so different prompts share a compiled graph
 MAX_IDLE = 2  # idle decoders pooled per engine (each holds a KV cache of the model's full depth)
@@ -272,7 +273,7 @@ def static_step(engine, state: _State) -> torch.Tensor:
                 h, attention_mask=masks[index], position_ids=None, cache=cache, use_cache=True,
                 position_embeddings=cos_sin,
             )
-    logits = engine._logits(h)
+    logits = engine.head(h)
     t.add_(1)
     return logits
 
@@ -298,7 +299,7 @@ def compiled_step():
 class StaticDecoder:
     """Static KV buffers for one structure (see `structure`), loaded from a session, and its step.
 
-    Get one with `acquire(session, max_new_tokens)` (or `Session.static_decoder`), `warm_up()` it (seconds; compiles
+    Get one with `acquire(session, max_new_tokens)`, `warm_up()` it (seconds; compiles
     and captures on first use), call `step(token)` once per token, `release()` it when the run is done.
     """
 
@@ -431,7 +432,7 @@ class StaticDecoder:
     # -- what the trace shows ---------------------------------------------------------------------------------------
 
     def kv_lengths(self) -> list[int]:
-        """Tokens (slots) each layer holds, as the dynamic cache would count them (`engine.cache_lengths`)."""
+        """Tokens (slots) each layer holds, as the dynamic cache would count them (`forward.cache_lengths`)."""
         return [n + self.steps for n in self._cumulative]
 
     def kv_bytes(self) -> list[int]:
