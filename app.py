@@ -20,12 +20,12 @@ if os.environ.get("SPACES_ZERO_GPU"):
 
 import argparse
 
-from slerpviz.app.holder import ENGINES, default_model, load_for_zero_gpu, on_zero_gpu
 from slerpviz.app.layout import build_app, serve
-from slerpviz.models import ALLOWED_MODELS
+from slerpviz.app.resident import RESIDENT, default_model, on_zero_gpu
+from slerpviz.models import ALLOWED_MODELS, load_for_zero_gpu
 
 if on_zero_gpu():
-    ENGINES.install(default_model(), load_for_zero_gpu(default_model()))
+    RESIDENT.install(default_model(), load_for_zero_gpu(default_model()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,10 +20,10 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 import slerpviz
-from slerpviz.bench.retrieval import Haystack, build_prompt
 from slerpviz.bench.texts import read_texts
 from slerpviz.models import EMBEDDED, load
 from slerpviz.presets import preset
+from slerpviz.tasks import Haystack, build_prompt
 
 TASK = """\
 task: slerpviz_passkey

@@ -1,8 +1,12 @@
 """slerpviz: merge consecutive tokens with SLERP inside an LLM's forward pass, and see what it does."""
 
-from .engine import MergeSettings, MergingEngine, Run, Sampling, Session, Step, Trace
-from .merge import MergePlan, apply_plan, lerp, plan_merge, plan_stages, seed2024, slerp
+from .engine import MergingEngine
+from .forward import Session
+from .generation import Run, Step, Trace
+from .merge import MergePlan, apply_plan, lerp, seed2024, slerp
+from .pairs import plan_merge, plan_stages
 from .patch import apply, merging, remove
+from .settings import MergeSettings, Sampling
 
 __all__ = [
     "MergePlan", "MergeSettings", "MergingEngine", "Run", "Sampling", "Session", "Step", "Trace",

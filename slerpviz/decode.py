@@ -54,13 +54,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
-from .engine import Interrupted, MergeSettings
+from .decode_step import (  # noqa: F401  (BUCKET, the shapes and structure are this module's names too)
+    BUCKET, DecodeState, GroupBuffers, GroupShape, SegmentShape, compiled_step, layer_windows, static_step,
+    stored_keys, structure,
+)
+from .forward import Interrupted
+from .settings import MergeSettings
 
-BUCKET = 256  # buffer capacities are rounded up to a multiple of this, so different prompts share a compiled graph
 MAX_IDLE = 2  # idle decoders pooled per engine (each holds a KV cache of the model's full depth)
 WARM_UP_STEPS = 3  # CUDA graph trees run a function eagerly once, record it on the second call and replay after
 DECODE_MODES = ("dynamic", "static", "graph", "compiled")
@@ -99,7 +102,7 @@ def unsupported(session) -> str | None:
     rope_types = rope.values() if isinstance(rope, dict) else [rope]
     if any("dynamic" in r or r == "longrope" for r in rope_types):
         return f"{rope} RoPE recomputes its frequencies from the positions on the host every step"
-    windows = _windows(session.cache)
+    windows = layer_windows(session.cache)
     if windows is None:
         return "a cache layer is neither a dynamic nor a dynamic sliding-window layer"
     if {layer.keys.device for layer in session.cache.layers if getattr(layer, "keys", None) is not None} - {
@@ -111,186 +114,6 @@ def unsupported(session) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The structure of a decoder: what its compiled graph depends on
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupShape:
-    """Layers of one segment with one attention type: their sliding window (0: full) and their buffers' capacity."""
-
-    layers: tuple[int, ...]
-    window: int
-    capacity: int
-
-
-@dataclass(frozen=True)
-class SegmentShape:
-    """Layers [start, end) on one sequence; `biased`: proportional attention's log(size) on its merged keys."""
-
-    start: int
-    end: int
-    biased: bool
-    groups: tuple[GroupShape, ...]
-
-
-def _windows(cache) -> list[int] | None:
-    """Each cache layer's sliding window (0 for a full-attention layer), None if a layer is of another kind."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    windows = []
-    for layer in cache.layers:
-        if type(layer) is DynamicSlidingWindowLayer:
-            windows.append(int(layer.sliding_window))
-        elif type(layer) is DynamicLayer:
-            windows.append(0)
-        else:
-            return None
-    return windows
-
-
-def _stored(layer) -> int:
-    """Keys a dynamic cache layer holds (a sliding-window layer keeps only its last window - 1)."""
-    keys = getattr(layer, "keys", None)
-    return 0 if keys is None or keys.numel() == 0 else keys.shape[-2]
-
-
-def round_up(n: int, bucket: int) -> int:
-    return -(-n // bucket) * bucket
-
-
-def structure(session, steps: int, bucket: int = BUCKET) -> tuple[SegmentShape, ...]:
-    """The shapes a decoder for this session needs to feed `steps` more tokens (warm-up steps included)."""
-    windows = _windows(session.cache)
-    segments = []
-    for segment in session.layout.segments:
-        by_window: dict[int, list[int]] = {}
-        for index in range(segment.start, segment.end):
-            by_window.setdefault(windows[index], []).append(index)
-        groups = []
-        for window, layers in by_window.items():
-            stored = {_stored(session.cache.layers[i]) for i in layers}
-            if len(stored) != 1:
-                raise ValueError(f"layers {layers} of one segment hold different lengths {sorted(stored)}")
-            groups.append(GroupShape(tuple(layers), window, round_up(stored.pop() + steps, bucket)))
-        segments.append(SegmentShape(segment.start, segment.end, segment.log_sizes is not None, tuple(groups)))
-    return tuple(segments)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The step
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _Group:
-    """A group's buffers and state on the device: built once, updated in place (their addresses never change)."""
-
-    def __init__(self, shape: GroupShape, config, dtype: torch.dtype, device: torch.device):
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        size = (1, heads, shape.capacity, head_dim)
-        self.layers, self.window, self.capacity = shape.layers, shape.window, shape.capacity
-        # zeros, not empty: a masked key's score is q.k + min, which must stay finite for the softmax to give it 0
-        self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in shape.layers]
-        self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in shape.layers]
-        self.index = torch.arange(shape.capacity, device=device)  # each key's index, compared with the write index
-        self.stored = torch.zeros((), dtype=torch.long, device=device)  # keys the prefill left: the first write
-        self.bias = torch.zeros(shape.capacity, dtype=dtype, device=device)  # log(size) of merged keys, else 0
-        for tensor in (*self.keys, *self.values, self.index, self.stored, self.bias):
-            torch._dynamo.mark_static_address(tensor)
-        # the capacity is symbolic from the first compile: one graph serves every prompt length (where nothing
-        # specialises on it; torch.compile keeps it static otherwise, and compiles per capacity)
-        for tensor in (*self.keys, *self.values):
-            torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        for tensor in (self.index, self.bias):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-
-
-class _Segment:
-    def __init__(self, shape: SegmentShape, config, dtype: torch.dtype, device: torch.device):
-        self.start, self.end, self.biased = shape.start, shape.end, shape.biased
-        self.offset = torch.zeros((), dtype=torch.float32, device=device)  # RoPE position - original position
-        self.groups = [_Group(g, config, dtype, device) for g in shape.groups]
-        torch._dynamo.mark_static_address(self.offset)
-
-
-class _State:
-    """Everything a step reads and writes, all on the device."""
-
-    def __init__(self, shapes: tuple[SegmentShape, ...], config, dtype: torch.dtype, device: torch.device):
-        self.segments = [_Segment(s, config, dtype, device) for s in shapes]
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # original tokens at the load
-        self.t = torch.zeros((), dtype=torch.long, device=device)  # tokens fed since the load
-        # the step's input, copied in by `StaticDecoder.step`: one address for CUDA graphs, and one kind of tensor for
-        # torch.compile's guards whether the caller's token was made in inference mode or not
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.zero = torch.zeros((), dtype=dtype, device=device)
-        self.hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)  # a masked key's bias
-        for tensor in (self.length, self.t, self.token, self.zero, self.hidden):
-            torch._dynamo.mark_static_address(tensor)
-
-
-class _Writes:
-    """The cache a decoder layer's attention sees for one step: `update` writes the new key and value at the layer's
-    write index, in place, and returns the whole buffers (the mask hides what is not written yet)."""
-
-    def __init__(self, keys: dict, values: dict, where: dict):
-        self.keys, self.values, self.where = keys, values, where
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values, where = self.keys[layer_idx], self.values[layer_idx], self.where[layer_idx]
-        keys.index_copy_(2, where, key_states)
-        values.index_copy_(2, where, value_states)
-        return keys, values
-
-
-def static_step(engine, state: _State) -> torch.Tensor:
-    """The token in `state.token` [1, 1] through every layer: the next token's logits [1, vocab], float32.
-
-    Reads and advances `state.t`; nothing here makes a tensor on the host or reads one back.
-    """
-    decoder = engine.decoder
-    h = decoder.embed_tokens(state.token)
-    t = state.t
-    position = (state.length + t).float()  # as the dynamic path: float32(original position) + offset
-    for segment in state.segments:
-        cos_sin = decoder.rotary_emb(h, (position + segment.offset).view(1, 1))
-        keys, values, where, masks = {}, {}, {}, {}
-        for group in segment.groups:
-            write = group.stored + t
-            visible = group.index <= write
-            if group.window:
-                visible = visible & (group.index > write - group.window)
-            mask = torch.where(visible, group.bias if segment.biased else state.zero, state.hidden)
-            at = write.view(1)
-            for layer, k, v in zip(group.layers, group.keys, group.values):
-                keys[layer], values[layer], where[layer] = k, v, at
-                masks[layer] = mask.view(1, 1, 1, -1)
-        cache = _Writes(keys, values, where)
-        for index in range(segment.start, segment.end):
-            h = decoder.layers[index](
-                h, attention_mask=masks[index], position_ids=None, cache=cache, use_cache=True,
-                position_embeddings=cos_sin,
-            )
-    logits = engine._logits(h)
-    t.add_(1)
-    return logits
-
-
-_compiled = None
-_compile_lock = threading.Lock()
-
-
-def compiled_step():
-    """`static_step` under torch.compile(mode="reduce-overhead", fullgraph=True), made once per process."""
-    global _compiled
-    with _compile_lock:
-        if _compiled is None:
-            _compiled = torch.compile(static_step, mode="reduce-overhead", fullgraph=True)
-        return _compiled
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The decoder
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -298,14 +121,14 @@ def compiled_step():
 class StaticDecoder:
     """Static KV buffers for one structure (see `structure`), loaded from a session, and its step.
 
-    Get one with `acquire(session, max_new_tokens)` (or `Session.static_decoder`), `warm_up()` it (seconds; compiles
-    and captures on first use), call `step(token)` once per token, `release()` it when the run is done.
+    Get one with `acquire(session, max_new_tokens)`, `warm_up()` it (seconds; compiles and captures on first use),
+    call `step(token)` once per token, `release()` it when the run is done.
     """
 
     def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False, graphed: bool = False):
         self.engine, self.shapes, self.compiled = engine, shapes, compiled
         self.key = (shapes, bool(compiled), bool(graphed))  # its place in the pool: what it was built for
-        self.state = _State(shapes, engine.config, engine.dtype, engine.device)
+        self.state = DecodeState(shapes, engine.config, engine.dtype, engine.device)
         self.capacity = min(g.capacity for s in shapes for g in s.groups)
         self.warm = False  # warmed (compiled and captured) for its buffers
         self.fallback = ""  # why a compiled or graphed decoder runs otherwise, if it does
@@ -314,7 +137,7 @@ class StaticDecoder:
             self.fallback = "CUDA graphs need a GPU; decoding uncaptured"
         self._graph, self._graph_logits = None, None  # the recorded step and the tensor its replays write
         self._step = compiled_step() if compiled else static_step
-        self._stored: list[int] = []  # per group: keys the prefill left (host copies of state, for the bounds)
+        self.stored_keys: list[int] = []  # per group: keys the prefill left (host copies of state, for the bounds)
         self._cumulative: list[int] = []  # per layer: tokens the layer has seen (a sliding layer's full count)
         self.steps = 0  # tokens fed since the load (host count, kept beside the device counter)
 
@@ -326,13 +149,13 @@ class StaticDecoder:
         cache, state = session.cache, self.state
         state.length.fill_(session.length)
         state.t.zero_()
-        self._stored = []
+        self.stored_keys = []
         for segment, source in zip(state.segments, session.layout.segments):
             segment.offset.fill_(source.offset)
             for group in segment.groups:
-                stored = _stored(cache.layers[group.layers[0]])
+                stored = stored_keys(cache.layers[group.layers[0]])
                 group.stored.fill_(stored)
-                self._stored.append(stored)
+                self.stored_keys.append(stored)
                 for layer, k, v in zip(group.layers, group.keys, group.values):
                     k[:, :, :stored].copy_(cache.layers[layer].keys)
                     v[:, :, :stored].copy_(cache.layers[layer].values)
@@ -348,7 +171,7 @@ class StaticDecoder:
 
     def room(self) -> int:
         """Tokens that can still be fed before a buffer is full."""
-        return min(g.capacity - s for g, s in zip(self._groups(), self._stored)) - self.steps
+        return min(g.capacity - s for g, s in zip(self._groups(), self.stored_keys)) - self.steps
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -431,13 +254,13 @@ class StaticDecoder:
     # -- what the trace shows ---------------------------------------------------------------------------------------
 
     def kv_lengths(self) -> list[int]:
-        """Tokens (slots) each layer holds, as the dynamic cache would count them (`engine.cache_lengths`)."""
+        """Tokens (slots) each layer holds, as the dynamic cache would count them (`forward.cache_lengths`)."""
         return [n + self.steps for n in self._cumulative]
 
     def kv_bytes(self) -> list[int]:
         """Bytes of keys and values each layer holds, as the dynamic cache would (not the buffers' capacity)."""
         sizes = [0] * self.engine.num_layers
-        for group, stored in zip(self._groups(), self._stored):
+        for group, stored in zip(self._groups(), self.stored_keys):
             keys = group.keys[0]
             per_token = 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
             held = stored + self.steps
@@ -451,7 +274,7 @@ class StaticDecoder:
         """Bytes the buffers take (their full capacity)."""
         return sum(t.numel() * t.element_size() for g in self._groups() for t in (*g.keys, *g.values))
 
-    def _groups(self) -> list[_Group]:
+    def _groups(self) -> list[GroupBuffers]:
         return [g for s in self.state.segments for g in s.groups]
 
     # -- the pool ---------------------------------------------------------------------------------------------------

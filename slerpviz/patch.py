@@ -3,8 +3,9 @@
     with slerpviz.merging(model, MergeSettings(cutoffs=(15,))):
         model.generate(**inputs)
 
-The patch puts the engine's merging forward (engine.MergingForward) in place of the decoder's forward and takes it
-off again, as ToMe's and tomesd's patches and kvpress's presses do; the model's weights are never touched.
+The patch puts a merging forward (`MergingForward`, below: the decoder's forward signature around slerpviz.forward's
+one merging forward, the same the engine runs) in place of the decoder's forward and takes it off again, as ToMe's
+and tomesd's patches and kvpress's presses do; the model's weights are never touched.
 """
 
 from __future__ import annotations
@@ -12,9 +13,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from .engine import MergeSettings, MergingEngine, MergingForward
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .forward import LayerwiseModel, Layout, cache_lengths
+from .merge import PLANNED_AT_CUTOFF
+from .settings import MergeSettings
 
 
 def apply(model, settings: MergeSettings) -> MergingForward:
@@ -23,7 +33,7 @@ def apply(model, settings: MergeSettings) -> MergingForward:
     if isinstance(decoder.__dict__.get("forward"), MergingForward):
         raise ValueError("this model is already merging: remove the patch (or leave its `with` block) first")
     was_training = model.training  # the engine puts the model in eval mode; remove() gives the mode back
-    forward = MergingForward(MergingEngine(model, tokenizer=None), settings)
+    forward = MergingForward(LayerwiseModel(model), settings)
     forward.was_training = was_training
     # A forward already set on the instance (accelerate's hooks put one there) comes back on remove.
     forward.previous = decoder.__dict__.get("forward")
@@ -100,3 +110,161 @@ def merging(model, settings: MergeSettings) -> Iterator:
         yield model
     finally:
         remove(model)
+
+
+class MergingForward:
+    """A decoder's forward (`model.model.forward`) that merges, in the signature transformers calls it with: what
+    `slerpviz.merging` puts on a model so that its own `generate`, pipelines and harnesses merge.
+
+    A prompt fed with an empty cache (or none) runs the engine's merging forward; tokens fed with a cache that this
+    forward filled continue it, each layer after its own shorter sequence. The output has one hidden state per input
+    token: after a merge each token gets its final slot's (ToMe's "unmerge"). Only rows that depend on no later
+    token may be read (`rows`, the caller's logits_to_keep, which the patch passes on): the last one, what `generate`
+    reads, always; a row whose slot also holds the token it predicts never, nor any row but the last when the pairs
+    were chosen from the whole sequence. Asking for another is refused (see `_check_rows`).
+    """
+
+    def __init__(self, engine: LayerwiseModel, settings: MergeSettings):
+        # Everything but the prompt's length can be checked now; the spans are checked against each prompt.
+        engine.validate(settings.keep_start + settings.keep_end + 2, settings)
+        self.engine, self.settings = engine, settings
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> CacheEntry
+        self.previous = None  # a forward set on the decoder instance before the patch (slerpviz.patch)
+        self.previous_generate = None  # likewise, a generate set on the model instance
+        self.was_training = False  # the model's mode before the patch
+        self.previous_model_forward = None  # a forward set on the model instance before the patch
+        # The rows the caller will read, as transformers' logits_to_keep (0: all, k: the last k, or positions); the
+        # patch sets it around each call of the model's forward. Called on its own, the decoder is read whole.
+        self.rows: int | torch.Tensor = 0
+
+    @contextlib.contextmanager
+    def reading(self, rows: int | torch.Tensor) -> Iterator[None]:
+        """While the block runs, calls read only these rows (transformers' logits_to_keep)."""
+        previous, self.rows = self.rows, rows
+        try:
+            yield
+        finally:
+            self.rows = previous
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                 use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
+        engine = self.engine
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError("slerpviz's merging forward does not return per-layer attentions or hidden states")
+        h = engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if h.shape[0] != 1:
+            raise ValueError(
+                f"slerpviz merges one sequence at a time, not a batch of {h.shape[0]} (several prompts, beams or "
+                "num_return_sequences > 1): the pairs, the positions and the cache lengths are planned per sequence; "
+                "run one prompt at a time, greedy or sampled (pipeline batch_size=1)"
+            )
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            raise ValueError("slerpviz's merging forward does not take padding: give a prompt without padded tokens")
+        use_cache = engine.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=engine.config)
+        continuing = cache is not None and cache.get_seq_length() > 0
+        entry = self._layouts.get(cache) if continuing else None
+        if continuing and entry is None:
+            raise ValueError("this cache was not filled by this merging forward (the plain model or another `merging` "
+                             "block filled it); start from an empty cache")
+        # The forward counts the tokens itself; a caller that counts otherwise (generate continuing a cache whose
+        # layer 0 merged, assisted or prompt-lookup decoding that crops the cache back) would get wrong tokens.
+        start = entry.position if entry is not None else 0
+        self._check_caller_agrees(cache, entry, start, h.shape[1], attention_mask, position_ids)
+        if entry is not None:
+            hidden = engine.forward_new(h, start, entry.layout, cache)
+        else:
+            engine.validate(h.shape[1], self.settings)
+            hidden, layout, _ = engine.forward_prompt(h, self.settings, cache)
+            self._check_rows(layout, h.shape[1])
+            if layout.stages:  # one row per original token again: each gets its final slot's
+                hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
+            if cache is not None:
+                entry = self._layouts[cache] = CacheEntry(layout)
+        if entry is not None:
+            entry.position = start + h.shape[1]
+            entry.lengths = cache_lengths(cache)
+        return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
+                                       cache=cache if use_cache else None)
+
+    def honest_rows(self, layout: Layout, length: int) -> tuple[torch.Tensor, str]:
+        """Which rows of a sequence fed whole [length] depend on no later token (bool), and why the others do.
+
+        Slot s attends to slots up to s, which hold original tokens up to its last one, so a token that ends its slot
+        is honest when the plan is fixed by positions alone (`consecutive`, `uniform`, a per-vector interpolation).
+        `similar` and `attention` choose the pairs from every token's hidden state (the attention of the last ones),
+        and seed-2024 divides by the norm of the whole sequence: then only the last row, which sees every token.
+        """
+        honest = torch.ones(length, dtype=torch.bool)
+        if not layout.stages or not bool((layout.stages[-1].sizes > 1).any()):
+            return honest, ""  # nothing merged: the model's own rows
+        honest[:-1] = False
+        if self.settings.choice in PLANNED_AT_CUTOFF or self.settings.method == "seed-2024":
+            why = ("was merged by the seed-2024 method, which divides by the whole sequence"
+                   if self.settings.method == "seed-2024" else
+                   f"depends on which pairs the {self.settings.choice!r} choice took from the whole sequence")
+            return honest, why
+        honest[layout.stages[-1].last.cpu()] = True
+        return honest, "shares a merged slot with the token it predicts"
+
+    def _check_rows(self, layout: Layout, length: int) -> None:
+        """Refuse a sequence fed whole whose caller would read a row that depends on a later token."""
+        honest, why = self.honest_rows(layout, length)
+        rows = self.rows.cpu() if isinstance(self.rows, torch.Tensor) else self.rows
+        wanted = slice_logits_to_keep(torch.arange(length).view(1, length, 1), rows).reshape(-1)
+        unfair = wanted[~honest[wanted]]
+        if unfair.numel():
+            raise ValueError(
+                f"under merging, {unfair.numel()} of the {wanted.numel()} rows asked for would depend on a later token "
+                f"(row {int(unfair[0])} {why}; logits_to_keep=0, the default, asks for every row), so per-token "
+                "log-likelihoods are refused (lm-eval's loglikelihood, multiple-choice and perplexity tasks); "
+                "generation reads only the last row, which is exact: generate, pipelines and generate_until tasks "
+                "run, and so does a forward with logits_to_keep=1"
+            )
+
+    @staticmethod
+    def _check_caller_agrees(cache, entry: CacheEntry | None, start: int, new: int, attention_mask, position_ids
+                             ) -> None:
+        """Refuse a call whose cache, mask or positions do not continue the tokens this forward has seen."""
+        if entry is not None and cache_lengths(cache) != entry.lengths:
+            raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
+                             "assisted and prompt-lookup generation do): they are not supported while merging")
+        claimed = []  # where the caller thinks these tokens start, and what says so
+        if attention_mask is not None and attention_mask.ndim == 2:
+            covered = attention_mask.shape[-1]
+            claimed.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
+        if position_ids is not None:
+            first = int(position_ids.reshape(-1)[0])
+            claimed.append((first, f"its position_ids start at {first}"))
+        wrong = [(where, said) for where, said in claimed if where != start]
+        if wrong and entry is None:  # a fresh forward: there is no cache to continue, the sequence starts here
+            raise ValueError(
+                f"this forward starts a new sequence under merging (no merged cache before it), but {wrong[0][1]}: "
+                "a sequence fed without a merged cache starts at position 0 (merged slots get their own "
+                "positions); give position_ids from 0, or none, and an attention mask as long as the tokens fed"
+            )
+        if wrong:
+            raise ValueError(
+                f"this call continues the merged cache from token {wrong[0][0]}, but it holds {start} tokens: continue "
+                "a merged cache only within the `merging` block that filled it, and only by the tokens it has not "
+                "seen (generate counts a cache by its first layer, which a cutoff at layer 0 shortens)"
+            )
+        if position_ids is not None:
+            expected = torch.arange(start, start + new, device=position_ids.device)
+            if not torch.equal(position_ids.reshape(-1, new), expected.expand(position_ids.numel() // new, new)):
+                raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
+                                 "positions): position_ids other than the running count are not supported")
+
+
+@dataclass
+class CacheEntry:
+    """What a merging forward keeps beside each cache it filled: the prompt's layout, the next token's position and
+    each layer's length after its last call (to notice a cache changed behind its back)."""
+
+    layout: Layout
+    position: int = 0
+    lengths: list[int] = field(default_factory=list)

@@ -79,10 +79,10 @@ def launched_app(**environment: str):
     import socket
 
     from slerpviz.app import layout
-    from slerpviz.app.holder import ENGINES
+    from slerpviz.app.resident import RESIDENT
     from slerpviz.models import EMBEDDED
 
-    ENGINES.ensure(EMBEDDED)
+    RESIDENT.ensure(EMBEDDED)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():
             patch.setenv(name, value)
@@ -106,11 +106,11 @@ def app_url():
 
 @pytest.fixture(scope="module")
 def app_engine():
-    """The engine the app's holder serves (the embedded model), as the page's callbacks see it."""
-    from slerpviz.app.holder import ENGINES
+    """The engine the app's resident model serves (the embedded model), as the page's callbacks see it."""
+    from slerpviz.app.resident import RESIDENT
     from slerpviz.models import EMBEDDED
 
-    return ENGINES.ensure(EMBEDDED)
+    return RESIDENT.ensure(EMBEDDED)
 
 
 @pytest.fixture(scope="module")

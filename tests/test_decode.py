@@ -318,7 +318,7 @@ def test_what_static_cannot_run_exactly_decodes_dynamic_and_says_why(monkeypatch
     assert tokens == expected
     assert run.trace.decode.startswith("dynamic (dynamic RoPE recomputes its frequencies")
     with pytest.raises(ValueError, match="static decoding cannot run this session"):
-        run.session.static_decoder(4)
+        decode.acquire(run.session, 4)
 
 
 def test_a_compiled_run_and_its_fallback_give_the_dynamic_tokens(monkeypatch):

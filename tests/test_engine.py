@@ -437,7 +437,7 @@ def test_the_most_attended_tokens_are_never_merged():
 
 
 def test_the_kept_budget_grows_with_the_prompt_at_every_stage():
-    from slerpviz.merge import choose_pairs
+    from slerpviz.pairs import choose_pairs
 
     assert MergeSettings(attention_keep=4, attention_keep_share=0.25).kept_budget(8) == 4  # short: the floor
     assert MergeSettings(attention_keep=4, attention_keep_share=0.25).kept_budget(48) == 12
@@ -457,7 +457,7 @@ def test_the_kept_budget_grows_with_the_prompt_at_every_stage():
 
 
 def test_reach_reaches_the_plan_and_the_trace_keeps_the_received_attention():
-    from slerpviz.merge import choose_pairs
+    from slerpviz.pairs import choose_pairs
 
     engine = tiny_engine("llama")
     ids = random_ids(48, seed=13)
@@ -476,7 +476,7 @@ def test_reach_reaches_the_plan_and_the_trace_keeps_the_received_attention():
 
 def _extended(stages, length, n):
     """The same merges over the prompt followed by n tokens that stay alone (what a cached decode step sees)."""
-    from slerpviz.merge import Stage, plan_from_pairs
+    from slerpviz.pairs import Stage, plan_from_pairs
 
     first = last = torch.arange(length + n)
     out = []

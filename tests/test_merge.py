@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slerpviz.merge import (
-    CHOICES, apply_plan, choose_pairs, lerp, merged_length, most_similar_pairs, pair_cosines, plan_from_pairs,
-    plan_merge, plan_stages, share_ranks, slerp, slerp_dir, slot_positions, spread_attention,
+from slerpviz.merge import CHOICES, apply_plan, lerp, pair_cosines, slerp, slerp_dir
+from slerpviz.pairs import (
+    choose_pairs, merged_length, most_similar_pairs, plan_from_pairs, plan_merge, plan_stages, share_ranks,
+    slot_positions, spread_attention,
 )
 
 

@@ -13,7 +13,7 @@ from conftest import random_ids
 from slerpviz import presets
 from slerpviz.bench.ops import OpCounter
 from slerpviz.engine import MergeSettings
-from slerpviz.merge import plan_stages
+from slerpviz.pairs import plan_stages
 
 
 def counted_merge(engine, length: int, settings: MergeSettings, seed: int = 0) -> OpCounter:

@@ -6,7 +6,8 @@ from transformers import DynamicCache, pipeline
 
 import slerpviz
 from conftest import FAMILIES, TINY, random_ids, tiny_model, word_tokenizer
-from slerpviz.engine import MergeSettings, MergingEngine, MergingForward, Sampling
+from slerpviz.engine import MergeSettings, MergingEngine, Sampling
+from slerpviz.patch import MergingForward
 
 N_LAYERS = TINY["num_hidden_layers"]
 NEW = 8

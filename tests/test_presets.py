@@ -66,10 +66,10 @@ def test_the_pages_preset_menu_fills_every_preset_the_page_accepts_for_every_all
     """Through the page's own fill (Page.fill_preset, for the loaded model's depth) and its own parse: the preset
     comes back whole, a ratio per cutoff, where a shared layer made the page refuse it ("4 ratios for 3 cutoffs")."""
     from slerpviz.app import callbacks, form
-    from slerpviz.app.holder import EngineHolder
+    from slerpviz.app.resident import ResidentModel
 
     page = callbacks.Page()
-    page.holder = EngineHolder()
+    page.holder = ResidentModel()
     page.holder.install(model, types.SimpleNamespace(num_layers=DEPTHS[model]))  # the depth is all the fill reads
     for name, preset in presets.PRESETS.items():
         values = dict(zip(form.MERGE_FIELDS, page.fill_preset(name)))

@@ -22,11 +22,11 @@ from gradio.components.plot import PlotData
 from .. import presets
 from . import pairing
 from . import panels, plots
-from ..bench.retrieval import find_passkey
+from ..tasks import find_passkey
 from ..engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
-from .holder import ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
+from .resident import RESIDENT as ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
 from ..settings import whole
 from ..models import ALLOWED_MODELS
 

@@ -24,7 +24,7 @@ from .admission import ClientLimit, RefuseUploads, limit_queue_per_client
 from .callbacks import OPENING_PRESET, ModelControls, OpeningControls, Page, PageView, Panels, PlanViews, StoppedPanels
 from ..engine import MODES, MergeSettings
 from .form import EXAMPLE_FIELDS, FIELDS, MAX_NEW_TOKENS, MAX_TEMPERATURE, MERGE_FIELDS
-from .holder import ENGINES, default_model, on_zero_gpu
+from .resident import RESIDENT as ENGINES, default_model, on_zero_gpu
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from ..models import ALLOWED_MODELS, check_allowed
 from .panels import preset_details, preset_note

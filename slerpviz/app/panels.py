@@ -17,7 +17,7 @@ from .. import settings as checks
 from . import pairing_data
 from .token_text import visible_token
 from . import plots
-from ..bench.retrieval import find_passkey, is_correct
+from ..tasks import find_passkey, is_correct
 from ..engine import Sampling, Trace
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..merge import layer_lengths  # noqa: F401  (re-exported: the limits are computed from it)
+from ..pairs import layer_lengths  # noqa: F401  (re-exported: the limits are computed from it)
 
 
 @dataclass(frozen=True)

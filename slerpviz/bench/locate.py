@@ -20,11 +20,12 @@ import torch
 
 from ..engine import MergingEngine
 from ..presets import PRESETS, preset
+from ..tasks import TASKS, Haystack, Prompt, build_prompt
 from . import report
 from .machine import machine_info
 from .options import (attention_window_option, build_engine, check_out, describe_model, float_list, int_list,
                       listed, model_options, run_options, subcommand, text_options, torch_threads, whole)
-from .retrieval import TASKS, Haystack, Prompt, build_prompt, check_prompts, task_list
+from .retrieval import check_prompts, task_list
 from .texts import read_texts
 
 LOCATE_COLUMNS = ("task", "length", "depth", "sample", "layer", "needle_tokens", "median_rank", "rank_share",

@@ -13,6 +13,8 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..decode import acquire
+
 # Ops whose result the host must wait for: a scalar read, or an output whose shape depends on the values.
 SYNC_OPS = frozenset({
     "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim", "aten::_unique2",
@@ -75,7 +77,7 @@ def profile_decode_step(engine, ids: torch.Tensor, settings, decode: str = "dyna
         if decode == "dynamic":
             step = session.decode
         else:
-            decoder = session.static_decoder(4, compiled=False)
+            decoder = acquire(session, 4, compiled=False)
             decoder.warm_up()
             step = decoder.step
         step(token)  # warm

@@ -16,13 +16,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..tasks import TASKS, Haystack
 from . import report, schedules
 from .machine import machine_info
 from .options import (build_engine, check_out, describe_model, float_list, given, int_list, interpolation_options,
                       listed, merge_options, merge_settings, model_options, run_options, settings_label, subcommand,
                       text_options, torch_threads, whole)
-from .retrieval import (RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, TASKS, Haystack, RetrievalPlan, run_retrieval,
-                        summarise, task_list)
+from .retrieval import RETRIEVAL_COLUMNS, SUMMARY_COLUMNS, RetrievalPlan, run_retrieval, summarise, task_list
 from .texts import read_texts
 
 

@@ -183,15 +183,15 @@ def test_the_pass_key_example_fills_the_page_from_the_preset(page):
 
 
 def test_one_pick_in_the_model_menu_switches_once_and_says_why_it_failed(page, url, monkeypatch):
-    from slerpviz.app.holder import ENGINES
+    from slerpviz.app.resident import RESIDENT
 
     other = "Qwen/Qwen2.5-0.5B-Instruct"
-    monkeypatch.setattr(ENGINES, "_switched_at", None)  # no earlier switch in this process stands in the way
+    monkeypatch.setattr(RESIDENT, "_switched_at", None)  # no earlier switch in this process stands in the way
 
     def unreachable(name, progress):
         raise OSError(f"the hub is unreachable for {name}")
 
-    monkeypatch.setattr(ENGINES, "_fetcher", unreachable)  # nothing is downloaded, whatever the machine
+    monkeypatch.setattr(RESIDENT, "_fetcher", unreachable)  # nothing is downloaded, whatever the machine
     config = httpx.get(f"{url}config", timeout=60).json()
     (menu,) = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "model"]
     switch = {d["id"] for d in config["dependencies"] if any(target[0] == menu for target in d["targets"])}
@@ -205,4 +205,4 @@ def test_one_pick_in_the_model_menu_switches_once_and_says_why_it_failed(page, u
     assert len([fn for fn in joins if fn in switch]) == 1, joins
     assert "the hub is unreachable" in page.inner_text("#status")
     assert "at most once every" not in page.inner_text("#status")
-    assert ENGINES.name != other
+    assert RESIDENT.name != other

@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 
 from slerpviz.app import admission, callbacks, form, layout
 from slerpviz.engine import Sampling
-from slerpviz.app.holder import ENGINES, EngineHolder, SwitchRefused
+from slerpviz.app.resident import RESIDENT, ResidentModel, SwitchRefused
 from slerpviz.models import EMBEDDED
 
 PROMPT = "Why is the sky blue? One sentence."
@@ -50,8 +50,9 @@ class FakeEngine:
         self.warm_ups += 1
 
 
-def recording_holder(fail: set[str] = frozenset(), fetch_fail: set[str] = frozenset(), free_first: bool = False):
-    """A holder whose loads are recorded (name, and whether the device lock was free), failing for names in `fail`."""
+def recording_resident(fail: set[str] = frozenset(), fetch_fail: set[str] = frozenset(), free_first: bool = False):
+    """A resident model whose loads are recorded (name, and whether the device lock was free), failing for names in
+    `fail`."""
     calls = []
 
     def loader(name, progress):
@@ -65,7 +66,7 @@ def recording_holder(fail: set[str] = frozenset(), fetch_fail: set[str] = frozen
         if name in fetch_fail:
             raise OSError(f"cannot reach the hub for {name}")
 
-    return EngineHolder(loader, fetcher, free_first=free_first), calls
+    return ResidentModel(loader, fetcher, free_first=free_first), calls
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +109,14 @@ def test_one_pick_in_the_model_menu_sends_one_switch(engine):
 def test_asking_again_for_a_model_that_just_failed_repeats_why_it_failed():
     """A second request for a switch that has just failed (another page, a second click) gets that failure again,
     not "try again in N s" for something that will fail again."""
-    holder, calls = recording_holder(fetch_fail={OTHER})
-    holder.ensure(EMBEDDED)
+    resident, calls = recording_resident(fetch_fail={OTHER})
+    resident.ensure(EMBEDDED)
     page = callbacks.Page()
-    page.holder = holder
+    page.holder = resident
     first = list(page.load_model(OTHER, 15, []))[-1].status
     again = list(page.load_model(OTHER, 15, []))[-1].status
     assert "cannot reach the hub" in first and again == first, (first, again)
-    assert holder.name == EMBEDDED and calls == [EMBEDDED]
+    assert resident.name == EMBEDDED and calls == [EMBEDDED]
     # Another model within the interval is still refused, with the interval's message.
     *_, (status, *_) = page.load_model("HuggingFaceTB/SmolLM2-360M-Instruct", 15, [])
     assert "switches at most once every" in status
@@ -123,67 +124,67 @@ def test_asking_again_for_a_model_that_just_failed_repeats_why_it_failed():
 
 def test_the_model_menu_admits_one_switch_per_interval():
     now = [1000.0]
-    holder, calls = recording_holder()
-    holder._clock, holder.switch_interval = lambda: now[0], 30
-    holder.admit_switch(EMBEDDED)  # the first switch
-    holder.ensure(EMBEDDED)
-    holder.admit_switch(EMBEDDED)  # the model loaded already: nothing to load, always admitted
+    resident, calls = recording_resident()
+    resident._clock, resident.switch_interval = lambda: now[0], 30
+    resident.admit_switch(EMBEDDED)  # the first switch
+    resident.ensure(EMBEDDED)
+    resident.admit_switch(EMBEDDED)  # the model loaded already: nothing to load, always admitted
     now[0] += 10
     with pytest.raises(SwitchRefused, match=r"at most once every 30 s; try again in 20 s"):
-        holder.admit_switch(OTHER)
+        resident.admit_switch(OTHER)
     with pytest.raises(ValueError, match="not on the allow-list"):
-        holder.admit_switch("someone/else")
+        resident.admit_switch("someone/else")
     now[0] += 20
-    holder.admit_switch(OTHER)  # the interval has passed
+    resident.admit_switch(OTHER)  # the interval has passed
     # While one model loads, a switch to another is refused; one to the model loading follows it.
     release = threading.Event()
-    holder._fetcher = lambda name, progress: release.wait(10)
-    loading = threading.Thread(target=holder.ensure, args=(OTHER,))
+    resident._fetcher = lambda name, progress: release.wait(10)
+    loading = threading.Thread(target=resident.ensure, args=(OTHER,))
     loading.start()
     try:
-        while holder.busy_loading is None:
+        while resident.busy_loading is None:
             release.wait(0.01)
-        holder.admit_switch(OTHER)
+        resident.admit_switch(OTHER)
         now[0] += 60
         with pytest.raises(SwitchRefused, match="is loading for another page"):
-            holder.admit_switch(EMBEDDED)
+            resident.admit_switch(EMBEDDED)
     finally:
         release.set()
         loading.join(10)
-    assert calls == [EMBEDDED, OTHER] and holder.name == OTHER
+    assert calls == [EMBEDDED, OTHER] and resident.name == OTHER
 
 
 def test_a_refused_switch_keeps_the_model_and_says_when_to_try_again():
-    holder, calls = recording_holder()
-    holder.ensure(EMBEDDED)
-    holder.admit_switch(OTHER)  # a switch just admitted: the next one has to wait
+    resident, calls = recording_resident()
+    resident.ensure(EMBEDDED)
+    resident.admit_switch(OTHER)  # a switch just admitted: the next one has to wait
     page = callbacks.Page()
-    page.holder = holder
+    page.holder = resident
     *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
     assert status.startswith("**Could not load**") and "switches at most once every" in status
-    assert dropdown["value"] == EMBEDDED and holder.name == EMBEDDED and calls == [EMBEDDED]
+    assert dropdown["value"] == EMBEDDED and resident.name == EMBEDDED and calls == [EMBEDDED]
 
 
 def test_a_raw_request_to_the_model_menu_is_refused(app_url, monkeypatch):
     """The menu's event is private, so no client library calls it, but a plain POST to the queue still reaches it:
-    there the holder's admission decides, and it starts no load."""
-    monkeypatch.setattr(ENGINES, "_switched_at", ENGINES._clock())  # as if the menu had switched a moment ago
+    there the resident model's admission decides, and it starts no load."""
+    monkeypatch.setattr(RESIDENT, "_switched_at", RESIDENT._clock())  # as if the menu had switched a moment ago
     # ... to the loaded model: a failed switch to OTHER left by an earlier test would be repeated as its reason.
-    monkeypatch.setattr(ENGINES, "_outcome", (ENGINES.name, None))
+    monkeypatch.setattr(RESIDENT, "_outcome", (RESIDENT.name, None))
     switch = page_event(app_url, "model", "select")
     *_, done = run_event(app_url, uuid.uuid4().hex, switch, [OTHER, 15, []])
     assert done["success"] and "switches at most once every" in done["output"]["data"][0], done
     *_, done = run_event(app_url, uuid.uuid4().hex, switch, ["someone/else", 15, []])
     assert not done["success"] and "not in the list of choices" in done["output"]["error"], done  # the menu's own check
-    assert ENGINES.busy_loading is None and ENGINES.name == EMBEDDED
+    assert RESIDENT.busy_loading is None and RESIDENT.name == EMBEDDED
 
 
 def test_no_route_skips_the_queue(app_url, monkeypatch):
     """Gradio's REST routes (/run/..., /api/...) call an event directly, outside the queue and its concurrency groups:
     a switch sent there started a load while a generation streamed, and a generation there ran beside another. Every
     queued event refuses them, so a switch or a generation waits in the device's queue whichever route it comes by."""
-    monkeypatch.setattr(ENGINES, "_switched_at", None)  # the switch would be admitted: only the route may refuse it
-    monkeypatch.setattr(ENGINES, "_fetcher", lambda name, progress: pytest.fail("a load started outside the queue"))
+    monkeypatch.setattr(RESIDENT, "_switched_at", None)  # the switch would be admitted: only the route may refuse it
+    monkeypatch.setattr(RESIDENT, "_fetcher", lambda name, progress: pytest.fail("a load started outside the queue"))
     switch = page_event(app_url, "model", "select")
     api = f"{app_url}gradio_api"
     for route in ("run", "api"):
@@ -192,74 +193,74 @@ def test_no_route_skips_the_queue(app_url, monkeypatch):
         assert response.status_code == 404 and "join the queue" in response.text, response.text
         response = httpx.post(f"{api}/{route}/generate", timeout=60, json={"data": inputs()})
         assert response.status_code == 404 and "join the queue" in response.text, response.text
-    assert ENGINES.busy_loading is None and ENGINES.name == EMBEDDED
+    assert RESIDENT.busy_loading is None and RESIDENT.name == EMBEDDED
 
 
 @pytest.mark.parametrize("callback", ["plan", "generate"])
 def test_plan_and_generate_never_start_a_load(engine, callback):
-    holder, calls = recording_holder()
-    holder.install(EMBEDDED, engine)
+    resident, calls = recording_resident()
+    resident.install(EMBEDDED, engine)
     page = callbacks.Page()
-    page.holder = holder
+    page.holder = resident
     with pytest.raises(gr.Error, match="is not loaded: the app serves .*Model menu"):
         list(getattr(page, callback)(*inputs(model=OTHER)))
-    assert calls == [] and holder.busy_loading is None and holder.name == EMBEDDED
+    assert calls == [] and resident.busy_loading is None and resident.name == EMBEDDED
     pairing, lengths, status = page.preview(*inputs(model=OTHER))
     assert calls == [] and "once the model is loaded" in status
 
 
 def test_a_failed_switch_keeps_the_previous_model_and_says_why():
-    holder, calls = recording_holder(fail={OTHER})
-    holder.ensure(EMBEDDED)
-    previous = holder.engine
+    resident, calls = recording_resident(fail={OTHER})
+    resident.ensure(EMBEDDED)
+    previous = resident.engine
     page = callbacks.Page()
-    page.holder = holder
+    page.holder = resident
     *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
-    assert holder.name == EMBEDDED and holder.engine is previous
+    assert resident.name == EMBEDDED and resident.engine is previous
     assert dropdown["value"] == EMBEDDED  # the menu goes back to the model still serving
     assert status.startswith("**Could not load**") and "couldn't connect" in status and "Still serving" in status
     assert "\n" not in status and "docs" not in status  # one line: the first sentence of the hub's paragraph
     # A later run uses the model still loaded, without trying the failed one again.
-    assert list(holder.following(EMBEDDED)) == [] and calls == [EMBEDDED, OTHER]
+    assert list(resident.following(EMBEDDED)) == [] and calls == [EMBEDDED, OTHER]
 
 
 def test_a_switch_that_cannot_fetch_never_frees_the_resident_model():
-    holder, calls = recording_holder(fetch_fail={OTHER}, free_first=True)
-    holder.ensure(EMBEDDED)
-    previous = holder.engine
+    resident, calls = recording_resident(fetch_fail={OTHER}, free_first=True)
+    resident.ensure(EMBEDDED)
+    previous = resident.engine
     with pytest.raises(OSError, match="cannot reach the hub"):
-        holder.ensure(OTHER)
-    assert holder.engine is previous and calls == [EMBEDDED]
+        resident.ensure(OTHER)
+    assert resident.engine is previous and calls == [EMBEDDED]
 
 
 def test_a_switch_that_fails_after_freeing_loads_the_previous_model_back():
-    holder, calls = recording_holder(fail={OTHER}, free_first=True)
-    holder.ensure(EMBEDDED)
+    resident, calls = recording_resident(fail={OTHER}, free_first=True)
+    resident.ensure(EMBEDDED)
     with pytest.raises(OSError):
-        holder.ensure(OTHER)
-    assert holder.name == EMBEDDED and holder.engine is not None and calls == [EMBEDDED, OTHER, EMBEDDED]
+        resident.ensure(OTHER)
+    assert resident.name == EMBEDDED and resident.engine is not None and calls == [EMBEDDED, OTHER, EMBEDDED]
 
 
 def test_freeing_the_resident_model_waits_for_the_step_on_the_device():
-    holder, calls = recording_holder(free_first=True)
-    holder.ensure(EMBEDDED)
-    previous = holder.engine
+    resident, calls = recording_resident(free_first=True)
+    resident.ensure(EMBEDDED)
+    previous = resident.engine
     seen_during_step = []
     fetched = threading.Event()
-    holder._fetcher = lambda name, progress: fetched.set()
-    with holder.device_lock:  # a generation step is running
-        switching = threading.Thread(target=holder.ensure, args=(OTHER,))
+    resident._fetcher = lambda name, progress: fetched.set()
+    with resident.device_lock:  # a generation step is running
+        switching = threading.Thread(target=resident.ensure, args=(OTHER,))
         switching.start()
         assert fetched.wait(10)
         switching.join(0.5)  # time for a switch that ignored the lock to free the model
-        seen_during_step.append(holder.engine)
+        seen_during_step.append(resident.engine)
     switching.join(10)
-    assert seen_during_step == [previous] and holder.name == OTHER
+    assert seen_during_step == [previous] and resident.name == OTHER
 
 
 def test_every_load_is_warmed_up_before_it_serves():
-    holder, _ = recording_holder()
-    engine = holder.ensure(EMBEDDED)
+    resident, _ = recording_resident()
+    engine = resident.ensure(EMBEDDED)
     assert engine.warm_ups == 1
 
 
@@ -298,7 +299,7 @@ def test_bad_values_are_refused_field_by_field(changes, message):
 
 @pytest.mark.parametrize("changes, message", BAD_VALUES)
 def test_bad_values_are_refused_before_any_model_work(page, monkeypatch, changes, message):
-    monkeypatch.setattr(ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
+    monkeypatch.setattr(RESIDENT, "following", lambda name: pytest.fail("model work before the inputs were checked"))
     for callback in (page.plan, page.generate):
         with pytest.raises(gr.Error, match=message):
             list(callback(*inputs(**changes)))
@@ -327,7 +328,7 @@ MERGE_VALUES = [
 def test_merge_values_are_refused_field_by_field_before_any_model_work(page, monkeypatch, changes, message):
     with pytest.raises(ValueError, match=message):
         form.parse_request(*inputs(**changes))
-    monkeypatch.setattr(ENGINES, "following", lambda name: pytest.fail("model work before the inputs were checked"))
+    monkeypatch.setattr(RESIDENT, "following", lambda name: pytest.fail("model work before the inputs were checked"))
     for callback in (page.plan, page.generate):
         with pytest.raises(gr.Error, match=message):
             list(callback(*inputs(**changes)))
@@ -725,14 +726,14 @@ def test_a_slow_switch_does_not_stop_requests_for_the_model_still_resident():
     # load takes; where the switch frees the GPU first, requests wait for the new model.
     release = threading.Event()
     for free_first, waits in ((False, False), (True, True)):
-        holder, _ = recording_holder(free_first=free_first)
-        holder.ensure(EMBEDDED)
-        holder._fetcher = lambda name, progress: release.wait(30)  # a hub that never answers
+        resident, _ = recording_resident(free_first=free_first)
+        resident.ensure(EMBEDDED)
+        resident._fetcher = lambda name, progress: release.wait(30)  # a hub that never answers
         release.clear()
-        switching = threading.Thread(target=holder.ensure, args=(OTHER,))
+        switching = threading.Thread(target=resident.ensure, args=(OTHER,))
         switching.start()
         try:
-            following = holder.following(EMBEDDED, poll=0.01)
+            following = resident.following(EMBEDDED, poll=0.01)
             assert (next(following, None) is not None) == waits  # a progress line means it waits
         finally:
             release.set()

@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError
 from slerpviz import presets
 from slerpviz.app import callbacks, form, layout, panels
 from slerpviz.engine import Run, Trace, interleave
-from slerpviz.app.holder import EngineHolder
+from slerpviz.app.resident import ResidentModel
 from slerpviz.models import EMBEDDED
 from slerpviz.settings import MergeSettings
 
@@ -68,7 +68,7 @@ def annotation_texts(plot) -> list[str]:
 
 
 class FakeEngine:
-    """What a holder needs of an engine: a name to show and a warm-up to count."""
+    """What the resident model needs of an engine: a name to show and a warm-up to count."""
 
     num_layers = 4
 
@@ -168,7 +168,7 @@ def test_closing_interleave_closes_both_runs():
     assert base.closed and merged.closed and base.steps == merged.steps == 9
 
 
-def test_holder_streams_progress_and_shares_one_load():
+def test_the_resident_model_streams_progress_and_shares_one_load():
     release, calls, engine = threading.Event(), [], FakeEngine()
 
     def loader(name, progress):
@@ -177,31 +177,31 @@ def test_holder_streams_progress_and_shares_one_load():
         release.wait(10)
         return engine
 
-    holder = EngineHolder(loader)
-    first = holder.switch(EMBEDDED, poll=0.01)
+    resident = ResidentModel(loader)
+    first = resident.switch(EMBEDDED, poll=0.01)
     assert next(first) in (f"fetching {EMBEDDED}", f"Loading {EMBEDDED}")
     # A second caller during the load follows it instead of starting another.
-    follower = threading.Thread(target=holder.ensure, args=(EMBEDDED,))
+    follower = threading.Thread(target=resident.ensure, args=(EMBEDDED,))
     follower.start()
     release.set()
     list(first)
     follower.join(10)
-    assert calls == [EMBEDDED] and holder.name == EMBEDDED and holder.engine is engine
-    assert list(holder.switch(EMBEDDED)) == []  # loaded: nothing to wait for
+    assert calls == [EMBEDDED] and resident.name == EMBEDDED and resident.engine is engine
+    assert list(resident.switch(EMBEDDED)) == []  # loaded: nothing to wait for
 
 
-def test_holder_reports_a_failed_load_and_tries_again_later():
+def test_the_resident_model_reports_a_failed_load_and_tries_again_later():
     attempts = []
 
     def loader(name, progress):
         attempts.append(name)
         raise OSError("no network")
 
-    holder = EngineHolder(loader)
+    resident = ResidentModel(loader)
     for _ in range(2):
         with pytest.raises(OSError, match="no network"):
-            holder.ensure(EMBEDDED)
-    assert len(attempts) == 2 and holder.engine is None
+            resident.ensure(EMBEDDED)
+    assert len(attempts) == 2 and resident.engine is None
     assert panels.message_for(OSError("no network")) == "Could not load the model: no network"
 
 
@@ -347,7 +347,7 @@ def test_the_page_opens_on_the_recommended_preset_for_the_loaded_model(engine):
         release.wait(30)
         return FakeEngine(name)
 
-    page.holder = EngineHolder(loader)
+    page.holder = ResidentModel(loader)
     opening = page.on_open(EMBEDDED)
     first = next(opening)
     assert first.status.startswith("**Loading")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from slerpviz.app import pairing, pairing_data, plots, token_text
 from slerpviz.engine import Trace, record_plan
-from slerpviz.merge import plan_stages
+from slerpviz.pairs import plan_stages
 
 LAYERS = 12
 
@@ -328,7 +328,7 @@ def with_needle(before: int, after: int) -> list[str]:
 
 
 def needle_of(tokens):
-    from slerpviz.bench.retrieval import find_passkey
+    from slerpviz.tasks import find_passkey
 
     return find_passkey(tokens)
 

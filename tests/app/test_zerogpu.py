@@ -61,11 +61,11 @@ SCRIPT = textwrap.dedent('''
     import app  # a Space runs this file: on ZeroGPU the model loads here, at import
     from slerpviz import engine as engine_module
     from slerpviz.app import callbacks, layout
-    from slerpviz.app.holder import ENGINES
+    from slerpviz.app.resident import RESIDENT
     from slerpviz.models import EMBEDDED
 
-    holder = ENGINES
-    facts = dict(name=holder.name, loaded=holder.engine is not None, load_thread=holder._thread is not None,
+    resident = RESIDENT
+    facts = dict(name=resident.name, loaded=resident.engine is not None, load_thread=resident._thread is not None,
                  moved_to_cuda=spaces.CALLS["moved_to_cuda"], gpu_calls_at_import=spaces.CALLS["gpu"])
 
     warm_up = engine_module.MergingEngine.warm_up
@@ -82,7 +82,7 @@ SCRIPT = textwrap.dedent('''
     facts.update(status=outputs[-1][9], gpu_calls=spaces.CALLS["gpu"], warmed_inside=spaces.CALLS["warmed_inside"],
                  warmed_outside=spaces.CALLS["warmed_outside"])
     facts["switch"] = list(page.load_model("Qwen/Qwen2.5-0.5B-Instruct"))[-1][0]
-    facts["name_after_switch"] = holder.name
+    facts["name_after_switch"] = resident.name
     print("FACTS " + json.dumps(facts))
 ''')
 

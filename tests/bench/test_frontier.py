@@ -13,7 +13,7 @@ from slerpviz.bench.engines import shape_config
 from slerpviz.bench.frontier import FRONTIER_COLUMNS, best_at, frontier_main, is_article_setting, pareto_front
 from slerpviz.bench.grids import ATTENTION_PASSES, default_grid, named_grid
 from slerpviz.engine import MergeSettings
-from slerpviz.merge import merged_length, plan_stages
+from slerpviz.pairs import merged_length, plan_stages
 
 RESULTS = Path(__file__).resolve().parents[2] / "assets" / "results"
 

@@ -9,7 +9,7 @@ from conftest import TINY, random_ids
 
 from slerpviz.bench import command
 from slerpviz.bench.locate import LOCATE_COLUMNS, locate_row, needle_ranks, summarise
-from slerpviz.bench.retrieval import Prompt
+from slerpviz.tasks import Prompt
 from slerpviz.engine import MergeSettings, Sampling
 
 LAYERS = TINY["num_hidden_layers"]

@@ -337,7 +337,8 @@ def test_every_list_option_refuses_an_empty_list():
 
 def test_the_list_readers_refuse_an_empty_list_too():
     from slerpviz.bench import schedules
-    from slerpviz.bench.retrieval import TASKS, task_list
+    from slerpviz.bench.retrieval import task_list
+    from slerpviz.tasks import TASKS
 
     with pytest.raises(ValueError, match=r"an empty list \(''\): give at least one length"):
         options.int_list("")

@@ -7,12 +7,12 @@ import json
 import pytest
 
 from slerpviz.bench import command
-from slerpviz.bench.retrieval import (RETRIEVAL_COLUMNS, TASKS, Haystack, RetrievalPlan, build_prompt, is_correct,
-                                      passkey_accuracy, run_retrieval, summarise)
+from slerpviz.bench.retrieval import RETRIEVAL_COLUMNS, RetrievalPlan, passkey_accuracy, run_retrieval, summarise
 from slerpviz.bench.options import settings_label
 from slerpviz.bench.retrieval_command import heatmaps
 from slerpviz.bench.texts import read_texts
 from slerpviz.engine import MergeSettings
+from slerpviz.tasks import TASKS, Haystack, build_prompt, is_correct
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_filler_too_short_exits_2(tmp_path, capsys):
 
 
 def test_find_passkey_locates_the_needle_tokens(haystack, embedded):
-    from slerpviz.bench.retrieval import find_passkey
+    from slerpviz.tasks import find_passkey
 
     prompt = build_prompt(haystack, "passkey", 700, 0.5, 2)
     tokens = embedded.token_strings(prompt.ids)

@@ -17,7 +17,7 @@ from slerpviz.bench.machine import PeakMemory
 from slerpviz.bench.speed import SPEED_COLUMNS, SpeedPlan, random_prompt, run_speed
 from slerpviz.bench.texts import read_texts, tokenize
 from slerpviz.engine import MergeSettings
-from slerpviz.merge import plan_stages
+from slerpviz.pairs import plan_stages
 
 HAND = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from slerpviz.app import holder
+from slerpviz import models
 
 SETTINGS = {"HF_HUB_ETAG_TIMEOUT": "HUB_CONNECT_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT": "HUB_READ_TIMEOUT"}
 
@@ -29,7 +29,7 @@ def hub_settings(monkeypatch):
 
 
 def bound() -> None:
-    holder.bound_hub_timeouts.__wrapped__()  # past the once-per-process cache
+    models.bound_hub_timeouts.__wrapped__()  # past the once-per-process cache
 
 
 def test_the_timeouts_are_huggingface_hubs_documented_settings(hub_settings, monkeypatch):
@@ -41,7 +41,7 @@ def test_the_timeouts_are_huggingface_hubs_documented_settings(hub_settings, mon
     monkeypatch.setattr(huggingface_hub, "set_client_factory", lambda factory: pytest.fail("a client factory"))
     bound()
     for name, ours in SETTINGS.items():
-        seconds = round(getattr(holder, ours))
+        seconds = round(getattr(models, ours))
         assert os.environ[name] == str(seconds)  # for processes started from here
         assert getattr(hub_settings, name) == seconds  # huggingface_hub read the environment before this ran
 
@@ -51,7 +51,7 @@ def test_a_users_own_setting_stands(hub_settings, monkeypatch):
     monkeypatch.setattr(hub_settings, "HF_HUB_DOWNLOAD_TIMEOUT", 7)  # as huggingface_hub read it at import
     bound()
     assert os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] == "7" and hub_settings.HF_HUB_DOWNLOAD_TIMEOUT == 7
-    assert hub_settings.HF_HUB_ETAG_TIMEOUT == round(holder.HUB_CONNECT_TIMEOUT)
+    assert hub_settings.HF_HUB_ETAG_TIMEOUT == round(models.HUB_CONNECT_TIMEOUT)
 
 
 BODY = b'{"model_type": "llama"}'
@@ -113,7 +113,7 @@ def test_a_download_that_stalls_is_given_up_and_asked_again(hub_settings, stalli
 
     address, downloads = stalling_hub
     monkeypatch.setattr(hub_settings, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(holder, "HUB_READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(models, "HUB_READ_TIMEOUT", 1.0)
     bound()
     path = hf_hub_download("slerpviz/test", "config.json", endpoint=address, cache_dir=tmp_path)
     assert open(path, "rb").read() == BODY

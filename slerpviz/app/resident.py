@@ -1,16 +1,17 @@
-"""The one model on this device: where it comes from, how it is switched, and the work a request does on it.
+"""The resident model: the one model the app serves on this device, how it is switched, and a request's work on it.
 
-One model lives on the device at a time (`ENGINES`); generations and model swaps queue for it one at a time. On a
-ZeroGPU Space the model is loaded at import (`load_for_zero_gpu`) and the GPU exists only inside `gpu_task`
-functions, so the device work of a request (`generation_steps`) is the one function under that decorator.
+One model lives on the device at a time (`RESIDENT`); generations and model swaps queue for it one at a time. Loading
+is slerpviz.models' (fetching a hub model's files, placing it on the device); this module only holds the loaded
+engine and switches it. On a ZeroGPU Space the model is loaded at import (`models.load_for_zero_gpu`, from app.py)
+and the GPU exists only inside `gpu_task` functions, so the device work of a request (`generation_steps`) is the one
+function under that decorator.
 
-Nothing here knows about Gradio: the page's callbacks (slerpviz.callbacks) drive it.
+Nothing here knows about Gradio: the page's callbacks (slerpviz.app.callbacks) drive it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import gc
 import logging
 import math
@@ -20,11 +21,10 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..engine import MergeSettings, MergingEngine, Trace, interleave
 from .form import Request
-from ..models import EMBEDDED, check_allowed, load
+from ..models import EMBEDDED, check_allowed, fetch_weights, load_on_device
 
 log = logging.getLogger(__name__)
 
@@ -60,67 +60,9 @@ def default_model() -> str:
     return EMBEDDED
 
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # The model on this device
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def load_on_device(name: str, progress: Callable[[str], None]) -> MergingEngine:
-    """Load on the GPU where there is one (the embedded model too, which `load` otherwise keeps on the CPU)."""
-    return load(name, device="cuda" if torch.cuda.is_available() else None, progress=progress)
-
-
-def fetch_weights(name: str, progress: Callable[[str], None]) -> None:
-    """Bring a hub model's files onto this machine, so that a model out of reach fails here, before anything is freed.
-
-    The embedded model is already here. Only the files `load` reads are fetched (safetensors, not the .bin copies).
-    """
-    if name == EMBEDDED:
-        return
-    from huggingface_hub import snapshot_download
-
-    bound_hub_timeouts()
-    progress(f"Fetching {name}")
-    snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
-
-
-HUB_CONNECT_TIMEOUT = 10.0  # a file's metadata, asked before each download (HF_HUB_ETAG_TIMEOUT)
-HUB_READ_TIMEOUT = 60.0  # a download: to connect, and between two bytes (HF_HUB_DOWNLOAD_TIMEOUT); a large file may
-# take far longer in all
-
-
-@functools.cache  # once per process: a user's own setting, made later, is not overwritten
-def bound_hub_timeouts() -> None:
-    """huggingface_hub's HTTP client has no timeout of its own: a hub that accepts a connection and never answers
-    would hold a switch (and every page waiting on it) for good. Bound its downloads by its documented settings,
-    unless the environment already has them: HF_HUB_ETAG_TIMEOUT (the metadata asked before each file) to
-    HUB_CONNECT_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (the file itself) to HUB_READ_TIMEOUT.
-
-    huggingface_hub reads the two once, when `huggingface_hub.constants` is first imported — transformers imports
-    it, so in this process that has happened before this runs — and its downloads read them from that module at
-    each call. So they are set there as well as in the environment (which the processes started from here read)."""
-    from huggingface_hub import constants
-
-    for name, seconds in (("HF_HUB_ETAG_TIMEOUT", HUB_CONNECT_TIMEOUT), ("HF_HUB_DOWNLOAD_TIMEOUT", HUB_READ_TIMEOUT)):
-        if name not in os.environ:  # the user's own setting stands: huggingface_hub read it at import
-            os.environ[name] = str(round(seconds))
-            setattr(constants, name, round(seconds))
-
-
-def load_for_zero_gpu(name: str, progress: Callable[[str], None] = print) -> MergingEngine:
-    """ZeroGPU's documented pattern: load whole on the CPU (no device_map: there is no GPU to map onto yet), then move
-    to "cuda" at module level; `spaces` completes the move when a `gpu_task` gets a GPU."""
-    check_allowed(name)
-    if name == EMBEDDED:
-        engine = load(name, device="cpu", progress=progress)
-    else:
-        progress(f"Loading {name} (bf16, for ZeroGPU)")
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16, attn_implementation="sdpa")
-        engine = MergingEngine(model, tokenizer)  # refuses an unsupported family
-    engine.model.to("cuda")
-    return engine
 
 
 # The page's model menu reaches the server as a plain request that any script can send (a private event is only left
@@ -133,8 +75,8 @@ class SwitchRefused(ValueError):
     """A model switch that is not started now; the message says why and when to try again."""
 
 
-class EngineHolder:
-    """The one engine on this device.
+class ResidentModel:
+    """The one model (its engine) on this device.
 
     A load runs in a background thread so callers can show its progress instead of a frozen page; callers that
     arrive while a load is under way follow it rather than start another. Only `switch` starts a load (the page's
@@ -316,7 +258,7 @@ def release_memory() -> None:
         pass
 
 
-ENGINES = EngineHolder()
+RESIDENT = ResidentModel()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,17 +279,17 @@ def generation_steps(request: Request, stop: threading.Event | None = None) -> I
     """The GPU part of a request: both generations, yielding (base trace, merged trace) after every step pair;
     setting `stop` ends the step under way at its next layer (not on ZeroGPU, where arguments are pickled).
 
-    It reaches the model through the module's holder, not an argument: on ZeroGPU the arguments and what it yields
+    It reaches the model through the module's RESIDENT, not an argument: on ZeroGPU the arguments and what it yields
     are pickled across to a GPU worker process, and plain settings and traces pickle, a model and its locks do not.
     """
-    holder = ENGINES
-    engine = holder.engine
+    resident = RESIDENT
+    engine = resident.engine
     if on_zero_gpu():
         # Each GPU worker meets the model fresh: pay its one-time setup before the timed steps, not in the first.
         engine.warm_up()
     ids = engine.encode(request.prompt, request.chat)
     base = engine.start(ids, MergeSettings(), request.sampling, request.mode, stop)
     merged = engine.start(ids, request.settings, request.sampling, request.mode, stop)
-    for _ in interleave(base, merged, lock=holder.device_lock):
+    for _ in interleave(base, merged, lock=resident.device_lock):
         yield base.trace, merged.trace
 
