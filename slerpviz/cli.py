@@ -159,7 +159,7 @@ def generate(args) -> dict:
         "plan": {
             "tokens": merged.trace.tokens,
             "cutoffs": merged.trace.cutoffs,
-            "groups": merged.trace.groups,
+            "groups": merged.trace.slot_tokens,
             "protected": merged.trace.protected,
             "pair_cosines": merged.trace.pair_cosines,
             "attention_scores": merged.trace.attention_scores,

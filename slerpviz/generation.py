@@ -27,7 +27,7 @@ class Trace:
     """What one run did: the plan, the shapes per layer, and the timings. Plots are drawn from this alone."""
 
     tokens: list[str]  # prompt tokens as text
-    groups: list[list[list[int]]]  # per stage: the original positions of each slot
+    slot_tokens: list[list[list[int]]]  # per stage: the original token positions each slot holds
     protected: list[list[bool]]  # per stage: is the slot protected
     cutoffs: list[int]
     seq_len_per_layer: list[int]
@@ -69,7 +69,7 @@ def blank_trace(engine: LayerwiseModel, input_ids: torch.Tensor, settings: Merge
                 ) -> Trace:
     """The trace of a run before its prefill: the prompt's tokens, the shapes and the settings, no plan yet (the
     prefill's session records the stages that ran; `record_plan` a plan made ahead)."""
-    return Trace(tokens=engine.token_strings(input_ids), groups=[], protected=[], cutoffs=list(settings.cutoffs),
+    return Trace(tokens=engine.token_strings(input_ids), slot_tokens=[], protected=[], cutoffs=list(settings.cutoffs),
                  seq_len_per_layer=[], num_layers=engine.num_layers, mode=mode, settings=asdict(settings),
                  plan_pending=True)
 
@@ -84,7 +84,7 @@ def record_session(trace: Trace, session: Session) -> None:
 
 def record_plan(trace: Trace, stages: list[Stage]) -> None:
     """Write the merge stages into the trace: slots as original positions, protection, sizes, length per layer."""
-    trace.groups = [[list(g) for g in stage.groups] for stage in stages]
+    trace.slot_tokens = [[list(g) for g in stage.slot_tokens] for stage in stages]
     trace.protected = [stage.plan.protected.tolist() for stage in stages]
     trace.slot_sizes = [stage.sizes.tolist() for stage in stages]
     trace.cutoffs = [stage.cutoff for stage in stages]

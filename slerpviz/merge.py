@@ -166,7 +166,7 @@ class MergePlan:
         return torch.nonzero(self.sizes == 2).flatten()
 
     @property
-    def groups(self) -> list[tuple[int, ...]]:
+    def slot_items(self) -> list[tuple[int, ...]]:
         """The items of each slot, in order: [(0,), (1, 2), (3, 4), (5,)] for example."""
         return [tuple(range(s, s + z)) for s, z in zip(self.starts.tolist(), self.sizes.tolist())]
 

@@ -298,7 +298,7 @@ class Stage:
         return self.last - self.first + 1
 
     @property
-    def groups(self) -> list[tuple[int, ...]]:
+    def slot_tokens(self) -> list[tuple[int, ...]]:
         """Original token positions of each slot after this stage."""
         return [tuple(range(f, l + 1)) for f, l in zip(self.first.tolist(), self.last.tolist())]
 

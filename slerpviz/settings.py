@@ -48,7 +48,7 @@ class MergeSettings:
     # kept most of the retrieval that 0 lost at 1.5x, 7 best; the recommended and fast presets use 7.
     attention_reach: int = 0
     # `attention` choice: the share of the pair ranking given to how unlike the pair is (1 - cosine); 0 ranks by
-    # attention alone (see merge.least_attended_pairs).
+    # attention alone (see pairs.least_attended_on_grid).
     cosine_share: float = 0.0
 
     def kept_budget(self, prompt_length: int) -> int:

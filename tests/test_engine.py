@@ -160,7 +160,7 @@ def test_trace_records_plan_shapes_and_timings():
     trace = run.trace
     assert trace.cutoffs == [2, 4]
     assert len(trace.tokens) == 30
-    lengths = [len(groups) for groups in trace.groups]
+    lengths = [len(groups) for groups in trace.slot_tokens]
     assert trace.seq_len_per_layer == [30, 30, lengths[0], lengths[0], lengths[1], lengths[1]]
     assert lengths[0] < 30 and lengths[1] < lengths[0]
     assert [len(c) for c in trace.pair_cosines] == [30 - lengths[0], lengths[0] - lengths[1]]  # one per merged pair
@@ -264,7 +264,7 @@ def test_cached_decoding_with_chosen_pairs_equals_a_full_pass(engine, settings):
     kept = MergeSettings(settings.cutoffs, settings.keep_start, max(settings.keep_end, 1) + n, settings.method,
                          settings.positions, settings.ratio, settings.choice, settings.proportional)
     reference, layout, _ = prefilled(engine, full, kept)
-    assert [s.groups for s in layout.stages] == [[g for g in s.groups] + [(p,) for p in range(30, 30 + n)]
+    assert [s.slot_tokens for s in layout.stages] == [[g for g in s.slot_tokens] + [(p,) for p in range(30, 30 + n)]
                                                  for s in run.session.stages]
     cached = _rewound(run).decode(full[:, -1:])
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
@@ -309,12 +309,12 @@ def test_a_runs_trace_records_the_stages_its_prefill_ran():
     ids = random_ids(40, seed=6)
     settings = MergeSettings(cutoffs=(4, 2), ratio=(1.0, 0.5), keep_start=2, keep_end=3)
     run = engine.start(ids, settings, Sampling(max_new_tokens=2))
-    assert run.trace.plan_pending and run.trace.groups == []  # a run plans nothing ahead: its prefill plans
+    assert run.trace.plan_pending and run.trace.slot_tokens == []  # a run plans nothing ahead: its prefill plans
     list(run)
-    assert run.trace.groups == [[list(g) for g in stage.groups] for stage in run.session.stages]
+    assert run.trace.slot_tokens == [[list(g) for g in stage.slot_tokens] for stage in run.session.stages]
     assert run.trace.cutoffs == [2, 4] and run.trace.seq_len_per_layer[2] == 40 - 9  # half of 18 eligible pairs
     preview = engine.new_trace(ids, settings)  # the page's preview, before the prefill
-    assert preview.groups == run.trace.groups and preview.seq_len_per_layer == run.trace.seq_len_per_layer
+    assert preview.slot_tokens == run.trace.slot_tokens and preview.seq_len_per_layer == run.trace.seq_len_per_layer
 
 
 @pytest.mark.parametrize("choice", ["consecutive", "similar", "attention"])
@@ -327,8 +327,8 @@ def test_merge_only_plans_as_the_prefill_does_at_its_cutoff(choice):
     with torch.no_grad():
         entering = engine.model(ids, output_hidden_states=True).hidden_states[3]  # what enters layer 3
     layout = engine.merge_only(entering, settings)
-    assert [stage.groups for stage in layout.stages] == [stage.groups for stage in session.stages]
-    assert len(layout.stages[0].groups) < 40
+    assert [stage.slot_tokens for stage in layout.stages] == [stage.slot_tokens for stage in session.stages]
+    assert len(layout.stages[0].slot_tokens) < 40
 
 
 def test_similar_pairs_are_planned_at_the_cutoff_and_recorded():
@@ -336,18 +336,18 @@ def test_similar_pairs_are_planned_at_the_cutoff_and_recorded():
     ids = random_ids(40, seed=4)
     settings = MergeSettings(cutoffs=(2, 4), ratio=0.6, choice="similar", keep_start=3, keep_end=4)
     run = engine.start(ids, settings, Sampling(max_new_tokens=2))
-    assert run.trace.plan_pending and run.trace.groups == []
+    assert run.trace.plan_pending and run.trace.slot_tokens == []
     list(run)
     trace = run.trace
-    assert not trace.plan_pending and len(trace.groups) == 2
-    for groups, sizes in zip(trace.groups, trace.slot_sizes):
+    assert not trace.plan_pending and len(trace.slot_tokens) == 2
+    for groups, sizes in zip(trace.slot_tokens, trace.slot_sizes):
         assert sum(sizes) == 40 and [len(g) for g in groups] == sizes
         for position in [0, 1, 2, 36, 37, 38, 39]:
             assert [position] in groups
-    assert trace.seq_len_per_layer[2] == len(trace.groups[0]) < 40
+    assert trace.seq_len_per_layer[2] == len(trace.slot_tokens[0]) < 40
     again = engine.start(ids, settings, Sampling(max_new_tokens=2))
     list(again)
-    assert again.trace.groups == trace.groups  # deterministic for the same input
+    assert again.trace.slot_tokens == trace.slot_tokens  # deterministic for the same input
 
 
 def test_bad_ratio_and_choice_are_refused():
@@ -429,11 +429,11 @@ def test_the_most_attended_tokens_are_never_merged():
     _, layout, _ = prefilled(engine, ids, settings)
     scores = layout.attention[0]
     top = set(scores.topk(5).indices.tolist())
-    merged = {i for g in layout.stages[0].groups if len(g) == 2 for i in g}
+    merged = {i for g in layout.stages[0].slot_tokens if len(g) == 2 for i in g}
     assert merged and not top & merged
     alone = MergeSettings(cutoffs=(2,), choice="attention", attention_window=8, attention_keep=0)
     _, unprotected, _ = prefilled(engine, ids, alone)
-    assert top & {i for g in unprotected.stages[0].groups if len(g) == 2 for i in g}  # the budget did something
+    assert top & {i for g in unprotected.stages[0].slot_tokens if len(g) == 2 for i in g}  # the budget did something
 
 
 def test_the_kept_budget_grows_with_the_prompt_at_every_stage():
@@ -453,7 +453,7 @@ def test_the_kept_budget_grows_with_the_prompt_at_every_stage():
             received.numel(), ratio=ratio, choice="attention", attention=received, keep_top=12).tolist()
     fixed = MergeSettings(cutoffs=(1, 3), ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=4)
     _, floor_only, _ = prefilled(engine, ids, fixed)
-    assert floor_only.stages[-1].groups != layout.stages[-1].groups  # the share changed what merged
+    assert floor_only.stages[-1].slot_tokens != layout.stages[-1].slot_tokens  # the share changed what merged
 
 
 def test_reach_reaches_the_plan_and_the_trace_keeps_the_received_attention():
@@ -471,7 +471,7 @@ def test_reach_reaches_the_plan_and_the_trace_keeps_the_received_attention():
     _, alone, _ = prefilled(engine, ids, MergeSettings(cutoffs=(2,), ratio=0.5, choice="attention",
                                                        attention_window=8, attention_keep=4))
     torch.testing.assert_close(alone.attention[0], received)  # what each token received, whatever the reach
-    assert alone.stages[0].groups != layout.stages[0].groups  # the reach changed which pairs merge
+    assert alone.stages[0].slot_tokens != layout.stages[0].slot_tokens  # the reach changed which pairs merge
 
 
 def _extended(stages, length, n):
@@ -506,8 +506,8 @@ def test_cached_and_recompute_agree_with_attention_choice(engine, settings):
     cached, layout, _ = prefilled(engine, ids, settings, cached=True)
     recomputed, again, _ = prefilled(engine, ids, settings)
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
-    assert [s.groups for s in layout.stages] == [s.groups for s in again.stages]
-    assert all(a is not None and a.shape[0] == (27 if i == 0 else len(layout.stages[i - 1].groups))
+    assert [s.slot_tokens for s in layout.stages] == [s.slot_tokens for s in again.stages]
+    assert all(a is not None and a.shape[0] == (27 if i == 0 else len(layout.stages[i - 1].slot_tokens))
                for i, a in enumerate(layout.attention))
 
 
@@ -518,9 +518,9 @@ def test_attention_choice_records_its_plan_and_scores_in_the_trace():
     assert run.trace.plan_pending
     list(run)
     trace = run.trace
-    assert not trace.plan_pending and len(trace.groups) == 2 and len(trace.attention_scores) == 2
+    assert not trace.plan_pending and len(trace.slot_tokens) == 2 and len(trace.attention_scores) == 2
     assert len(trace.attention_scores[0]) == 40  # scored over the prompt at the first step
-    assert trace.seq_len_per_layer[1] == len(trace.groups[0]) < 40
+    assert trace.seq_len_per_layer[1] == len(trace.slot_tokens[0]) < 40
 
 
 # --------------------------------------------------------------------------------- sliding-window attention layers

@@ -164,7 +164,7 @@ def test_plan_partitions_the_sequence_in_order(length, keep_start, keep_end):
             plan_merge(length, keep_start, keep_end)
         return
     plan = plan_merge(length, keep_start, keep_end)
-    groups = plan.groups
+    groups = plan.slot_items
     flat = [i for group in groups for i in group]
     assert flat == list(range(length))  # each position exactly once, order kept
     assert all(len(g) in (1, 2) for g in groups)
@@ -181,9 +181,9 @@ def test_plan_partitions_the_sequence_in_order(length, keep_start, keep_end):
 
 
 def test_plan_pairs_consecutively_with_the_odd_one_out_last():
-    assert plan_merge(8).groups == [(0,), (1, 2), (3, 4), (5, 6), (7,)]
-    assert plan_merge(9).groups == [(0,), (1, 2), (3, 4), (5, 6), (7,), (8,)]
-    assert plan_merge(10, keep_start=3, keep_end=2).groups == [(0,), (1,), (2,), (3, 4), (5, 6), (7,), (8,), (9,)]
+    assert plan_merge(8).slot_items == [(0,), (1, 2), (3, 4), (5, 6), (7,)]
+    assert plan_merge(9).slot_items == [(0,), (1, 2), (3, 4), (5, 6), (7,), (8,)]
+    assert plan_merge(10, keep_start=3, keep_end=2).slot_items == [(0,), (1,), (2,), (3, 4), (5, 6), (7,), (8,), (9,)]
 
 
 @pytest.mark.parametrize("keep_start, keep_end", [(-1, 0), (0, -2)])
@@ -201,7 +201,7 @@ def test_stages_compose_to_contiguous_spans_of_original_tokens(length, cutoffs, 
     assert [s.cutoff for s in stages] == sorted(cutoffs)
     previous = length
     for stage in stages:
-        groups = stage.groups
+        groups = stage.slot_tokens
         assert [i for g in groups for i in g] == list(range(length))
         assert len(groups) == stage.plan.merged_length == merged_length(previous, keep_start, keep_end)
         for position in [*range(keep_start), *range(length - keep_end, length), 0, length - 1]:
@@ -224,7 +224,7 @@ def test_apply_plan_merges_pairs_and_copies_singles_exactly(method):
     plan = plan_merge(11, keep_start=2, keep_end=3)
     out = apply_plan(x, plan, method)
     assert out.shape == (2, plan.merged_length, 16)
-    for slot, group in enumerate(plan.groups):
+    for slot, group in enumerate(plan.slot_items):
         if len(group) == 1:
             assert torch.equal(out[:, slot], x[:, group[0]])
         elif method != "seed-2024":
@@ -243,7 +243,7 @@ def test_pair_cosines_lists_each_merged_pair():
     cosines = pair_cosines(x, plan)
     assert cosines.shape == (1, len(plan.pair_slots))
     for k, slot in enumerate(plan.pair_slots.tolist()):
-        i = plan.groups[slot][0]
+        i = plan.slot_items[slot][0]
         torch.testing.assert_close(cosines[0, k], torch.nn.functional.cosine_similarity(x[0, i], x[0, i + 1], dim=0))
 
 
@@ -270,7 +270,7 @@ def test_every_choice_keeps_the_plan_invariants(length, keep_start, keep_end, ra
     similarity = torch.rand(length - 1, generator=torch.Generator().manual_seed(seed))
     attention = torch.rand(length, generator=torch.Generator().manual_seed(seed + 1))
     plan = plan_merge(length, keep_start, keep_end, ratio, choice, similarity, attention=attention)
-    groups = plan.groups
+    groups = plan.slot_items
     assert [i for g in groups for i in g] == list(range(length))
     assert int(plan.sizes.sum()) == length
     for position in [*range(keep_start), *range(length - keep_end, length), 0, length - 1]:
@@ -279,7 +279,7 @@ def test_every_choice_keeps_the_plan_invariants(length, keep_start, keep_end, ra
     pairs = int((plan.sizes == 2).sum())
     if choice == "similar":
         assert pairs <= math.floor(ratio * eligible + 0.5)
-        assert plan_merge(length, keep_start, keep_end, ratio, choice, similarity).groups == groups  # deterministic
+        assert plan_merge(length, keep_start, keep_end, ratio, choice, similarity).slot_items == groups  # deterministic
     else:
         assert pairs == math.floor(ratio * eligible + 0.5)
 
@@ -325,10 +325,10 @@ def test_similar_needs_a_similarity_and_unknown_choices_are_refused():
 
 def test_size_weights_set_t_by_the_tokens_each_side_holds():
     plan = plan_from_pairs(4, torch.tensor([1]), weights=torch.tensor([1, 2, 1, 1]))
-    assert plan.groups == [(0,), (1, 2), (3,)]
+    assert plan.slot_items == [(0,), (1, 2), (3,)]
     assert plan.t[1].item() == pytest.approx(1 / 3)  # a slot of two tokens meets a single one: weights 2:1
     stages = plan_stages(9, (1, 2))  # [(0,), (1,2), (3,4), (5,6), (7,), (8,)] then (1..4), (5..7)
-    assert stages[1].groups == [(0,), (1, 2, 3, 4), (5, 6, 7), (8,)]
+    assert stages[1].slot_tokens == [(0,), (1, 2, 3, 4), (5, 6, 7), (8,)]
     assert stages[1].plan.t[stages[1].plan.pair_slots].tolist() == pytest.approx([0.5, 1 / 3])
     unweighted = plan_stages(9, (1, 2), size_weighted=False)[1].plan
     assert unweighted.t[unweighted.pair_slots].tolist() == [0.5, 0.5]
@@ -361,7 +361,7 @@ def test_attention_choice_merges_the_least_attended_pairs_and_never_the_most_att
     attention = torch.rand(length, generator=torch.Generator().manual_seed(seed))
     plan = plan_merge(length, keep_start, keep_end, ratio, "attention", attention=attention, keep_top=keep_top)
     top = set(attention.topk(min(keep_top, length)).indices.tolist()) if keep_top else set()
-    merged = [g for g in plan.groups if len(g) == 2]
+    merged = [g for g in plan.slot_items if len(g) == 2]
     assert not top & {i for g in merged for i in g}  # the most-attended tokens stay alone
     lead = min(max(keep_start, 1), length)
     end = max(length - max(keep_end, 1), lead)

@@ -69,8 +69,8 @@ def test_the_pages_preset_menu_fills_every_preset_the_page_accepts_for_every_all
     from slerpviz.app.resident import ResidentModel
 
     page = callbacks.Page()
-    page.holder = ResidentModel()
-    page.holder.install(model, types.SimpleNamespace(num_layers=DEPTHS[model]))  # the depth is all the fill reads
+    page.resident = ResidentModel()
+    page.resident.install(model, types.SimpleNamespace(num_layers=DEPTHS[model]))  # the depth is all the fill reads
     for name, preset in presets.PRESETS.items():
         values = dict(zip(form.MERGE_FIELDS, page.fill_preset(name)))
         request = form.parse(form.Form(prompt="Why is the sky blue?", model=model, chat=True, mode="cached",

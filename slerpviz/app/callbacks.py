@@ -1,7 +1,7 @@
 """The page's callbacks: what each control does, wired to the library.
 
-They only wire. The form's values are checked by `slerpviz.form`, the model work goes through the holder
-(`slerpviz.holder`), the text comes from `slerpviz.panels` and the pictures from `slerpviz.plots`.
+They only wire. The form's values are checked by `slerpviz.app.form`, the model work goes through the resident
+model (`slerpviz.app.resident`), the text comes from `slerpviz.app.panels` and the pictures from `slerpviz.app.plots`.
 
 Each callback returns a NamedTuple named by its outputs (`Panels`, `PlanViews`, `StoppedPanels`, `ModelControls`,
 `OpeningControls`). The layout gives each event its output components in that tuple's field order, so a value cannot
@@ -26,7 +26,7 @@ from ..tasks import find_passkey
 from ..engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
-from .resident import RESIDENT as ENGINES, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
+from .resident import RESIDENT, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
 from ..settings import whole
 from ..models import ALLOWED_MODELS
 
@@ -143,12 +143,12 @@ class Page:
     """
 
     def __init__(self):
-        self.holder = ENGINES
+        self.resident = RESIDENT
         self.examples = examples()
         self._showing = threading.Lock()  # one page's preview and Run may both be drawing its pairing plot
 
     def _num_layers(self) -> int:
-        engine = self.holder.engine
+        engine = self.resident.engine
         return engine.num_layers if engine is not None else DEFAULT_LAYERS
 
     # Examples and presets -------------------------------------------------------------------------------------------
@@ -176,17 +176,17 @@ class Page:
     # The model ------------------------------------------------------------------------------------------------------
 
     def _ready(self) -> str:
-        return panels.ready_markdown(self.holder.name, self.holder.engine.num_layers)
+        return panels.ready_markdown(self.resident.name, self.resident.engine.num_layers)
 
     def _greeting(self) -> str:
-        loaded = self.holder.name is not None and self.holder.busy_loading is None
+        loaded = self.resident.name is not None and self.resident.busy_loading is None
         return self._ready() if loaded else panels.GREETING
 
     def _loaded(self, cutoff, more_cutoffs) -> ModelControls:
         """The model loaded: say so, show it in the menu, and fit the cutoff controls to its depth."""
-        layers = self.holder.engine.num_layers
+        layers = self.resident.engine.num_layers
         value, kept = fit_cutoffs(layers, cutoff, more_cutoffs)
-        return ModelControls(status=self._ready(), model=gr.update(value=self.holder.name),
+        return ModelControls(status=self._ready(), model=gr.update(value=self.resident.name),
                              cutoff=gr.update(maximum=layers, value=value),
                              more_cutoffs=gr.update(choices=list(range(layers + 1)), value=kept))
 
@@ -195,18 +195,18 @@ class Page:
         cutoff controls. It runs in the device's queue, so it waits for running generations and none runs during it.
 
         A failed switch keeps the previous model: the status says why and the dropdown goes back to it. So does a
-        refused one: the menu is the page's control, but any script can send its request, so the holder admits only an
+        refused one: the menu is the page's control, but any script can send its request, so the resident model admits only an
         allowed model, while no other load is under way, and at most one switch per interval (`admit_switch`).
         """
         if on_zero_gpu():
-            yield only(ModelControls, status=panels.FIXED_MODEL, model=gr.update(value=self.holder.name))
+            yield only(ModelControls, status=panels.FIXED_MODEL, model=gr.update(value=self.resident.name))
             return
         try:
-            self.holder.admit_switch(model)
-            for message in self.holder.switch(model):
+            self.resident.admit_switch(model)
+            for message in self.resident.switch(model):
                 yield only(ModelControls, status=panels.loading_markdown(message))
         except Exception as error:  # noqa: BLE001 - shown in the page, the app keeps serving
-            serving = self.holder.name
+            serving = self.resident.name
             warning, status = panels.load_failure(model, error, serving)
             gr.Warning(panels.escape(warning))
             yield only(ModelControls, status=status, model=gr.update(value=serving) if serving else gr.skip())
@@ -221,17 +221,17 @@ class Page:
         the loaded model's depth once it is ready. (The controls' own initial values are the API's defaults, which
         stay as older calls know them.)"""
         try:
-            if self.holder.name is None and self.holder.busy_loading is None:
-                messages = self.holder.switch(model if model in ALLOWED_MODELS else default_model())
+            if self.resident.name is None and self.resident.busy_loading is None:
+                messages = self.resident.switch(model if model in ALLOWED_MODELS else default_model())
             else:
-                messages = self.holder.following(self.holder.busy_loading or self.holder.name)
+                messages = self.resident.following(self.resident.busy_loading or self.resident.name)
             opening = self._opening()
             for message in messages:
                 yield opening._replace(status=panels.loading_markdown(message))
                 opening = only(OpeningControls)  # sent once: later progress lines carry the status only
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
-        yield self._opening()._replace(status=self._ready(), model=gr.update(value=self.holder.name))
+        yield self._opening()._replace(status=self._ready(), model=gr.update(value=self.resident.name))
 
     def _opening(self) -> OpeningControls:
         """The merge fields at the opening preset, the cutoff controls fitted to the depth; status and model as they
@@ -248,7 +248,7 @@ class Page:
         """The form checked, then its model followed until it is loaded, the load's progress streamed to the status
         line as `outputs`; returns the request. It never starts a load."""
         request = parse(form)
-        for message in self.holder.following(request.model):
+        for message in self.resident.following(request.model):
             yield only(outputs, status=panels.loading_markdown(message))
         return request
 
@@ -277,7 +277,7 @@ class Page:
         problem becomes the page's message."""
         try:
             request = yield from self._request(form, PlanViews)
-            return plan_trace(self.holder.engine, request)
+            return plan_trace(self.resident.engine, request)
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
 
@@ -289,9 +289,9 @@ class Page:
             return only(PlanViews, status=self._greeting())
         try:
             request = parse(form)
-            if self.holder.name != request.model or self.holder.busy_loading is not None:
+            if self.resident.name != request.model or self.resident.busy_loading is not None:
                 return only(PlanViews, status=panels.WAITING_FOR_MODEL)
-            trace = plan_trace(self.holder.engine, request)
+            trace = plan_trace(self.resident.engine, request)
         except Exception as error:  # noqa: BLE001
             return only(PlanViews, status=panels.cannot_plan_markdown(error))
         return PlanViews(pairing=self._new_pairing(trace, view), lengths=plots.length_figure(trace),
@@ -353,7 +353,7 @@ class Page:
         view = view if view is not None else PageView()
         try:
             request = yield from self._request(form, Panels)
-            engine = self.holder.engine
+            engine = self.resident.engine
             plan = plan_trace(engine, request)  # validates everything before the first step
         except Exception as error:  # noqa: BLE001
             raise page_error(error) from None
@@ -413,8 +413,8 @@ class Page:
         if view.stop is not None:
             view.stop.set()  # a long prefill ends at its next layer instead of running to its end
         # A step already under way when Stop came finishes on its own; wait for it, so the panels show its token.
-        if self.holder.device_lock.acquire(timeout=30):
-            self.holder.device_lock.release()
+        if self.resident.device_lock.acquire(timeout=30):
+            self.resident.device_lock.release()
         base, merged = view.base, view.merged
         if base is None or merged is None:
             return only(StoppedPanels, comparison=panels.NOTHING_TO_COMPARE, status=panels.STOPPED_IN_PREFILL)

@@ -9,7 +9,7 @@ Every field is checked before any model work: the merge fields by `slerpviz.sett
 of merge settings (the command line's and the benchmarks' too), the rest by `check_allowed`, `check_sampling` and
 the checks of `slerpviz.settings`; a bad value raises ValueError with one line that names the field and says what is
 allowed. What depends on the model (a cutoff past its depth, spans longer than the tokenised prompt, the context)
-is checked by `MergingEngine.validate` once the prompt is tokenised (`holder.plan_trace`).
+is checked by `MergingEngine.validate` once the prompt is tokenised (`resident.plan_trace`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """The Gradio page: base and merged generations streamed side by side, with the Plotly views.
 
-The page only lays out and wires. Its form is `slerpviz.form.Form`: one control per field, handed to /plan,
+The page only lays out and wires. Its form is `slerpviz.app.form.Form`: one control per field, handed to /plan,
 /generate and the preview by field name, in the order the form lists them (the API's order). What the callbacks
 (`slerpviz.callbacks.Page`) return is named by their output tuples, whose field names are the names the layout
-gives its components here. The engine runs the two generations, `slerpviz.panels` writes the text and
+gives its components here. The engine runs the two generations, `slerpviz.app.panels` writes the text and
 `slerpviz.app.plots` and `slerpviz.app.pairing` draw the pictures. `build_app` puts the page together from small
 functions, one for each part of it (the controls, the outputs) and one for each group of events.
 
-One model lives on the device at a time (`slerpviz.holder.ENGINES`); generations and model swaps queue for it one
+One model lives on the device at a time (`slerpviz.app.resident.RESIDENT`); generations and model swaps queue for it one
 at a time, and a bounded queue tells everyone else their place in line.
 """
 
@@ -24,7 +24,7 @@ from .admission import ClientLimit, RefuseUploads, limit_queue_per_client
 from .callbacks import OPENING_PRESET, ModelControls, OpeningControls, Page, PageView, Panels, PlanViews, StoppedPanels
 from ..engine import MODES, MergeSettings
 from .form import EXAMPLE_FIELDS, FIELDS, MAX_NEW_TOKENS, MAX_TEMPERATURE, MERGE_FIELDS
-from .resident import RESIDENT as ENGINES, default_model, on_zero_gpu
+from .resident import RESIDENT, default_model, on_zero_gpu
 from ..merge import CHOICES, METHODS, POSITION_MODES
 from ..models import ALLOWED_MODELS, check_allowed
 from .panels import preset_details, preset_note
@@ -87,13 +87,13 @@ Named = dict[str, gr.components.Component]
 def build_app(model: str | None = None, preload: bool = True) -> gr.Blocks:
     """The whole page. `model` picks the dropdown's default; `preload` starts loading it before anyone asks.
 
-    On ZeroGPU the model was loaded at import (`holder.load_for_zero_gpu`); the page shows it and cannot switch it.
+    On ZeroGPU the model was loaded at import (`models.load_for_zero_gpu`); the page shows it and cannot switch it.
     """
     zero_gpu = on_zero_gpu()
-    model = ENGINES.name if zero_gpu and ENGINES.name else model or default_model()
+    model = RESIDENT.name if zero_gpu and RESIDENT.name else model or default_model()
     check_allowed(model)
     if preload and not zero_gpu:
-        ENGINES.preload(model)
+        RESIDENT.preload(model)
     page = Page()
     named: Named = {}
     with gr.Blocks(title="slerpviz: token merging with SLERP", analytics_enabled=False) as demo:
@@ -300,7 +300,7 @@ def wire_generation(page: Page, named: Named, form: dict, view: gr.State) -> Non
     """/plan and /generate for clients, and the page's Run and Stop.
 
     The form goes to its callbacks by field name, in the form's order: the API takes it in that order, with those
-    names. preprocess=False: the callbacks get the values as sent and check each one themselves (slerpviz.form), so
+    names. preprocess=False: the callbacks get the values as sent and check each one themselves (slerpviz.app.form), so
     a bad value from any client gets a message naming the field, never a silent rounding or Gradio's generic error.
     Planning only tokenises, so it never waits behind a generation; the generation queues for the device. Neither
     ever starts a model load.
@@ -355,8 +355,8 @@ def wire_model(page: Page, named: Named, demo: gr.Blocks) -> None:
 
     Switching the shared model is the page's own control, not an API: private (no client library reaches it), and
     in the device's queue, so it waits for running generations and none starts during it. A raw request still
-    reaches it, so the holder admits a switch only to an allowed model, when no other load is under way, and at most
-    one per interval (EngineHolder.admit_switch). `select`, not `input`: Gradio's Dropdown sends `input` when an
+    reaches it, so the resident model admits a switch only to an allowed model, when no other load is under way, and at most
+    one per interval (ResidentModel.admit_switch). `select`, not `input`: Gradio's Dropdown sends `input` when an
     option is picked and again on the blur that follows, so one pick would switch twice.
     """
     model_inputs = components(named, ("model", "cutoff", "more_cutoffs"))  # load_model(model, cutoff, more_cutoffs)

@@ -52,9 +52,9 @@ def pairing_figure(trace: Trace, window: int = PAIRING_WINDOW, start: int = 0,
     attention = token_attention(trace)
     fig = PageFigure()
     above_x = [float(i) for i in range(n)]  # where each item of the row above sits: tokens at their positions
-    for stage in range(len(trace.groups)):
+    for stage in range(len(trace.slot_tokens)):
         fig.add_traces(stage_traces(trace, stage, above_x, low, high, attention is not None))
-        above_x = slot_centres(trace.groups[stage])  # slots at their centres
+        above_x = slot_centres(trace.slot_tokens[stage])  # slots at their centres
     fig.add_traces(prompt_row(trace, low, high, attention))
     if needle is not None:
         fig.add_trace(needle_rings(trace, needle, low, high))
@@ -73,7 +73,7 @@ def same_pairing(shown: Trace, new: Trace) -> bool:
     if new.plan_pending and not shown.plan_pending:
         return shown.tokens == new.tokens and shown.cutoffs == new.cutoffs and shown.settings == new.settings
     keys = ("keep_start", "keep_end", "method", "size_weighted", "choice")  # a pending plan says which choice waits
-    return (shown.tokens == new.tokens and shown.groups == new.groups and shown.protected == new.protected
+    return (shown.tokens == new.tokens and shown.slot_tokens == new.slot_tokens and shown.protected == new.protected
             and shown.cutoffs == new.cutoffs and shown.plan_pending == new.plan_pending
             and all(shown.settings.get(k) == new.settings.get(k) for k in keys)
             and (not new.pair_cosines or shown.pair_cosines == new.pair_cosines))
@@ -93,8 +93,8 @@ def stage_traces(trace: Trace, stage: int, above_x: list[float], low: int, high:
                  attention_shown: bool) -> list:
     """The row of one merge stage: the links to the row above and the slots, in full for the slots starting in
     [low, high), as an overview of markers for the rest."""
-    groups = trace.groups[stage]
-    parents = slot_parents(trace.groups, stage)
+    groups = trace.slot_tokens[stage]
+    parents = slot_parents(trace.slot_tokens, stage)
     slot_x = slot_centres(groups)
     shown = [slot for slot, group in enumerate(groups) if low <= group[0] < high]
     cosines = stage_cosines(trace, stage)
@@ -129,7 +129,7 @@ def stage_links(trace: Trace, stage: int, parents: list[list[int]], shown: list[
 
 def slot_hover(trace: Trace, stage: int, slot: int, members: list[int], cosine: float | None) -> str:
     """A slot's hover text: its tokens, and for a pair its cosine and how far SLERP lengthens the mean."""
-    group, cutoff, tokens = trace.groups[stage][slot], trace.cutoffs[stage], trace.tokens
+    group, cutoff, tokens = trace.slot_tokens[stage][slot], trace.cutoffs[stage], trace.tokens
     text = "".join(tokens[p] for p in group)
     span = f"token {group[0]}" if len(group) == 1 else f"tokens {group[0]}–{group[-1]}"
     lines = [f"<b>slot {slot}</b> after layer {cutoff} · {span}"]
@@ -142,7 +142,7 @@ def slot_hover(trace: Trace, stage: int, slot: int, members: list[int], cosine: 
                      else "pair cosine: known once the prompt has run")
         # The factor holds at t = 0.5: always at the first stage, later only for halves of equal size
         # (size-weighted merging moves t towards the larger half).
-        sizes = {len(trace.groups[stage - 1][m]) for m in members} if stage else {1}
+        sizes = {len(trace.slot_tokens[stage - 1][m]) for m in members} if stage else {1}
         halves = len(sizes) == 1 or not trace.settings.get("size_weighted", True)
         if cosine is not None and trace.settings.get("method") == "slerp" and halves:
             lines.append(f"SLERP = mean × {slerp_scale(cosine):.3f} (1 / cos(θ/2))")
@@ -170,7 +170,7 @@ def pair_marker(stage: int, known: bool, attention_shown: bool) -> dict:
 def slot_traces(trace: Trace, stage: int, parents: list[list[int]], cosines: list[float | None], known: bool,
                 shown: list[int], slot_x: list[float], attention_shown: bool) -> list[go.Scatter]:
     """The shown slots of a stage, labelled and with hover text: the merged pairs, then the slots kept alone."""
-    groups, cutoff, y = trace.groups[stage], trace.cutoffs[stage], -(stage + 1)
+    groups, cutoff, y = trace.slot_tokens[stage], trace.cutoffs[stage], -(stage + 1)
     hover = {slot: slot_hover(trace, stage, slot, parents[slot], cosines[slot]) for slot in shown}
     labels = {slot: token_label("".join(trace.tokens[p] for p in groups[slot])) for slot in shown}
     pair_slots = [i for i in shown if len(parents[i]) == 2]
@@ -291,8 +291,8 @@ def needle_token_points(trace: Trace, needle: NeedleSpan, low: int, high: int) -
 
 def needle_slot_points(trace: Trace, needle: NeedleSpan, stage: int) -> list[tuple]:
     """(x, y, hover, label) of each slot of a stage holding a pass-key token."""
-    groups, cutoff, y = trace.groups[stage], trace.cutoffs[stage], -(stage + 1)
-    parents = slot_parents(trace.groups, stage)
+    groups, cutoff, y = trace.slot_tokens[stage], trace.cutoffs[stage], -(stage + 1)
+    parents = slot_parents(trace.slot_tokens, stage)
     points = []
     for slot in needle_slots(groups, needle):
         group = groups[slot]
@@ -310,7 +310,7 @@ def needle_slot_points(trace: Trace, needle: NeedleSpan, stage: int) -> list[tup
 def needle_rings(trace: Trace, needle: NeedleSpan, low: int, high: int) -> go.Scatter:
     """The pass key's tokens and the slots holding them, ringed on top of the rows (legend: "pass key")."""
     points = needle_token_points(trace, needle, low, high)
-    for stage in range(len(trace.groups)):
+    for stage in range(len(trace.slot_tokens)):
         points += needle_slot_points(trace, needle, stage)
     x, y, hover, text = (list(column) for column in zip(*points)) if points else ([], [], [], [])
     return go.Scatter(
@@ -327,7 +327,7 @@ def needle_rings(trace: Trace, needle: NeedleSpan, low: int, high: int) -> go.Sc
 
 def row_extent(trace: Trace) -> tuple[float, float]:
     """The top and the bottom of the rows (the prompt's at 0, each stage one lower), with a margin."""
-    return 0.75, -len(trace.groups) - 0.75
+    return 0.75, -len(trace.slot_tokens) - 0.75
 
 
 def shade_protected_spans(fig: go.Figure, trace: Trace) -> None:
@@ -363,7 +363,7 @@ def note_missing_pairing(fig: go.Figure, trace: Trace, view_from: int, window: i
     if trace.plan_pending:
         fig.add_annotation(x=view_from + min(n, window) / 2, y=-0.6, showarrow=False,
                            text=f"{pending_why(trace)}: the pairing appears once the prompt has run")
-    elif not trace.groups:
+    elif not trace.slot_tokens:
         fig.add_annotation(x=view_from + min(n, window) / 2, y=-0.6, showarrow=False,
                            text="no cutoff: the base model, nothing is merged")
 
@@ -373,22 +373,22 @@ def pairing_title(trace: Trace) -> str:
     title = f"Token pairing · {len(trace.tokens)} prompt tokens"
     if trace.plan_pending:
         title += " → pairs chosen at layer " + ", ".join(str(c) for c in trace.cutoffs)
-    for stage in range(len(trace.groups)):
-        title += f" → {len(trace.groups[stage])} slots after layer {trace.cutoffs[stage]}"
+    for stage in range(len(trace.slot_tokens)):
+        title += f" → {len(trace.slot_tokens[stage])} slots after layer {trace.cutoffs[stage]}"
     return title
 
 
 def row_names(trace: Trace) -> list[str]:
     """The y axis's labels: the prompt's row, then each stage's."""
     return [f"prompt<br>{len(trace.tokens)} tokens",
-            *(f"after layer {cutoff}<br>{len(groups)} slots" for groups, cutoff in zip(trace.groups, trace.cutoffs))]
+            *(f"after layer {cutoff}<br>{len(groups)} slots" for groups, cutoff in zip(trace.slot_tokens, trace.cutoffs))]
 
 
 def lay_out_pairing(fig: go.Figure, trace: Trace, low: int, view_from: int, window: int,
                     needle: NeedleSpan | None) -> None:
     """Title, size, legend and axes: the view on `window` positions from `view_from`, a range slider for the rest
     of a long prompt, a row per stage."""
-    n, stages = len(trace.tokens), len(trace.groups)
+    n, stages = len(trace.tokens), len(trace.slot_tokens)
     top, bottom = row_extent(trace)
     fig.update_layout(
         title=dict(text=pairing_title(trace), x=0.01, font=dict(size=14)),

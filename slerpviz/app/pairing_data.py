@@ -30,7 +30,7 @@ def pending_why(trace: Trace) -> str:
 
 
 class NeedleSpan(Protocol):
-    """Where a pass key sits in the prompt: tokens [start, end), and the key (slerpviz.bench.retrieval.Needle)."""
+    """Where a pass key sits in the prompt: tokens [start, end), and the key (slerpviz.tasks.Needle)."""
 
     answer: str
     start: int
@@ -72,7 +72,7 @@ def slot_parents(groups: list[list[list[int]]], stage: int) -> list[list[int]]:
 
 def stage_cosines(trace: Trace, stage: int) -> list[float | None]:
     """The cosine of each slot's pair at `stage` (None for single slots, or before the prompt has run)."""
-    parents = slot_parents(trace.groups, stage)
+    parents = slot_parents(trace.slot_tokens, stage)
     pairs = [i for i, p in enumerate(parents) if len(p) == 2]
     cosines = trace.pair_cosines[stage] if stage < len(trace.pair_cosines) else []
     by_slot: list[float | None] = [None] * len(parents)
@@ -94,9 +94,9 @@ def slerp_scale(cosine: float) -> float:
 
 def protected_spans(trace: Trace) -> list[tuple[int, int, str]]:
     """(first, last, label) of each protected span in original token positions."""
-    if not trace.groups:
+    if not trace.slot_tokens:
         return []
-    protected = [pos for group, keep in zip(trace.groups[0], trace.protected[0]) if keep for pos in group]
+    protected = [pos for group, keep in zip(trace.slot_tokens[0], trace.protected[0]) if keep for pos in group]
     keep_start = int(trace.settings.get("keep_start", 0))
     keep_end = int(trace.settings.get("keep_end", 0))
     spans = []

@@ -1,7 +1,7 @@
 """What the page's panels say, as Markdown: figures and comparisons drawn from traces, and messages for errors.
 
 Plain functions of traces and settings, with no Gradio in them; the callbacks (slerpviz.callbacks) put the text in
-place and `slerpviz.plots` draws the pictures.
+place and `slerpviz.app.plots` draws the pictures.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def panel_markdown(trace: Trace, base: Trace | None = None, stopped: bool = Fals
     if trace.plan_pending:
         rows.append(("sequence", f"{length} → pairs chosen at the cutoff"))
     elif trace.cutoffs:
-        stages = "".join(f" → {len(slots)} after layer {layer}" for slots, layer in zip(trace.groups, trace.cutoffs))
+        stages = "".join(f" → {len(slots)} after layer {layer}" for slots, layer in zip(trace.slot_tokens, trace.cutoffs))
         rows.append(("sequence", length + stages))
     else:
         rows.append(("sequence", f"{length} at every layer"))
@@ -221,7 +221,7 @@ def plan_markdown(trace: Trace) -> str:
                 f"prompt has run.{found} Press Run to generate.")
     if not trace.cutoffs:
         return f"{trace.prompt_length} prompt tokens; no cutoff, so the merged side runs the base model.{found}"
-    after = ", ".join(f"{len(g)} after layer {c}" for g, c in zip(trace.groups, trace.cutoffs))
+    after = ", ".join(f"{len(g)} after layer {c}" for g, c in zip(trace.slot_tokens, trace.cutoffs))
     return f"{trace.prompt_length} prompt tokens → {after}.{found} Press Run to generate."
 
 

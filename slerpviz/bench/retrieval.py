@@ -53,9 +53,9 @@ def greedy(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, ne
 def merged_share(trace: Trace, start: int, end: int) -> float:
     """Share of the prompt tokens [start, end) (the asked needle) that the last merge stage put in a slot with
     others: 0 where none of them merged."""
-    if not trace.groups or end <= start:
+    if not trace.slot_tokens or end <= start:
         return 0.0
-    merged = {token for slot in trace.groups[-1] if len(slot) > 1 for token in slot}
+    merged = {token for slot in trace.slot_tokens[-1] if len(slot) > 1 for token in slot}
     return sum(token in merged for token in range(start, end)) / (end - start)
 
 

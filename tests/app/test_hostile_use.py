@@ -112,7 +112,7 @@ def test_asking_again_for_a_model_that_just_failed_repeats_why_it_failed():
     resident, calls = recording_resident(fetch_fail={OTHER})
     resident.ensure(EMBEDDED)
     page = callbacks.Page()
-    page.holder = resident
+    page.resident = resident
     first = list(page.load_model(OTHER, 15, []))[-1].status
     again = list(page.load_model(OTHER, 15, []))[-1].status
     assert "cannot reach the hub" in first and again == first, (first, again)
@@ -159,7 +159,7 @@ def test_a_refused_switch_keeps_the_model_and_says_when_to_try_again():
     resident.ensure(EMBEDDED)
     resident.admit_switch(OTHER)  # a switch just admitted: the next one has to wait
     page = callbacks.Page()
-    page.holder = resident
+    page.resident = resident
     *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
     assert status.startswith("**Could not load**") and "switches at most once every" in status
     assert dropdown["value"] == EMBEDDED and resident.name == EMBEDDED and calls == [EMBEDDED]
@@ -201,7 +201,7 @@ def test_plan_and_generate_never_start_a_load(engine, callback):
     resident, calls = recording_resident()
     resident.install(EMBEDDED, engine)
     page = callbacks.Page()
-    page.holder = resident
+    page.resident = resident
     with pytest.raises(gr.Error, match="is not loaded: the app serves .*Model menu"):
         list(getattr(page, callback)(*inputs(model=OTHER)))
     assert calls == [] and resident.busy_loading is None and resident.name == EMBEDDED
@@ -214,7 +214,7 @@ def test_a_failed_switch_keeps_the_previous_model_and_says_why():
     resident.ensure(EMBEDDED)
     previous = resident.engine
     page = callbacks.Page()
-    page.holder = resident
+    page.resident = resident
     *_, (status, dropdown, cutoff, more) = page.load_model(OTHER, 15, [])
     assert resident.name == EMBEDDED and resident.engine is previous
     assert dropdown["value"] == EMBEDDED  # the menu goes back to the model still serving
@@ -476,8 +476,8 @@ def test_stop_during_a_long_prefill_ends_it_at_the_next_layer(page, engine):
             hook.remove()
     assert view.stop.is_set() and view.base is None
     assert len(layers_run) < 2 * engine.num_layers  # base and merged prefills did not both run through
-    assert page.holder.device_lock.acquire(timeout=1)
-    page.holder.device_lock.release()
+    assert page.resident.device_lock.acquire(timeout=1)
+    page.resident.device_lock.release()
 
 
 def test_an_empty_prompt_gets_a_greeting_not_a_complaint(page):

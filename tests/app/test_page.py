@@ -216,7 +216,7 @@ PASSKEY_TOKENS = ["<s>", "Filler", ".", "\n\n", "The", " pass", " key", " is", "
 
 
 def finished_trace(text: str, tokens=PASSKEY_TOKENS) -> Trace:
-    return Trace(tokens=list(tokens), groups=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=4,
+    return Trace(tokens=list(tokens), slot_tokens=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=4,
                     mode="cached", settings={}, generated_ids=[1, 2, 3], text=text, finished=True)
 
 
@@ -347,7 +347,7 @@ def test_the_page_opens_on_the_recommended_preset_for_the_loaded_model(engine):
         release.wait(30)
         return FakeEngine(name)
 
-    page.holder = ResidentModel(loader)
+    page.resident = ResidentModel(loader)
     opening = page.on_open(EMBEDDED)
     first = next(opening)
     assert first.status.startswith("**Loading")
@@ -379,7 +379,7 @@ def test_a_pass_key_prompt_under_the_attention_choice(page, engine):
     scores = merged.attention_scores[0]
     assert merged.settings["attention_window"] == 8 and len(scores) == merged.prompt_length
     top = sorted(range(len(scores)), key=lambda i: -scores[i])[:2]
-    assert all([i] in merged.groups[0] for i in top)
+    assert all([i] in merged.slot_tokens[0] for i in top)
     drawn = figure(last[5])
     (rings,) = [t for t in drawn["data"] if t["name"] == "pass key"]
     assert 0 in rings["y"] and -1 in rings["y"]
@@ -394,7 +394,7 @@ def test_plan_draws_the_pairing_before_generating(page, engine):
     trace = engine.new_trace(engine.encode(PROMPT), form.parse_request(*inputs(keep_start=4, keep_end=2)).settings)
     tokens = next(t for t in pairing.data if t.name == "prompt tokens")
     assert len(tokens.x) == n
-    assert f"{n} prompt tokens → {len(trace.groups[0])} after layer 15" in status
+    assert f"{n} prompt tokens → {len(trace.slot_tokens[0])} after layer 15" in status
     assert any("keep_start = 4" in a.text for a in pairing.layout.annotations)
     assert list(lengths.data[2].y) == trace.seq_len_per_layer
 

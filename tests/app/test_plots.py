@@ -25,7 +25,7 @@ LAYERS = 12
 
 def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached", ratio=1.0) -> Trace:
     """A trace as the engine's new_trace builds it, from the plan alone."""
-    trace = Trace(tokens=tokens, groups=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=LAYERS,
+    trace = Trace(tokens=tokens, slot_tokens=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=LAYERS,
                   mode=mode, settings=dict(cutoffs=tuple(cutoffs), keep_start=keep_start, keep_end=keep_end,
                                            method="slerp", positions="mean"))
     record_plan(trace, plan_stages(len(tokens), tuple(cutoffs), keep_start, keep_end, ratio=ratio))
@@ -72,7 +72,7 @@ def test_pairing_rows_links_and_slot_positions():
     fig = pairing.pairing_figure(trace)
     (tokens,) = traces_named(fig, "prompt tokens")
     assert list(tokens.x) == list(range(11)) and set(tokens.y) == {0}
-    groups = trace.groups[0]
+    groups = trace.slot_tokens[0]
     pair_groups = [g for g in groups if len(g) == 2]
     (merged,) = traces_named(fig, "merged slots")
     assert list(merged.x) == [sum(g) / 2 for g in pair_groups]
@@ -113,7 +113,7 @@ def test_slerp_hover_gives_the_norm_factor_over_the_mean():
 def test_pairing_ignores_cosines_that_do_not_match_the_plan():
     trace = make_trace(words(8), cutoffs=(2,))
     trace.pair_cosines = [[0.5]]  # the plan has 3 pairs: a mismatch must not be drawn against the wrong slots
-    assert pairing_data.stage_cosines(trace, 0) == [None] * len(trace.groups[0])
+    assert pairing_data.stage_cosines(trace, 0) == [None] * len(trace.slot_tokens[0])
 
 
 def test_protected_spans_are_shaded_and_labelled():
@@ -129,9 +129,9 @@ def test_protected_spans_are_shaded_and_labelled():
 
 def test_second_stage_links_slots_of_the_first():
     trace = make_trace(words(18), cutoffs=(2, 5))
-    parents = pairing_data.slot_parents(trace.groups, 1)
-    first_stage = trace.groups[0]
-    for slot, members in zip(trace.groups[1], parents):
+    parents = pairing_data.slot_parents(trace.slot_tokens, 1)
+    first_stage = trace.slot_tokens[0]
+    for slot, members in zip(trace.slot_tokens[1], parents):
         # A second-stage slot covers exactly the original tokens of the first-stage slots it merges.
         assert sorted(p for m in members for p in first_stage[m]) == slot
     fig = pairing.pairing_figure(trace)
@@ -161,7 +161,7 @@ def test_long_prompt_opens_on_a_window_with_a_range_slider():
 def test_a_plan_chosen_at_the_cutoff_is_announced_not_guessed():
     # The `similar` choice plans from the hidden states, so before the prefill the trace has no groups yet.
     trace = make_trace(words(12), cutoffs=(5,))
-    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    trace.slot_tokens, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
     figure = pairing.pairing_figure(trace)
     assert any("appears once the prompt has run" in a.text for a in figure.layout.annotations)
     assert [t.name for t in figure.data] == ["prompt tokens"]
@@ -173,14 +173,14 @@ def test_a_plan_chosen_at_the_cutoff_is_announced_not_guessed():
 def test_slerp_factor_only_where_t_is_one_half():
     # 2 + 2 tokens merge at t = 0.5; a 2-token slot with a single token is size-weighted away from 0.5.
     trace = make_trace(words(9), cutoffs=(1, 2))
-    first, second = pairing_data.slot_parents(trace.groups, 0), pairing_data.slot_parents(trace.groups, 1)
+    first, second = pairing_data.slot_parents(trace.slot_tokens, 0), pairing_data.slot_parents(trace.slot_tokens, 1)
     trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in parents) for parents in (first, second)]
     fig = pairing.pairing_figure(trace)
     (slots,) = traces_named(fig, "merged slots, layer 2")
     seen = set()
     for x, hover in zip(slots.x, slots.hovertext):
-        slot = next(i for i, g in enumerate(trace.groups[1]) if sum(g) / len(g) == x)
-        equal = len({len(trace.groups[0][m]) for m in second[slot]}) == 1
+        slot = next(i for i, g in enumerate(trace.slot_tokens[1]) if sum(g) / len(g) == x)
+        equal = len({len(trace.slot_tokens[0][m]) for m in second[slot]}) == 1
         assert ("SLERP = mean" in hover) == equal
         seen.add(equal)
     assert seen == {True, False}  # the prompt is chosen to have both kinds
@@ -212,10 +212,10 @@ def test_pairing_draws_every_token_and_slot(n, keep_start, keep_end, cutoffs):
         row = -(stage + 1)
         slots = [t for t in fig.data if t.name.split(",")[0] in ("merged slots", "single slots") and t.y
                  and set(t.y) == {row}]
-        assert sum(len(t.x) for t in slots) == len(trace.groups[stage])
+        assert sum(len(t.x) for t in slots) == len(trace.slot_tokens[stage])
         links = [t for t in fig.data if t.name.startswith("links") and set(real_points(t.y)) == {row + 1, row}]
         # Every item of the row above links to exactly one slot of this row.
-        above = n if stage == 0 else len(trace.groups[stage - 1])
+        above = n if stage == 0 else len(trace.slot_tokens[stage - 1])
         assert sum(len(real_points(t.x)) for t in links) == 2 * above
 
 
@@ -278,7 +278,7 @@ def test_a_long_prompt_pairing_plot_stays_small():
                        ratio=(0.5, 1.0))
     trace.settings.update(choice="attention", ratio=(0.5, 1.0))
     trace.attention_scores = [[generator.random() / 8192 for _ in range(8192)]]
-    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in pairing_data.slot_parents(trace.groups, s)
+    trace.pair_cosines = [[generator.uniform(0.3, 1.0) for p in pairing_data.slot_parents(trace.slot_tokens, s)
                            if len(p) == 2]
                           for s in range(2)]
     fig = pairing.pairing_figure(trace)
@@ -293,7 +293,7 @@ def test_a_long_prompt_pairing_plot_stays_small():
     assert sum(len(t.y) for t in tokens) == 8192
     for stage, cutoff in enumerate(trace.cutoffs):
         slots = [t for t in fig.data if t.name.endswith(f"slots, layer {cutoff}") and not t.name.startswith("links")]
-        assert sum(len(t.x) for t in slots) == len(trace.groups[stage])
+        assert sum(len(t.x) for t in slots) == len(trace.slot_tokens[stage])
 
 
 def test_a_single_latency_point_still_has_labelled_ticks():
@@ -343,7 +343,7 @@ def test_a_pass_key_is_marked_with_the_slots_it_fell_into():
     points = list(zip(rings.x, rings.y))
     assert [x for x, y in points if y == 0] == list(range(11, 36))
     for stage in range(2):  # every slot holding a needle token is ringed, and no other
-        slots = [sum(g) / len(g) for g in trace.groups[stage] if any(11 <= p < 36 for p in g)]
+        slots = [sum(g) / len(g) for g in trace.slot_tokens[stage] if any(11 <= p < 36 for p in g)]
         assert [x for x, y in points if y == -(stage + 1)] == slots
     assert any("holds pass-key tokens" in h for h in rings.hovertext)
     bands = [(s.x0, s.x1) for s in fig.layout.shapes if s.fillcolor == pairing.NEEDLE_FILL]
@@ -396,13 +396,13 @@ def test_attention_colours_reach_the_overview_of_a_long_prompt():
 
 def test_an_attention_plan_is_announced_as_attention():
     trace = make_trace(words(12), cutoffs=(5,))
-    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    trace.slot_tokens, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
     trace.settings["choice"] = "attention"
     texts = [a.text for a in pairing.pairing_figure(trace).layout.annotations]
     assert any("<i>attention</i> choice" in t and "appears once the prompt has run" in t for t in texts)
     # Switching between the two choices planned at the cutoff redraws the plot, which names the choice.
     similar = make_trace(words(12), cutoffs=(5,))
-    similar.groups, similar.protected, similar.seq_len_per_layer, similar.plan_pending = [], [], [], True
+    similar.slot_tokens, similar.protected, similar.seq_len_per_layer, similar.plan_pending = [], [], [], True
     similar.settings["choice"] = "similar"
     assert not pairing.same_pairing(similar, trace) and pairing.same_pairing(trace, trace)
 
@@ -431,18 +431,18 @@ def figure_cases() -> dict[str, go.Figure]:
     trace.pair_cosines = [[0.25, 0.75]]
     cases["pairing cosines"] = pairing.pairing_figure(trace)
     trace = make_trace(words(9), cutoffs=(1, 2))
-    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.groups, s))
+    trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.slot_tokens, s))
                           for s in range(2)]
     cases["pairing two stages"] = pairing.pairing_figure(trace)
     trace = make_trace(words(60), cutoffs=(2, 5), keep_start=2, keep_end=3, ratio=(0.5, 1.0))
-    trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(pairing_data.slot_parents(trace.groups, s))
+    trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(pairing_data.slot_parents(trace.slot_tokens, s))
                            if len(p) == 2]
                           for s in range(2)]
     trace.settings["choice"] = "attention"
     trace.attention_scores = [[(i % 7 + 1) / 600 for i in range(60)]]
     cases["pairing overview, attention and cosines"] = pairing.pairing_figure(trace, window=10, start=20, detail=16)
     trace = make_trace(words(12), cutoffs=(5,))
-    trace.groups, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
+    trace.slot_tokens, trace.protected, trace.seq_len_per_layer, trace.plan_pending = [], [], [], True
     cases["pairing pending similar"] = pairing.pairing_figure(trace)
     cases["lengths pending"] = plots.length_figure(trace)
     trace.settings["choice"] = "attention"
@@ -457,7 +457,7 @@ def figure_cases() -> dict[str, go.Figure]:
     trace.settings["choice"] = "attention"
     trace.attention_scores = [[0.5, 0.001, 0.002, 0.05, 0.01, 0.02, 0.3, 0.0005, 0.1, 0.0115]]
     cases["pairing attention"] = pairing.pairing_figure(trace)
-    trace.pair_cosines = [[0.9] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.groups, 0))]
+    trace.pair_cosines = [[0.9] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.slot_tokens, 0))]
     trace.settings["size_weighted"] = False
     cases["pairing attention and cosines"] = pairing.pairing_figure(trace)
     cases["lengths"] = plots.length_figure(make_trace(words(40), cutoffs=(4, 8)))

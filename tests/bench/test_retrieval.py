@@ -212,11 +212,11 @@ def test_needle_merged_is_the_share_of_the_needle_in_merged_slots():
     from slerpviz.bench.retrieval import merged_share
     from slerpviz.engine import Trace
 
-    trace = Trace(tokens=["t"] * 8, groups=[[[0], [1, 2], [3], [4, 5], [6], [7]]], protected=[], cutoffs=[1],
+    trace = Trace(tokens=["t"] * 8, slot_tokens=[[[0], [1, 2], [3], [4, 5], [6], [7]]], protected=[], cutoffs=[1],
                   seq_len_per_layer=[], num_layers=2, mode="cached", settings={})
     assert merged_share(trace, 2, 6) == 0.75  # tokens 2, 4, 5 of 2..5
     assert merged_share(trace, 6, 8) == 0.0
-    trace.groups = []
+    trace.slot_tokens = []
     assert merged_share(trace, 2, 6) == 0.0  # base: nothing merges
 
 
