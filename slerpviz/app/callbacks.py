@@ -26,7 +26,7 @@ from ..tasks import find_passkey
 from ..engine import Interrupted, Sampling, Trace
 from .examples import examples
 from .form import EXAMPLE_FIELDS, MERGE_FIELDS, Form, fit_cutoffs, merge_values, parse
-from .resident import RESIDENT, default_model, generation_steps, on_zero_gpu, plan_trace, release_memory
+from .resident import RESIDENT, default_model, generation_traces, on_zero_gpu, plan_trace, release_memory
 from ..settings import whole
 from ..models import ALLOWED_MODELS
 
@@ -371,7 +371,7 @@ class Page:
         base = merged = None
         steps = 0
         view.stop = None if on_zero_gpu() else threading.Event()  # an Event does not pickle across to ZeroGPU
-        pairs = generation_steps(request, view.stop)
+        pairs = generation_traces(request, view.stop)
         try:
             for base, merged in pairs:
                 view.base, view.merged = base, merged

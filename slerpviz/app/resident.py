@@ -24,6 +24,7 @@ import torch
 
 from ..engine import MergeSettings, MergingEngine, Trace, interleave
 from .form import Request
+from .transfer import ChangeSender, TraceChange, apply_change
 from ..models import EMBEDDED, check_allowed, fetch_weights, load_on_device
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ GPU_MODEL_MEMORY = 20 * 2**30  # bf16 weights (~14.5 GB) plus room for the cache
 try:  # On a ZeroGPU Space the GPU is attached only inside functions under this decorator; elsewhere a no-op.
     import spaces
 
-    gpu_task = spaces.GPU(duration=120)
+    # ZeroGPU calls `duration` with the generation's own arguments; gpu_seconds is defined below, hence the lambda.
+    gpu_task = spaces.GPU(duration=lambda *args, **kwargs: gpu_seconds(*args, **kwargs))
 except ImportError:  # pragma: no cover - depends on the machine
     def gpu_task(function):
         return function
@@ -274,22 +276,63 @@ def plan_trace(engine: MergingEngine, request: Request) -> Trace:
     return engine.new_trace(ids, request.settings, request.mode)
 
 
+# How long a request may hold a ZeroGPU slice, from issue 23's H200 timings of Mistral-7B, with room to spare: the
+# slice's setup, each prompt token's prefill and each new token's decode step, on both sides. Asking for less than
+# the 60 s default puts a visitor earlier in ZeroGPU's queue; asking for more than a request needs holds the slice.
+GPU_SETUP_S = 10.0
+GPU_PREFILL_S_PER_TOKEN = 2e-4  # 35 µs measured (16,384 tokens in 0.57 s)
+GPU_DECODE_S_PER_TOKEN = 0.06  # 28-48 ms measured
+GPU_SECONDS = (20, 120)  # ZeroGPU's own bounds for a call, as far as slerpviz asks
+CHARACTERS_PER_TOKEN = 3  # fewer than most tokenizers average, so the estimate errs long
+
+
+def gpu_seconds(request: Request, stop: threading.Event | None = None) -> int:
+    """ZeroGPU's `duration` for one request (it calls this with the generation's own arguments): sized by the
+    prompt's length and the new tokens asked for, on both sides, rounded up to 10 s within GPU_SECONDS."""
+    prompt_tokens = len(request.prompt) / CHARACTERS_PER_TOKEN + 64  # the chat template's tokens too
+    seconds = GPU_SETUP_S + 2 * (prompt_tokens * GPU_PREFILL_S_PER_TOKEN
+                                 + request.sampling.max_new_tokens * GPU_DECODE_S_PER_TOKEN)
+    low, high = GPU_SECONDS
+    return int(min(high, max(low, 10 * math.ceil(seconds / 10))))
+
+
+_WARMED: set[int] = set()  # engines this process has warmed up (by id)
+
+
 @gpu_task
-def generation_steps(request: Request, stop: threading.Event | None = None) -> Iterator[tuple[Trace, Trace]]:
-    """The GPU part of a request: both generations, yielding (base trace, merged trace) after every step pair;
-    setting `stop` ends the step under way at its next layer (not on ZeroGPU, where arguments are pickled).
+def generation_steps(request: Request, stop: threading.Event | None = None
+                     ) -> Iterator[tuple[TraceChange, TraceChange]]:
+    """The GPU part of a request: both generations, yielding what each side's trace gained (slerpviz.app.transfer)
+    after every step pair, and once more when both are done; setting `stop` ends the step under way at its next
+    layer (not on ZeroGPU, where arguments are pickled). `generation_traces` turns the changes back into traces.
 
     It reaches the model through the module's RESIDENT, not an argument: on ZeroGPU the arguments and what it yields
-    are pickled across to a GPU worker process, and plain settings and traces pickle, a model and its locks do not.
+    are pickled across to a GPU worker process, and plain settings and changes pickle, a model and its locks do not.
     """
     resident = RESIDENT
     engine = resident.engine
-    if on_zero_gpu():
-        # Each GPU worker meets the model fresh: pay its one-time setup before the timed steps, not in the first.
+    if on_zero_gpu() and id(engine) not in _WARMED:
+        # A GPU worker meets the model fresh: pay its one-time setup before the timed steps, once in this process.
         engine.warm_up()
+        _WARMED.add(id(engine))
     ids = engine.encode(request.prompt, request.chat)
     base = engine.start(ids, MergeSettings(), request.sampling, request.mode, stop)
     merged = engine.start(ids, request.settings, request.sampling, request.mode, stop)
+    senders = ChangeSender(), ChangeSender()
     for _ in interleave(base, merged, lock=resident.device_lock):
-        yield base.trace, merged.trace
+        yield senders[0].change(base.trace), senders[1].change(merged.trace)
+    yield senders[0].change(base.trace), senders[1].change(merged.trace)  # the runs have marked themselves finished
+
+
+def generation_traces(request: Request, stop: threading.Event | None = None) -> Iterator[tuple[Trace, Trace]]:
+    """`generation_steps` on the page's side: (base trace, merged trace) after every step pair, rebuilt from the
+    changes the GPU sends. Closing it closes the generation (Stop, or a client gone)."""
+    changes = generation_steps(request, stop)
+    base = merged = None
+    try:
+        for base_change, merged_change in changes:
+            base, merged = apply_change(base, base_change), apply_change(merged, merged_change)
+            yield base, merged
+    finally:
+        changes.close()
 

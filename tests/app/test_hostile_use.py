@@ -568,7 +568,7 @@ def test_one_client_cannot_fill_the_queue(app_url, monkeypatch):
         return
         yield
 
-    monkeypatch.setattr(callbacks, "generation_steps", held)
+    monkeypatch.setattr(callbacks, "generation_traces", held)
     monkeypatch.setattr(callbacks, "release_memory", lambda: None)  # a full garbage collection per job is slow here
     config = httpx.get(f"{app_url}config", timeout=60).json()
     generate = next(d for d in config["dependencies"] if d["api_name"] == "generate")

@@ -460,7 +460,7 @@ def test_out_of_memory_is_a_page_message(page, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         yield  # a generator, like the real one
 
-    monkeypatch.setattr(callbacks, "generation_steps", exhausted)
+    monkeypatch.setattr(callbacks, "generation_traces", exhausted)
     with pytest.raises(gr.Error, match="Out of memory"):
         list(page.generate(*inputs()))
 
