@@ -136,6 +136,9 @@ class LayerwiseModel:
         check_positions(settings.positions)
         check_choice(settings.choice)
         ratio_per_stage(settings.ratio, len(settings.cutoffs))
+        if settings.proportional and settings.method == "drop":
+            raise ValueError("proportional attention weighs a slot by the tokens it holds, and a dropped pair keeps "
+                             "one: use it with a merge method, not drop")
         if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 
-METHODS = ("slerp", "lerp", "slerp-dir", "seed-2024")
+INTERPOLATIONS = ("slerp", "lerp", "slerp-dir", "seed-2024")  # ways to make one vector of two
+# ... and the control they are measured against: keep one of the two, as token pruning does (see `drop`).
+METHODS = (*INTERPOLATIONS, "drop")
 CHOICES = ("consecutive", "uniform", "similar", "attention")
 # Choices planned from the hidden states at each cutoff, so only a running model can plan them.
 PLANNED_AT_CUTOFF = ("similar", "attention")
@@ -105,7 +107,15 @@ def seed2024(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch
     return (torch.sin((1 - w) * theta) / sin_theta * a32 + torch.sin(w * theta) / sin_theta * b32).to(a.dtype)
 
 
-INTERPOLATE = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir, "seed-2024": seed2024}
+def drop(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor = 0.5) -> torch.Tensor:
+    """Keep the pair's first member and discard the second, instead of merging them: token pruning (GemFilter,
+    LazyLLM) applied to the very pairs a merge would join, so that merging is measured against dropping at equal
+    length. A single slot is returned whole, as by every method (t = 1 stands for (zero, x), t = 0 for (x, zero)).
+    The kept token sits where it sat with `positions="first"`."""
+    return torch.where(_as_weight(t, a) >= 1, b, a)
+
+
+INTERPOLATE = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir, "seed-2024": seed2024, "drop": drop}
 
 
 def known_name(value, names: tuple[str, ...], what: str) -> str:

@@ -624,3 +624,23 @@ def test_a_for_loop_over_a_run_stops_when_its_interrupt_is_set():
     stop.clear()
     assert len(list(engine.start(random_ids(30), MergeSettings(cutoffs=(2,)), Sampling(max_new_tokens=3),
                                  interrupt=stop))) == 3  # list() goes the same way and runs to the end
+
+
+@pytest.mark.parametrize("choice", ["consecutive", "attention"])
+def test_dropping_at_layer_0_with_renumbered_positions_is_the_model_run_on_the_kept_tokens(engine, choice):
+    # `drop` is token pruning: from the cutoff on, the second member of each chosen pair is gone. At layer 0, with
+    # the kept tokens renumbered 0..k-1, that is exactly the unmerged model run on the kept tokens alone.
+    ids = random_ids(40, seed=4)
+    settings = MergeSettings(cutoffs=(0,), method="drop", positions="renumber", choice=choice, ratio=0.5,
+                             attention_keep=4)
+    pruned = engine.prefill(ids, settings)
+    (stage,) = pruned.stages
+    kept = stage.first.cpu()
+    assert kept.numel() < 40 and torch.equal(stage.first, stage.plan.starts)  # one stage: slots start at tokens
+    alone = engine.prefill(ids[:, kept], MergeSettings())
+    torch.testing.assert_close(pruned.logits, alone.logits)
+
+
+def test_proportional_attention_is_refused_with_drop(engine):
+    with pytest.raises(ValueError, match="a dropped pair keeps one: use it with a merge method"):
+        engine.start(random_ids(20), MergeSettings(cutoffs=(2,), method="drop", proportional=True))

@@ -218,7 +218,7 @@ def test_slot_positions():
         slot_positions(stage.first, stage.last, "last")
 
 
-@pytest.mark.parametrize("method", ["slerp", "lerp", "slerp-dir", "seed-2024"])
+@pytest.mark.parametrize("method", ["slerp", "lerp", "slerp-dir", "seed-2024", "drop"])
 def test_apply_plan_merges_pairs_and_copies_singles_exactly(method):
     x = torch.randn(2, 11, 16)
     plan = plan_merge(11, keep_start=2, keep_end=3)
@@ -226,6 +226,8 @@ def test_apply_plan_merges_pairs_and_copies_singles_exactly(method):
     assert out.shape == (2, plan.merged_length, 16)
     for slot, group in enumerate(plan.slot_items):
         if len(group) == 1:
+            assert torch.equal(out[:, slot], x[:, group[0]])
+        elif method == "drop":  # the pair's first member, exactly; the second is gone
             assert torch.equal(out[:, slot], x[:, group[0]])
         elif method != "seed-2024":
             interpolate = {"slerp": slerp, "lerp": lerp, "slerp-dir": slerp_dir}[method]

@@ -44,7 +44,9 @@ NOTES = """
 (LERP); it only rescales it, by 1 / cos(θ/2) where θ is the angle between them. So the two methods differ only in
 the norm of the merged state. **slerp-dir** keeps SLERP's direction with the average of the two norms, so it undoes
 that inflation. **seed-2024** reproduces the April 2024 article's code, which normalised whole tensors
-instead of single vectors: θ comes out near 90° for every pair and the result is about (a + b)/√2.
+instead of single vectors: θ comes out near 90° for every pair and the result is about (a + b)/√2. **drop** is the
+control: it keeps each pair's first token and discards the second, as token pruning does, so you can see what
+merging buys over dropping the same tokens (with positions *first*, the kept token sits where it was).
 
 **Positions.** *mean*: a slot sits at the mean position of its tokens; *first*: at its first token's; *renumber*:
 slots are renumbered 0, 1, 2, … (the article). **Modes.** *cached*: the prompt is merged once at prefill and later
