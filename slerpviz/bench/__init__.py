@@ -1,9 +1,10 @@
 """Benchmarks: `python -m slerpviz.bench speed|fidelity`. The functions below are the same runs as a Python API."""
 
 from .command import main
-from .fidelity import FidelityPlan, TokenText, run_fidelity, summarise
+from .fidelity import FidelityPlan, run_fidelity, summarise
 from .limits import Shape, kv_fraction_limit, layer_lengths, prefill_speedup_limit
 from .speed import SpeedPlan, run_speed
+from .texts import TokenText
 
 __all__ = [
     "FidelityPlan", "Shape", "SpeedPlan", "TokenText", "kv_fraction_limit", "layer_lengths", "main",

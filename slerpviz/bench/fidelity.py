@@ -12,19 +12,30 @@ continuation); every merged setting is then compared against that one reference:
 The last one is teacher-forced: the merged model is fed the base model's continuation, and the first step where its
 greedy choice differs is where a free merged continuation would first differ, so each setting stops at its first
 difference instead of generating the whole continuation.
+Below the run, `python -m slerpviz.bench fidelity`: its parser, its plan from the options, its files and its main.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from .. import settings as checks
 from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import METHODS, POSITION_MODES
+from ..merge import CHOICES, METHODS, POSITION_MODES
+from . import report, schedules
+from .machine import machine_info
+from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, guarded, int_list, listed, share,
+                      speed_fidelity_parents, str_list, subcommand, text_options, whole)
+from .report import variant_label
 from .schedules import Schedule, label
+from .texts import TokenText, random_texts, read_texts, tokenize
 
 # How a merge is done, apart from where: the settings a "best" is chosen among.
 VARIANT_KEYS = ("method", "positions", "choice", "proportional")
@@ -66,25 +77,12 @@ class FidelityPlan:
         ]
 
 
-def variant_label(row: dict) -> str:
-    """slerp/mean, with /similar or /proportional added when they are not the defaults."""
-    extra = ([row["choice"]] if row.get("choice", "consecutive") != "consecutive" else []) + (
-        ["proportional"] if row.get("proportional") else [])
-    return "/".join([row["method"], row["positions"], *extra])
-
-
 @dataclass(frozen=True)
 class Reference:
     """The base model at one prefix: its next-token log-probabilities and its greedy continuation."""
 
     log_probs: torch.Tensor  # [vocab] float32
     continuation: list[int]
-
-
-@dataclass(frozen=True)
-class TokenText:
-    name: str
-    ids: torch.Tensor  # [1, n]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,3 +246,143 @@ def earliest_cutoff(summary: list[dict], variant: dict, num_layers: int, thresho
         if merges_anything(row["schedule"], num_layers):
             earliest = row["first_cutoff"]
     return earliest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parser(add_parser=None) -> argparse.ArgumentParser:
+    """Its own options on the shared ones of .options; `add_parser`: as a subcommand of python -m slerpviz.bench."""
+    p = subcommand("fidelity", DESCRIPTION, [*speed_fidelity_parents(fidelity=True), text_options()], add_parser,
+                   summary="next-token agreement and KL of merged against base on real texts")
+    p.add_argument("--prefixes", type=listed,
+                   help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, 32..1024 on GPU)")
+    p.add_argument("--methods", type=listed, default=",".join(METHODS))
+    p.add_argument("--positions", type=listed, default=",".join(POSITION_MODES))
+    p.add_argument("--continuation", type=whole(1), help="greedy tokens compared after each prefix")
+    p.add_argument("--threshold", type=share, default=0.9,
+                   help="top-1 agreement the recommended cutoff must keep (default 0.9)")
+    return p
+
+
+def fidelity_plan(args, engine) -> FidelityPlan:
+    layers = engine.num_layers
+    chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
+              else schedules.fidelity_defaults(layers, args.quick))
+    schedules.check(chosen, layers)
+    if args.prefixes is not None:
+        prefixes = int_list(args.prefixes, "prefix")
+    elif args.quick:
+        prefixes = (64, 256)
+    else:  # a CPU spends most of the grid's time on the longest prefix
+        prefixes = (32, 64, 128, 256, 512, 1024) if engine.device.type == "cuda" else (64, 128, 256, 512)
+    plan = FidelityPlan(
+        prefixes=prefixes,
+        schedules=tuple(chosen),
+        methods=str_list(args.methods, METHODS, "method"),
+        positions=str_list(args.positions, POSITION_MODES, "positions mode"),
+        choices=str_list(args.choice, CHOICES, "pair choice"),
+        proportional=PROPORTIONAL[args.proportional],
+        ratio=args.ratio,
+        continuation=args.continuation or (4 if args.quick else 16),
+        keep_start=args.keep_start,
+        keep_end=args.keep_end,
+    )
+    plan.settings()  # every setting of the grid through the library's parser, before any work: one line if bad
+    return plan
+
+
+def fidelity_texts(args, engine, plan: FidelityPlan):
+    if args.shape:  # random weights have no tokenizer and nothing to be faithful to: exercise the code only
+        if args.texts:
+            raise ValueError("--texts needs a model with a tokenizer; --shape builds one with random weights")
+        print("note: --shape has random weights; fidelity figures from it mean nothing", file=sys.stderr)
+        return random_texts(engine.config.vocab_size, 2 if args.quick else 4, max(plan.prefixes), args.seed)
+    texts = tokenize(engine.tokenizer, read_texts(args.texts))
+    return texts[:2] if args.quick else texts
+
+
+def fidelity_result(rows: list[dict], num_layers: int, threshold: float) -> dict:
+    summary = summarise(rows)
+    by_prefix = summarise(rows, ("schedule", *VARIANT_KEYS, "prefix"))
+    best = best_combination(summary, num_layers)
+    if best:
+        best["earliest_cutoff"] = earliest_cutoff(summary, best, num_layers, threshold)
+        best["threshold"] = threshold
+    return {"summary": summary, "by_prefix": by_prefix, "best": best}
+
+
+def fidelity_tables(result: dict) -> str:
+    summary, best = result["summary"], result["best"]
+    grid = {}
+    for r in summary:
+        grid.setdefault(r["schedule"], {"schedule": r["schedule"]})[variant_label(r)] = r["top1"]
+    labels = list(dict.fromkeys(variant_label(r) for r in summary))
+    columns = [("schedule", "cutoff", "")] + [(v, v, ".2f") for v in labels]
+    parts = ["top-1 agreement with the base model's next token:", report.format_table(list(grid.values()), columns)]
+    if best:
+        rows = [r for r in summary if same_variant(r, best)]
+        parts += [
+            f"\nbest by KL rank over the schedules that merge: {best['label']}"
+            f" (mean rank {best['kl_rank']:.2f}, top-1 {best['top1']:.3f}, KL {best['kl_mean']:.4f})",
+            report.format_table(rows, [
+                ("schedule", "cutoff", ""), ("samples", "n", ""), ("top1", "top-1", ".3f"), ("top5", "top-5", ".3f"),
+                ("top5_overlap", "top-5 overlap", ".3f"), ("kl_mean", "KL mean", ".4f"),
+                ("kl_median", "KL median", ".4f"), ("tokens_to_divergence_mean", "tokens to diverge", ".1f"),
+                ("censored_share", "never diverged", ".0%")]),
+            "\nranking (means over the schedules that merge; KL rank 1 = lowest KL at every cutoff):",
+            report.format_table(best["ranking"], [("label", "variant", ""), ("kl_rank", "KL rank", ".2f"),
+                                                  ("top1", "top-1", ".3f"),
+                                                  ("kl_mean", "KL mean", ".4f"),
+                                                  ("tokens_to_divergence_mean", "tokens to diverge", ".2f")]),
+            f"\nearliest single-stage cutoff keeping top-1 >= {best['threshold']:.2f} for {best['label']}: "
+            f"{'none measured' if best['earliest_cutoff'] is None else best['earliest_cutoff']}",
+        ]
+    return "\n".join(parts)
+
+
+def write_fidelity_report(out: Path, rows: list[dict], result: dict, plan: FidelityPlan, machine: dict, model: dict,
+                          texts: list) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(out / "fidelity.csv", rows, FIDELITY_COLUMNS)
+    report.write_csv(out / "fidelity_summary.csv", result["summary"], SUMMARY_COLUMNS)
+    report.write_json(out / "fidelity.json", {
+        "benchmark": "fidelity", "machine": machine, "model": model, "plan": asdict(plan),
+        "texts": [{"name": t.name, "tokens": int(t.ids.shape[-1])} for t in texts],
+        "best": result["best"], "summary": result["summary"], "by_prefix": result["by_prefix"], "rows": rows,
+    })
+    figures = [report.fidelity_figure(result["summary"])]
+    if result["best"]:
+        best = result["best"]
+        points = [r for r in result["by_prefix"] if same_variant(r, best)]
+        figures.append(report.fidelity_heatmap(points, best["label"]))
+    notes = ["Each merged setting is compared with the base model on the same prefix: top-1 = same next token; "
+             "top-5 = base's token within merged's top 5; KL(base ‖ merged); tokens to diverge = greedy cached "
+             f"continuations agree for this many of {plan.continuation} tokens. "
+             f"Texts: {', '.join(t.name for t in texts)}; prefixes {', '.join(map(str, plan.prefixes))} tokens."]
+    report.write_html(out / "fidelity.html", f"slerpviz fidelity: {model['name']}", machine, figures, notes)
+    return fidelity_tables(result)
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """`python -m slerpviz.bench fidelity` with `argv` (the words after `fidelity`); `args`: already parsed."""
+    args = args if args is not None else parser().parse_args(argv)
+    return guarded(args, lambda: measure(args, ["fidelity", *(argv or [])]))
+
+
+def measure(args, argv: list[str]) -> int:
+    """The grid the options ask for, run, written and printed; `argv`, the command line, goes in the report."""
+    engine, name = build_engine(args)
+    plan = fidelity_plan(args, engine)
+    texts = fidelity_texts(args, engine, plan)
+    machine, model = machine_info(engine.device, argv), describe_model(engine, name)
+    began = time.perf_counter()
+    rows = run_fidelity(engine, texts, plan, log=lambda m: print(m, file=sys.stderr))
+    result = fidelity_result(rows, engine.num_layers, args.threshold)
+    print(f"fidelity on {machine['gpu'] or machine['cpu']} ({machine['device']}, torch {machine['torch']}), "
+          f"model {name}, {len(texts)} texts, {time.perf_counter() - began:.0f} s")
+    print(write_fidelity_report(args.out, rows, result, plan, machine, model, texts))
+    print(f"\nwrote {args.out / 'fidelity.csv'}, fidelity_summary.csv, fidelity.json, fidelity.html")
+    return 0

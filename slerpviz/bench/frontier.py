@@ -19,9 +19,10 @@ import torch
 
 from ..engine import MergeSettings, MergingEngine
 from . import options
-from .fidelity import TokenText, base_reference, compare, usable_prefixes
+from .fidelity import base_reference, compare, usable_prefixes
 from .grids import ATTENTION_PASSES, named_grid
 from .limits import Shape, prefill_flops
+from .texts import TokenText
 
 # The MergeSettings fields a row holds as they are (the cutoffs are written "15+20").
 SETTING_COLUMNS = (
@@ -271,7 +272,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
              "passkey": f"{r['passkey_correct']}/{r['passkey_n']}" if r.get("passkey_n") else None} for r in rows]
 
 
-def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
+def parser(add_parser=None) -> argparse.ArgumentParser:
     """Its own options on the shared ones of .options; `add_parser`: as a subcommand of python -m slerpviz.bench."""
     p = options.subcommand("frontier", __doc__.split("\n\n")[0], [
         options.model_options("random weights (tiny: for tests; fidelity means nothing)",
@@ -299,7 +300,7 @@ def frontier_parser(add_parser=None) -> argparse.ArgumentParser:
     return p
 
 
-def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     """`python -m slerpviz.bench frontier` with `argv` (the words after `frontier`); `args`: already parsed."""
     import sys
 
@@ -309,7 +310,7 @@ def frontier_main(argv: list[str] | None = None, args: argparse.Namespace | None
     from .retrieval import Haystack
     from .texts import random_texts, read_texts, tokenize, windows
 
-    args = args if args is not None else frontier_parser().parse_args(argv)
+    args = args if args is not None else parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731

@@ -141,7 +141,7 @@ def write_report(out: Path, rows: list[dict], machine: dict, model: dict, plan: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command
+# The command
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -159,7 +159,7 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
     return p
 
 
-def locate_main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     """`python -m slerpviz.bench locate` with `argv` (the words after `locate`); `args`: already parsed."""
     args = args if args is not None else parser().parse_args(argv)
     with torch_threads(args, one_when_quick=True):

@@ -8,12 +8,13 @@ The options come as argparse parent parsers, one per concern:
 - `merge_options`: one merge setting (--cutoffs, --ratio, --choice, --keep-start, --keep-end and, where the
   subcommand uses them, --attention-window, --attention-keep, --cosine-share), read back by `merge_settings` through
   the library's parser of merge settings (slerpviz.settings.merge_settings, the page's and the CLI's too);
-- `interpolation_options`: how the slots are made (--method, --positions), where it is one setting, not a grid.
+- `interpolation_options`: how the slots are made (--method, --positions), where it is one setting, not a grid;
+- `speed_fidelity_parents`: what speed and fidelity share, --proportional included.
 
 `subcommand` builds a subcommand's parser from the parents it needs, as a sub-parser of `python -m slerpviz.bench`
-or on its own (frontier_main and retrieval_main also take their own argv); the subcommand then adds only its own
-options. The helpers below (lists from the command line, the engine, the model's description) serve every
-subcommand, so the subcommand modules import this module and never each other.
+or on its own (each benchmark's `main` also takes its own argv); the subcommand then adds only its own options. The
+helpers below (lists from the command line, the engine, the model's description, `guarded`) serve every subcommand,
+so the benchmark modules import this module and never each other's commands.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import sys
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -38,6 +40,12 @@ from .limits import Shape
 PROG = "python -m slerpviz.bench"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHOICES_HELP = f"which pairs merge: {', '.join(CHOICES)}"
+# What a benchmark writes: the description of `python -m slerpviz.bench` and of its speed and fidelity subcommands.
+DESCRIPTION = ("Writes DIR/<benchmark>.csv, .json and .html and prints a short table. `--quick` is a smoke run sized "
+               "to finish in\nunder three minutes on a 2-core CPU with the embedded model; without it the grid is "
+               "docs/measurements.md's.\n`python -m slerpviz.bench snapshot REPORT.html PICTURE.png` draws a report "
+               "as a picture.")
+PROPORTIONAL = {"off": (False,), "on": (True,), "both": (False, True)}  # --proportional: the settings it stands for
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,6 +190,27 @@ def interpolation_options(what: str) -> argparse.ArgumentParser:
     return p
 
 
+def speed_fidelity_parents(fidelity: bool) -> list[argparse.ArgumentParser]:
+    """What speed and fidelity share: the model, the run, one merge setting and proportional attention."""
+    proportional = _parent()
+    proportional.add_argument("--proportional", choices=PROPORTIONAL, default="off",
+                              help="proportional attention (log of tokens held added to merged keys); fidelity "
+                                   "takes both")
+    return [
+        model_options("random weights of a known shape instead of a trained model: mistral-7b (use with "
+                      "--device cuda) times real sizes; tiny is for tests",
+                      "for --shape: the random weights and texts" if fidelity else
+                      "the random prompts (and, for --shape, the random weights)"),
+        run_options("a small grid that runs in under three minutes on a CPU",
+                    threads_default="torch's choice; 1 with --quick on a CPU"),
+        merge_options("schedules, comma-separated; 7+15 is a two-stage schedule (default: by model)",
+                      CHOICES_HELP + ("; a comma-separated list for a grid (attention with W 32, no budget)"
+                                      if fidelity else ""),
+                      attention=not fidelity),  # fidelity's grid has no attention window or budget
+        proportional,
+    ]
+
+
 def subcommand(name: str, description: str, parents: list[argparse.ArgumentParser], add_parser=None,
                summary: str | None = None) -> argparse.ArgumentParser:
     """The parser of `python -m slerpviz.bench NAME` built on `parents`: with `add_parser` (a subparsers action's
@@ -323,6 +352,18 @@ def build_engine(args):
         return engine, f"{args.shape} (random weights)"
     name = args.model or EMBEDDED
     return named_engine(name, device), name
+
+
+def guarded(args, run) -> int:
+    """`run()` with --threads in force (1 for --quick on a CPU) and --out checked first; bad settings or paths are
+    one line on stderr and status 2, not a traceback."""
+    with torch_threads(args, one_when_quick=True):
+        try:
+            check_out(args.out)
+            return run()
+        except (ValueError, FileNotFoundError) as error:  # bad settings or paths: say what is wrong, no traceback
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
 
 def describe_model(engine, name: str) -> dict:

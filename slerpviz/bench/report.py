@@ -1,5 +1,6 @@
 """Writing results: CSV for tables, JSON for everything (machine included), an interactive Plotly HTML report, and
-a short plain-text table for the terminal."""
+a short plain-text table for the terminal; and what the speed and fidelity reports draw and print (their figures,
+speed's table and definitions, the name of a fidelity variant), which their modules write."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
-
-from .fidelity import variant_label
 
 COLORS = qualitative.Plotly + qualitative.D3
 
@@ -100,7 +99,7 @@ def _format(value, spec: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Speed figure
+# Speed: its table, its definitions and its figure
 # ----------------------------------------------------------------------------------------------------------------
 
 SPEED_PANELS = (
@@ -115,6 +114,63 @@ SPEED_PANELS = (
     ("cached", "kv_fraction", "kv_fraction_limit", "KV-cache bytes: merged ÷ base"),
     ("cached", "merge_share", None, "The merge itself, as a share of the merged prefill"),
 )
+
+
+SPEED_TABLE = [
+    ("length", "len", ""), ("schedule", "cutoff", ""), ("mode", "mode", ""), ("decode", "decode", ""),
+    ("base_ttft_s", "TTFT base s", ".3f"), ("merged_ttft_s", "merged s", ".3f"), ("ttft_speedup", "x", ".2f"),
+    ("ttft_speedup_limit", "limit", ".2f"), ("ttft_achieved_over_limit", "x/limit", ".2f"),
+    ("base_decode_ms", "decode base ms", ".1f"), ("merged_decode_ms", "merged ms", ".1f"),
+    ("decode_speedup", "x", ".2f"), ("decode_speedup_limit", "limit", ".2f"),
+    ("decode_speedup_vs_base_cached", "x vs cached base", ".2f"),
+    ("kv_fraction", "KV frac", ".3f"), ("kv_fraction_limit", "limit", ".3f"), ("merge_share", "merge share", ".1%"),
+    ("merge_ms", "merge ms", ".2f"), ("merge_gpu_ms", "kernels ms", ".2f"), ("merge_syncs", "syncs", ""),
+    ("merge_ops_per_stage", "ops/stage", ".0f"), ("merged_decode_syncs", "decode syncs", ""),
+]
+
+
+def speed_notes(rows: list[dict]) -> list[str]:
+    """The speed report's notes: what its ratios and limits are, and how peak memory was measured."""
+    return [
+        "Speed-ups are base time ÷ merged time (above 1 = merged is faster); medians over interleaved repeats. "
+        "Limits come from the config: FLOPs for prefill and for decoding without cache, bytes read per step for "
+        "cached decoding. 'cached' compares base with KV cache against merged with its shorter cache; 'recompute' "
+        "is the article's setting: base without cache against merged re-merging every step.",
+        f"Peak memory: {memory_note(rows)}",
+    ]
+
+
+def memory_note(rows: list[dict]) -> str:
+    """How peak memory was measured on this device."""
+    kind = rows[0]["peak_mem_kind"] if rows else None
+    if kind == "cuda_allocated":
+        return "torch.cuda.max_memory_allocated above the start of each run."
+    if kind == "cpu_rss_delta":
+        return ("on CPU PyTorch has no allocator counter; the figure is the rise in the process's peak resident "
+                "set during the run, which undercounts memory the C allocator reuses. Treat it as a rough guide.")
+    return "not measurable on this device; the columns are empty."
+
+
+SPEED_DEFINITIONS = {
+    "ttft_speedup": "base time to first token ÷ merged (prefill + choosing the first token)",
+    "ttft_speedup_limit": "base prefill FLOPs ÷ merged prefill FLOPs from the config",
+    "decode_speedup": "base median seconds per decode step ÷ merged",
+    "decode_speedup_limit": "cached: bytes read per step (weights + KV cache), base ÷ merged; "
+                            "recompute: FLOPs of re-running the grown prompt, base ÷ merged",
+    "decode_speedup_vs_base_cached": "base WITH cache decode time ÷ this row's merged decode time",
+    "kv_fraction": "merged KV-cache bytes after the prefill ÷ base",
+    "kv_fraction_limit": "sum of per-layer cache lengths, merged ÷ base, from the plan",
+    "merge_share": "seconds of planning + pair cosines + interpolation + slot positions ÷ merged time to first token",
+    "merge_gpu_ms": "one merge's kernels, summed device time (torch.profiler; GPU only)",
+    "merge_kernels": "kernels and copies one merge launches on the GPU (torch.profiler; GPU only)",
+    "merge_syncs": "host syncs in one merge: scalar reads, data-dependent shapes, copies to the CPU (bench/ops.py)",
+    "merge_ops_per_stage": "aten ops one merge dispatches (TorchDispatchMode, nested calls not counted) ÷ stages",
+    "base_decode_syncs": "host syncs in one cached decode step of base, the sampler's token read not included",
+    "merged_decode_syncs": "the same for the merged variant",
+    "base_decode_ops": "aten ops one cached decode step of base dispatches",
+    "merged_decode_ops": "the same for the merged variant",
+    "peak_mem_bytes": "see peak_mem_kind: cuda_allocated (exact) or cpu_rss_delta (rough); empty = not measurable",
+}
 
 
 def speed_figure(rows: list[dict]) -> go.Figure:
@@ -159,8 +215,15 @@ def _speed_hover(row: dict, key: str, limit_key: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fidelity figures
+# Fidelity: the name of a variant and the figures
 # ----------------------------------------------------------------------------------------------------------------
+
+def variant_label(row: dict) -> str:
+    """slerp/mean, with /similar or /proportional added when they are not the defaults."""
+    extra = ([row["choice"]] if row.get("choice", "consecutive") != "consecutive" else []) + (
+        ["proportional"] if row.get("proportional") else [])
+    return "/".join([row["method"], row["positions"], *extra])
+
 
 FIDELITY_PANELS = (
     ("top1", "Top-1 agreement with base"),

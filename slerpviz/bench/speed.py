@@ -6,22 +6,31 @@ Two pairs are compared, in the same run:
   recompute  base without any cache        vs  merged, re-planned and re-merged every step (the article's setting)
 Within a pair the variants are interleaved repeat by repeat (base, merged, merged', …, then reversed), so a machine
 that slows down or speeds up during the run charges every variant alike; each figure is a median over repeats.
+Below the run, `python -m slerpviz.bench speed`: its parser, its plan from the options, its files and its main.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
+from .. import settings as checks
 from ..engine import MergeSettings, MergingEngine, Sampling
-from . import limits
+from ..merge import CHOICES
+from . import limits, report, schedules
 from .engines import never_stops
-from .machine import PeakMemory
+from .machine import PeakMemory, machine_info
 from .. import decode as static_decode
 from .ops import profile_decode_step, profile_merge
+from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, guarded, int_list,
+                      interpolation_options, listed, merge_settings, one_of, speed_fidelity_parents, str_list,
+                      subcommand, whole)
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
@@ -318,3 +327,118 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "base_decode_setup_s": median_of(base, "decode_setup_s"),
         "merged_decode_setup_s": median_of(merged, "decode_setup_s"),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parser(add_parser=None) -> argparse.ArgumentParser:
+    """Its own options on the shared ones of .options; `add_parser`: as a subcommand of python -m slerpviz.bench."""
+    parents = [*speed_fidelity_parents(fidelity=False), interpolation_options("the merged variants timed")]
+    p = subcommand("speed", DESCRIPTION, parents, add_parser,
+                   summary="time base and merged: prefill, decoding, KV cache, against the limits from the config")
+    p.add_argument("--preset", type=listed,
+                   help="speed: time named presets of slerpviz.presets, comma-separated (their cutoffs, ratios, "
+                        "choice and protection), beside any --cutoffs schedules")
+    p.add_argument("--lengths", type=listed,
+                   help="prompt lengths, comma-separated (default: 128..4096 on CPU, ..16384 on GPU)")
+    p.add_argument("--repeats", type=whole(1), help="timed repeats of every variant (default 3; 5 on a GPU)")
+    p.add_argument("--new-tokens", type=whole(1), help="tokens generated per cached run, the first included")
+    p.add_argument("--recompute-new-tokens", type=whole(1), help="tokens generated per run without cache")
+    p.add_argument("--recompute-max-length", type=whole(1),
+                   help="skip the no-cache pair above this length (default 2048 on CPU, none on GPU)")
+    p.add_argument("--modes", type=listed, default=",".join(MODES), help="cached, recompute or both")
+    p.add_argument("--decode", type=listed,
+                   help="how cached runs decode, comma-separated: dynamic (a growing cache, per-step masks), static "
+                        "(fixed buffers, nothing made on the host per step), compiled (static, captured as a CUDA "
+                        "graph by torch.compile; its compile time is reported apart). Default: dynamic on a CPU, "
+                        "dynamic,compiled on a GPU")
+    return p
+
+
+def speed_plan(args, engine) -> SpeedPlan:
+    gpu = engine.device.type == "cuda"
+    layers = engine.num_layers
+    if args.lengths is not None:
+        lengths = int_list(args.lengths)
+    elif args.quick:
+        lengths = (128, 512)
+    else:
+        lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if gpu else (128, 256, 512, 1024, 2048, 4096)
+        context = getattr(engine.config, "max_position_embeddings", None) or lengths[-1] + 64
+        lengths = tuple(n for n in lengths if n + 64 <= context)  # the model's context bounds the default
+    chosen = (schedules.parse(args.cutoffs) if args.cutoffs is not None
+              else [] if args.preset is not None else schedules.speed_defaults(layers, args.quick))
+    choice = one_of(str_list(args.choice, CHOICES, "pair choice"), "--choice")
+    proportional = one_of(PROPORTIONAL[args.proportional], "--proportional")
+    merge = merge_settings(args, None, choice=choice, proportional=proportional)  # every schedule's, cutoffs aside
+    for schedule in chosen:
+        checks.ratio_count(merge.ratio, schedule)  # per-cutoff ratios: one for each cutoff of every schedule
+    named = []
+    if args.preset is not None:
+        from ..presets import PRESETS, preset
+
+        for name in str_list(args.preset, tuple(PRESETS), "preset"):
+            settings = preset(name, layers)
+            # The preset replaces the merge flags; --method, --positions and --proportional still say how its
+            # slots are made.
+            named.append((name, replace(settings, method=args.method, positions=args.positions,
+                                        proportional=proportional)))
+    schedules.check(chosen, layers)
+    return SpeedPlan(
+        lengths=lengths,
+        schedules=tuple(chosen),
+        modes=str_list(args.modes, MODES, "mode"),
+        repeats=args.repeats or (3 if args.quick or not gpu else 5),
+        new_tokens=args.new_tokens or (8 if args.quick else 16),
+        recompute_new_tokens=args.recompute_new_tokens or (3 if args.quick else 4),
+        recompute_max_length=args.recompute_max_length or (None if gpu or args.quick else 2048),
+        merge=merge,
+        seed=args.seed,
+        named=tuple(named),
+        decodes=(str_list(args.decode, static_decode.DECODE_MODES, "decode") if args.decode is not None
+                 else ("dynamic", "compiled") if gpu else ("dynamic",)),
+    )
+
+
+def write_speed_report(out: Path, result, plan: SpeedPlan, machine: dict, model: dict) -> str:
+    """The files, and the table to print."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(out / "speed.csv", result.rows, SPEED_COLUMNS)
+    report.write_json(out / "speed.json", {
+        "benchmark": "speed", "machine": machine, "model": model, "plan": asdict(plan), "rows": result.rows,
+        "repeats": result.repeats, "hf_sanity": result.hf_sanity, "repeat_columns": REPEAT_COLUMNS,
+        "decode_compile_s": result.compile_s,
+        "definitions": report.SPEED_DEFINITIONS,
+    })
+    report.write_html(out / "speed.html", f"slerpviz speed: {model['name']}", machine,
+                      [report.speed_figure(result.rows)], report.speed_notes(result.rows))
+    table = report.format_table(result.rows, report.SPEED_TABLE)
+    sanity = "; ".join(
+        f"{s['length']}: HF {s['hf_forward_s']:.3f} s vs engine base {s['engine_base_ttft_s']:.3f} s"
+        for s in result.hf_sanity if s["engine_base_ttft_s"] is not None)
+    compiled = "; ".join(f"{decode} {seconds:.1f} s" for decode, seconds in result.compile_s.items() if seconds)
+    compiled = f"\ndecode compiled and captured once, before any timed run: {compiled}" if compiled else ""
+    return f"{table}\n\nsanity, one plain HF forward vs the engine's base prefill (seconds): {sanity}{compiled}"
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """`python -m slerpviz.bench speed` with `argv` (the words after `speed`); `args`: already parsed."""
+    args = args if args is not None else parser().parse_args(argv)
+    return guarded(args, lambda: measure(args, ["speed", *(argv or [])]))
+
+
+def measure(args, argv: list[str]) -> int:
+    """The grid the options ask for, timed, written and printed; `argv`, the command line, goes in the report."""
+    engine, name = build_engine(args)
+    plan = speed_plan(args, engine)
+    machine, model = machine_info(engine.device, argv), describe_model(engine, name)
+    began = time.perf_counter()
+    result = run_speed(engine, plan, log=lambda m: print(m, file=sys.stderr))
+    print(f"speed on {machine['gpu'] or machine['cpu']} ({machine['device']}, torch {machine['torch']}), "
+          f"model {name}, {time.perf_counter() - began:.0f} s")
+    print(write_speed_report(args.out, result, plan, machine, model))
+    print(f"\nwrote {args.out / 'speed.csv'}, speed.json, speed.html")
+    return 0

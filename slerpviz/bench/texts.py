@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from .fidelity import TokenText
 
 DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "assets" / "texts"
 
 # A line holding only three or more dashes separates texts inside one file.
 _SEPARATOR = re.compile(r"^\s*-{3,}\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """A text as the model reads it: a name and its token ids."""
+
+    name: str
+    ids: torch.Tensor  # [1, n]
 
 
 def read_texts(paths: list[Path] | None = None) -> list[tuple[str, str]]:

@@ -10,7 +10,8 @@ import pytest
 
 from slerpviz.bench import limits
 from slerpviz.bench.engines import shape_config
-from slerpviz.bench.frontier import FRONTIER_COLUMNS, best_at, frontier_main, is_article_setting, pareto_front
+from slerpviz.bench.frontier import FRONTIER_COLUMNS, best_at, is_article_setting, pareto_front
+from slerpviz.bench.frontier import main as frontier_main
 from slerpviz.bench.grids import ATTENTION_PASSES, default_grid, named_grid
 from slerpviz.engine import MergeSettings
 from slerpviz.pairs import merged_length, plan_stages

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slerpviz.bench import command, frontier, options, retrieval_command
+from slerpviz.bench import command, fidelity, frontier, locate, options, retrieval, speed
 
 BENCH = Path(options.__file__).parent
 SUBCOMMANDS = ("speed", "fidelity", "frontier", "retrieval", "locate")
@@ -73,10 +73,11 @@ def test_the_shared_options_are_the_same_actions_everywhere():
     assert {"--model", "--device", "--dtype", "--ratio", "--keep-start", "--attention-window"} <= set(seen)
 
 
-@pytest.mark.parametrize("name, standalone", [("frontier", frontier.frontier_parser),
-                                              ("retrieval", retrieval_command.parser)])
-def test_frontier_and_retrieval_parse_the_same_on_their_own(name, standalone):
-    """frontier_main and retrieval_main take their own argv: the same parser as the subcommand's."""
+@pytest.mark.parametrize("name, module", [("speed", speed), ("fidelity", fidelity), ("frontier", frontier),
+                                          ("retrieval", retrieval), ("locate", locate)])
+def test_each_benchmark_parses_the_same_on_its_own(name, module):
+    """Each benchmark's main takes its own argv too: its module's parser is the subcommand's."""
+    standalone = module.parser
     sub = subparsers()[name]
     own = standalone()
     assert own.prog == sub.prog == f"python -m slerpviz.bench {name}"
@@ -171,7 +172,7 @@ def bench_imports() -> dict[str, set[str]]:
 def test_the_bench_modules_import_each_other_without_a_cycle():
     graph = bench_imports()
     assert "command" not in set().union(*(graph[m] for m in graph if m not in ("__init__", "__main__")))
-    assert not graph["options"] & {"command", "frontier", "retrieval_command", "speed", "fidelity"}
+    assert not graph["options"] & {"command", "speed", "fidelity", "frontier", "retrieval", "locate"}
     state: dict[str, str] = {}
 
     def visit(module, path):
@@ -188,7 +189,7 @@ def test_the_bench_modules_import_each_other_without_a_cycle():
 
 
 def test_the_subcommand_modules_import_in_any_order():
-    modules = ("command", "frontier", "retrieval_command", "options")
+    modules = ("command", "frontier", "retrieval", "options")
     script = "\n".join([
         "import importlib, itertools, sys",
         f"for order in itertools.permutations({modules!r}):",
@@ -271,12 +272,10 @@ def test_a_bad_text_file_is_one_line_naming_it_and_status_2(subcommand, texts_wi
 def no_run(monkeypatch):
     """Any engine built fails the test: these inputs must be refused before a benchmark starts (once an empty
     --lengths ran the default, full benchmark)."""
-    from slerpviz.bench import locate
-
     def refused(*args, **kwargs):
         pytest.fail("a benchmark started on an input it should have refused")
 
-    for module in (options, command, retrieval_command, locate):
+    for module in (options, speed, fidelity, retrieval, locate):
         monkeypatch.setattr(module, "build_engine", refused)
 
 

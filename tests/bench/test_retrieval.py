@@ -7,9 +7,9 @@ import json
 import pytest
 
 from slerpviz.bench import command
-from slerpviz.bench.retrieval import RETRIEVAL_COLUMNS, RetrievalPlan, passkey_accuracy, run_retrieval, summarise
+from slerpviz.bench.retrieval import (RETRIEVAL_COLUMNS, RetrievalPlan, heatmaps, passkey_accuracy, run_retrieval,
+                                      summarise)
 from slerpviz.bench.options import settings_label
-from slerpviz.bench.retrieval_command import heatmaps
 from slerpviz.bench.texts import read_texts
 from slerpviz.engine import MergeSettings
 from slerpviz.tasks import TASKS, Haystack, build_prompt, is_correct
@@ -198,7 +198,6 @@ def test_snapshot_renders_a_report_to_png(tmp_path):
 
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian chromium is not installed")
-    from slerpviz.bench.retrieval_command import heatmaps
     from slerpviz.bench.report import write_html
 
     cells = [{"task": "passkey", "variant": v, "length": 512, "depth": 0.5, "n": 2, "correct": c,
@@ -222,12 +221,12 @@ def test_needle_merged_is_the_share_of_the_needle_in_merged_slots():
 
 def test_per_cutoff_ratios_on_the_command_line():
     # Comma-separated, as on the page and the CLI (slerpviz.settings.merge_ratio); the old "0.5/1" is refused.
-    from slerpviz.bench import retrieval_command
+    from slerpviz.bench import retrieval
     from slerpviz.bench.options import merge_settings, ratios
 
     assert ratios("0.5") == 0.5 and ratios("0.5,1") == (0.5, 1.0) and ratios("0.5, 1") == (0.5, 1.0)
     with pytest.raises(argparse.ArgumentTypeError, match="separate the ratios with commas, like 0.5,1"):
         ratios("0.5/1")
-    args = retrieval_command.parser().parse_args(["--cutoffs", "2+3", "--ratio", "0.5,1", "--choice", "attention"])
+    args = retrieval.parser().parse_args(["--cutoffs", "2+3", "--ratio", "0.5,1", "--choice", "attention"])
     assert args.ratio == (0.5, 1.0)
     assert merge_settings(args, (2, 3)) == MergeSettings(cutoffs=(2, 3), ratio=(0.5, 1.0), choice="attention")

@@ -9,13 +9,13 @@ import torch
 from transformers import LlamaConfig
 
 from conftest import tiny_engine, word_tokenizer
-from slerpviz.bench import command, limits, schedules
+from slerpviz.bench import command, fidelity, limits, schedules
 from slerpviz.bench.engines import random_weight_engine, shape_config
-from slerpviz.bench.fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, FidelityPlan, TokenText, base_reference,
-                                     best_combination, compare, earliest_cutoff, run_fidelity)
+from slerpviz.bench.fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, FidelityPlan, base_reference, best_combination,
+                                     compare, earliest_cutoff, run_fidelity)
 from slerpviz.bench.machine import PeakMemory
 from slerpviz.bench.speed import SPEED_COLUMNS, SpeedPlan, random_prompt, run_speed
-from slerpviz.bench.texts import read_texts, tokenize
+from slerpviz.bench.texts import TokenText, read_texts, tokenize
 from slerpviz.engine import MergeSettings
 from slerpviz.pairs import plan_stages
 
@@ -193,9 +193,9 @@ def test_fidelity_grid_over_pair_choice_and_proportional_attention(tiny):
     assert {(r["choice"], r["proportional"]) for r in rows} == {
         ("consecutive", False), ("consecutive", True), ("similar", False), ("similar", True)}
     assert len(rows) == 2 * 4 and all(r["ratio"] == 0.5 for r in rows)
-    labels = {command.variant_label(r) for r in rows}
+    labels = {fidelity.variant_label(r) for r in rows}
     assert labels == {"slerp/mean", "slerp/mean/proportional", "slerp/mean/similar", "slerp/mean/similar/proportional"}
-    result = command.fidelity_result(rows, tiny.num_layers, 0.5)
+    result = fidelity.fidelity_result(rows, tiny.num_layers, 0.5)
     assert result["best"]["label"] in labels and len(result["summary"]) == 2 * 4
 
 
