@@ -28,7 +28,7 @@ import torch
 
 from .. import settings as checks
 from ..engine import MergeSettings, MergingEngine, Sampling
-from ..merge import CHOICES, METHODS, POSITION_MODES
+from ..merge import CHOICES, INTERPOLATIONS, METHODS, POSITION_MODES
 from . import report, schedules
 from .machine import machine_info
 from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, guarded, int_list, listed, share,
@@ -58,7 +58,7 @@ class FidelityPlan:
 
     prefixes: tuple[int, ...]
     schedules: tuple[Schedule, ...]
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = INTERPOLATIONS  # drop, the control, when asked for (--methods ...,drop)
     positions: tuple[str, ...] = POSITION_MODES
     choices: tuple[str, ...] = ("consecutive",)
     proportional: tuple[bool, ...] = (False,)
@@ -259,7 +259,8 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
                    summary="next-token agreement and KL of merged against base on real texts")
     p.add_argument("--prefixes", type=listed,
                    help="prefix lengths in tokens, comma-separated (default: 64..512 on CPU, 32..1024 on GPU)")
-    p.add_argument("--methods", type=listed, default=",".join(METHODS))
+    p.add_argument("--methods", type=listed, default=",".join(INTERPOLATIONS),
+                   help=f"comma-separated, of {', '.join(METHODS)} (default: every interpolation; drop is the control)")
     p.add_argument("--positions", type=listed, default=",".join(POSITION_MODES))
     p.add_argument("--continuation", type=whole(1), help="greedy tokens compared after each prefix")
     p.add_argument("--threshold", type=share, default=0.9,
