@@ -14,6 +14,7 @@ reports them, and is the subcommand.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -257,7 +258,8 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
     p.add_argument("--depths", type=listed, help="needle depths, shares of the filler (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=whole(1), help="prompts per length and depth (default 4: 20 per length)")
     p.add_argument("--preset", type=given, action="append", default=[],
-                   help="add a named preset as a variant (see slerpviz.presets); repeatable")
+                   help="add a named preset as a variant (see slerpviz.presets); repeatable. --method and "
+                        "--positions still say how its slots are made, as for speed")
     return p
 
 
@@ -279,7 +281,10 @@ def retrieval_plan(args, engine) -> RetrievalPlan:
     if args.preset:
         from ..presets import preset
 
-        variants = [*(preset(name, layers) for name in args.preset), *(variants if args.cutoffs is not None else [])]
+        # The preset replaces the merge flags; --method and --positions still apply (drop against merge, say).
+        named = [dataclasses.replace(preset(name, layers), method=args.method, positions=args.positions)
+                 for name in args.preset]
+        variants = [*named, *(variants if args.cutoffs is not None else [])]
     tasks = task_list(args.tasks)
     return RetrievalPlan(
         tasks=tasks,

@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -230,3 +231,16 @@ def test_per_cutoff_ratios_on_the_command_line():
     args = retrieval.parser().parse_args(["--cutoffs", "2+3", "--ratio", "0.5,1", "--choice", "attention"])
     assert args.ratio == (0.5, 1.0)
     assert merge_settings(args, (2, 3)) == MergeSettings(cutoffs=(2, 3), ratio=(0.5, 1.0), choice="attention")
+
+
+def test_a_preset_variant_takes_the_method_and_positions_asked_for():
+    # `--preset recommended --method drop` once ran the preset's own SLERP, silently: the flags now apply, as in speed.
+    from conftest import tiny_engine
+    from slerpviz import presets
+    from slerpviz.bench import retrieval
+
+    tiny = tiny_engine("llama")
+    args = retrieval.parser().parse_args(["--preset", "recommended", "--method", "drop", "--positions", "first"])
+    (label, settings), = retrieval.retrieval_plan(args, tiny).variants
+    assert settings == dataclasses.replace(presets.recommended(tiny.num_layers), method="drop", positions="first")
+    assert "method drop" in label and "positions first" in label
