@@ -384,3 +384,15 @@ def test_an_out_folder_made_for_the_check_is_not_left_behind(tmp_path, capsys):
     argv = ["retrieval", "--shape", "tiny", "--tasks", "needle", "--out", str(out)]
     assert command.main(argv) == 2 and "unknown task" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_the_default_texts_stay_the_six_top_level_ones_and_a_register_folder_reads_its_own():
+    # The register subfolders (assets/texts/legal, ...) widen the tuning set without moving past results: a folder
+    # is read non-recursively, so the default set is what every earlier run measured.
+    from slerpviz.bench.texts import DEFAULT_TEXTS, read_texts
+
+    assert sorted(name for name, _ in read_texts([])) == sorted(p.stem for p in DEFAULT_TEXTS.glob("*.txt"))
+    assert len(read_texts([])) == 6
+    for register in ("technical", "legal", "code", "dialogue", "lists"):
+        texts = read_texts([DEFAULT_TEXTS / register])
+        assert len(texts) == 2 and all(len(text) > 5_000 for _, text in texts), register
