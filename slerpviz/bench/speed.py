@@ -199,8 +199,7 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
                     repeats += [{"length": length, "mode": mode, "decode": decode, "variant": variant, "repeat": i,
                                  **r} for i, r in enumerate(runs)]
         merge_s = {name: time_merge(engine, length, settings, plan.merge_repeats) for name, settings in variants}
-        counted = {(name, decode): host_work(engine, ids, settings, plan, decode)
-                   for name, settings in [(BASE, MergeSettings()), *variants] for decode in plan.decodes}
+        counted = host_work(engine, ids, variants, plan.decodes) if plan.profile else {}
         for (mode, decode), runs in measured.items():
             for name, settings in variants:
                 rows.append(speed_row(engine, shape, plan, length, name, settings, mode, decode, runs, measured,
@@ -224,16 +223,19 @@ def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMem
     return runs
 
 
-def host_work(engine: MergingEngine, ids: torch.Tensor, settings: MergeSettings, plan: SpeedPlan, decode: str
-              ) -> dict:
-    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run."""
-    if not plan.profile:
-        return {}
-    work = profile_decode_step(engine, ids, settings, decode)
-    if settings.cutoffs:
-        hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
-        work.update(profile_merge(engine, hidden, settings))
-    return work
+def host_work(engine: MergingEngine, ids: torch.Tensor, variants: list[tuple[str, MergeSettings]],
+              decodes: tuple[str, ...]) -> dict[tuple[str, str], dict]:
+    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run, by
+    (variant, decode). Each merge is counted once per variant, each step once per variant and kind of step: the
+    static, graph and compiled decodes all run the static step (a graph replays what it recorded)."""
+    kinds = {decode: "dynamic" if decode == "dynamic" else "static" for decode in decodes}
+    everyone = [(BASE, MergeSettings()), *variants]
+    steps = {(name, kind): profile_decode_step(engine, ids, settings, kind)
+             for name, settings in everyone for kind in set(kinds.values())}
+    hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
+    merges = {name: profile_merge(engine, hidden, settings) for name, settings in variants}
+    return {(name, decode): {**steps[name, kind], **merges.get(name, {})}
+            for name, _ in everyone for decode, kind in kinds.items()}
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
