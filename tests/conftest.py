@@ -127,3 +127,17 @@ def client(app_url):
     from gradio_client import Client
 
     return Client(app_url, verbose=False, analytics_enabled=False, download_files=False)
+
+
+# The page's inputs by name, in the order the callbacks and the API take them (slerpviz.app.form.FIELDS).
+PAGE_PROMPT = "Why is the sky blue? One sentence."
+
+
+def page_defaults(**changes) -> dict:
+    """The page's fields for a short consecutive merge at cutoff 15 of the embedded model, with `changes`."""
+    from slerpviz.models import EMBEDDED
+
+    return {**dict(prompt=PAGE_PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0,
+                   keep_end=0, method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0,
+                   seed=0, ratio=1.0, choice="consecutive", proportional=False, attention_window=32,
+                   attention_keep=0, ratios="", attention_reach=0, attention_keep_share=0.0), **changes}

@@ -15,17 +15,15 @@ import pytest
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
+from conftest import PAGE_PROMPT, page_defaults
 from slerpviz.app import admission, callbacks, form, layout
 from slerpviz.engine import Sampling
 from slerpviz.app.resident import RESIDENT, ResidentModel, SwitchRefused
 from slerpviz.models import EMBEDDED
 
-PROMPT = "Why is the sky blue? One sentence."
+PROMPT = PAGE_PROMPT
 OTHER = "Qwen/Qwen2.5-0.5B-Instruct"  # on the allow-list, never loaded in these tests
-DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
-                method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0, seed=0,
-                ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
-                ratios="", attention_reach=0, attention_keep_share=0.0)
+DEFAULTS = page_defaults(max_new_tokens=4)
 
 
 def inputs(**changes) -> list:

@@ -12,6 +12,7 @@ import torch
 from gradio.components.plot import PlotData
 from gradio_client.exceptions import AppError
 
+from conftest import PAGE_PROMPT, page_defaults
 from slerpviz import presets
 from slerpviz.app import callbacks, form, layout, panels
 from slerpviz.engine import Run, Trace, interleave
@@ -19,12 +20,9 @@ from slerpviz.app.resident import ResidentModel
 from slerpviz.models import EMBEDDED
 from slerpviz.settings import MergeSettings
 
-PROMPT = "Why is the sky blue? One sentence."
+PROMPT = PAGE_PROMPT
 # The page's inputs, by name, in the order the callbacks take them.
-DEFAULTS = dict(prompt=PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0, keep_end=0,
-                method="slerp", positions="mean", mode="cached", max_new_tokens=6, temperature=0.0, seed=0,
-                ratio=1.0, choice="consecutive", proportional=False, attention_window=32, attention_keep=0,
-                ratios="", attention_reach=0, attention_keep_share=0.0)
+DEFAULTS = page_defaults(max_new_tokens=6)
 
 
 def inputs(**changes) -> list:
