@@ -308,8 +308,9 @@ class LayerwiseModel:
         """Attention each of the L items of h [1, L, d] receives from the last `window` items, at the layer after
         the cutoff: [L], averaged over heads and queries.
 
-        The layer's own input norm, q/k projections, RoPE at the items' positions and grouped KV heads, causal, with
-        proportional attention's log(size) when it is on; W queries against L keys, never the whole L × L matrix.
+        The layer's own input norm, q/k projections, RoPE at the items' positions (on h's device, as the prefill keeps
+        them) and grouped KV heads, causal, with proportional attention's log(size) when it is on; W queries against L
+        keys, never the whole L × L matrix.
         """
         layer = self.decoder.layers[min(cutoff, self.num_layers - 1)]
         attention = layer.self_attn
@@ -337,7 +338,7 @@ class LayerwiseModel:
         """[layers, L]: what the `attention` choice would score at a cutoff at each layer of the unmerged prompt
         [1, L] — row c is `attention_received` at cutoff c — from one plain forward of the model."""
         hidden = self.model(input_ids.to(self.device), output_hidden_states=True, use_cache=False).hidden_states
-        positions = torch.arange(input_ids.shape[-1])
+        positions = torch.arange(input_ids.shape[-1], device=self.device)  # where attention_received reads them
         # hidden[c] is what enters layer c: the embeddings, then each layer's output.
         return torch.stack([self.attention_received(c, hidden[c], positions, window)
                             for c in range(self.num_layers)]).cpu()
