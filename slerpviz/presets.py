@@ -36,20 +36,21 @@ class Preset:
 
     def settings(self, num_layers: int) -> MergeSettings:
         """The template with its cutoffs placed for a model of `num_layers` layers."""
-        # Each share rounded to a layer; where two round to the same layer (0.57 and 0.6 of 24 are both 14) the larger
-        # share takes the next layer (15), and any pushed past the last layer step back, so every stage keeps a layer
-        # of its own. Worked in depth order; each cutoff stays in its share's place, beside its ratio.
-        order = sorted(range(len(self.depth_shares)), key=lambda i: self.depth_shares[i])
+        # Each share rounded to a layer; where two shares round to the same layer (0.57 and 0.6 of 24 are both 14) the
+        # larger takes the next layer (15), and any pushed past the last layer step back, so every share keeps a layer
+        # of its own. A share written twice is one layer merged twice (groups of up to four tokens there), so equal
+        # shares are placed once. Worked in depth order; each cutoff stays in its share's place, beside its ratio.
+        shares = sorted(set(self.depth_shares))
         layers = []
-        for index in order:
-            layer = max(1, min(num_layers, round(self.depth_shares[index] * num_layers)))
+        for share in shares:
+            layer = max(1, min(num_layers, round(share * num_layers)))
             layers.append(max(layer, layers[-1] + 1) if layers else layer)
         for rank in reversed(range(len(layers))):
             layers[rank] = min(layers[rank], num_layers if rank == len(layers) - 1 else layers[rank + 1] - 1)
         if layers and layers[0] < 1:
             raise ValueError(f"a model of {num_layers} layers has no room for {len(layers)} distinct cutoffs")
-        placed = dict(zip(order, layers))
-        cutoffs = tuple(placed[index] for index in range(len(order)))
+        placed = dict(zip(shares, layers))
+        cutoffs = tuple(placed[share] for share in self.depth_shares)
         return dataclasses.replace(self.merge, cutoffs=cutoffs)
 
 

@@ -231,9 +231,11 @@ def text(value, field: str) -> str:
 
 
 def layers(cutoff, more_cutoffs, low: int = 0, high: int | None = None) -> tuple[int, ...]:
-    """The cutoff plus any further cutoffs (a list, or text like "20, 25"), each layer once, in order.
+    """The cutoff plus any further cutoffs (a list, or text like "20, 25"), in order.
 
     The main cutoff is required; further cutoffs are optional. `high` (the model's depth) is checked where it is known.
+    A layer given twice merges twice there, the second time pairing the slots of the first: groups of up to four
+    neighbouring tokens become one slot at that layer (three times: up to eight).
     """
     if more_cutoffs is None or more_cutoffs == "":
         more = []
@@ -243,8 +245,7 @@ def layers(cutoff, more_cutoffs, low: int = 0, high: int | None = None) -> tuple
         more = list(more_cutoffs)
     else:
         raise ValueError(f"further cutoffs must be a list of layer numbers (got {_shown(more_cutoffs)})")
-    chosen = {whole(cutoff, "cutoff", low, high)}
-    chosen.update(whole(value, "further cutoff", low, high) for value in more)
+    chosen = [whole(cutoff, "cutoff", low, high), *(whole(value, "further cutoff", low, high) for value in more)]
     return tuple(sorted(chosen))
 
 

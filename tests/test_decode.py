@@ -25,6 +25,8 @@ SETTINGS = [
     MergeSettings(cutoffs=(0, 3), choice="attention", attention_window=4, attention_keep=4, attention_reach=2,
                   proportional=True),
     MergeSettings(cutoffs=(2, 4), choice="attention", attention_window=4, attention_keep=4, positions="renumber"),
+    # Groups: layer 2 merged three times (up to eight tokens a slot), weighed by proportional attention.
+    MergeSettings(cutoffs=(2, 2, 2), choice="attention", attention_window=4, attention_keep=2, proportional=True),
 ]
 
 

@@ -70,6 +70,13 @@ def test_the_same_raw_values_make_the_same_settings_on_the_page_the_command_line
         attention_keep_share=0.25) == EXPECTED
 
 
+def test_a_layer_given_twice_merges_twice_there_on_the_page_the_command_line_and_the_benchmarks():
+    # Groups of up to four tokens at layer 10: the layer twice, each time with its own ratio, in the order given.
+    expected = MergeSettings(**{**EXPECTED.__dict__, "cutoffs": (10, 10, 20), "ratio": (0.5, 1.0, 1.0)})
+    assert page((10, 10, 20), "0.5, 1, 1") == command_line((10, 10, 20), ("0.5, 1, 1",)) == \
+        bench("10+10+20", "0.5,1,1") == expected
+
+
 BAD_RATIOS = [
     ("0.5, 2", "ratio per cutoff must be a number from 0 to 1 (got ' 2')"),
     ("0.5, x", "ratio per cutoff must be a number from 0 to 1 (got ' x')"),

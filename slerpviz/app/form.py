@@ -77,7 +77,8 @@ class Request:
 
 
 def parse_cutoffs(cutoff, more_cutoffs) -> tuple[int, ...]:
-    """The main cutoff plus any further ones (a list, or text like "20, 25"), each layer once, in order."""
+    """The main cutoff plus any further ones (a list, or text like "20, 25"), in order; a layer
+    given twice merges twice there (slerpviz.settings.layers)."""
     return checks.layers(cutoff, more_cutoffs)
 
 

@@ -23,6 +23,7 @@ PROTECTED_FILL = "rgba(84, 162, 75, 0.14)"
 SINGLE_COLOR = "#9D9D9D"
 LINK_COLOR = "rgba(245, 133, 24, 0.75)"
 PASS_COLOR = "rgba(157, 157, 157, 0.35)"
+SPAN_COLOR = "rgba(245, 133, 24, 0.18)"
 NEEDLE_COLOR = "#D62728"
 NEEDLE_FILL = "rgba(214, 39, 40, 0.12)"
 ATTENTION_SCALE = "YlOrRd"
@@ -100,12 +101,26 @@ def stage_traces(trace: Trace, stage: int, above_x: list[float], low: int, high:
     cosines = stage_cosines(trace, stage)
     is_pair = [len(m) == 2 for m in parents]
     known = any(c is not None for c, pair in zip(cosines, is_pair) if pair)
-    traces = [*stage_links(trace, stage, parents, shown, above_x, slot_x),
+    traces = [slot_spans(trace, stage, shown), *stage_links(trace, stage, parents, shown, above_x, slot_x),
               *slot_traces(trace, stage, parents, cosines, known, shown, slot_x, attention_shown)]
     if len(shown) < len(groups):
         traces += overview_slot_traces(trace.cutoffs[stage], -(stage + 1), groups, slot_x, is_pair,
                                        cosines if known else None, low, high)
     return traces
+
+
+def slot_spans(trace: Trace, stage: int, shown: list[int]) -> go.Scatter:
+    """A bar under each shown slot that holds several tokens, from its first prompt token to its last: a group of
+    four or eight (a layer merged twice, or stages composing) reads as the run of tokens it took in."""
+    groups, y = trace.slot_tokens[stage], -(stage + 1)
+    xs, ys = [], []
+    for slot in shown:
+        group = groups[slot]
+        if len(group) > 1:
+            xs += [group[0] - 0.3, group[-1] + 0.3, None]
+            ys += [y, y, None]
+    return go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=SPAN_COLOR, width=10), hoverinfo="skip",
+                      showlegend=False, name=f"token spans, layer {trace.cutoffs[stage]}")
 
 
 def stage_links(trace: Trace, stage: int, parents: list[list[int]], shown: list[int], above_x: list[float],
@@ -379,9 +394,13 @@ def pairing_title(trace: Trace) -> str:
 
 
 def row_names(trace: Trace) -> list[str]:
-    """The y axis's labels: the prompt's row, then each stage's."""
-    return [f"prompt<br>{len(trace.tokens)} tokens",
-            *(f"after layer {cutoff}<br>{len(groups)} slots" for groups, cutoff in zip(trace.slot_tokens, trace.cutoffs))]
+    """The y axis's labels: the prompt's row, then each stage's (a layer merged again names its round)."""
+    names = [f"prompt<br>{len(trace.tokens)} tokens"]
+    for stage, (groups, cutoff) in enumerate(zip(trace.slot_tokens, trace.cutoffs)):
+        merges = trace.cutoffs[:stage + 1].count(cutoff)
+        round_name = f", round {merges}" if merges > 1 else ""
+        names.append(f"after layer {cutoff}{round_name}<br>{len(groups)} slots")
+    return names
 
 
 def lay_out_pairing(fig: go.Figure, trace: Trace, low: int, view_from: int, window: int,

@@ -1,4 +1,5 @@
-"""Merge schedules: the cutoffs of one merged variant, written "15" for one stage or "7+15" for two."""
+"""Merge schedules: the cutoffs of one merged variant, written "15" for one stage or "7+15" for two ("15+15" merges
+twice at layer 15: groups of up to four tokens)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ def check(schedules: list[Schedule], num_layers: int) -> None:
     for schedule in schedules:
         if not schedule or any(not 0 <= c <= num_layers for c in schedule):
             raise ValueError(f"cutoff schedule {label(schedule)!r} is out of range: layers are 0 to {num_layers}")
-        if len(set(schedule)) != len(schedule):
-            raise ValueError(f"cutoff schedule {label(schedule)!r} repeats a layer")
 
 
 def speed_defaults(num_layers: int, quick: bool) -> list[Schedule]:

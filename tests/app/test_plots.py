@@ -141,6 +141,19 @@ def test_second_stage_links_slots_of_the_first():
     assert len(second.x) == sum(len(m) == 2 for m in parents)
 
 
+def test_a_layer_merged_twice_draws_its_groups_as_spans_and_names_its_rounds():
+    trace = make_trace(words(14), cutoffs=(3, 3))
+    # Merged twice at layer 3, the middle (tokens 1 to 12) becomes runs of four: (1..4), (5..8), (9..12).
+    assert [list(g) for g in trace.slot_tokens[1]] == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13]]
+    fig = pairing.pairing_figure(trace)
+    assert [t.split("<br>")[0] for t in fig.layout.yaxis.ticktext] == ["prompt", "after layer 3", "after layer 3, round 2"]
+    (first, second) = traces_named(fig, "token spans, layer 3")
+    bars = lambda t: [(t.x[i], t.x[i + 1]) for i in range(0, len(t.x), 3)]
+    # Each bar runs under the tokens its slot holds: pairs on the first row, groups of four on the second.
+    assert bars(second) == [(0.7, 4.3), (4.7, 8.3), (8.7, 12.3)] and set(real_points(second.y)) == {-2}
+    assert len(bars(first)) == 6 and set(real_points(first.y)) == {-1}
+
+
 def test_long_prompt_opens_on_a_window_with_a_range_slider():
     trace = make_trace(words(600), cutoffs=(6,))
     fig = pairing.pairing_figure(trace)
@@ -152,8 +165,8 @@ def test_long_prompt_opens_on_a_window_with_a_range_slider():
     # All tokens are there to pan to, not just the window: labelled near the view, as plain markers further on.
     assert list(tokens.x) == list(range(pairing_data.DETAIL_TOKENS)) and rest.x0 == pairing_data.DETAIL_TOKENS
     assert len(tokens.x) + len(rest.y) == 600
-    # Links stay two traces whatever the length, the overview one per kind of slot, so the figure stays light.
-    assert len(fig.data) == 8
+    # Links stay two traces whatever the length, the spans one, the overview one per kind of slot: a light figure.
+    assert len(fig.data) == 9
     short = pairing.pairing_figure(make_trace(words(20)))
     assert not short.layout.xaxis.rangeslider.visible
 
@@ -434,6 +447,7 @@ def figure_cases() -> dict[str, go.Figure]:
     trace.pair_cosines = [[0.5] * sum(len(p) == 2 for p in pairing_data.slot_parents(trace.slot_tokens, s))
                           for s in range(2)]
     cases["pairing two stages"] = pairing.pairing_figure(trace)
+    cases["pairing groups, one layer merged twice"] = pairing.pairing_figure(make_trace(words(14), cutoffs=(3, 3)))
     trace = make_trace(words(60), cutoffs=(2, 5), keep_start=2, keep_end=3, ratio=(0.5, 1.0))
     trace.pair_cosines = [[0.1 * (i % 10) for i, p in enumerate(pairing_data.slot_parents(trace.slot_tokens, s))
                            if len(p) == 2]
