@@ -425,3 +425,19 @@ def test_cosine_share_mixes_the_pair_ranking_by_rank():
     with pytest.raises(ValueError, match="needs the adjacent similarities"):
         choose_pairs(10, choice="attention", attention=attention, cosine_share=0.5)
     assert (share_ranks(torch.tensor([0.3, 0.1, 0.2, 0.1])) * 3).tolist() == [3, 0, 2, 1]
+
+
+def test_a_layer_merged_twice_makes_groups_of_four_that_weigh_their_tokens_alike():
+    """Groups: the second round at one layer pairs the first round's slots at t = 2 / (2 + 2), so with lerp a group
+    of four is the plain mean of its tokens, and with slerp-dir its norm is the mean of their norms."""
+    x = torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(3))
+    first, second = plan_stages(10, (2, 2))
+    assert second.slot_tokens == [(0,), (1, 2, 3, 4), (5, 6, 7, 8), (9,)]
+    for method in ("lerp", "slerp-dir"):
+        merged = apply_plan(apply_plan(x, first.plan, method), second.plan, method)
+        group = x[0, 1:5]
+        if method == "lerp":
+            assert torch.allclose(merged[0, 1], group.mean(0), atol=1e-6)
+        else:
+            assert merged[0, 1].norm() == pytest.approx(group.norm(dim=-1).mean().item(), rel=1e-5)
+        assert torch.equal(merged[0, 0], x[0, 0]) and torch.equal(merged[0, 3], x[0, 9])  # singles stay whole

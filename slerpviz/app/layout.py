@@ -180,7 +180,8 @@ def cutoff_controls(named: Named, layers: int) -> None:
         list(range(layers + 1)), value=[], multiselect=True,
         allow_custom_value=True,  # the engine checks the range, per model
         label="Further cutoffs (optional)",
-        info="Merge again at these layers: each stage halves the sequence.")
+        info="Merge again at these layers: each stage halves the sequence. A layer listed twice (as the turbo "
+             "preset does) merges twice there: groups of up to four tokens.")
     with gr.Row():
         named["keep_start"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep start",
                                         info="Protected tokens at the start.", elem_id="keep-start")

@@ -387,20 +387,26 @@ def pairing_title(trace: Trace) -> str:
     """The prompt's length, then each stage's slots (or the layers a pending plan is chosen at)."""
     title = f"Token pairing · {len(trace.tokens)} prompt tokens"
     if trace.plan_pending:
-        title += " → pairs chosen at layer " + ", ".join(str(c) for c in trace.cutoffs)
+        rounds = {c: trace.cutoffs.count(c) for c in trace.cutoffs}
+        title += " → pairs chosen at layer " + ", ".join(
+            f"{c} ({n} rounds)" if n > 1 else str(c) for c, n in rounds.items())
     for stage in range(len(trace.slot_tokens)):
-        title += f" → {len(trace.slot_tokens[stage])} slots after layer {trace.cutoffs[stage]}"
+        title += f" → {len(trace.slot_tokens[stage])} slots after {stage_name(trace, stage)}"
     return title
+
+
+def stage_name(trace: Trace, stage: int) -> str:
+    """'layer 12', or 'layer 12, round 2' where a layer merges again (groups)."""
+    cutoff = trace.cutoffs[stage]
+    merges = trace.cutoffs[:stage + 1].count(cutoff)
+    return f"layer {cutoff}, round {merges}" if merges > 1 else f"layer {cutoff}"
 
 
 def row_names(trace: Trace) -> list[str]:
     """The y axis's labels: the prompt's row, then each stage's (a layer merged again names its round)."""
-    names = [f"prompt<br>{len(trace.tokens)} tokens"]
-    for stage, (groups, cutoff) in enumerate(zip(trace.slot_tokens, trace.cutoffs)):
-        merges = trace.cutoffs[:stage + 1].count(cutoff)
-        round_name = f", round {merges}" if merges > 1 else ""
-        names.append(f"after layer {cutoff}{round_name}<br>{len(groups)} slots")
-    return names
+    return [f"prompt<br>{len(trace.tokens)} tokens",
+            *(f"after {stage_name(trace, stage)}<br>{len(groups)} slots"
+              for stage, groups in enumerate(trace.slot_tokens))]
 
 
 def lay_out_pairing(fig: go.Figure, trace: Trace, low: int, view_from: int, window: int,

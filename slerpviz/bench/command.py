@@ -1,8 +1,8 @@
-"""python -m slerpviz.bench speed|fidelity|frontier|retrieval|locate [--model NAME | --shape SHAPE] [--quick] [...]
+"""python -m slerpviz.bench speed|fidelity|frontier|retrieval|locate|groups [--model NAME | --shape ...] [...]
 
 The one command module. Each benchmark's module holds its run, its parser and its main (speed, fidelity, frontier,
-retrieval, locate), on the options they share (.options); this module only assembles them as the subcommands of
-`python -m slerpviz.bench`, beside `snapshot` (a report as a picture), and dispatches to the one asked for.
+retrieval, locate, groups), on the options they share (.options); this module only assembles them as the
+subcommands of `python -m slerpviz.bench`, beside `snapshot` (a report as a picture), and dispatches to the one asked for.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from ..settings import Parser
-from . import fidelity, frontier, locate, report, retrieval, speed
+from . import fidelity, frontier, groups, locate, report, retrieval, speed
 from .machine import commit_at_start
 from .options import DESCRIPTION, PROG
 
 # The benchmarks, in the order --help lists them: each module's parser(add_parser) and main(argv, args).
-BENCHMARKS = (speed, fidelity, frontier, retrieval, locate)
+BENCHMARKS = (speed, fidelity, frontier, retrieval, locate, groups)
 
 
 def snapshot_parser(add_parser) -> argparse.ArgumentParser:

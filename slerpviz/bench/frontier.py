@@ -20,7 +20,7 @@ import torch
 from ..engine import MergeSettings, MergingEngine
 from . import options
 from .fidelity import base_reference, compare, usable_prefixes
-from .grids import ATTENTION_PASSES, named_grid
+from .grids import ATTENTION_PASSES, beside_drop, named_grid
 from .limits import Shape, prefill_flops
 from .texts import TokenText
 
@@ -297,6 +297,9 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
                    help="pass-key prompt lengths, comma-separated (default 1024; --quick 512; 'none' to skip)")
     p.add_argument("--retrieval-samples", type=options.whole(1),
                    help="pass-key prompts per length and depth, five depths (default 2: 10 per length)")
+    p.add_argument("--drop-beside", action="store_true",
+                   help="each setting again with its pairs dropped instead of merged (method drop, positions first): "
+                        "merging against dropping at equal length")
     return p
 
 
@@ -320,7 +323,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         retrieval_lengths = (() if args.retrieval_lengths == "none" else int_list(args.retrieval_lengths)
                              if args.retrieval_lengths is not None else ((512,) if args.quick else (1024,)))
         plan = FrontierPlan(
-            settings=named_grid(args.grid, engine.num_layers, args.quick, args.method, args.positions),
+            settings=beside_drop(named_grid(args.grid, engine.num_layers, args.quick, args.method, args.positions),
+                                 args.drop_beside),
             prefixes=(int_list(args.prefixes, "prefix") if args.prefixes is not None
                       else (128,) if args.quick else (128, 512)),
             speed_length=args.speed_length or (512 if args.quick else 1024),
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     report.write_json(args.out / "frontier.json", {
         "benchmark": "frontier", "machine": machine, "model": model, "rows": rows, **targets, **by_limit,
         "base_passkey": base,
-        "plan": {"grid": args.grid, "prefixes": plan.prefixes, "offsets": args.offsets or "0",
+        "plan": {"grid": args.grid, "quick": args.quick, "method": args.method, "positions": args.positions,
+                 "drop_beside": args.drop_beside, "prefixes": plan.prefixes, "offsets": args.offsets or "0",
                  "speed_length": plan.speed_length, "repeats": plan.repeats, "continuation": plan.continuation,
                  "retrieval_lengths": plan.retrieval_lengths, "retrieval_depths": plan.retrieval_depths,
                  "retrieval_samples": plan.retrieval_samples, "texts": [t.name for t in texts]},

@@ -182,6 +182,21 @@ def test_the_pass_key_example_fills_the_page_from_the_preset(page):
     page.screenshot(path=str(OUTPUT / "passkey-example.png"), full_page=True)
 
 
+def test_the_turbo_preset_keeps_a_layer_it_lists_twice_through_the_browser(page):
+    # The further cutoffs menu holds a layer more than once (the preset merges three rounds at layer 12), and the run
+    # the browser sends back merges every round: the pairing plot names them.
+    page.click("#preset-name input")
+    page.get_by_role("option", name="turbo").click()
+    page.click("#preset")
+    page.fill("#prompt textarea", " ".join(["Write one line on rivers, lakes and the sea."] * 12))
+    set_number(page, "max-new-tokens", 4)
+    page.click("#run")
+    status_has(page, "Done")
+    page.wait_for_function(
+        "() => document.querySelector('#pairing-plot')?.innerText.includes('after layer 12, round 3')")
+    assert "after layer 14, round 3" in page.inner_text("#pairing-plot")
+
+
 def test_one_pick_in_the_model_menu_switches_once_and_says_why_it_failed(page, url, monkeypatch):
     from slerpviz.app.resident import RESIDENT
 

@@ -12,7 +12,7 @@ from slerpviz.bench import limits
 from slerpviz.bench.engines import shape_config
 from slerpviz.bench.frontier import FRONTIER_COLUMNS, best_at, is_article_setting, pareto_front
 from slerpviz.bench.frontier import main as frontier_main
-from slerpviz.bench.grids import ATTENTION_PASSES, default_grid, named_grid
+from slerpviz.bench.grids import ATTENTION_PASSES, beside_drop, default_grid, named_grid
 from slerpviz.engine import MergeSettings
 from slerpviz.pairs import merged_length, plan_stages
 
@@ -138,7 +138,10 @@ def test_a_named_grid_is_the_grid_its_recorded_run_measured(run):
     """--grid NAME reruns what docs/measurements.md measured: the settings of its run in assets/results, in order.
     (The presets grid is the presets as they are now, not a past pass: left out.)"""
     data = json.loads((RESULTS / run / "frontier.json").read_text())
-    grid = named_grid(data["plan"].get("grid", "default"), data["model"]["layers"], quick=False)
+    plan = data["plan"]  # runs before the method, positions and drop twins were recorded used the defaults
+    grid = beside_drop(named_grid(plan.get("grid", "default"), data["model"]["layers"], plan.get("quick", False),
+                                  method=plan.get("method", "slerp"), positions=plan.get("positions", "mean")),
+                       plan.get("drop_beside", False))
     assert list(grid) == [recorded_settings(row) for row in data["rows"]]
 
 
@@ -192,6 +195,16 @@ def test_share_grid_sets_the_growing_budget_on_each_of_its_shapes():
         # docs/measurements.md's reading: up to 512 tokens the budget is the fixed 32, so short-prompt figures stand.
         if setting.attention_keep_share:
             assert [setting.kept_budget(n) for n in (64, 512, 1024, 2048)] == [32, 32, 64, 128]
+
+
+def test_drop_beside_gives_each_setting_its_dropping_twin_at_the_same_lengths():
+    grid = named_grid("reach", 30, quick=False) + (MergeSettings(cutoffs=(15,), proportional=True),)
+    paired = beside_drop(grid)
+    # Every setting, then its twin: the same pairs kept by their first token; none for proportional attention.
+    assert paired[0::2][:len(grid) - 1] == grid[:-1] and paired[-1] == grid[-1]
+    for setting, twin in zip(paired[0:-1:2], paired[1::2]):
+        assert twin == dataclasses.replace(setting, method="drop", positions="first")
+    assert beside_drop(grid, drop=False) == grid
 
 
 def test_presets_grid_judges_every_preset():
