@@ -17,10 +17,10 @@ fi
   # Every decode path gives the dynamic path's tokens on this GPU (tiny Mistral, Llama and Qwen2).
   python3 -m pytest -q -p no:cacheprovider tests/test_decode.py -k on_a_gpu 2>&1 | tail -4
 } 2>&1 | tee "$out/env.txt"
-# Time to first token and decode, base against the presets and the article-style cutoff 16, dynamic against the
-# static decode recorded as a CUDA graph (the app's default on a GPU).
+# Time to first token and decode, base against the presets (turbo: groups, 2x fewer FLOPs) and the article-style
+# cutoff 16, dynamic against the static decode recorded as a CUDA graph (the app's default on a GPU).
 python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 1024,4096,16384 \
-  --preset recommended,fast --cutoffs 16 --modes cached --decode dynamic,graph --repeats 5 --new-tokens 16 \
+  --preset recommended,fast,turbo --cutoffs 16 --modes cached --decode dynamic,graph --repeats 5 --new-tokens 16 \
   --out "$out/speed" 2>&1 | tee "$out/speed.log"
 # The torch.compile'd decode beside it, with its compile time (last: it may not finish in a short lease).
 timeout "${COMPILED_TIMEOUT:-240}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 4096 \

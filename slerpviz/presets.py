@@ -92,14 +92,14 @@ PRESETS: dict[str, Preset] = {
     # prefill, so 2x needs a deep cut by layer 12, before the prompt's attention finds a retrieval answer (layer 14,
     # `bench locate`): every such shape lost nearly every pass key and multi-key answer, merged or dropped alike.
     "turbo": Preset(
-        description="2x fewer prefill FLOPs, with groups: 80 % of the pairs the prompt attends to least, three "
-                    "rounds at 0.4 of the depth (runs of up to eight tokens), three more at 0.47 and one at 0.57, "
-                    "with the recommended budget and reach. It shows what 2x costs on a small model: next-token "
-                    "agreement near 0.85, and the pass key and multi-key answers lost",
+        description="2x fewer prefill FLOPs, with groups: four in five of the pairs the prompt attends to least, "
+                    "merged in three rounds at 0.4 of the depth (runs of up to eight tokens), three more at 0.47 and "
+                    "one at 0.57, with the recommended budget and reach. It shows what 2x costs on a small model: "
+                    "next-token agreement near 0.8, and nearly every pass key and multi-key answer lost",
         depth_shares=(0.4, 0.4, 0.4, 0.47, 0.47, 0.47, 0.57),
         merge=MergeSettings(ratio=0.8, choice="attention", attention_window=8, attention_keep=32,
                             attention_reach=7, attention_keep_share=1 / 16),
-        summary="about 2x fewer prefill FLOPs with groups of tokens; loses retrieval answers (what 2x costs)",
+        summary="about 2x fewer prefill FLOPs, merging groups; loses retrieval answers: what 2x costs",
     ),
     "careful": Preset(
         description="closest to the base model's next token: the recommended shape merged later, half the pairs "

@@ -127,6 +127,9 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
                ((0.4, 0.4, 0.4, 0.47, 0.47, 0.47, 0.57), (0.8,) * 7, 32, GROWING),
                ((0.33, 0.33, 0.47, 0.47, 0.57), (0.5, 0.5, 1.0, 1.0, 1.0), 32, GROWING),
                ((0.37, 0.37, 0.47, 0.47, 0.57), (1.0, 0.5, 1.0, 1.0, 1.0), 32, GROWING)],
+    # 12th, SLERP for k vectors: the shape of the largest groups above (every pair twice at 0.4 and twice at 0.47:
+    # runs of up to sixteen tokens), one run per --method, so the interpolations meet on the same windows.
+    "group-methods": [((0.4, 0.4, 0.47, 0.47), (1.0,) * 4, 32, GROWING)] * 2,
 }
 
 

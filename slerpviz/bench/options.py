@@ -203,7 +203,8 @@ def speed_fidelity_parents(fidelity: bool) -> list[argparse.ArgumentParser]:
                       "the random prompts (and, for --shape, the random weights)"),
         run_options("a small grid that runs in under three minutes on a CPU",
                     threads_default="torch's choice; 1 with --quick on a CPU"),
-        merge_options("schedules, comma-separated; 7+15 is a two-stage schedule (default: by model)",
+        merge_options("schedules, comma-separated; 7+15 is a two-stage schedule, 15+15 merges twice at 15 (groups of "
+                      "four) (default: by model)",
                       CHOICES_HELP + ("; a comma-separated list for a grid (attention with W 32, no budget)"
                                       if fidelity else ""),
                       attention=not fidelity),  # fidelity's grid has no attention window or budget

@@ -83,7 +83,8 @@ class FakeEngine:
 
 
 def test_cutoffs_parse_from_slider_list_and_text():
-    assert form.parse_cutoffs(15, [20, 15]) == (15, 20)
+    # A layer given again merges again there (groups of up to four tokens), so it is kept, in order.
+    assert form.parse_cutoffs(15, [20, 15]) == (15, 15, 20)
     assert form.parse_cutoffs(10.0, "25, 20") == (10, 20, 25)
     with pytest.raises(ValueError, match="further cutoff must be a whole number"):
         form.parse_cutoffs(10, "twenty")

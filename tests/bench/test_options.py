@@ -287,6 +287,7 @@ LIST_OPTIONS = [
     ("retrieval", "--lengths"), ("retrieval", "--depths"), ("retrieval", "--tasks"), ("retrieval", "--cutoffs"),
     ("locate", "--lengths"), ("locate", "--depths"), ("locate", "--tasks"),
     ("frontier", "--prefixes"), ("frontier", "--offsets"), ("frontier", "--retrieval-lengths"),
+    ("groups", "--layers"), ("groups", "--sizes"),
 ]
 
 
