@@ -47,6 +47,7 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
     assert frontier_main(argv) == 0
     printed = capsys.readouterr().out
     assert "Pareto front" in printed and "best at 1.3x" in printed and "best at 1.3x (by FLOP limit)" in printed
+    assert "best at 2x (by FLOP limit)" in printed
     assert "base: pass key" in printed
     with open(out / "frontier.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -72,7 +73,8 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
             expected = limits.prefill_speedup_limit(shape, [96] * 4, merged)
             assert float(row["prefill_speedup_limit"]) == pytest.approx(expected, rel=1e-5)  # CSV keeps 6 digits
     data = json.loads((out / "frontier.json").read_text())
-    assert {"machine", "model", "rows", "best_at_1.3x", "best_at_1.5x", "best_at_1.3x_by_limit"} <= data.keys()
+    assert {"machine", "model", "rows", "best_at_1.3x", "best_at_1.5x", "best_at_2x", "best_at_1.3x_by_limit",
+            "best_at_2x_by_limit"} <= data.keys()
     assert data["base_passkey"]["passkey_n"] == 3
     assert_report(out / "frontier.html", rows, "python -m slerpviz.bench frontier " + " ".join(argv))
 
