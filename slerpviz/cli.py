@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(--cutoff, --ratio, --choice, --keep-start, --attention-window, ...) overrides that one "
                           "setting")
     gen.add_argument("--cutoff", type=int, action="append", default=None,
-                     help="decoder layer where tokens merge; repeat for a multi-stage schedule, the same layer again to "
-                          "merge twice there: groups of up to four tokens (default: half depth)")
+                     help="decoder layer where tokens merge; repeat for a multi-stage schedule, the same layer "
+                          "again to merge twice there: groups of up to four tokens (default: half depth)")
     gen.add_argument("--keep-start", type=int, default=None, help="tokens at the start never merged (default 0)")
     gen.add_argument("--keep-end", type=int, default=None, help="tokens at the end never merged (default 0)")
     gen.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS)} (default {DEFAULTS.method})")

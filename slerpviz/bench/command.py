@@ -2,7 +2,8 @@
 
 The one command module. Each benchmark's module holds its run, its parser and its main (speed, fidelity, frontier,
 retrieval, locate, groups), on the options they share (.options); this module only assembles them as the
-subcommands of `python -m slerpviz.bench`, beside `snapshot` (a report as a picture), and dispatches to the one asked for.
+subcommands of `python -m slerpviz.bench`, beside `snapshot` (a report as a picture), and dispatches to the one
+asked for.
 """
 
 from __future__ import annotations

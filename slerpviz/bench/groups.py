@@ -11,7 +11,6 @@ with n beside every figure.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ from .texts import TokenText, random_texts, read_texts, tokenize
 
 METHODS_MEASURED = ("slerp", "slerp-dir", "lerp")
 GROUP_COLUMNS = ("text", "layer", "size", "method", "groups", "cos_mean", "cos_min", "norm_ratio_mean")
-SUMMARY_COLUMNS = ("layer", "size", "method", "n", "cos_mean", "cos_min", "norm_ratio_mean")
 
 
 def normalised_mean(vectors: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,8 @@ def test_a_layer_merged_twice_draws_its_groups_as_spans_and_names_its_rounds():
     # Merged twice at layer 3, the middle (tokens 1 to 12) becomes runs of four: (1..4), (5..8), (9..12).
     assert [list(g) for g in trace.slot_tokens[1]] == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13]]
     fig = pairing.pairing_figure(trace)
-    assert [t.split("<br>")[0] for t in fig.layout.yaxis.ticktext] == ["prompt", "after layer 3", "after layer 3, round 2"]
+    rows = [t.split("<br>")[0] for t in fig.layout.yaxis.ticktext]
+    assert rows == ["prompt", "after layer 3", "after layer 3, round 2"]
     (first, second) = traces_named(fig, "token spans, layer 3")
     bars = lambda t: [(t.x[i], t.x[i + 1]) for i in range(0, len(t.x), 3)]
     # Each bar runs under the tokens its slot holds: pairs on the first row, groups of four on the second.
