@@ -394,6 +394,7 @@ def test_the_default_texts_stay_the_six_top_level_ones_and_a_register_folder_rea
 
     assert sorted(name for name, _ in read_texts([])) == sorted(p.stem for p in DEFAULT_TEXTS.glob("*.txt"))
     assert len(read_texts([])) == 6
-    for register in ("technical", "legal", "code", "dialogue", "lists"):
+    # Two texts a register, four for lists (the twelfth pass wrote two more to measure it on 128 windows).
+    for register, count in (("technical", 2), ("legal", 2), ("code", 2), ("dialogue", 2), ("lists", 4)):
         texts = read_texts([DEFAULT_TEXTS / register])
-        assert len(texts) == 2 and all(len(text) > 5_000 for _, text in texts), register
+        assert len(texts) == count and all(len(text) > 5_000 for _, text in texts), register
