@@ -66,10 +66,11 @@ def run_groups(engine, texts, layers: tuple[int, ...], sizes: tuple[int, ...], l
             hidden = engine.model(text.ids.to(engine.device), output_hidden_states=True,
                                   use_cache=False).hidden_states
         for layer in layers:  # hidden[c] is what enters layer c: where a cutoff at c merges
+            states = hidden[layer].cpu()  # once a layer, beside the plans (made on the CPU), for every size and method
             for size in sizes:
                 for method in METHODS_MEASURED:
                     rows.append({"text": text.name, "layer": layer, "size": size, "method": method,
-                                 **measure(hidden[layer].cpu(), size, method)})
+                                 **measure(states, size, method)})
     return rows
 
 
