@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,46 @@ class LayerwiseModel:
         self.num_layers = self.config.num_hidden_layers
         self.eos_ids = _eos_ids(model, tokenizer)  # a generation (slerpviz.generation) stops at these
         self._interrupt = None  # an Event the step under way checks between layers (see `interruptible`)
+        self._prefill_layer = None  # the prompt's layers through torch.compile, once `compile_prefill` is called
+
+    def compile_prefill(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """From now on the prompt's layers run through one `torch.compile`d call (new tokens keep the eager path).
+
+        Regional compilation: the decoder layer is compiled, not the model, with dynamic shapes, and each layer is
+        handed its own cache layer (`_OneLayerCache`), so nothing the trace reads differs between layers: one graph
+        serves every layer, prompt length and merged length (a few more: with and without a cache, a bool and a
+        float mask). The compile happens on the first prompt of each kind; `warm_up_prefill` pays it ahead.
+        """
+        self._prefill_layer = torch.compile(_call_layer, dynamic=True, fullgraph=True, backend=backend, mode=mode)
+
+    @property
+    def compiled_prefill(self) -> bool:
+        return self._prefill_layer is not None
+
+    @contextlib.contextmanager
+    def eager_prefill(self) -> Iterator[None]:
+        """The prompt's layers uncompiled while the block runs, after `compile_prefill` (the speed benchmark times
+        both paths in one run)."""
+        compiled, self._prefill_layer = self._prefill_layer, None
+        try:
+            yield
+        finally:
+            self._prefill_layer = compiled
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, settings: Iterable[MergeSettings] = (MergeSettings(),)) -> float:
+        """Seconds to compile the prefill (after `compile_prefill`) for the prompts these settings make: one prompt
+        each, long enough that every cutoff merges, so no timed run is charged for a compile."""
+        if not self.compiled_prefill:
+            return 0.0
+        began = time.perf_counter()
+        for merge in settings:
+            # An odd length, unlike any of the model's own sizes: torch.compile's dynamic shapes would otherwise take
+            # a prompt as long as, say, a head's width for one symbol, and compile again for the next prompt.
+            length = 2 * (merge.keep_start + merge.keep_end) + 97
+            self.prefill(torch.full((1, length), 3, device=self.device), merge)
+        self.sync()
+        return time.perf_counter() - began
 
     @property
     def device(self) -> torch.device:
@@ -208,7 +249,7 @@ class LayerwiseModel:
             end = self.num_layers if cutoff is None else cutoff
             if end > start:
                 if run_layers:
-                    h = self._run_layers(h, start, end, positions, cache, log_sizes)
+                    h = self._run_layers(h, start, end, positions, cache, log_sizes, self._prefill_layer)
                 segments.append(_Segment(start, end, offset, log_sizes))
                 start = end
             if cutoff is None:
@@ -226,12 +267,13 @@ class LayerwiseModel:
 
     def _run_layers(
         self, h: torch.Tensor, start: int, end: int, positions: torch.Tensor, cache,
-        log_sizes: torch.Tensor | None = None,
+        log_sizes: torch.Tensor | None = None, compiled=None,
     ) -> torch.Tensor:
         """Layers [start, end) on h [1, L, d]; positions [L] go only into RoPE, never into the mask builders.
 
         With `log_sizes`, the attention logit of each cached or current key that stands for several tokens is
-        raised by log(tokens), through an additive float mask (works with sdpa and eager alike).
+        raised by log(tokens), through an additive float mask (works with sdpa and eager alike). `compiled`: the
+        compiled `_call_layer` of `compile_prefill`, which writes each layer's cache through its own layer.
         """
         position_embeddings = self.decoder.rotary_emb(h, positions[None].to(h.device))
         # One mask per attention type, all built before any layer of the segment writes its cache, each sized
@@ -252,10 +294,12 @@ class LayerwiseModel:
         for index in range(start, end):
             if self._interrupt is not None and self._interrupt.is_set():
                 raise Interrupted("the run was stopped")
-            h = self.decoder.layers[index](
-                h, attention_mask=masks[_is_sliding(self.config, index)], position_ids=None, cache=cache,
-                use_cache=cache is not None, position_embeddings=position_embeddings,
-            )
+            mask = masks[_is_sliding(self.config, index)]
+            if compiled is None:
+                h = _call_layer(self.decoder.layers[index], h, mask, cache, position_embeddings)
+            else:
+                layer_cache = None if cache is None else _OneLayerCache(cache.layers[index])
+                h = compiled(self.decoder.layers[index], h, mask, layer_cache, position_embeddings)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -401,6 +445,26 @@ class Session:
 
     def kv_bytes(self) -> list[int]:
         return kv_bytes_per_layer(self.cache) if self.cache is not None else []
+
+
+def _call_layer(layer, h: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
+    """One decoder layer on h [1, L, d]: what the prefill compiles (`compile_prefill`)."""
+    return layer(h, attention_mask=mask, position_ids=None, cache=cache, use_cache=cache is not None,
+                 position_embeddings=position_embeddings)
+
+
+class _OneLayerCache:
+    """One layer of a cache, as that layer's attention sees it: `update` writes this layer whatever index it is
+    given. Compiled, a layer that picked its slot of the whole cache by its own `layer_idx` would make torch.compile
+    guard on that index, one graph per layer; here the index is never read, so every layer shares one graph."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layer.update(keys, values, *args, **kwargs)
 
 
 def cache_lengths(cache) -> list[int]:

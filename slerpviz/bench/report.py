@@ -118,6 +118,7 @@ SPEED_PANELS = (
 
 SPEED_TABLE = [
     ("length", "len", ""), ("schedule", "cutoff", ""), ("mode", "mode", ""), ("decode", "decode", ""),
+    ("prefill", "prefill", ""),
     ("base_ttft_s", "TTFT base s", ".3f"), ("merged_ttft_s", "merged s", ".3f"), ("ttft_speedup", "x", ".2f"),
     ("ttft_speedup_limit", "limit", ".2f"), ("ttft_achieved_over_limit", "x/limit", ".2f"),
     ("base_decode_ms", "decode base ms", ".1f"), ("merged_decode_ms", "merged ms", ".1f"),
@@ -169,6 +170,7 @@ SPEED_DEFINITIONS = {
     "merged_decode_syncs": "the same for the merged variant",
     "base_decode_ops": "aten ops one cached decode step of base dispatches",
     "merged_decode_ops": "the same for the merged variant",
+    "prefill": "eager, or compiled: each decoder layer of the prompt through torch.compile, base and merged alike",
     "peak_mem_bytes": "see peak_mem_kind: cuda_allocated (exact) or cpu_rss_delta (rough); empty = not measurable",
 }
 

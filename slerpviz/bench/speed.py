@@ -12,9 +12,11 @@ Below the run, `python -m slerpviz.bench speed`: its parser, its plan from the o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, g
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
+PREFILLS = ("eager", "compiled")
 
 SPEED_COLUMNS = (
     "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "decode", "repeats", "new_tokens",
@@ -50,9 +53,10 @@ SPEED_COLUMNS = (
     # The static decoder's setup per run (its buffers, the cache's copy, a CUDA graph recorded for a new size),
     # never inside a step's time; compiling is once per process and structure (SpeedResult.compile_s).
     "base_decode_setup_s", "merged_decode_setup_s",
+    "prefill",  # eager, or compiled: the prompt's layers through torch.compile on both sides (--prefill)
 )
 
-REPEAT_COLUMNS = ("length", "mode", "decode", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes",
+REPEAT_COLUMNS = ("length", "mode", "decode", "prefill", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes",
                   "peak_mem_bytes", "decode_setup_s", "decode_path")
 
 
@@ -76,6 +80,8 @@ class SpeedPlan:
     profile: bool = True  # count ops and syncs of one merge and one decode step (never inside a timed run)
     # How the cached runs decode (slerpviz.decode): each is timed for base and every variant alike.
     decodes: tuple[str, ...] = ("dynamic",)
+    # How the prompt's layers run (PREFILLS): each is timed for base and every variant alike.
+    prefills: tuple[str, ...] = ("eager",)
 
     def settings(self, schedule: Schedule) -> MergeSettings:
         return replace(self.merge, cutoffs=schedule) if schedule else MergeSettings()
@@ -100,12 +106,23 @@ class SpeedResult:
     rows: list[dict]
     repeats: list[dict]
     hf_sanity: list[dict] = field(default_factory=list)
-    compile_s: dict[str, float] = field(default_factory=dict)  # per decode: compiling once per process, up front
+    # Per decode path, and "prefill" for --compile-prefill: compiling once per process, up front, in no run's time.
+    compile_s: dict[str, float] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One timed run
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def prefill_path(engine: MergingEngine, prefill: str) -> Iterator[None]:
+    """The prompt's layers compiled (after `compile_prefill`) or eager while the block runs."""
+    if prefill == "compiled":
+        yield
+    else:
+        with engine.eager_prefill():
+            yield
 
 
 def random_prompt(engine: MergingEngine, length: int, seed: int) -> torch.Tensor:
@@ -179,6 +196,10 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
     variants = plan.variants()
     repeats, rows, sanity = [], [], []
     compile_s = {}
+    if "compiled" in plan.prefills:
+        engine.compile_prefill()
+        compile_s["prefill"] = engine.warm_up_prefill([MergeSettings(), *(s for _, s in variants)])
+        log(f"speed: prefill compiled in {compile_s['prefill']:.1f} s (not in any run's time)")
     for decode in plan.decodes:  # compile and capture every structure once, before anything is timed
         compile_s[decode] = static_decode.warm_up(engine, [MergeSettings(), *(s for _, s in variants)], decode)
         if compile_s[decode]:
@@ -188,26 +209,32 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
         if plan.warmup:  # first calls at a new size pay for kernel selection and allocator growth
             for settings in (MergeSettings(), variants[0][1]):
                 for decode in plan.decodes:
-                    timed_run(engine, ids, settings, "cached", 2, memory, decode)
+                    for prefill in plan.prefills:
+                        with prefill_path(engine, prefill):
+                            timed_run(engine, ids, settings, "cached", 2, memory, decode)
         measured = {}
         for mode in plan.modes_at(length):
             for decode in plan.decodes_for(mode):
-                log(f"speed: length {length}, {mode}, {decode} decode, {plan.repeats} repeats of base + "
-                    f"{len(variants)} merged")
-                measured[mode, decode] = measure_interleaved(engine, ids, plan, mode, memory, decode)
-                for variant, runs in measured[mode, decode].items():
-                    repeats += [{"length": length, "mode": mode, "decode": decode, "variant": variant, "repeat": i,
-                                 **r} for i, r in enumerate(runs)]
+                for prefill in plan.prefills:
+                    log(f"speed: length {length}, {mode}, {decode} decode, {prefill} prefill, {plan.repeats} "
+                        f"repeats of base + {len(variants)} merged")
+                    with prefill_path(engine, prefill):
+                        runs = measure_interleaved(engine, ids, plan, mode, memory, decode)
+                    measured[mode, decode, prefill] = runs
+                    repeats += [{"length": length, "mode": mode, "decode": decode, "prefill": prefill,
+                                 "variant": variant, "repeat": i, **r}
+                                for variant, variant_runs in runs.items() for i, r in enumerate(variant_runs)]
         merge_s = {name: time_merge(engine, length, settings, plan.merge_repeats) for name, settings in variants}
         counted = host_work(engine, ids, variants, plan.decodes) if plan.profile else {}
-        for (mode, decode), runs in measured.items():
+        for (mode, decode, prefill), runs in measured.items():
             for name, settings in variants:
-                rows.append(speed_row(engine, shape, plan, length, name, settings, mode, decode, runs, measured,
+                rows.append(speed_row(engine, shape, plan, length, name, settings, (mode, decode, prefill), runs,
+                                      measured,
                                       merge_s[name], memory.kind, counted.get((name, decode), {}),
                                       counted.get((BASE, decode), {})))
         hf_s = time_hf_forward(engine, ids)
         first = next(iter(measured.values()), {})
-        engine_s = median_of(measured.get(("recompute", "dynamic"), first).get(BASE, []), "ttft_s")
+        engine_s = median_of(measured.get(("recompute", "dynamic", "eager"), first).get(BASE, []), "ttft_s")
         sanity.append({"length": length, "hf_forward_s": hf_s, "engine_base_ttft_s": engine_s})
     return SpeedResult(rows, repeats, sanity, compile_s)
 
@@ -274,16 +301,19 @@ def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, merge
 
 
 def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, name: str,
-              settings: MergeSettings, mode: str, decode: str, runs: dict[str, list[dict]], measured: dict,
+              settings: MergeSettings, paths: tuple[str, str, str], runs: dict[str, list[dict]], measured: dict,
               merge_s: float, memory_kind: str | None, work: dict, base_work: dict) -> dict:
-    """One (length, variant, mode): medians of base and merged, their ratios, and the config's limits."""
+    """One (length, variant, mode, decode, prefill): medians of base and merged, their ratios, and the config's
+    limits."""
+    mode, decode, prefill = paths
     base, merged = runs[BASE], runs[name]
     new_tokens = plan.tokens_for(mode)
     limit = config_limits(engine, shape, length, merged[0]["layer_lengths"], mode, new_tokens)
     base_ttft, merged_ttft = median_of(base, "ttft_s"), median_of(merged, "ttft_s")
     base_decode, merged_decode = median_of(base, "decode_ms"), median_of(merged, "decode_ms")
     base_kv, merged_kv = median_of(base, "kv_bytes"), median_of(merged, "kv_bytes")
-    cached = measured.get(("cached", decode)) or next((r for (m, _), r in measured.items() if m == "cached"), {})
+    cached = (measured.get(("cached", decode, prefill))
+              or next((r for (m, _, _), r in measured.items() if m == "cached"), {}))
     cached_base_decode = median_of(cached.get(BASE, []), "decode_ms")
     kv_fraction = quotient(merged_kv, base_kv)
     return {
@@ -328,6 +358,7 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "merged_decode_ops": work.get("decode_ops"),
         "base_decode_setup_s": median_of(base, "decode_setup_s"),
         "merged_decode_setup_s": median_of(merged, "decode_setup_s"),
+        "prefill": prefill,
     }
 
 
@@ -357,6 +388,10 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
                         "(fixed buffers, nothing made on the host per step), compiled (static, captured as a CUDA "
                         "graph by torch.compile; its compile time is reported apart). Default: dynamic on a CPU, "
                         "dynamic,compiled on a GPU")
+    p.add_argument("--prefill", type=listed, default="eager",
+                   help="how the prompt's layers run, comma-separated: eager, compiled (each decoder layer through "
+                        "torch.compile with dynamic shapes: one graph for every layer and length, compiled before "
+                        "anything is timed, its time reported apart). Each is timed for base and merged alike")
     return p
 
 
@@ -402,6 +437,7 @@ def speed_plan(args, engine) -> SpeedPlan:
         named=tuple(named),
         decodes=(str_list(args.decode, static_decode.DECODE_MODES, "decode") if args.decode is not None
                  else ("dynamic", "compiled") if gpu else ("dynamic",)),
+        prefills=str_list(args.prefill, PREFILLS, "prefill"),
     )
 
 
@@ -422,7 +458,7 @@ def write_speed_report(out: Path, result, plan: SpeedPlan, machine: dict, model:
         f"{s['length']}: HF {s['hf_forward_s']:.3f} s vs engine base {s['engine_base_ttft_s']:.3f} s"
         for s in result.hf_sanity if s["engine_base_ttft_s"] is not None)
     compiled = "; ".join(f"{decode} {seconds:.1f} s" for decode, seconds in result.compile_s.items() if seconds)
-    compiled = f"\ndecode compiled and captured once, before any timed run: {compiled}" if compiled else ""
+    compiled = f"\ncompiled and captured once, before any timed run: {compiled}" if compiled else ""
     return f"{table}\n\nsanity, one plain HF forward vs the engine's base prefill (seconds): {sanity}{compiled}"
 
 

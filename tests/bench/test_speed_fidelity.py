@@ -335,3 +335,20 @@ def test_speed_times_each_decode_for_base_and_merged_alike(tiny):
     static = result.rows[1]
     assert static["merged_decode_syncs"] == 0 and static["base_decode_syncs"] == 0
     assert static["merged_decode_setup_s"] > 0  # the decoder's setup, apart from the steps
+
+
+def test_speed_times_the_compiled_prefill_beside_the_eager_one(tmp_path):
+    # The command line end to end, inductor and all: its compile is reported apart, and both paths are timed for
+    # base and merged alike in one run.
+    torch._dynamo.reset()  # torch.compile keeps 8 graphs per code object and process: other tests' must not count
+    out = tmp_path / "speed"
+    assert command.main(["speed", "--shape", "tiny", "--lengths", "48", "--cutoffs", "2", "--modes", "cached",
+                         "--repeats", "1", "--new-tokens", "2", "--prefill", "eager,compiled",
+                         "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "speed.csv")))
+    assert [(r["prefill"], r["schedule"]) for r in rows] == [("eager", "2"), ("compiled", "2")]
+    report = json.loads((out / "speed.json").read_text())
+    assert report["decode_compile_s"]["prefill"] > 0
+    assert {(r["prefill"], r["variant"]) for r in report["repeats"]} == {
+        ("eager", "base"), ("eager", "2"), ("compiled", "base"), ("compiled", "2")}
+    assert command.main(["speed", "--shape", "tiny", "--prefill", "fused", "--out", str(out)]) == 2

@@ -1,0 +1,99 @@
+"""The compiled prefill (issue 23, item 3): the prompt's decoder layers through torch.compile, one graph for every
+layer, prompt length and merged length, with the eager path's logits, caches and tokens.
+
+Traced with backend="eager" (dynamo's graph capture without inductor's code generation: the same graphs and guards,
+seconds instead of a compile); the speed benchmark's test compiles with inductor itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from conftest import random_ids, tiny_engine
+from slerpviz.engine import MergeSettings, MergingEngine, Sampling
+from slerpviz.forward import cache_lengths
+from slerpviz.presets import preset
+
+PAIRS = MergeSettings(cutoffs=(2, 4), ratio=1.0)
+GROUPS = MergeSettings(cutoffs=(2, 2, 4), choice="attention", proportional=True, attention_keep=4)  # a float mask
+LENGTHS = (40, 61, 90)
+
+
+class GraphCounter:
+    """A torch.compile backend that runs what dynamo captured as it is, counting the graphs."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.fixture
+def fresh_dynamo():
+    # torch.compile keeps at most 8 graphs per code object and process: other tests' graphs must not count here.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_beside_eager(family: str) -> tuple:
+    eager, compiled, counter = tiny_engine(family), tiny_engine(family), GraphCounter()
+    compiled.compile_prefill(backend=counter)
+    return eager, compiled, counter
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama", "qwen2"])
+def test_one_graph_serves_every_layer_and_length(family, fresh_dynamo):
+    eager, compiled, counter = compiled_beside_eager(family)
+    for settings in (MergeSettings(), PAIRS):
+        for length in LENGTHS:
+            ids = random_ids(length, seed=length)
+            a, b = eager.prefill(ids, settings), compiled.prefill(ids, settings)
+            torch.testing.assert_close(b.logits, a.logits)
+            assert cache_lengths(b.cache) == cache_lengths(a.cache)
+            torch.testing.assert_close(b.decode(5), a.decode(5))  # the caches it wrote carry the decode on
+    # Six layers, three lengths, and merged lengths after two cutoffs: without a mask, one graph for all of them.
+    assert counter.graphs == 1
+    # Proportional attention's float mask is one more kind of call (Qwen2's attention compiles one more for it).
+    for length in LENGTHS:
+        ids = random_ids(length, seed=length)
+        torch.testing.assert_close(compiled.prefill(ids, GROUPS).logits, eager.prefill(ids, GROUPS).logits)
+    assert counter.graphs <= 3
+
+
+def test_without_a_cache_and_with_eager_prefill(fresh_dynamo):
+    eager, compiled, counter = compiled_beside_eager("mistral")
+    ids = random_ids(50)
+    torch.testing.assert_close(compiled.prefill(ids, PAIRS, cached=False).logits,
+                               eager.prefill(ids, PAIRS, cached=False).logits)
+    graphs = counter.graphs
+    with compiled.eager_prefill():
+        assert not compiled.compiled_prefill
+        compiled.prefill(ids, PAIRS)
+    assert compiled.compiled_prefill and counter.graphs == graphs  # nothing traced while eager, and restored after
+
+
+def test_warm_up_pays_the_compile_before_the_first_prompt(fresh_dynamo):
+    _, compiled, counter = compiled_beside_eager("llama")
+    assert compiled.warm_up_prefill([MergeSettings(), GROUPS]) > 0
+    graphs = counter.graphs
+    for length in LENGTHS:
+        compiled.prefill(random_ids(length, seed=length), GROUPS)
+        compiled.prefill(random_ids(length, seed=length), MergeSettings())
+    assert counter.graphs == graphs
+    assert tiny_engine("llama").warm_up_prefill() == 0.0  # uncompiled: nothing to warm
+
+
+def test_embedded_model_gives_the_same_tokens(embedded, fresh_dynamo):
+    prompt = embedded.encode("List three facts about rivers, then explain how a river forms a delta, in detail. " * 6)
+    settings = preset("recommended", embedded.num_layers)
+    sampling = Sampling(max_new_tokens=6, temperature=0.0)
+    compiled = MergingEngine(embedded.model, embedded.tokenizer)  # the same weights; the shared engine stays eager
+    compiled.compile_prefill(backend=GraphCounter())
+    tokens = [[step.token_id for step in engine.start(prompt, settings, sampling, decode="dynamic")]
+              for engine in (embedded, compiled)]
+    assert tokens[1] == tokens[0] and len(tokens[0]) == 6
