@@ -15,15 +15,20 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   # Every decode path gives the dynamic path's tokens on this GPU (tiny Mistral, Llama and Qwen2).
-  python3 -m pytest -q -p no:cacheprovider tests/test_decode.py -k on_a_gpu 2>&1 | tail -4
+  python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compiled_prefill.py -k on_a_gpu 2>&1 | tail -4
 } 2>&1 | tee "$out/env.txt"
 # Time to first token and decode, base against the presets (turbo: groups, 2x fewer FLOPs) and the article-style
 # cutoff 16, dynamic against the static decode recorded as a CUDA graph (the app's default on a GPU).
 python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 1024,4096,16384 \
   --preset recommended,fast,turbo --cutoffs 16 --modes cached --decode dynamic,graph --repeats 5 --new-tokens 16 \
   --out "$out/speed" 2>&1 | tee "$out/speed.log"
+# The prompt's layers through torch.compile beside the eager ones, base and merged alike, with the compile's time.
+timeout "${PREFILL_TIMEOUT:-200}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda \
+  --lengths 1024,4096,16384 --preset recommended,fast --modes cached --decode graph --prefill eager,compiled \
+  --repeats 5 --new-tokens 4 --out "$out/prefill" 2>&1 | tee -a "$out/speed.log"
 # The torch.compile'd decode beside it, with its compile time (last: it may not finish in a short lease).
 timeout "${COMPILED_TIMEOUT:-240}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 4096 \
   --preset recommended --modes cached --decode graph,compiled --repeats 3 --new-tokens 16 \
-  --out "$out/compiled" 2>&1 | tee "$out/compiled.log"
-rm -f "$out/compiled/speed.html"  # the table and JSON say it all; the device tool brings back at most 8 files
+  --out "$out/compiled" 2>&1 | tee -a "$out/speed.log"
+# The tables and JSON say it all, and the device tool brings back at most 8 files: env, log, and 3 x (csv, json).
+rm -f "$out"/*/speed.html

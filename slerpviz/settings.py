@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from .merge import CHOICES, METHODS, POSITION_MODES
 
 MODES = ("cached", "recompute")  # with a per-layer KV cache, or re-running the whole sequence every step (the article)
+PREFILLS = ("eager", "compiled")  # the prompt's layers as written, or each through torch.compile (compile_prefill)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ def check_choice(choice) -> str:
 
 def check_mode(mode) -> str:
     return one_of(mode, "mode", MODES)
+
+
+def check_prefill(prefill) -> str:
+    return one_of(prefill, "prefill", PREFILLS)
 
 
 SEED_LIMIT = 2**63  # the seed feeds torch.Generator.manual_seed, which takes a signed 64-bit integer

@@ -97,3 +97,19 @@ def test_embedded_model_gives_the_same_tokens(embedded, fresh_dynamo):
     tokens = [[step.token_id for step in engine.start(prompt, settings, sampling, decode="dynamic")]
               for engine in (embedded, compiled)]
     assert tokens[1] == tokens[0] and len(tokens[0]) == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on one: pytest -k on_a_gpu)")
+def test_on_a_gpu_the_inductor_prefill_gives_the_eager_tokens(fresh_dynamo):
+    # Inductor's own kernels (Triton), float32 as in test_decode's GPU test: a token must not hang on a rounding.
+    from conftest import tiny_model, word_tokenizer
+
+    eager = MergingEngine(tiny_model("mistral").to("cuda"), word_tokenizer())
+    compiled = MergingEngine(eager.model, eager.tokenizer)
+    compiled.compile_prefill()
+    ids = random_ids(60, seed=5).cuda()
+    sampling = Sampling(max_new_tokens=8, temperature=0.0)
+    for settings in (MergeSettings(), PAIRS, GROUPS):
+        tokens = [[step.token_id for step in engine.start(ids, settings, sampling, decode="dynamic")]
+                  for engine in (eager, compiled)]
+        assert tokens[1] == tokens[0], settings

@@ -26,6 +26,8 @@ from ..engine import MergeSettings, MergingEngine, Trace, interleave
 from .form import Request
 from .transfer import ChangeSender, TraceChange, apply_change
 from ..models import EMBEDDED, check_allowed, fetch_weights, load_on_device
+from ..presets import PRESETS, preset
+from ..settings import check_prefill
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,17 @@ try:  # On a ZeroGPU Space the GPU is attached only inside functions under this 
 except ImportError:  # pragma: no cover - depends on the machine
     def gpu_task(function):
         return function
+
+
+def prefill_path() -> str:
+    """$SLERPVIZ_PREFILL: eager (the default) or compiled, how both sides run the prompt's layers. Compiling costs
+    seconds per model on a CPU and more on a GPU, once per process; on ZeroGPU every call meets a fresh worker, so
+    the prompt's layers stay eager there."""
+    try:
+        chosen = check_prefill(os.environ.get("SLERPVIZ_PREFILL", "eager"))
+    except ValueError as error:
+        raise ValueError(f"$SLERPVIZ_PREFILL: {error}") from None
+    return "eager" if on_zero_gpu() else chosen
 
 
 def on_zero_gpu() -> bool:
@@ -216,6 +229,7 @@ class ResidentModel:
 
         previous, freed = self.name, False
         try:
+            compiled = prefill_path() == "compiled"  # a bad value is refused before anything is fetched or freed
             self._fetcher(name, progress)
             if self._frees_first() and self.engine is not None:
                 # Two 7B models do not fit on one GPU: free the old one, but never in the middle of a step.
@@ -225,6 +239,11 @@ class ResidentModel:
             engine = self._loader(name, progress=progress)
             progress(f"Warming up {name}")
             engine.warm_up()  # one-time setup now, so the first timed comparison is not charged for it
+            if compiled:
+                progress(f"Compiling {name}'s prefill (once per model)")
+                engine.compile_prefill()
+                # Base and the presets; another kind of call (proportional attention's mask) compiles on first use.
+                engine.warm_up_prefill([MergeSettings(), *(preset(p, engine.num_layers) for p in PRESETS)])
         except BaseException as error:  # reported to every caller following this load
             log.exception("loading %s failed", name)
             if freed and previous is not None:

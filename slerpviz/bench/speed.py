@@ -36,7 +36,6 @@ from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, g
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
-PREFILLS = ("eager", "compiled")
 
 SPEED_COLUMNS = (
     "length", "merged_length", "schedule", "stages", "first_cutoff", "mode", "decode", "repeats", "new_tokens",
@@ -80,7 +79,7 @@ class SpeedPlan:
     profile: bool = True  # count ops and syncs of one merge and one decode step (never inside a timed run)
     # How the cached runs decode (slerpviz.decode): each is timed for base and every variant alike.
     decodes: tuple[str, ...] = ("dynamic",)
-    # How the prompt's layers run (PREFILLS): each is timed for base and every variant alike.
+    # How the prompt's layers run (settings.PREFILLS): each is timed for base and every variant alike.
     prefills: tuple[str, ...] = ("eager",)
 
     def settings(self, schedule: Schedule) -> MergeSettings:
@@ -437,7 +436,7 @@ def speed_plan(args, engine) -> SpeedPlan:
         named=tuple(named),
         decodes=(str_list(args.decode, static_decode.DECODE_MODES, "decode") if args.decode is not None
                  else ("dynamic", "compiled") if gpu else ("dynamic",)),
-        prefills=str_list(args.prefill, PREFILLS, "prefill"),
+        prefills=str_list(args.prefill, checks.PREFILLS, "prefill"),
     )
 
 

@@ -18,8 +18,10 @@ from gradio_client.exceptions import AppError
 from conftest import PAGE_PROMPT, page_defaults
 from slerpviz.app import admission, callbacks, form, layout
 from slerpviz.engine import Sampling
+from slerpviz.app import resident as resident_module
 from slerpviz.app.resident import RESIDENT, ResidentModel, SwitchRefused
 from slerpviz.models import EMBEDDED
+from slerpviz.presets import PRESETS
 
 PROMPT = PAGE_PROMPT
 OTHER = "Qwen/Qwen2.5-0.5B-Instruct"  # on the allow-list, never loaded in these tests
@@ -42,10 +44,16 @@ class FakeEngine:
     num_layers = 4
 
     def __init__(self, name: str):
-        self.name, self.warm_ups = name, 0
+        self.name, self.warm_ups, self.compiled, self.warmed_prefills = name, 0, False, []
 
     def warm_up(self):
         self.warm_ups += 1
+
+    def compile_prefill(self):
+        self.compiled = True
+
+    def warm_up_prefill(self, settings):
+        self.warmed_prefills = list(settings)
 
 
 def recording_resident(fail: set[str] = frozenset(), fetch_fail: set[str] = frozenset(), free_first: bool = False):
@@ -259,7 +267,29 @@ def test_freeing_the_resident_model_waits_for_the_step_on_the_device():
 def test_every_load_is_warmed_up_before_it_serves():
     resident, _ = recording_resident()
     engine = resident.ensure(EMBEDDED)
-    assert engine.warm_ups == 1
+    assert engine.warm_ups == 1 and not engine.compiled  # the prompt's layers stay eager unless asked
+
+
+def test_a_compiled_prefill_is_compiled_for_base_and_every_preset_before_it_serves(monkeypatch):
+    monkeypatch.setenv("SLERPVIZ_PREFILL", "compiled")
+    resident, _ = recording_resident()
+    engine = resident.ensure(EMBEDDED)
+    assert engine.compiled and len(engine.warmed_prefills) == 1 + len(PRESETS)
+    assert engine.warmed_prefills[0].cutoffs == ()  # base
+
+
+def test_a_compiled_prefill_is_not_asked_of_a_zero_gpu_worker(monkeypatch):
+    monkeypatch.setenv("SLERPVIZ_PREFILL", "compiled")
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert resident_module.prefill_path() == "eager"
+
+
+def test_an_unknown_prefill_path_fails_the_load_and_says_what_is_allowed(monkeypatch):
+    monkeypatch.setenv("SLERPVIZ_PREFILL", "fused")
+    resident, _ = recording_resident()
+    with pytest.raises(ValueError, match=r"\$SLERPVIZ_PREFILL: unknown prefill 'fused'; choose one of eager, compiled"):
+        resident.ensure(EMBEDDED)
+    assert resident.engine is None
 
 
 # --------------------------------------------------------------------------------------------------------------------
