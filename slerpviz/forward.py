@@ -298,7 +298,7 @@ class LayerwiseModel:
             if compiled is None:
                 h = _call_layer(self.decoder.layers[index], h, mask, cache, position_embeddings)
             else:
-                layer_cache = None if cache is None else _OneLayerCache(cache.layers[index])
+                layer_cache = None if cache is None else _OneLayerCache(_cache_layer(cache, index))
                 h = compiled(self.decoder.layers[index], h, mask, layer_cache, position_embeddings)
         return h
 
@@ -451,6 +451,17 @@ def _call_layer(layer, h: torch.Tensor, mask, cache, position_embeddings) -> tor
     """One decoder layer on h [1, L, d]: what the prefill compiles (`compile_prefill`)."""
     return layer(h, attention_mask=mask, position_ids=None, cache=cache, use_cache=cache is not None,
                  position_embeddings=position_embeddings)
+
+
+def _cache_layer(cache, index: int):
+    """Layer `index` of a transformers cache, made first where the cache was built without a config (as
+    `DynamicCache.update` makes it)."""
+    if getattr(cache, "offloading", False):
+        # Its update moves layers between devices around the write: a one-layer view would skip that.
+        raise ValueError("the compiled prefill writes each layer's cache itself: use a cache without offloading")
+    while len(cache.layers) <= index and getattr(cache, "layer_class_to_replicate", None) is not None:
+        cache.layers.append(cache.layer_class_to_replicate())
+    return cache.layers[index]
 
 
 class _OneLayerCache:

@@ -27,13 +27,19 @@ from .merge import PLANNED_AT_CUTOFF
 from .settings import MergeSettings
 
 
-def apply(model, settings: MergeSettings) -> MergingForward:
-    """Make `model` (a Mistral, Llama or Qwen2 causal LM) merge in its own forward until `remove(model)`."""
+def apply(model, settings: MergeSettings, compile_prefill: bool = False) -> MergingForward:
+    """Make `model` (a Mistral, Llama or Qwen2 causal LM) merge in its own forward until `remove(model)`.
+
+    `compile_prefill`: the prompt's decoder layers run through torch.compile (LayerwiseModel.compile_prefill; the
+    first prompt pays the compile), new tokens as the model runs them."""
     decoder = model.model
     if isinstance(decoder.__dict__.get("forward"), MergingForward):
         raise ValueError("this model is already merging: remove the patch (or leave its `with` block) first")
     was_training = model.training  # the engine puts the model in eval mode; remove() gives the mode back
-    forward = MergingForward(LayerwiseModel(model), settings)
+    engine = LayerwiseModel(model)
+    if compile_prefill:
+        engine.compile_prefill()
+    forward = MergingForward(engine, settings)
     forward.was_training = was_training
     # A forward already set on the instance (accelerate's hooks put one there) comes back on remove.
     forward.previous = decoder.__dict__.get("forward")
@@ -103,9 +109,9 @@ def _restore(owner, name: str, previous) -> None:
 
 
 @contextlib.contextmanager
-def merging(model, settings: MergeSettings) -> Iterator:
+def merging(model, settings: MergeSettings, compile_prefill: bool = False) -> Iterator:
     """`with merging(model, settings): ...` merges inside the block and always restores the model, on errors too."""
-    apply(model, settings)
+    apply(model, settings, compile_prefill)
     try:
         yield model
     finally:
