@@ -44,11 +44,13 @@ check_transformers_version(transformers.__version__)
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .layers import OneLayerCache, add_key_bias, cache_layer, call_layer, is_sliding
 from .merge import INTERPOLATE, adjacent_cosines, cosine, gather_pairs, ratio_per_stage, slerp_and_cosine
 from .pairs import Stage, check_spans, last_slot_offset, next_stage, slot_positions
+from .session import Session, cache_lengths, kv_bytes_per_layer  # noqa: F401  (the forward's names too)
 from .settings import (
-    MergeSettings, Sampling, attention_budget, check_choice, check_method, check_mode, check_positions, check_sampling,
-    real,
+    MergeSettings, Sampling, attention_budget, check_choice, check_method, check_mode, check_positions, check_prefill,
+    check_sampling, real,
 )
 
 SUPPORTED_FAMILIES = ("mistral", "llama", "qwen2")
@@ -119,21 +121,25 @@ class LayerwiseModel:
         """From now on the prompt's layers run through one `torch.compile`d call (new tokens keep the eager path).
 
         Regional compilation: the decoder layer is compiled, not the model, with dynamic shapes, and each layer is
-        handed its own cache layer (`_OneLayerCache`), so nothing the trace reads differs between layers: one graph
+        handed its own cache layer (`OneLayerCache`), so nothing the trace reads differs between layers: one graph
         serves every layer, prompt length and merged length (a few more: with and without a cache, a bool and a
         float mask). The compile happens on the first prompt of each kind; `warm_up_prefill` pays it ahead.
         """
-        self._prefill_layer = torch.compile(_call_layer, dynamic=True, fullgraph=True, backend=backend, mode=mode)
+        self._prefill_layer = torch.compile(call_layer, dynamic=True, fullgraph=True, backend=backend, mode=mode)
 
     @property
     def compiled_prefill(self) -> bool:
         return self._prefill_layer is not None
 
     @contextlib.contextmanager
-    def eager_prefill(self) -> Iterator[None]:
-        """The prompt's layers uncompiled while the block runs, after `compile_prefill` (the speed benchmark times
-        both paths in one run)."""
-        compiled, self._prefill_layer = self._prefill_layer, None
+    def prefill_path(self, prefill: str) -> Iterator[None]:
+        """The prompt's layers as `prefill` (settings.PREFILLS) says while the block runs: eager, or compiled after
+        `compile_prefill` (the speed benchmark times both paths in one run)."""
+        if check_prefill(prefill) == "compiled" and not self.compiled_prefill:
+            raise ValueError("the prefill is not compiled: call compile_prefill() first")
+        compiled = self._prefill_layer
+        if prefill == "eager":
+            self._prefill_layer = None
         try:
             yield
         finally:
@@ -180,7 +186,7 @@ class LayerwiseModel:
         if settings.proportional and settings.method == "drop":
             raise ValueError("proportional attention weighs a slot by the tokens it holds, and a dropped pair keeps "
                              "one: use it with a merge method, not drop")
-        if settings.proportional and any(_is_sliding(self.config, i) for i in range(self.num_layers)):
+        if settings.proportional and any(is_sliding(self.config, i) for i in range(self.num_layers)):
             # A sliding-window cache drops old keys, so a per-slot bias would no longer line up with its keys.
             raise ValueError("proportional attention is not supported on models with sliding-window attention layers")
         attn = getattr(self.config, "_attn_implementation", None)
@@ -273,14 +279,14 @@ class LayerwiseModel:
 
         With `log_sizes`, the attention logit of each cached or current key that stands for several tokens is
         raised by log(tokens), through an additive float mask (works with sdpa and eager alike). `compiled`: the
-        compiled `_call_layer` of `compile_prefill`, which writes each layer's cache through its own layer.
+        compiled `call_layer` of `compile_prefill`, which writes each layer's cache through its own layer.
         """
         position_embeddings = self.decoder.rotary_emb(h, positions[None].to(h.device))
         # One mask per attention type, all built before any layer of the segment writes its cache, each sized
         # against the cache of the segment's first layer of that type (as transformers builds them per forward).
         first_of_type: dict[bool, int] = {}
         for index in range(start, end):
-            first_of_type.setdefault(_is_sliding(self.config, index), index)
+            first_of_type.setdefault(is_sliding(self.config, index), index)
         masks = {}
         for sliding, layer_idx in first_of_type.items():
             build = create_sliding_window_causal_mask if sliding else create_causal_mask
@@ -290,15 +296,15 @@ class LayerwiseModel:
                 layer_idx=layer_idx, allow_is_causal_skip=log_sizes is None,
             )
             if log_sizes is not None:
-                masks[sliding] = _add_key_bias(masks[sliding], log_sizes, h.dtype)
+                masks[sliding] = add_key_bias(masks[sliding], log_sizes, h.dtype)
         for index in range(start, end):
             if self._interrupt is not None and self._interrupt.is_set():
                 raise Interrupted("the run was stopped")
-            mask = masks[_is_sliding(self.config, index)]
+            mask = masks[is_sliding(self.config, index)]
             if compiled is None:
-                h = _call_layer(self.decoder.layers[index], h, mask, cache, position_embeddings)
+                h = call_layer(self.decoder.layers[index], h, mask, cache, position_embeddings)
             else:
-                layer_cache = None if cache is None else _OneLayerCache(_cache_layer(cache, index))
+                layer_cache = None if cache is None else OneLayerCache(cache_layer(cache, index))
                 h = compiled(self.decoder.layers[index], h, mask, layer_cache, position_embeddings)
         return h
 
@@ -414,106 +420,9 @@ class LayerwiseModel:
             torch.cuda.synchronize(self.device)
 
 
-class Session:
-    """A prompt the engine has run: its per-layer KV caches (shorter after each cutoff), the layout the merge left,
-    the stages that actually ran, and the next-token logits. `decode` feeds generated tokens one step at a time."""
-
-    def __init__(self, engine: LayerwiseModel, cache, layout: Layout, cosines: list[torch.Tensor], length: int,
-                 logits: torch.Tensor):
-        self.engine, self.cache, self.layout, self.cosines = engine, cache, layout, cosines
-        self.length = length  # original tokens fed so far: the next one sits at this position
-        self.logits = logits  # [1, vocab]: the next token's
-
-    @property
-    def stages(self) -> list[Stage]:
-        return self.layout.stages
-
-    @torch.inference_mode()
-    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
-        """Feed one token (or [1, n] tokens) through every layer's cache; the next token's logits [1, vocab]."""
-        if self.cache is None:
-            raise ValueError("this session was prefilled without a cache; re-run the prompt to go on")
-        ids = torch.as_tensor(token, device=self.engine.device).reshape(1, -1)
-        h = self.engine.forward_new(self.engine.decoder.embed_tokens(ids), self.length, self.layout, self.cache)
-        self.length += ids.shape[1]
-        self.logits = self.engine.head(h)
-        return self.logits
-
-    def kv_lengths(self) -> list[int]:
-        """Tokens (slots) each layer's cache holds."""
-        return cache_lengths(self.cache) if self.cache is not None else []
-
-    def kv_bytes(self) -> list[int]:
-        return kv_bytes_per_layer(self.cache) if self.cache is not None else []
-
-
-def _call_layer(layer, h: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
-    """One decoder layer on h [1, L, d]: what the prefill compiles (`compile_prefill`)."""
-    return layer(h, attention_mask=mask, position_ids=None, cache=cache, use_cache=cache is not None,
-                 position_embeddings=position_embeddings)
-
-
-def _cache_layer(cache, index: int):
-    """Layer `index` of a transformers cache, made first where the cache was built without a config (as
-    `DynamicCache.update` makes it)."""
-    if getattr(cache, "offloading", False):
-        # Its update moves layers between devices around the write: a one-layer view would skip that.
-        raise ValueError("the compiled prefill writes each layer's cache itself: use a cache without offloading")
-    while len(cache.layers) <= index and getattr(cache, "layer_class_to_replicate", None) is not None:
-        cache.layers.append(cache.layer_class_to_replicate())
-    return cache.layers[index]
-
-
-class _OneLayerCache:
-    """One layer of a cache, as that layer's attention sees it: `update` writes this layer whatever index it is
-    given. Compiled, a layer that picked its slot of the whole cache by its own `layer_idx` would make torch.compile
-    guard on that index, one graph per layer; here the index is never read, so every layer shares one graph."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self.layer.update(keys, values, *args, **kwargs)
-
-
-def cache_lengths(cache) -> list[int]:
-    """Tokens (slots) each layer of a transformers cache holds."""
-    return [layer.get_seq_length() for layer in cache.layers]
-
-
-def kv_bytes_per_layer(cache) -> list[int]:
-    sizes = []
-    for layer in cache.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        sizes.append(sum(t.numel() * t.element_size() for t in (keys, values) if t is not None))
-    return sizes
-
-
-def _add_key_bias(mask: torch.Tensor, log_sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An additive float mask [.., q, kv] from a bool or float causal mask, plus log(size) of each key.
-
-    Keys past the merged slots (tokens fed after the prefill) hold one token each: bias 0.
-    """
-    kv = mask.shape[-1]
-    bias = torch.zeros(kv, dtype=torch.float32, device=mask.device)
-    bias[: log_sizes.numel()] = log_sizes.to(mask.device)
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask + bias.to(dtype)
-
-
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         eos = getattr(source, "eos_token_id", None)
         ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     return ids
-
-
-def _is_sliding(config, layer: int) -> bool:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return layer_types[layer] == "sliding_attention"
-    return getattr(config, "sliding_window", None) is not None

@@ -65,16 +65,24 @@ def test_one_graph_serves_every_layer_and_length(family, fresh_dynamo):
     assert counter.graphs <= 3
 
 
-def test_without_a_cache_and_with_eager_prefill(fresh_dynamo):
+def test_without_a_cache_and_on_the_eager_path_for_a_while(fresh_dynamo):
     eager, compiled, counter = compiled_beside_eager("mistral")
     ids = random_ids(50)
     torch.testing.assert_close(compiled.prefill(ids, PAIRS, cached=False).logits,
                                eager.prefill(ids, PAIRS, cached=False).logits)
     graphs = counter.graphs
-    with compiled.eager_prefill():
+    with compiled.prefill_path("eager"):
         assert not compiled.compiled_prefill
         compiled.prefill(ids, PAIRS)
     assert compiled.compiled_prefill and counter.graphs == graphs  # nothing traced while eager, and restored after
+    with compiled.prefill_path("compiled"):
+        compiled.prefill(ids, PAIRS)
+    with pytest.raises(ValueError, match="the prefill is not compiled: call compile_prefill"):
+        with eager.prefill_path("compiled"):
+            pass
+    with pytest.raises(ValueError, match="unknown prefill 'fused'; choose one of eager, compiled"):
+        with compiled.prefill_path("fused"):
+            pass
 
 
 def test_warm_up_pays_the_compile_before_the_first_prompt(fresh_dynamo):

@@ -14,6 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..decode import acquire
+from ..settings import MergeSettings
+from .schedules import BASE
 
 # Ops whose result the host must wait for: a scalar read, or an output whose shape depends on the values.
 SYNC_OPS = frozenset({
@@ -100,3 +102,18 @@ def device_kernels(work, prefix: str) -> dict:
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     return {f"{prefix}_kernels": len(kernels),
             f"{prefix}_gpu_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000}
+
+
+def host_work(engine, ids: torch.Tensor, variants: list[tuple[str, MergeSettings]],
+              decodes: tuple[str, ...]) -> dict[tuple[str, str], dict]:
+    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run, by
+    (variant, decode). Each merge is counted once per variant, each step once per variant and kind of step: the
+    static, graph and compiled decodes all run the static step (a graph replays what it recorded)."""
+    kinds = {decode: "dynamic" if decode == "dynamic" else "static" for decode in decodes}
+    everyone = [(BASE, MergeSettings()), *variants]
+    steps = {(name, kind): profile_decode_step(engine, ids, settings, kind)
+             for name, settings in everyone for kind in set(kinds.values())}
+    hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
+    merges = {name: profile_merge(engine, hidden, settings) for name, settings in variants}
+    return {(name, decode): {**steps[name, kind], **merges.get(name, {})}
+            for name, _ in everyone for decode, kind in kinds.items()}

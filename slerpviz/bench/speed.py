@@ -12,11 +12,9 @@ Below the run, `python -m slerpviz.bench speed`: its parser, its plan from the o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from . import limits, report, schedules
 from .engines import never_stops
 from .machine import PeakMemory, machine_info
 from .. import decode as static_decode
-from .ops import profile_decode_step, profile_merge
+from .ops import host_work
 from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, guarded, int_list,
                       interpolation_options, listed, merge_settings, one_of, speed_fidelity_parents, str_list,
                       subcommand, whole)
@@ -112,16 +110,6 @@ class SpeedResult:
 # ----------------------------------------------------------------------------------------------------------------
 # One timed run
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def prefill_path(engine: MergingEngine, prefill: str) -> Iterator[None]:
-    """The prompt's layers compiled (after `compile_prefill`) or eager while the block runs."""
-    if prefill == "compiled":
-        yield
-    else:
-        with engine.eager_prefill():
-            yield
 
 
 def random_prompt(engine: MergingEngine, length: int, seed: int) -> torch.Tensor:
@@ -209,7 +197,7 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
             for settings in (MergeSettings(), variants[0][1]):
                 for decode in plan.decodes:
                     for prefill in plan.prefills:
-                        with prefill_path(engine, prefill):
+                        with engine.prefill_path(prefill):
                             timed_run(engine, ids, settings, "cached", 2, memory, decode)
         measured = {}
         for mode in plan.modes_at(length):
@@ -217,7 +205,7 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
                 for prefill in plan.prefills:
                     log(f"speed: length {length}, {mode}, {decode} decode, {prefill} prefill, {plan.repeats} "
                         f"repeats of base + {len(variants)} merged")
-                    with prefill_path(engine, prefill):
+                    with engine.prefill_path(prefill):
                         runs = measure_interleaved(engine, ids, plan, mode, memory, decode)
                     measured[mode, decode, prefill] = runs
                     repeats += [{"length": length, "mode": mode, "decode": decode, "prefill": prefill,
@@ -247,21 +235,6 @@ def measure_interleaved(engine, ids, plan: SpeedPlan, mode: str, memory: PeakMem
         for name, settings in variants if repeat % 2 == 0 else reversed(variants):
             runs[name].append(timed_run(engine, ids, settings, mode, plan.tokens_for(mode), memory, decode))
     return runs
-
-
-def host_work(engine: MergingEngine, ids: torch.Tensor, variants: list[tuple[str, MergeSettings]],
-              decodes: tuple[str, ...]) -> dict[tuple[str, str], dict]:
-    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run, by
-    (variant, decode). Each merge is counted once per variant, each step once per variant and kind of step: the
-    static, graph and compiled decodes all run the static step (a graph replays what it recorded)."""
-    kinds = {decode: "dynamic" if decode == "dynamic" else "static" for decode in decodes}
-    everyone = [(BASE, MergeSettings()), *variants]
-    steps = {(name, kind): profile_decode_step(engine, ids, settings, kind)
-             for name, settings in everyone for kind in set(kinds.values())}
-    hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
-    merges = {name: profile_merge(engine, hidden, settings) for name, settings in variants}
-    return {(name, decode): {**steps[name, kind], **merges.get(name, {})}
-            for name, _ in everyone for decode, kind in kinds.items()}
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
