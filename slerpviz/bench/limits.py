@@ -126,3 +126,27 @@ def cached_decode_speedup_limit(shape: Shape, base_lengths: list[int], merged_le
     base = sum(decode_step_bytes(shape, [n + k for n in base_lengths]) for k in steps)
     merged = sum(decode_step_bytes(shape, [n + k for n in merged_lengths]) for k in steps)
     return base / merged
+
+
+def variant_limits(shape: Shape, num_layers: int, length: int, merged: list[int], mode: str, new_tokens: int
+                   ) -> dict:
+    """The ratios the config allows for one merged variant against base, in one mode, for the layer lengths the
+    merged prefill ran on (`merged`, from its own plan on these very prompts: the attention and similar choices
+    decide from the hidden states, and a kept budget can merge fewer pairs than the ratio asks).
+
+    These are FLOP and byte counts, not a ceiling on time: a measured ratio above its limit means the cost model
+    underprices what the merge saves (on a CPU, attention costs more than its FLOPs), below it the merge's own cost
+    or launch overhead eats into the saving."""
+    base = [length] * num_layers
+    if mode == "cached":
+        decode = cached_decode_speedup_limit(shape, base, merged, new_tokens)
+        kv = kv_fraction_limit(base, merged)
+    else:
+        # Each step re-runs the prompt grown by one token; the grown prompt is taken to merge as the prompt did, its
+        # new tokens kept whole (they sit in the protected end), so the limit does not re-plan from other prompts.
+        grown = range(1, max(new_tokens, 2))
+        decode = recompute_decode_speedup_limit(
+            shape, [([length + k] * num_layers, [n + k for n in merged]) for k in grown])
+        kv = None  # no cache in this pair
+    return {"merged_length": merged[-1], "ttft": prefill_speedup_limit(shape, base, merged),
+            "decode": decode, "kv": kv}

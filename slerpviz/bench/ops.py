@@ -69,6 +69,34 @@ def profile_merge(engine, hidden: torch.Tensor, settings) -> dict:
     return work
 
 
+def profile_prefill(engine, ids: torch.Tensor, settings) -> dict:
+    """One cached prefill of the prompt `ids` [1, L] under `settings`, on the path the engine runs now (eager or
+    compiled, engine.prefill_path), counted: aten ops (outermost calls) and host syncs, and on a GPU its kernels and
+    their time. torch.profiler counts them, as a dispatch mode would stop torch.compile. A compiled layer dispatches
+    only what inductor did not fuse (matmuls, attention), so its ops fall as its launches do on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        engine.prefill(ids, settings)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.prefill(ids, settings)
+        ops = [e for e in prof.events() if e.name.startswith("aten::") and not _inside_aten(e)]
+        work = {"prefill_ops": len(ops), "prefill_syncs": sum(e.name in SYNC_OPS for e in ops)}
+        if ids.device.type == "cuda":
+            work.update(device_kernels(lambda: engine.prefill(ids, settings), "prefill"))
+    return work
+
+
+def _inside_aten(event) -> bool:
+    """Whether a profiled event runs inside another aten op (a nested call, which a dispatch mode does not count)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def profile_decode_step(engine, ids: torch.Tensor, settings, decode: str = "dynamic") -> dict:
     """One cached decode step after the prompt `ids` [1, L] under `settings`, counted: aten ops and host syncs.
     The token fed is the greedy one, left on the device: reading it back is the sampler's one sync, not the
@@ -104,16 +132,21 @@ def device_kernels(work, prefix: str) -> dict:
             f"{prefix}_gpu_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000}
 
 
-def host_work(engine, ids: torch.Tensor, variants: list[tuple[str, MergeSettings]],
-              decodes: tuple[str, ...]) -> dict[tuple[str, str], dict]:
-    """Ops and host syncs of one merge (none for base) and one cached decode step, outside any timed run, by
-    (variant, decode). Each merge is counted once per variant, each step once per variant and kind of step: the
-    static, graph and compiled decodes all run the static step (a graph replays what it recorded)."""
+def host_work(engine, ids: torch.Tensor, variants: list[tuple[str, MergeSettings]], decodes: tuple[str, ...],
+              prefills: tuple[str, ...] = ("eager",)) -> dict[tuple[str, str, str], dict]:
+    """Ops and host syncs of one merge (none for base), one cached decode step and one prefill, outside any timed
+    run, by (variant, decode, prefill). Each merge is counted once per variant, each step once per variant and kind
+    of step (the static, graph and compiled decodes all run the static step: a graph replays what it recorded), each
+    prefill once per variant and prefill path."""
     kinds = {decode: "dynamic" if decode == "dynamic" else "static" for decode in decodes}
     everyone = [(BASE, MergeSettings()), *variants]
     steps = {(name, kind): profile_decode_step(engine, ids, settings, kind)
              for name, settings in everyone for kind in set(kinds.values())}
     hidden = torch.randn(1, ids.shape[-1], engine.config.hidden_size, dtype=engine.dtype, device=engine.device)
     merges = {name: profile_merge(engine, hidden, settings) for name, settings in variants}
-    return {(name, decode): {**steps[name, kind], **merges.get(name, {})}
-            for name, _ in everyone for decode, kind in kinds.items()}
+    prompts = {}
+    for prefill in prefills:
+        with engine.prefill_path(prefill):
+            prompts.update({(name, prefill): profile_prefill(engine, ids, settings) for name, settings in everyone})
+    return {(name, decode, prefill): {**steps[name, kind], **merges.get(name, {}), **prompts[name, prefill]}
+            for name, _ in everyone for decode, kind in kinds.items() for prefill in prefills}

@@ -127,6 +127,7 @@ SPEED_TABLE = [
     ("kv_fraction", "KV frac", ".3f"), ("kv_fraction_limit", "limit", ".3f"), ("merge_share", "merge share", ".1%"),
     ("merge_ms", "merge ms", ".2f"), ("merge_gpu_ms", "kernels ms", ".2f"), ("merge_syncs", "syncs", ""),
     ("merge_ops_per_stage", "ops/stage", ".0f"), ("merged_decode_syncs", "decode syncs", ""),
+    ("base_prefill_ops", "prefill ops base", ""), ("merged_prefill_ops", "merged", ""),
 ]
 
 
@@ -170,6 +171,13 @@ SPEED_DEFINITIONS = {
     "merged_decode_syncs": "the same for the merged variant",
     "base_decode_ops": "aten ops one cached decode step of base dispatches",
     "merged_decode_ops": "the same for the merged variant",
+    "base_prefill_ops": "aten ops one cached prefill of base dispatches on this row's path (a compiled layer's fused "
+                        "kernels are not dispatched: only what inductor left to aten, matmuls and attention)",
+    "merged_prefill_ops": "the same for the merged variant, its merges included",
+    "base_prefill_syncs": "scalar reads and data-dependent shapes among those ops (copies to the host not counted)",
+    "merged_prefill_syncs": "the same for the merged variant",
+    "base_prefill_kernels": "kernels and copies one prefill of base launches on the GPU (torch.profiler; GPU only)",
+    "merged_prefill_kernels": "the same for the merged variant",
     "prefill": "eager, or compiled: each decoder layer of the prompt through torch.compile, base and merged alike",
     "peak_mem_bytes": "see peak_mem_kind: cuda_allocated (exact) or cpu_rss_delta (rough); empty = not measurable",
 }

@@ -47,6 +47,9 @@ SPEED_COLUMNS = (
     # kernels launched and their time on the device.
     "merge_gpu_ms", "merge_kernels", "merge_syncs", "merge_ops_per_stage",
     "base_decode_syncs", "merged_decode_syncs", "base_decode_ops", "merged_decode_ops",
+    # One prefill on this row's path (eager or compiled): aten ops and syncs, and on a GPU its kernels and their time.
+    "base_prefill_ops", "merged_prefill_ops", "base_prefill_syncs", "merged_prefill_syncs",
+    "base_prefill_kernels", "merged_prefill_kernels", "base_prefill_gpu_ms", "merged_prefill_gpu_ms",
     # The static decoder's setup per run (its buffers, the cache's copy, a CUDA graph recorded for a new size),
     # never inside a step's time; compiling is once per process and structure (SpeedResult.compile_s).
     "base_decode_setup_s", "merged_decode_setup_s",
@@ -212,13 +215,13 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
                                  "variant": variant, "repeat": i, **r}
                                 for variant, variant_runs in runs.items() for i, r in enumerate(variant_runs)]
         merge_s = {name: time_merge(engine, length, settings, plan.merge_repeats) for name, settings in variants}
-        counted = host_work(engine, ids, variants, plan.decodes) if plan.profile else {}
+        counted = host_work(engine, ids, variants, plan.decodes, plan.prefills) if plan.profile else {}
         for (mode, decode, prefill), runs in measured.items():
             for name, settings in variants:
                 rows.append(speed_row(engine, shape, plan, length, name, settings, (mode, decode, prefill), runs,
                                       measured,
-                                      merge_s[name], memory.kind, counted.get((name, decode), {}),
-                                      counted.get((BASE, decode), {})))
+                                      merge_s[name], memory.kind, counted.get((name, decode, prefill), {}),
+                                      counted.get((BASE, decode, prefill), {})))
         hf_s = time_hf_forward(engine, ids)
         first = next(iter(measured.values()), {})
         engine_s = median_of(measured.get(("recompute", "dynamic", "eager"), first).get(BASE, []), "ttft_s")
@@ -248,30 +251,6 @@ def quotient(numerator, denominator) -> float | None:
     return numerator / denominator
 
 
-def config_limits(engine: MergingEngine, shape: limits.Shape, length: int, merged: list[int], mode: str,
-                  new_tokens: int) -> dict:
-    """The ratios the config allows for one merged variant against base, in one mode, for the layer lengths the
-    merged prefill ran on (`merged`, from its own plan on these very prompts: the attention and similar choices
-    decide from the hidden states, and a kept budget can merge fewer pairs than the ratio asks).
-
-    These are FLOP and byte counts, not a ceiling on time: a measured ratio above its limit means the cost model
-    underprices what the merge saves (on a CPU, attention costs more than its FLOPs), below it the merge's own cost
-    or launch overhead eats into the saving."""
-    base = [length] * engine.num_layers
-    if mode == "cached":
-        decode = limits.cached_decode_speedup_limit(shape, base, merged, new_tokens)
-        kv = limits.kv_fraction_limit(base, merged)
-    else:
-        # Each step re-runs the prompt grown by one token; the grown prompt is taken to merge as the prompt did, its
-        # new tokens kept whole (they sit in the protected end), so the limit does not re-plan from other prompts.
-        grown = range(1, max(new_tokens, 2))
-        decode = limits.recompute_decode_speedup_limit(
-            shape, [([length + k] * engine.num_layers, [n + k for n in merged]) for k in grown])
-        kv = None  # no cache in this pair
-    return {"merged_length": merged[-1], "ttft": limits.prefill_speedup_limit(shape, base, merged),
-            "decode": decode, "kv": kv}
-
-
 def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, length: int, name: str,
               settings: MergeSettings, paths: tuple[str, str, str], runs: dict[str, list[dict]], measured: dict,
               merge_s: float, memory_kind: str | None, work: dict, base_work: dict) -> dict:
@@ -280,7 +259,7 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
     mode, decode, prefill = paths
     base, merged = runs[BASE], runs[name]
     new_tokens = plan.tokens_for(mode)
-    limit = config_limits(engine, shape, length, merged[0]["layer_lengths"], mode, new_tokens)
+    limit = limits.variant_limits(shape, engine.num_layers, length, merged[0]["layer_lengths"], mode, new_tokens)
     base_ttft, merged_ttft = median_of(base, "ttft_s"), median_of(merged, "ttft_s")
     base_decode, merged_decode = median_of(base, "decode_ms"), median_of(merged, "decode_ms")
     base_kv, merged_kv = median_of(base, "kv_bytes"), median_of(merged, "kv_bytes")
@@ -288,6 +267,9 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
               or next((r for (m, _, _), r in measured.items() if m == "cached"), {}))
     cached_base_decode = median_of(cached.get(BASE, []), "decode_ms")
     kv_fraction = quotient(merged_kv, base_kv)
+    prefill_counts = {f"{side}_prefill_{key}": counts.get(f"prefill_{key}")
+                      for side, counts in (("base", base_work), ("merged", work))
+                      for key in ("ops", "syncs", "kernels", "gpu_ms")}
     return {
         "length": length,
         "merged_length": limit["merged_length"],
@@ -328,6 +310,7 @@ def speed_row(engine: MergingEngine, shape: limits.Shape, plan: SpeedPlan, lengt
         "merged_decode_syncs": work.get("decode_syncs"),
         "base_decode_ops": base_work.get("decode_ops"),
         "merged_decode_ops": work.get("decode_ops"),
+        **prefill_counts,
         "base_decode_setup_s": median_of(base, "decode_setup_s"),
         "merged_decode_setup_s": median_of(merged, "decode_setup_s"),
         "prefill": prefill,

@@ -351,4 +351,9 @@ def test_speed_times_the_compiled_prefill_beside_the_eager_one(tmp_path):
     assert report["decode_compile_s"]["prefill"] > 0
     assert {(r["prefill"], r["variant"]) for r in report["repeats"]} == {
         ("eager", "base"), ("eager", "2"), ("compiled", "base"), ("compiled", "2")}
+    # What a prefill dispatches: inductor fuses the norms, RoPE and activations, so fewer aten ops reach the host.
+    eager, compiled = rows
+    assert int(compiled["base_prefill_ops"]) < int(eager["base_prefill_ops"])
+    assert int(compiled["merged_prefill_ops"]) < int(eager["merged_prefill_ops"])
+    assert int(eager["merged_prefill_syncs"]) >= int(eager["base_prefill_syncs"]) == 0
     assert command.main(["speed", "--shape", "tiny", "--prefill", "fused", "--out", str(out)]) == 2
