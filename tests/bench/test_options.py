@@ -281,7 +281,7 @@ def no_run(monkeypatch):
 
 LIST_OPTIONS = [
     ("speed", "--lengths"), ("speed", "--modes"), ("speed", "--cutoffs"), ("speed", "--choice"), ("speed", "--preset"),
-    ("speed", "--decode"),
+    ("speed", "--decode"), ("speed", "--prefill"),
     ("fidelity", "--prefixes"), ("fidelity", "--methods"), ("fidelity", "--positions"), ("fidelity", "--cutoffs"),
     ("fidelity", "--choice"),
     ("retrieval", "--lengths"), ("retrieval", "--depths"), ("retrieval", "--tasks"), ("retrieval", "--cutoffs"),
