@@ -44,7 +44,7 @@ check_transformers_version(transformers.__version__)
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .layers import OneLayerCache, add_key_bias, cache_layer, call_layer, is_sliding
+from .layers import OneLayerCache, add_key_bias, cache_layer, call_layer, is_sliding, with_compile_config
 from .merge import INTERPOLATE, adjacent_cosines, cosine, gather_pairs, ratio_per_stage, slerp_and_cosine
 from .pairs import Stage, check_spans, last_slot_offset, next_stage, slot_positions
 from .session import Session, cache_lengths, kv_bytes_per_layer  # noqa: F401  (the forward's names too)
@@ -90,7 +90,7 @@ class Merged:
     stage: Stage
     cosines: torch.Tensor  # [1, slots]: cosine of each slot's two members before merging (0 for a single)
     positions: torch.Tensor  # [slots]: RoPE positions of the slots
-    log_sizes: torch.Tensor | None  # log(tokens per slot) for proportional attention, when any slot holds several
+    log_sizes: torch.Tensor | None  # log(tokens per slot) under proportional attention (all 0 where nothing merged)
     attention: torch.Tensor | None = None  # [items]: attention received, when the `attention` choice planned the stage
 
 
@@ -115,17 +115,26 @@ class LayerwiseModel:
         self.num_layers = self.config.num_hidden_layers
         self.eos_ids = _eos_ids(model, tokenizer)  # a generation (slerpviz.generation) stops at these
         self._interrupt = None  # an Event the step under way checks between layers (see `interruptible`)
-        self._prefill_layer = None  # the prompt's layers through torch.compile, once `compile_prefill` is called
+        # The prompt's layers, and the merges between them, through torch.compile once `compile_prefill` is called.
+        self._prefill_layer = self._prefill_merge = None
 
-    def compile_prefill(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """From now on the prompt's layers run through one `torch.compile`d call (new tokens keep the eager path).
+    def compile_prefill(self, backend: str = "inductor", mode: str | None = None, merges: bool = True,
+                        fullgraph: bool = False) -> None:
+        """From now on the prompt's layers, and with `merges` the merges between them, run through `torch.compile`
+        (new tokens keep their decode path).
 
         Regional compilation: the decoder layer is compiled, not the model, with dynamic shapes, and each layer is
         handed its own cache layer (`OneLayerCache`), so nothing the trace reads differs between layers: one graph
         serves every layer, prompt length and merged length (a few more: with and without a cache, a bool and a
-        float mask). The compile happens on the first prompt of each kind; `warm_up_prefill` pays it ahead.
+        float mask). A merge is a graph or two per cutoff and setting (an even and an odd count of pairs), its count
+        of slots read inside it, for every length. The compile happens on the first prompt of each kind;
+        `warm_up_prefill` pays it ahead. Settings met for the first time compile then: the app, which meets any,
+        compiles the layers alone. `fullgraph`: raise where a graph would break or COMPILE_CONFIG's count of graphs
+        runs out (the tests prove there is no break with it); without, such a call runs eagerly.
         """
-        self._prefill_layer = torch.compile(call_layer, dynamic=True, fullgraph=True, backend=backend, mode=mode)
+        options = dict(dynamic=True, fullgraph=fullgraph, backend=backend, mode=mode)
+        self._prefill_layer = with_compile_config(torch.compile(call_layer, **options))
+        self._prefill_merge = with_compile_config(torch.compile(self.merge_at_cutoff, **options)) if merges else None
 
     @property
     def compiled_prefill(self) -> bool:
@@ -137,13 +146,13 @@ class LayerwiseModel:
         `compile_prefill` (the speed benchmark times both paths in one run)."""
         if check_prefill(prefill) == "compiled" and not self.compiled_prefill:
             raise ValueError("the prefill is not compiled: call compile_prefill() first")
-        compiled = self._prefill_layer
+        compiled = self._prefill_layer, self._prefill_merge
         if prefill == "eager":
-            self._prefill_layer = None
+            self._prefill_layer = self._prefill_merge = None
         try:
             yield
         finally:
-            self._prefill_layer = compiled
+            self._prefill_layer, self._prefill_merge = compiled
 
     @torch.inference_mode()
     def warm_up_prefill(self, settings: Iterable[MergeSettings] = (MergeSettings(),)) -> float:
@@ -153,10 +162,12 @@ class LayerwiseModel:
             return 0.0
         began = time.perf_counter()
         for merge in settings:
-            # An odd length, unlike any of the model's own sizes: torch.compile's dynamic shapes would otherwise take
-            # a prompt as long as, say, a head's width for one symbol, and compile again for the next prompt.
-            length = 2 * (merge.keep_start + merge.keep_end) + 97
-            self.prefill(torch.full((1, length), 3, device=self.device), merge)
+            # Lengths unlike any of the model's own sizes: torch.compile's dynamic shapes would otherwise take a prompt
+            # as long as, say, a head's width for one symbol, and compile again for the next prompt. Two of them, as
+            # a merge compiles once for an even count of pairs and once for an odd one.
+            for extra in (97, 98):
+                length = 2 * (merge.keep_start + merge.keep_end) + extra
+                self.prefill(torch.full((1, length), 3, device=self.device), merge)
         self.sync()
         return time.perf_counter() - began
 
@@ -248,7 +259,8 @@ class LayerwiseModel:
         ratios = ratio_per_stage(settings.ratio, len(settings.cutoffs))
         # Everything a stage builds lives on the hidden states' device: nothing per slot is read back to the host.
         positions = torch.arange(length, dtype=torch.float32, device=h.device)
-        first = last = torch.arange(length, device=h.device)
+        # Two tensors, not one twice: a compiled merge guards on whether its inputs are the same tensor.
+        first, last = torch.arange(length, device=h.device), torch.arange(length, device=h.device)
         log_sizes, offset = None, 0
         segments, realised, cosines, scores, start = [], [], [], [], 0
         for index, cutoff in enumerate([*cutoffs, None]):
@@ -260,10 +272,12 @@ class LayerwiseModel:
                 start = end
             if cutoff is None:
                 break
-            merged = self.merge_at_cutoff(h, first, last, positions, log_sizes, cutoff, settings,
-                                          ratios[index] if stages is None else 1.0,
-                                          stages[index] if stages is not None else None, length)
-            h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes
+            merge = self.merge_at_cutoff if self._prefill_merge is None or stages is not None else self._prefill_merge
+            merged = merge(h, first, last, positions, log_sizes, cutoff, settings,
+                           ratios[index] if stages is None else 1.0, stages[index] if stages is not None else None,
+                           settings.kept_budget(length))
+            several = merged.stage.plan.merged_length < length  # some slot holds several tokens
+            h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes if several else None
             offset = last_slot_offset(length, merged.stage.plan.merged_length, settings.positions)
             first, last = merged.stage.first, merged.stage.last
             cosines.append(merged.cosines)
@@ -320,14 +334,16 @@ class LayerwiseModel:
     def merge_at_cutoff(
         self, h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, positions: torch.Tensor,
         log_sizes: torch.Tensor | None, cutoff: int, settings: MergeSettings, ratio: float, stage: Stage | None = None,
-        prompt_length: int | None = None,
+        kept: int | None = None,
     ) -> "Merged":
         """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar` and
         `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes.
 
         On the device throughout: the plan reads one number back (the slots' count) only where the choice cannot
-        know it ahead, `similar` and the attention choice's kept budget."""
-        prompt_length = first.numel() if prompt_length is None else prompt_length  # tokens before any merge
+        know it ahead, `similar` and the attention choice's kept budget. `kept`: that budget, for the prompt's
+        length (settings.kept_budget; reckoned by the caller, as a compiled merge would compile again for every
+        length it rounded a share of)."""
+        kept = settings.kept_budget(first.numel()) if kept is None else kept
         attention = None
         if stage is None:
             mixed = settings.choice == "attention" and settings.cosine_share > 0
@@ -335,7 +351,7 @@ class LayerwiseModel:
             if settings.choice == "attention":
                 attention = self.attention_received(cutoff, h, positions, settings.attention_window, log_sizes)
             stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
-                               similarity, settings.size_weighted, attention, settings.kept_budget(prompt_length),
+                               similarity, settings.size_weighted, attention, kept,
                                settings.cosine_share, settings.attention_reach)
         else:
             stage = stage.to(h.device)  # a replayed plan may have been made on the CPU
@@ -346,8 +362,9 @@ class LayerwiseModel:
         else:
             hidden, cosines = INTERPOLATE[settings.method](a, b, stage.plan.t), cosine(a, b)
         slots = slot_positions(stage.first, stage.last, settings.positions)
-        several = settings.proportional and stage.plan.merged_length < prompt_length  # some slot holds several
-        log_sizes = stage.sizes.float().log() if several else None
+        # The caller drops them where no slot holds several (a comparison with the slots' count, which a compiled
+        # merge knows only once it has run).
+        log_sizes = stage.sizes.float().log() if settings.proportional else None
         # Each slot's two members' cosine (0 for a single, whose partner is the zero row); the trace keeps the pairs'.
         return Merged(hidden, stage, cosines, slots, log_sizes, attention)
 

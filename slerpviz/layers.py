@@ -2,12 +2,28 @@
 
 The prefill may run every layer through one `torch.compile`d call (`LayerwiseModel.compile_prefill`): handed its own
 layer of the cache (`OneLayerCache`), a layer reads nothing that differs from the next layer's, so one graph serves
-them all, whatever the prompt's length or the merged length.
+them all, whatever the prompt's length or the merged length. The merges between them compile too, a graph per cutoff
+and setting (COMPILE_CONFIG).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+# What the compiled prefill asks of dynamo: the merge's count of slots (a scalar read, a nonzero) traced inside its
+# graph rather than breaking it, and room for a graph per cutoff of every setting in use (8 per function by default,
+# past which it would run uncompiled).
+COMPILE_CONFIG = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True, recompile_limit=64)
+
+
+def with_compile_config(compiled):
+    """A torch.compile'd function called under COMPILE_CONFIG (it compiles, when it does, on a call)."""
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(**COMPILE_CONFIG):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def call_layer(layer, h: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:

@@ -165,7 +165,10 @@ def spread_attention(attention: torch.Tensor, reach: int) -> torch.Tensor:
     rank with it, so a fact stays whole rather than only its most-attended token."""
     if reach <= 0:
         return attention
-    return F.max_pool1d(attention.view(1, 1, -1), 2 * reach + 1, stride=1, padding=reach).view(-1)
+    # The max over each window of the padded scores (what max_pool1d computes; its shape rule fixes the length when
+    # compiled, this keeps it symbolic).
+    padded = F.pad(attention, (reach, reach), value=-math.inf)
+    return padded.unfold(0, 2 * reach + 1, 1).amax(-1)
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:

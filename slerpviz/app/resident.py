@@ -44,6 +44,18 @@ except ImportError:  # pragma: no cover - depends on the machine
         return function
 
 
+def prefill_warm_ups(engine: MergingEngine) -> list[MergeSettings]:
+    """What a compiled prefill is warmed with before the page serves: base, every preset, and proportional attention
+    (its float mask is one more kind of layer call) where the model takes it."""
+    settings = [MergeSettings(), *(preset(name, engine.num_layers) for name in PRESETS)]
+    proportional = MergeSettings(cutoffs=(engine.num_layers // 2,), proportional=True)
+    try:
+        engine.validate(64, proportional)
+    except ValueError:  # sliding-window or flash attention: the page refuses it, so it never runs
+        return settings
+    return [*settings, proportional]
+
+
 def prefill_path() -> str:
     """$SLERPVIZ_PREFILL: eager (the default) or compiled, how both sides run the prompt's layers. Compiling costs
     seconds per model on a CPU and more on a GPU, once per process; on ZeroGPU every call meets a fresh worker, so
@@ -241,9 +253,10 @@ class ResidentModel:
             engine.warm_up()  # one-time setup now, so the first timed comparison is not charged for it
             if compiled:
                 progress(f"Compiling {name}'s prefill (once per model)")
-                engine.compile_prefill()
-                # Base and the presets; another kind of call (proportional attention's mask) compiles on first use.
-                engine.warm_up_prefill([MergeSettings(), *(preset(p, engine.num_layers) for p in PRESETS)])
+                # The layers alone: one graph serves every setting, where a merge compiles for each new setting, and
+                # a visitor's first run of one would be charged for it.
+                engine.compile_prefill(merges=False)
+                engine.warm_up_prefill(prefill_warm_ups(engine))
         except BaseException as error:  # reported to every caller following this load
             log.exception("loading %s failed", name)
             if freed and previous is not None:

@@ -49,8 +49,11 @@ class FakeEngine:
     def warm_up(self):
         self.warm_ups += 1
 
-    def compile_prefill(self):
-        self.compiled = True
+    def validate(self, length, settings):
+        pass
+
+    def compile_prefill(self, merges=True):
+        self.compiled, self.compiled_merges = True, merges
 
     def warm_up_prefill(self, settings):
         self.warmed_prefills = list(settings)
@@ -274,8 +277,10 @@ def test_a_compiled_prefill_is_compiled_for_base_and_every_preset_before_it_serv
     monkeypatch.setenv("SLERPVIZ_PREFILL", "compiled")
     resident, _ = recording_resident()
     engine = resident.ensure(EMBEDDED)
-    assert engine.compiled and len(engine.warmed_prefills) == 1 + len(PRESETS)
+    assert engine.compiled and not engine.compiled_merges  # a merge would compile for each new setting
+    assert len(engine.warmed_prefills) == 2 + len(PRESETS)
     assert engine.warmed_prefills[0].cutoffs == ()  # base
+    assert engine.warmed_prefills[-1].proportional  # its float mask is another kind of layer call
 
 
 def test_a_compiled_prefill_is_not_asked_of_a_zero_gpu_worker(monkeypatch):
