@@ -166,7 +166,8 @@ SPEED_DEFINITIONS = {
     "merge_gpu_ms": "one merge's kernels, summed device time (torch.profiler; GPU only)",
     "merge_kernels": "kernels and copies one merge launches on the GPU (torch.profiler; GPU only)",
     "merge_syncs": "host syncs in one merge: scalar reads, data-dependent shapes, copies to the CPU (bench/ops.py)",
-    "merge_ops_per_stage": "aten ops one merge dispatches (TorchDispatchMode, nested calls not counted) ÷ stages",
+    "merge_ops_per_stage": "aten ops one merge dispatches (TorchDispatchMode, nested calls not counted) ÷ stages, "
+                           "eager: a compiled merge shows in merged_prefill_ops",
     "base_decode_syncs": "host syncs in one cached decode step of base, the sampler's token read not included",
     "merged_decode_syncs": "the same for the merged variant",
     "base_decode_ops": "aten ops one cached decode step of base dispatches",
