@@ -101,6 +101,27 @@ def test_every_pair_choice_merges_in_one_graph_as_the_eager_path_does(settings, 
     assert counter.merges >= 1
 
 
+def test_a_sliding_window_cache_is_written_through_its_own_layer(fresh_dynamo):
+    # Mistral's sliding-window layers keep only the window: each layer's own cache class does the writing.
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import TINY, word_tokenizer
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=16, attn_implementation="sdpa")).eval()
+    eager, compiled = MergingEngine(model, word_tokenizer()), MergingEngine(model, word_tokenizer())
+    compiled.compile_prefill(backend=GraphCounter(), fullgraph=True)
+    sampling = Sampling(max_new_tokens=6, temperature=0.0)
+    for settings in (MergeSettings(), PAIRS, EVERY_CHOICE[2]):
+        ids = random_ids(70, seed=7)
+        a, b = eager.prefill(ids, settings), compiled.prefill(ids, settings)
+        torch.testing.assert_close(b.logits, a.logits)
+        assert cache_lengths(b.cache) == cache_lengths(a.cache)
+        tokens = [[step.token_id for step in engine.start(ids, settings, sampling, decode="dynamic")]
+                  for engine in (eager, compiled)]
+        assert tokens[1] == tokens[0]
+
+
 def test_without_a_cache_and_on_the_eager_path_for_a_while(fresh_dynamo):
     eager, compiled, counter = compiled_beside_eager("mistral")
     ids = random_ids(50)
