@@ -136,6 +136,10 @@ class LayerwiseModel:
         self._prefill_layer = with_compile_config(torch.compile(call_layer, **options))
         self._prefill_merge = with_compile_config(torch.compile(self.merge_at_cutoff, **options)) if merges else None
 
+    def uncompile_prefill(self) -> None:
+        """The prompt's layers and merges eager again (after a compile that failed, say)."""
+        self._prefill_layer = self._prefill_merge = None
+
     @property
     def compiled_prefill(self) -> bool:
         return self._prefill_layer is not None

@@ -141,6 +141,10 @@ def test_without_a_cache_and_on_the_eager_path_for_a_while(fresh_dynamo):
     with pytest.raises(ValueError, match="unknown prefill 'fused'; choose one of eager, compiled"):
         with compiled.prefill_path("fused"):
             pass
+    compiled.uncompile_prefill()
+    graphs = counter.graphs, counter.merges
+    compiled.prefill(ids, PAIRS)
+    assert not compiled.compiled_prefill and (counter.graphs, counter.merges) == graphs
 
 
 def test_warm_up_pays_the_compile_before_the_first_prompt(fresh_dynamo):

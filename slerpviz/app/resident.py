@@ -255,8 +255,12 @@ class ResidentModel:
                 progress(f"Compiling {name}'s prefill (once per model)")
                 # The layers alone: one graph serves every setting, where a merge compiles for each new setting, and
                 # a visitor's first run of one would be charged for it.
-                engine.compile_prefill(merges=False)
-                engine.warm_up_prefill(prefill_warm_ups(engine))
+                try:
+                    engine.compile_prefill(merges=False)
+                    engine.warm_up_prefill(prefill_warm_ups(engine))
+                except Exception:  # noqa: BLE001 - no C compiler, an inductor bug: the page serves, uncompiled
+                    log.exception("compiling %s's prefill failed; its prompts run eagerly", name)
+                    engine.uncompile_prefill()
         except BaseException as error:  # reported to every caller following this load
             log.exception("loading %s failed", name)
             if freed and previous is not None:

@@ -58,6 +58,9 @@ class FakeEngine:
     def warm_up_prefill(self, settings):
         self.warmed_prefills = list(settings)
 
+    def uncompile_prefill(self):
+        self.compiled = False
+
 
 def recording_resident(fail: set[str] = frozenset(), fetch_fail: set[str] = frozenset(), free_first: bool = False):
     """A resident model whose loads are recorded (name, and whether the device lock was free), failing for names in
@@ -281,6 +284,17 @@ def test_a_compiled_prefill_is_compiled_for_base_and_every_preset_before_it_serv
     assert len(engine.warmed_prefills) == 2 + len(PRESETS)
     assert engine.warmed_prefills[0].cutoffs == ()  # base
     assert engine.warmed_prefills[-1].proportional  # its float mask is another kind of layer call
+
+
+def test_a_prefill_that_cannot_compile_is_served_eagerly(monkeypatch):
+    def no_compiler(self, settings):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setenv("SLERPVIZ_PREFILL", "compiled")
+    monkeypatch.setattr(FakeEngine, "warm_up_prefill", no_compiler)
+    resident, _ = recording_resident()
+    engine = resident.ensure(EMBEDDED)
+    assert resident.engine is engine and engine.warm_ups == 1 and not engine.compiled
 
 
 def test_a_compiled_prefill_is_not_asked_of_a_zero_gpu_worker(monkeypatch):
