@@ -24,11 +24,11 @@ python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 1024,
   --out "$out/speed" 2>&1 | tee "$out/speed.log"
 # The prompt's layers and merges through torch.compile beside the eager ones, base and `recommended` alike, with
 # the compile's time (a graph for the layers, two for each of its two merges; one preset keeps it inside the lease).
-timeout "${PREFILL_TIMEOUT:-200}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda \
+timeout "${PREFILL_TIMEOUT:-260}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda \
   --lengths 1024,4096,16384 --preset recommended --modes cached --decode dynamic --prefill eager,compiled \
   --repeats 5 --new-tokens 2 --out "$out/prefill" 2>&1 | tee -a "$out/speed.log"
 # The torch.compile'd decode beside it, with its compile time (last: it may not finish in a short lease).
-timeout "${COMPILED_TIMEOUT:-240}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 4096 \
+timeout "${COMPILED_TIMEOUT:-180}" python3 -m slerpviz.bench speed --shape mistral-7b --device cuda --lengths 4096 \
   --preset recommended --modes cached --decode graph,compiled --repeats 3 --new-tokens 16 \
   --out "$out/compiled" 2>&1 | tee -a "$out/speed.log"
 # The tables and JSON say it all, and the device tool brings back at most 8 files: env, log, and 3 x (csv, json).
