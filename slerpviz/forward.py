@@ -44,7 +44,7 @@ check_transformers_version(transformers.__version__)
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .layers import OneLayerCache, add_key_bias, cache_layer, call_layer, is_sliding, with_compile_config
+from .layers import OneLayerCache, add_key_bias, cache_layer, call_layer, compiling, is_sliding
 from .merge import INTERPOLATE, adjacent_cosines, cosine, gather_pairs, ratio_per_stage, slerp_and_cosine
 from .pairs import Stage, check_spans, last_slot_offset, next_stage, slot_positions
 from .session import Session, cache_lengths, kv_bytes_per_layer  # noqa: F401  (the forward's names too)
@@ -133,8 +133,8 @@ class LayerwiseModel:
         runs out (the tests prove there is no break with it); without, such a call runs eagerly.
         """
         options = dict(dynamic=True, fullgraph=fullgraph, backend=backend, mode=mode)
-        self._prefill_layer = with_compile_config(torch.compile(call_layer, **options))
-        self._prefill_merge = with_compile_config(torch.compile(self.merge_at_cutoff, **options)) if merges else None
+        self._prefill_layer = torch.compile(call_layer, **options)
+        self._prefill_merge = torch.compile(self.merge_at_cutoff, **options) if merges else None
 
     def uncompile_prefill(self) -> None:
         """The prompt's layers and merges eager again (after a compile that failed, say)."""
@@ -267,26 +267,28 @@ class LayerwiseModel:
         first, last = torch.arange(length, device=h.device), torch.arange(length, device=h.device)
         log_sizes, offset = None, 0
         segments, realised, cosines, scores, start = [], [], [], [], 0
-        for index, cutoff in enumerate([*cutoffs, None]):
-            end = self.num_layers if cutoff is None else cutoff
-            if end > start:
-                if run_layers:
-                    h = self._run_layers(h, start, end, positions, cache, log_sizes, self._prefill_layer)
-                segments.append(_Segment(start, end, offset, log_sizes))
-                start = end
-            if cutoff is None:
-                break
-            merge = self.merge_at_cutoff if self._prefill_merge is None or stages is not None else self._prefill_merge
-            merged = merge(h, first, last, positions, log_sizes, cutoff, settings,
-                           ratios[index] if stages is None else 1.0, stages[index] if stages is not None else None,
-                           settings.kept_budget(length))
-            several = merged.stage.plan.merged_length < length  # some slot holds several tokens
-            h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes if several else None
-            offset = last_slot_offset(length, merged.stage.plan.merged_length, settings.positions)
-            first, last = merged.stage.first, merged.stage.last
-            cosines.append(merged.cosines)
-            realised.append(merged.stage)
-            scores.append(merged.attention)
+        merge = self.merge_at_cutoff if self._prefill_merge is None or stages is not None else self._prefill_merge
+        # Dynamo's settings for a compiled prefill, set once a prompt (a patch of them costs some 20 µs).
+        with compiling(self.compiled_prefill):
+            for index, cutoff in enumerate([*cutoffs, None]):
+                end = self.num_layers if cutoff is None else cutoff
+                if end > start:
+                    if run_layers:
+                        h = self._run_layers(h, start, end, positions, cache, log_sizes, self._prefill_layer)
+                    segments.append(_Segment(start, end, offset, log_sizes))
+                    start = end
+                if cutoff is None:
+                    break
+                merged = merge(h, first, last, positions, log_sizes, cutoff, settings,
+                               ratios[index] if stages is None else 1.0, stages[index] if stages is not None else None,
+                               settings.kept_budget(length))
+                several = merged.stage.plan.merged_length < length  # some slot holds several tokens
+                h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes if several else None
+                offset = last_slot_offset(length, merged.stage.plan.merged_length, settings.positions)
+                first, last = merged.stage.first, merged.stage.last
+                cosines.append(merged.cosines)
+                realised.append(merged.stage)
+                scores.append(merged.attention)
         return h, Layout(segments, realised, scores), cosines
 
     def _run_layers(

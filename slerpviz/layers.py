@@ -8,6 +8,8 @@ and setting (COMPILE_CONFIG).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -17,13 +19,9 @@ import torch
 COMPILE_CONFIG = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True, recompile_limit=64)
 
 
-def with_compile_config(compiled):
-    """A torch.compile'd function called under COMPILE_CONFIG (it compiles, when it does, on a call)."""
-    def call(*args, **kwargs):
-        with torch._dynamo.config.patch(**COMPILE_CONFIG):
-            return compiled(*args, **kwargs)
-
-    return call
+def compiling(compiled: bool):
+    """COMPILE_CONFIG while a compiled prefill runs (a compiled function compiles, when it does, on a call)."""
+    return torch._dynamo.config.patch(**COMPILE_CONFIG) if compiled else contextlib.nullcontext()
 
 
 def call_layer(layer, h: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
