@@ -30,7 +30,7 @@ from .settings import MergeSettings
 def apply(model, settings: MergeSettings, compile_prefill: bool = False) -> MergingForward:
     """Make `model` (a Mistral, Llama or Qwen2 causal LM) merge in its own forward until `remove(model)`.
 
-    `compile_prefill`: the prompt's decoder layers run through torch.compile (LayerwiseModel.compile_prefill; the
+    `compile_prefill`: the prompt's layers and merges run through torch.compile (LayerwiseModel.compile_prefill; the
     first prompt pays the compile), new tokens as the model runs them."""
     decoder = model.model
     if isinstance(decoder.__dict__.get("forward"), MergingForward):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from .merge import CHOICES, METHODS, POSITION_MODES
 
 MODES = ("cached", "recompute")  # with a per-layer KV cache, or re-running the whole sequence every step (the article)
-PREFILLS = ("eager", "compiled")  # the prompt's layers as written, or each through torch.compile (compile_prefill)
+PREFILLS = ("eager", "compiled")  # the prompt's layers and merges as written, or through torch.compile
 
 
 @dataclass(frozen=True)

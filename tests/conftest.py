@@ -65,6 +65,17 @@ def engine(request) -> MergingEngine:
     return tiny_engine(request.param)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's graphs forgotten before and after the test: a function keeps a bounded number of them per
+    process, and a test that counts them must not count other tests'."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def embedded():
     from slerpviz.models import EMBEDDED, load

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
 
 from conftest import random_ids, tiny_engine
 from slerpviz.engine import MergeSettings, MergingEngine, Sampling
@@ -36,14 +35,6 @@ class GraphCounter:
         else:
             self.graphs += 1
         return graph_module.forward
-
-
-@pytest.fixture
-def fresh_dynamo():
-    # torch.compile keeps at most 8 graphs per code object and process: other tests' graphs must not count here.
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def compiled_beside_eager(family: str) -> tuple:

@@ -314,10 +314,9 @@ def test_a_fresh_forward_with_offset_positions_is_told_so_not_about_a_cache(mode
         model(ids, position_ids=torch.arange(20)[None], logits_to_keep=1)  # from 0: accepted
 
 
-def test_a_compiled_prefill_under_the_patch_gives_the_engines_tokens():
-    # Inductor itself, on one tiny model: the patch's prompt through compiled layers, the new tokens as generate
-    # feeds them; and a cache the caller made without a config, whose layers the compiled prefill makes first.
-    torch._dynamo.reset()  # torch.compile keeps 8 graphs per code object and process: other tests' must not count
+def test_a_compiled_prefill_under_the_patch_gives_the_engines_tokens(fresh_dynamo):
+    # Inductor itself, on one tiny model: the patch's prompt through compiled layers and merges, the new tokens as
+    # generate feeds them; and a cache the caller made without a config, whose layers the compiled prefill makes first.
     model = tiny_model("llama")
     ids = random_ids(30, seed=2)
     for settings in (SETTINGS[0], SETTINGS[-1]):
@@ -329,4 +328,3 @@ def test_a_compiled_prefill_under_the_patch_gives_the_engines_tokens():
                 model(ids, cache=cache, use_cache=True, logits_to_keep=1)
         assert patched == engine_tokens(model, ids, settings)
         assert len(cache.layers) == N_LAYERS and cache.layers[-1].get_seq_length() < ids.shape[1]
-    torch._dynamo.reset()

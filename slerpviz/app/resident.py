@@ -56,7 +56,7 @@ def prefill_warm_ups(engine: MergingEngine) -> list[MergeSettings]:
     return [*settings, proportional]
 
 
-def prefill_path() -> str:
+def chosen_prefill() -> str:
     """$SLERPVIZ_PREFILL: eager (the default) or compiled, how both sides run the prompt's layers. Compiling costs
     seconds per model on a CPU and more on a GPU, once per process; on ZeroGPU every call meets a fresh worker, so
     the prompt's layers stay eager there."""
@@ -241,7 +241,7 @@ class ResidentModel:
 
         previous, freed = self.name, False
         try:
-            compiled = prefill_path() == "compiled"  # a bad value is refused before anything is fetched or freed
+            compiled = chosen_prefill() == "compiled"  # a bad value is refused before anything is fetched or freed
             self._fetcher(name, progress)
             if self._frees_first() and self.engine is not None:
                 # Two 7B models do not fit on one GPU: free the old one, but never in the middle of a step.

@@ -179,7 +179,8 @@ SPEED_DEFINITIONS = {
     "merged_prefill_syncs": "the same for the merged variant",
     "base_prefill_kernels": "kernels and copies one prefill of base launches on the GPU (torch.profiler; GPU only)",
     "merged_prefill_kernels": "the same for the merged variant",
-    "prefill": "eager, or compiled: each decoder layer of the prompt through torch.compile, base and merged alike",
+    "prefill": "eager, or compiled: each decoder layer and merge of the prompt through torch.compile, base and "
+               "merged alike",
     "peak_mem_bytes": "see peak_mem_kind: cuda_allocated (exact) or cpu_rss_delta (rough); empty = not measurable",
 }
 

@@ -53,7 +53,7 @@ SPEED_COLUMNS = (
     # The static decoder's setup per run (its buffers, the cache's copy, a CUDA graph recorded for a new size),
     # never inside a step's time; compiling is once per process and structure (SpeedResult.compile_s).
     "base_decode_setup_s", "merged_decode_setup_s",
-    "prefill",  # eager, or compiled: the prompt's layers through torch.compile on both sides (--prefill)
+    "prefill",  # eager, or compiled: the prompt's layers and merges through torch.compile, both sides (--prefill)
 )
 
 REPEAT_COLUMNS = ("length", "mode", "decode", "prefill", "variant", "repeat", "ttft_s", "decode_ms", "kv_bytes",
@@ -227,8 +227,8 @@ def run_speed(engine: MergingEngine, plan: SpeedPlan, log=print) -> SpeedResult:
         for (mode, decode, prefill), runs in measured.items():
             for name, settings in variants:
                 rows.append(speed_row(engine, shape, plan, length, name, settings, (mode, decode, prefill), runs,
-                                      measured,
-                                      merge_s[name, prefill], memory.kind, counted.get((name, decode, prefill), {}),
+                                      measured, merge_s[name, prefill], memory.kind,
+                                      counted.get((name, decode, prefill), {}),
                                       counted.get((BASE, decode, prefill), {})))
         hf_s = time_hf_forward(engine, ids)
         first = next(iter(measured.values()), {})
@@ -352,9 +352,10 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
                         "graph by torch.compile; its compile time is reported apart). Default: dynamic on a CPU, "
                         "dynamic,compiled on a GPU")
     p.add_argument("--prefill", type=listed, default="eager",
-                   help="how the prompt's layers run, comma-separated: eager, compiled (each decoder layer through "
-                        "torch.compile with dynamic shapes: one graph for every layer and length, compiled before "
-                        "anything is timed, its time reported apart). Each is timed for base and merged alike")
+                   help="how the prompt's layers and merges run, comma-separated: eager, compiled (each decoder "
+                        "layer and merge through torch.compile with dynamic shapes: one graph for every layer and "
+                        "length, one or two per merge, compiled before anything is timed, its time reported apart). "
+                        "Each is timed for base and merged alike")
     return p
 
 

@@ -300,7 +300,7 @@ def test_a_prefill_that_cannot_compile_is_served_eagerly(monkeypatch):
 def test_a_compiled_prefill_is_not_asked_of_a_zero_gpu_worker(monkeypatch):
     monkeypatch.setenv("SLERPVIZ_PREFILL", "compiled")
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    assert resident_module.prefill_path() == "eager"
+    assert resident_module.chosen_prefill() == "eager"
 
 
 def test_an_unknown_prefill_path_fails_the_load_and_says_what_is_allowed(monkeypatch):

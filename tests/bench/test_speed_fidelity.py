@@ -337,10 +337,9 @@ def test_speed_times_each_decode_for_base_and_merged_alike(tiny):
     assert static["merged_decode_setup_s"] > 0  # the decoder's setup, apart from the steps
 
 
-def test_speed_times_the_compiled_prefill_beside_the_eager_one(tmp_path):
+def test_speed_times_the_compiled_prefill_beside_the_eager_one(tmp_path, fresh_dynamo):
     # The command line end to end, inductor and all: its compile is reported apart, and both paths are timed for
     # base and merged alike in one run.
-    torch._dynamo.reset()  # torch.compile keeps 8 graphs per code object and process: other tests' must not count
     out = tmp_path / "speed"
     assert command.main(["speed", "--shape", "tiny", "--lengths", "48", "--cutoffs", "2", "--modes", "cached",
                          "--repeats", "1", "--new-tokens", "2", "--prefill", "eager,compiled",
