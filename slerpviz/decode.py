@@ -125,10 +125,11 @@ class StaticDecoder:
     call `step(token)` once per token, `release()` it when the run is done.
     """
 
-    def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False, graphed: bool = False):
+    def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False, graphed: bool = False,
+                 head: bool = True):
         self.engine, self.shapes, self.compiled = engine, shapes, compiled
-        self.key = (shapes, bool(compiled), bool(graphed))  # its place in the pool: what it was built for
-        self.state = DecodeState(shapes, engine.config, engine.dtype, engine.device)
+        self.key = (shapes, bool(compiled), bool(graphed), bool(head))  # its place in the pool: what it was built for
+        self.state = DecodeState(shapes, engine.config, engine.dtype, engine.device, head)
         self.capacity = min(g.capacity for s in shapes for g in s.groups)
         self.warm = False  # warmed (compiled and captured) for its buffers
         self.fallback = ""  # why a compiled or graphed decoder runs otherwise, if it does
@@ -175,7 +176,8 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token (a device tensor [1, 1] of its id); the next token's logits [1, vocab] on the device."""
+        """Feed one token (a device tensor [1, 1] of its id); the next token's logits [1, vocab] on the device (a
+        decoder built without `head`: the final norm's output [1, 1, d])."""
         if self.room() < 1:
             raise ValueError(f"the static decoder is full ({self.steps} tokens fed since its load)")
         interrupt = self.engine._interrupt  # a step is one graph: a Stop takes effect between steps
@@ -284,9 +286,11 @@ class StaticDecoder:
         _release(self)
 
 
-def start_decoding(session, max_new_tokens: int, mode: str | None) -> tuple[StaticDecoder | None, str, float]:
+def start_decoding(session, max_new_tokens: int, mode: str | None, head: bool = True
+                   ) -> tuple[StaticDecoder | None, str, float]:
     """What a run decodes with after its prefill: (the static decoder or None for dynamic, the path as the trace
-    records it, warm-up seconds). A session the static decoder cannot run exactly decodes dynamic, and says why."""
+    records it, warm-up seconds). A session the static decoder cannot run exactly decodes dynamic, and says why.
+    `head`: the steps give logits (the engine's runs), else the final norm's output (the patch)."""
     check_mode(mode)
     mode = mode or default_mode(session.engine.device)
     if mode == "dynamic" or max_new_tokens < 1:
@@ -295,7 +299,7 @@ def start_decoding(session, max_new_tokens: int, mode: str | None) -> tuple[Stat
     if reason is not None:
         return None, f"dynamic ({reason})", 0.0
     began = time.perf_counter()
-    decoder = acquire(session, max_new_tokens, compiled=mode == "compiled", graphed=mode == "graph")
+    decoder = acquire(session, max_new_tokens, compiled=mode == "compiled", graphed=mode == "graph", head=head)
     decoder.warm_up()
     seconds = time.perf_counter() - began  # buffers, the cache's copy and, on first use, compiling and capturing
     path = f"static ({decoder.fallback})" if decoder.fallback else mode
@@ -323,23 +327,23 @@ def warm_up(engine, settings: Iterable[MergeSettings] = (MergeSettings(),), mode
 
 
 _pool_lock = threading.Lock()
-POOL_ATTRIBUTE = "_slerpviz_static_decoders"  # on the engine: {(shapes, compiled): [idle decoders]}, oldest first
+POOL_ATTRIBUTE = "_slerpviz_static_decoders"  # on the engine: {decoder.key: [idle decoders]}, oldest first
 
 
-def acquire(session, max_new_tokens: int, compiled: bool = False, bucket: int = BUCKET, graphed: bool = False
-            ) -> StaticDecoder:
+def acquire(session, max_new_tokens: int, compiled: bool = False, bucket: int = BUCKET, graphed: bool = False,
+            head: bool = True) -> StaticDecoder:
     """A decoder loaded with the session, room for `max_new_tokens` more tokens (and the warm-up): an idle one of
     the same structure from the engine's pool, else a new one."""
     reason = unsupported(session)
     if reason is not None:
         raise ValueError(f"static decoding cannot run this session: {reason}")
     shapes = structure(session, max(int(max_new_tokens), WARM_UP_STEPS), bucket)
-    key = (shapes, bool(compiled), bool(graphed))
+    key = (shapes, bool(compiled), bool(graphed), bool(head))
     with _pool_lock:
         idle = _pool(session.engine).get(key)
         decoder = idle.pop() if idle else None
     if decoder is None:
-        decoder = StaticDecoder(session.engine, shapes, compiled, graphed)
+        decoder = StaticDecoder(session.engine, shapes, compiled, graphed, head)
     return decoder.load(session)
 
 

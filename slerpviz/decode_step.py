@@ -123,9 +123,12 @@ class SegmentBuffers:
 
 
 class DecodeState:
-    """Everything a step reads and writes, all on the device."""
+    """Everything a step reads and writes, all on the device. `head`: the step ends in the LM head (the engine's
+    runs), else in the final norm (the patch, whose model applies its own head)."""
 
-    def __init__(self, shapes: tuple[SegmentShape, ...], config, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shapes: tuple[SegmentShape, ...], config, dtype: torch.dtype, device: torch.device,
+                 head: bool = True):
+        self.head = head
         self.segments = [SegmentBuffers(s, config, dtype, device) for s in shapes]
         self.length = torch.zeros((), dtype=torch.long, device=device)  # original tokens at the load
         self.t = torch.zeros((), dtype=torch.long, device=device)  # tokens fed since the load
@@ -153,7 +156,8 @@ class _Writes:
 
 
 def static_step(engine, state: DecodeState) -> torch.Tensor:
-    """The token in `state.token` [1, 1] through every layer: the next token's logits [1, vocab], float32.
+    """The token in `state.token` [1, 1] through every layer: the next token's logits [1, vocab], float32 (with
+    `state.head`), else the final norm's output [1, 1, d] for the model's own head.
 
     Reads and advances `state.t`; nothing here makes a tensor on the host or reads one back.
     """
@@ -180,9 +184,9 @@ def static_step(engine, state: DecodeState) -> torch.Tensor:
                 h, attention_mask=masks[index], position_ids=None, cache=cache, use_cache=True,
                 position_embeddings=cos_sin,
             )
-    logits = engine.head(h)
+    out = engine.head(h) if state.head else decoder.norm(h)
     t.add_(1)
-    return logits
+    return out
 
 
 _compiled = None

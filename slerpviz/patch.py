@@ -18,20 +18,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from .decode import check_mode, default_mode, start_decoding
 from .forward import LayerwiseModel, Layout, cache_lengths
 from .merge import PLANNED_AT_CUTOFF
+from .session import Session
 from .settings import MergeSettings
 
 
-def apply(model, settings: MergeSettings, compile_prefill: bool = False) -> MergingForward:
+def apply(model, settings: MergeSettings, compile_prefill: bool = False, decode: str | None = None
+          ) -> MergingForward:
     """Make `model` (a Mistral, Llama or Qwen2 causal LM) merge in its own forward until `remove(model)`.
 
     `compile_prefill`: the prompt's layers and merges run through torch.compile (LayerwiseModel.compile_prefill; the
-    first prompt pays the compile), new tokens as the model runs them."""
+    first prompt pays the compile). `decode`: how new tokens run when generate is given a static cache
+    (`cache_implementation="static"`), one of slerpviz.decode's paths; None: a CUDA graph on a GPU (static on ZeroGPU
+    and on a CPU). With generate's own dynamic cache new tokens always take the dynamic path."""
+    decode_mode = _static_mode(decode, model.device)
     decoder = model.model
     if isinstance(decoder.__dict__.get("forward"), MergingForward):
         raise ValueError("this model is already merging: remove the patch (or leave its `with` block) first")
@@ -39,13 +45,13 @@ def apply(model, settings: MergeSettings, compile_prefill: bool = False) -> Merg
     engine = LayerwiseModel(model)
     if compile_prefill:
         engine.compile_prefill()
-    forward = MergingForward(engine, settings)
+    forward = MergingForward(engine, settings, decode_mode)
     forward.was_training = was_training
     # A forward already set on the instance (accelerate's hooks put one there) comes back on remove.
     forward.previous = decoder.__dict__.get("forward")
     decoder.forward = forward
     forward.previous_generate = model.__dict__.get("generate")
-    model.generate = _refusing_draft_tokens(model.generate)
+    model.generate = _guarded_generate(model.generate)
     forward.previous_model_forward = model.__dict__.get("forward")
     model.forward = _telling_rows(model.forward, forward)
     return forward
@@ -75,7 +81,19 @@ def _telling_rows(model_forward, merging: MergingForward):
 DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
 
-def _refusing_draft_tokens(generate):
+def _static_mode(mode: str | None, device: torch.device) -> str:
+    """The decode path a static cache asks for: the one given, else the engine's default on a GPU (a CUDA graph;
+    static on ZeroGPU) and static where the default is dynamic (a CPU), since a static cache was asked for."""
+    check_mode(mode)
+    if mode is not None:
+        return mode
+    default = default_mode(device)
+    return "static" if default == "dynamic" else default
+
+
+def _guarded_generate(generate):
+    """The model's generate, refusing what would merge the wrong tokens and keeping its auto-compile off."""
+
     @functools.wraps(generate)
     def merging_generate(*args, **kwargs):
         config = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
@@ -83,6 +101,12 @@ def _refusing_draft_tokens(generate):
         if asked:
             raise ValueError(f"assisted and prompt-lookup generation ({', '.join(asked)}) are not supported while "
                              "merging: their draft tokens would be merged into the prompt")
+        if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)) is not None:
+            raise ValueError("chunked prefill (prefill_chunk_size) is not supported while merging: the prompt is "
+                             "merged whole, and chunks after the first would continue it unmerged")
+        # With a static cache on a GPU, generate compiles the model's forward; under merging that forward is the
+        # merging one (Python that plans per prompt), and its static decoder records its own CUDA graph instead.
+        kwargs.setdefault("disable_compile", True)
         return generate(*args, **kwargs)
 
     return merging_generate
@@ -109,9 +133,9 @@ def _restore(owner, name: str, previous) -> None:
 
 
 @contextlib.contextmanager
-def merging(model, settings: MergeSettings, compile_prefill: bool = False) -> Iterator:
+def merging(model, settings: MergeSettings, compile_prefill: bool = False, decode: str | None = None) -> Iterator:
     """`with merging(model, settings): ...` merges inside the block and always restores the model, on errors too."""
-    apply(model, settings, compile_prefill)
+    apply(model, settings, compile_prefill, decode)
     try:
         yield model
     finally:
@@ -128,13 +152,22 @@ class MergingForward:
     token may be read (`rows`, the caller's logits_to_keep, which the patch passes on): the last one, what `generate`
     reads, always; a row whose slot also holds the token it predicts never, nor any row but the last when the pairs
     were chosen from the whole sequence. Asking for another is refused (see `_check_rows`).
+
+    A transformers StaticCache (`generate(..., cache_implementation="static")`, or one passed in) asks for static
+    decoding: the prompt is merged into slerpviz's own per-layer cache and new tokens run through slerpviz.decode's
+    static decoder (`decode`: on a GPU a CUDA graph), sized by the StaticCache's length. The StaticCache itself is
+    never written, so transformers counts it empty and every generate call on it is a new prompt.
     """
 
-    def __init__(self, engine: LayerwiseModel, settings: MergeSettings):
+    def __init__(self, engine: LayerwiseModel, settings: MergeSettings, decode: str = "static"):
         # Everything but the prompt's length can be checked now; the spans are checked against each prompt.
         engine.validate(settings.keep_start + settings.keep_end + 2, settings)
-        self.engine, self.settings = engine, settings
+        self.engine, self.settings, self.decode = engine, settings, decode
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> CacheEntry
+        self._static: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # StaticCache -> StaticRun
+        # How the last prompt given a static cache decodes (as a trace names it: static, graph, compiled, or
+        # dynamic with the reason), and the seconds its decoder took to set up (compiling and capturing included).
+        self.decode_path, self.decode_warmup_s = "", 0.0
         self.previous = None  # a forward set on the decoder instance before the patch (slerpviz.patch)
         self.previous_generate = None  # likewise, a generate set on the model instance
         self.was_training = False  # the model's mode before the patch
@@ -167,8 +200,10 @@ class MergingForward:
                 "num_return_sequences > 1): the pairs, the positions and the cache lengths are planned per sequence; "
                 "run one prompt at a time, greedy or sampled (pipeline batch_size=1)"
             )
-        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        if _is_2d(attention_mask) and not bool(attention_mask.all()):
             raise ValueError("slerpviz's merging forward does not take padding: give a prompt without padded tokens")
+        if isinstance(cache, StaticCache):
+            return self._static_call(input_ids, h, cache, attention_mask, position_ids)
         use_cache = engine.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=engine.config)
@@ -187,8 +222,7 @@ class MergingForward:
             engine.validate(h.shape[1], self.settings)
             hidden, layout, _ = engine.forward_prompt(h, self.settings, cache)
             self._check_rows(layout, h.shape[1])
-            if layout.stages:  # one row per original token again: each gets its final slot's
-                hidden = hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
+            hidden = _unmerged(hidden, layout)
             if cache is not None:
                 entry = self._layouts[cache] = CacheEntry(layout)
         if entry is not None:
@@ -196,6 +230,43 @@ class MergingForward:
             entry.lengths = cache_lengths(cache)
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
+
+    def _static_call(self, input_ids, h: torch.Tensor, cache: StaticCache, attention_mask, position_ids
+                     ) -> BaseModelOutputWithPast:
+        """A call with a StaticCache: a prompt (a new one whenever the caller starts at position 0) or one more token
+        of the prompt this cache last held."""
+        run, new = self._static.get(cache), h.shape[1]
+        start = _claimed_start(attention_mask, position_ids, new)
+        _check_positions(position_ids, start or 0, new)
+        if run is not None and new == 1 and start in (None, run.position):
+            out = run.step(input_ids, h)
+        elif start not in (None, 0):
+            raise ValueError(
+                f"under merging a static cache is continued one token at a time from where it stopped (token "
+                f"{run.position if run else 0}), but this call feeds {new} from token {start}: a static cache holds "
+                "one generation; start a new one from position 0"
+            )
+        else:
+            if run is not None:
+                run.close()
+            engine = self.engine
+            engine.validate(new, self.settings)
+            capacity = static_capacity(cache)
+            if capacity is not None and capacity <= new:
+                raise ValueError(f"the static cache was made for {capacity} tokens, which leaves no room after the "
+                                 f"prompt's {new}: give it a max_cache_len of the prompt plus the new tokens")
+            ours = DynamicCache(config=engine.config)
+            hidden, layout, cosines = engine.forward_prompt(h, self.settings, ours)
+            self._check_rows(layout, new)
+            session = Session(engine, ours, layout, cosines, new, logits=None)
+            if capacity is None:
+                decoder, path, seconds = None, "dynamic (a sliding-window static cache does not say its length)", 0.0
+            else:
+                decoder, path, seconds = start_decoding(session, capacity - new, self.decode, head=False)
+            self._static[cache] = StaticRun(session, decoder, cache)
+            self.decode_path, self.decode_warmup_s = path, seconds
+            out = engine.decoder.norm(_unmerged(hidden, layout))
+        return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
 
     def honest_rows(self, layout: Layout, length: int) -> tuple[torch.Tensor, str]:
         """Which rows of a sequence fed whole [length] depend on no later token (bool), and why the others do.
@@ -240,7 +311,7 @@ class MergingForward:
             raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
                              "assisted and prompt-lookup generation do): they are not supported while merging")
         claimed = []  # where the caller thinks these tokens start, and what says so
-        if attention_mask is not None and attention_mask.ndim == 2:
+        if _is_2d(attention_mask):
             covered = attention_mask.shape[-1]
             claimed.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
         if position_ids is not None:
@@ -259,11 +330,76 @@ class MergingForward:
                 "a merged cache only within the `merging` block that filled it, and only by the tokens it has not "
                 "seen (generate counts a cache by its first layer, which a cutoff at layer 0 shortens)"
             )
-        if position_ids is not None:
-            expected = torch.arange(start, start + new, device=position_ids.device)
-            if not torch.equal(position_ids.reshape(-1, new), expected.expand(position_ids.numel() // new, new)):
-                raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
-                                 "positions): position_ids other than the running count are not supported")
+        _check_positions(position_ids, start, new)
+
+
+def _unmerged(hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """One row per original token again: each gets its final slot's (ToMe's "unmerge")."""
+    if not layout.stages:
+        return hidden
+    return hidden.repeat_interleave(layout.stages[-1].sizes.to(hidden.device), dim=1)
+
+
+def _check_positions(position_ids, start: int, new: int) -> None:
+    if position_ids is not None:
+        expected = torch.arange(start, start + new, device=position_ids.device)
+        if not torch.equal(position_ids.reshape(-1, new), expected.expand(position_ids.numel() // new, new)):
+            raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
+                             "positions): position_ids other than the running count are not supported")
+
+
+def _is_2d(attention_mask) -> bool:
+    """A [batch, tokens] mask of 1s and 0s; generate gives a static cache 4-D masks (a dict of them per layer kind)."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
+
+
+def _claimed_start(attention_mask, position_ids, new: int) -> int | None:
+    """Where the caller says the `new` tokens fed start: by a 2-D attention mask's length or the first position id;
+    None when it says nothing (a 4-D mask, which generate builds for a static cache, is as long as the cache)."""
+    if position_ids is not None:
+        return int(position_ids.reshape(-1)[0])
+    if _is_2d(attention_mask):
+        return attention_mask.shape[-1] - new
+    return None
+
+
+def static_capacity(cache: StaticCache) -> int | None:
+    """The tokens a StaticCache was made for (its max_cache_len), or None when no layer can say: a sliding-window
+    layer keeps min(window, max_cache_len) and says which only when the window is the longer."""
+    full = [layer.max_cache_len for layer in cache.layers if not getattr(layer, "is_sliding", False)]
+    if full:
+        return max(full)
+    bounded = [layer.max_cache_len for layer in cache.layers if getattr(layer, "_is_croppable", False)]
+    return max(bounded) if bounded else None
+
+
+class StaticRun:
+    """A prompt merged under a StaticCache, and how its new tokens run: slerpviz's static decoder, or the dynamic
+    path on the session's own cache when the decoder cannot run it exactly (decode.unsupported)."""
+
+    def __init__(self, session: Session, decoder, cache: StaticCache):
+        self.session, self.decoder, self.position = session, decoder, session.length
+        if decoder is not None:
+            session.cache = None  # the decoder's buffers hold copies; the dynamic cache would only take memory
+        # The decoder goes back to its engine's pool when the StaticCache goes, or when it starts a new prompt.
+        self._release = weakref.finalize(cache, decoder.release) if decoder is not None else None
+
+    def step(self, input_ids, h: torch.Tensor) -> torch.Tensor:
+        """One token [1, 1] (its ids, or its embeddings h): the final norm's output [1, 1, d]."""
+        session = self.session
+        if self.decoder is None:
+            engine = session.engine
+            out = engine.decoder.norm(engine.forward_new(h, self.position, session.layout, session.cache))
+        elif input_ids is None:
+            raise ValueError("under merging, static decoding feeds token ids after the prompt, not inputs_embeds")
+        else:
+            out = self.decoder.step(input_ids)
+        self.position += 1
+        return out
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._release()  # a finalizer runs once: never again when the cache goes
 
 
 @dataclass
