@@ -341,7 +341,9 @@ def _unmerged(hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def _check_positions(position_ids, start: int, new: int) -> None:
-    if position_ids is not None:
+    """Refuse position ids that are not the running count from `start`. One token's was read already (where its
+    caller says it starts): reading it again would be a second wait for the device every decode step."""
+    if position_ids is not None and new > 1:
         expected = torch.arange(start, start + new, device=position_ids.device)
         if not torch.equal(position_ids.reshape(-1, new), expected.expand(position_ids.numel() // new, new)):
             raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "

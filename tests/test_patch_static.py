@@ -10,6 +10,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 import slerpviz
 from conftest import FAMILIES, TINY, random_ids, tiny_model
 from slerpviz import decode
+from slerpviz.bench.ops import OpCounter
 from slerpviz.engine import MergeSettings
 from slerpviz.presets import recommended
 
@@ -94,6 +95,22 @@ def test_what_a_static_cache_cannot_hold_or_continue_is_refused(model):
     with pytest.raises(ValueError, match="unknown decode 'fastest'"):
         slerpviz.apply(model, SETTINGS[1], decode="fastest")
     assert "forward" not in model.model.__dict__
+
+
+def test_a_static_decode_step_under_the_patch_reads_back_only_where_its_token_starts():
+    # generate hands each step its position on the device; the merging forward reads it once to check it continues
+    # the prompt (on a GPU, a wait for the device), and the static decoder's step reads nothing.
+    model = tiny_model("qwen2")
+    ids = random_ids(30, seed=10)
+    with slerpviz.merging(model, SETTINGS[2]), torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        with OpCounter() as with_position:
+            model(token, cache=cache, position_ids=torch.tensor([[30]]), logits_to_keep=1)
+        with OpCounter() as without:
+            model(token, cache=cache, logits_to_keep=1)
+    assert with_position.sync_ops() == {"aten::_local_scalar_dense": 1}
+    assert without.syncs == 0
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

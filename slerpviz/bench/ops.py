@@ -20,7 +20,7 @@ from .schedules import BASE
 # Ops whose result the host must wait for: a scalar read, or an output whose shape depends on the values.
 SYNC_OPS = frozenset({
     "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim", "aten::_unique2",
-    "aten::unique_consecutive", "aten::is_nonzero",
+    "aten::unique_consecutive", "aten::is_nonzero", "aten::equal",
 })
 
 
