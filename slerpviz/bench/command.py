@@ -1,7 +1,7 @@
-"""python -m slerpviz.bench speed|fidelity|frontier|retrieval|locate|groups [--model NAME | --shape ...] [...]
+"""python -m slerpviz.bench speed|fidelity|frontier|retrieval|locate|groups|patch [--model NAME | --shape ...] [...]
 
 The one command module. Each benchmark's module holds its run, its parser and its main (speed, fidelity, frontier,
-retrieval, locate, groups), on the options they share (.options); this module only assembles them as the
+retrieval, locate, groups, patch), on the options they share (.options); this module only assembles them as the
 subcommands of `python -m slerpviz.bench`, beside `snapshot` (a report as a picture), and dispatches to the one
 asked for.
 """
@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from ..settings import Parser
-from . import fidelity, frontier, groups, locate, report, retrieval, speed
+from . import fidelity, frontier, groups, locate, patched, report, retrieval, speed
 from .machine import commit_at_start
 from .options import DESCRIPTION, PROG
 
 # The benchmarks, in the order --help lists them: each module's parser(add_parser) and main(argv, args).
-BENCHMARKS = (speed, fidelity, frontier, retrieval, locate, groups)
+BENCHMARKS = (speed, fidelity, frontier, retrieval, locate, groups, patched)
 
 
 def snapshot_parser(add_parser) -> argparse.ArgumentParser:

@@ -97,21 +97,22 @@ def _inside_aten(event) -> bool:
     return False
 
 
-def profile_decode_step(engine, ids: torch.Tensor, settings, decode: str = "dynamic") -> dict:
+def profile_decode_step(engine, ids: torch.Tensor, settings, decode: str = "dynamic", head: bool = True) -> dict:
     """One cached decode step after the prompt `ids` [1, L] under `settings`, counted: aten ops and host syncs.
     The token fed is the greedy one, left on the device: reading it back is the sampler's one sync, not the
-    step's. A static or compiled decode is counted as its uncompiled static step (what a CUDA graph replays)."""
+    step's. A static or compiled decode is counted as its uncompiled static step (what a CUDA graph replays);
+    without `head`, the patch's static step, which ends at the final norm (the prompt's greedy token is fed again)."""
     with torch.inference_mode():
         session = engine.prefill(ids, settings)
         token = session.logits.argmax(-1, keepdim=True)
         if decode == "dynamic":
             step = session.decode
         else:
-            decoder = acquire(session, 4, compiled=False)
+            decoder = acquire(session, 4, compiled=False, head=head)
             decoder.warm_up()
             step = decoder.step
         step(token)  # warm
-        token = step(token).argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True) if head else token
         with OpCounter() as counter:
             step(token)
         if decode != "dynamic":

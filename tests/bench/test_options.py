@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slerpviz.bench import command, fidelity, frontier, locate, options, retrieval, speed
+from slerpviz.bench import command, fidelity, frontier, locate, options, patched, retrieval, speed
 
 BENCH = Path(options.__file__).parent
 SUBCOMMANDS = ("speed", "fidelity", "frontier", "retrieval", "locate")
@@ -275,7 +275,7 @@ def no_run(monkeypatch):
     def refused(*args, **kwargs):
         pytest.fail("a benchmark started on an input it should have refused")
 
-    for module in (options, speed, fidelity, retrieval, locate):
+    for module in (options, speed, fidelity, retrieval, locate, patched):
         monkeypatch.setattr(module, "build_engine", refused)
 
 
@@ -288,6 +288,7 @@ LIST_OPTIONS = [
     ("locate", "--lengths"), ("locate", "--depths"), ("locate", "--tasks"),
     ("frontier", "--prefixes"), ("frontier", "--offsets"), ("frontier", "--retrieval-lengths"),
     ("groups", "--layers"), ("groups", "--sizes"),
+    ("patch", "--lengths"), ("patch", "--preset"), ("patch", "--caches"),
 ]
 
 

@@ -1,0 +1,29 @@
+"""python -m slerpviz.bench patch: the model's own generate, plain and under slerpviz.merging, dynamic and static."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from slerpviz.bench.patched import main as patch_main
+
+
+def test_patch_command_times_generate_and_counts_what_a_step_asks_of_the_host(tmp_path, capsys):
+    out = tmp_path / "patch"
+    assert patch_main(["--shape", "tiny", "--quick", "--lengths", "48", "--out", str(out)]) == 0
+    assert "beside graph" in capsys.readouterr().out
+    rows = {(row["variant"], row["cache"]): row for row in csv.DictReader(open(out / "patch.csv", newline=""))}
+    assert set(rows) == {(variant, cache) for variant in ("base", "recommended") for cache in ("dynamic", "static")}
+    for (variant, cache), row in rows.items():
+        assert float(row["prefill_s"]) > 0 and float(row["decode_ms"]) > 0 and int(row["repeats"]) == 2
+        # generate's stop check reads the device once a step; the merging forward adds no read of its own
+        assert float(row["step_syncs"]) == 1
+        assert float(row["decode_vs_base"]) == 1 if variant == "base" else float(row["decode_vs_base"]) > 0
+    merged = rows["recommended", "static"]
+    assert merged["decode_path"] == "static"
+    # beside the static step (one CUDA graph on a GPU) only generate's own work and the LM head are left
+    assert 0 < float(merged["ops_beside_graph"]) < float(merged["step_ops"]) / 3
+    dynamic = rows["recommended", "dynamic"]
+    assert dynamic["decode_path"] == "dynamic" and dynamic["ops_beside_graph"] == dynamic["step_ops"]
+    data = json.loads((out / "patch.json").read_text())
+    assert data["plan"]["caches"] == ["dynamic", "static"] and data["machine"]["device"] == "cpu"
