@@ -72,9 +72,10 @@ def patched(model, settings):
     return contextlib.nullcontext() if settings is None else merging(model, settings)
 
 
-def run_patch(engine, lengths, variants, caches, repeats: int, new_tokens: int, seed: int = 0, log=print
-              ) -> list[dict]:
-    """One row per length, variant and cache; `variants` is [(name, settings or None for the plain model)]."""
+def run_patch(engine, lengths, variants, caches, repeats: int, new_tokens: int, seed: int = 0, log=print,
+              plain_caches=None) -> list[dict]:
+    """One row per length, variant and cache; `variants` is [(name, settings or None for the plain model)], the
+    plain model timed with `plain_caches` (default `caches`)."""
     model, rows = engine.model, []
     for length in lengths:
         generator = torch.Generator().manual_seed(seed + length)
@@ -84,7 +85,7 @@ def run_patch(engine, lengths, variants, caches, repeats: int, new_tokens: int, 
             for name, settings in block:
                 with patched(model, settings):
                     forward = model.model.__dict__.get("forward")
-                    for cache in caches:
+                    for cache in (caches if settings is not None or plain_caches is None else plain_caches):
                         began = time.perf_counter()
                         generate(model, ids, new_tokens, cache)  # compiles and records; never timed
                         cell = runs.setdefault((name, cache), {"prefill": [], "total": [], "warmup": []})
@@ -127,6 +128,9 @@ def parser(add_parser=None) -> argparse.ArgumentParser:
                    help="presets timed under the patch beside the plain model, comma-separated (default recommended)")
     p.add_argument("--caches", type=listed, default=",".join(CACHES),
                    help="generate's cache: dynamic, static or both (default both)")
+    p.add_argument("--plain-caches", type=listed,
+                   help="the plain model's caches, when not --caches: on a GPU generate compiles a plain static "
+                        "cache's step (a minute or two), so `dynamic` leaves it out")
     p.add_argument("--repeats", type=whole(1), help="timed generates per cell and block (default 3; quick 1)")
     p.add_argument("--new-tokens", type=whole(2), help="tokens a timed generate makes (default 16; quick 6)")
     return p
@@ -142,13 +146,14 @@ def _main(argv, args) -> int:
     lengths = int_list(args.lengths) if args.lengths is not None else (256,) if args.quick else (512, 1024)
     names = str_list(args.preset, tuple(PRESETS), "preset")
     caches = str_list(args.caches, CACHES, "cache")
+    plain_caches = str_list(args.plain_caches, CACHES, "cache") if args.plain_caches is not None else caches
     engine, name = build_engine(args)
     variants = [(BASE, None), *((n, preset(n, engine.num_layers)) for n in names)]
     repeats = args.repeats or (1 if args.quick else 3)
     new_tokens = args.new_tokens or (6 if args.quick else 16)
     began = time.perf_counter()
     rows = run_patch(engine, lengths, variants, caches, repeats, new_tokens, args.seed,
-                     log=lambda m: print(m, file=sys.stderr))
+                     log=lambda m: print(m, file=sys.stderr), plain_caches=plain_caches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(engine.device, ["patch", *(argv or [])])
@@ -156,6 +161,7 @@ def _main(argv, args) -> int:
     report.write_json(out / "patch.json", {"benchmark": "patch", "machine": machine,
                                            "model": describe_model(engine, name), "rows": rows,
                                            "plan": {"lengths": lengths, "presets": names, "caches": caches,
+                                                    "plain_caches": plain_caches,
                                                     "repeats": repeats, "new_tokens": new_tokens}})
     print(f"patch on {machine['gpu'] or machine['cpu']} ({machine['device']}, torch {machine['torch']}), model "
           f"{name}, {time.perf_counter() - began:.0f} s; n = repeats per cell (two blocks), medians")

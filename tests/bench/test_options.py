@@ -288,7 +288,7 @@ LIST_OPTIONS = [
     ("locate", "--lengths"), ("locate", "--depths"), ("locate", "--tasks"),
     ("frontier", "--prefixes"), ("frontier", "--offsets"), ("frontier", "--retrieval-lengths"),
     ("groups", "--layers"), ("groups", "--sizes"),
-    ("patch", "--lengths"), ("patch", "--preset"), ("patch", "--caches"),
+    ("patch", "--lengths"), ("patch", "--preset"), ("patch", "--caches"), ("patch", "--plain-caches"),
 ]
 
 

@@ -27,3 +27,14 @@ def test_patch_command_times_generate_and_counts_what_a_step_asks_of_the_host(tm
     assert dynamic["decode_path"] == "dynamic" and dynamic["ops_beside_graph"] == dynamic["step_ops"]
     data = json.loads((out / "patch.json").read_text())
     assert data["plan"]["caches"] == ["dynamic", "static"] and data["machine"]["device"] == "cpu"
+
+
+def test_the_plain_model_can_leave_its_static_cache_out(tmp_path):
+    # On a GPU generate compiles a plain static cache's step for a minute or two: the GPU script leaves it out.
+    out = tmp_path / "patch"
+    assert patch_main(["--shape", "tiny", "--quick", "--lengths", "40", "--caches", "static", "--plain-caches",
+                       "dynamic", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "patch.csv", newline="")))
+    assert {(row["variant"], row["cache"]) for row in rows} == {("base", "dynamic"), ("recommended", "static")}
+    assert all(row["decode_vs_base"] == "" for row in rows if row["variant"] != "base")  # no base static to compare
+
