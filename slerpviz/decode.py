@@ -17,7 +17,8 @@ prefilled session instead:
   the device and reads nothing back; the extra room of a bucket is masked out, and masked keys add exactly 0 to the
   softmax;
 - `step(token)` takes the token id as a device tensor [1, 1] and returns the next token's logits [1, vocab] (float32)
-  on the device; the caller reads the chosen token once (the step's one sync, for its text).
+  on the device; the caller reads the chosen token once (the step's one sync, for its text). A decoder built without
+  `head` (the patch's: the model applies its own LM head) returns the final norm's output [1, 1, d] instead.
 
 `graphed=True` records the eager step once as a CUDA graph (torch.cuda.CUDAGraph) over the decoder's own buffers, so
 one step is one graph launch and nothing is compiled: recording costs a few steps' time, per decoder, in `warm_up()`.
