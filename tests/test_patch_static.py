@@ -12,6 +12,7 @@ from conftest import FAMILIES, TINY, random_ids, tiny_model
 from slerpviz import decode
 from slerpviz.bench.ops import OpCounter
 from slerpviz.engine import MergeSettings
+from slerpviz.forward import LayerwiseModel
 from slerpviz.presets import recommended
 
 NEW = 10
@@ -111,6 +112,21 @@ def test_a_static_decode_step_under_the_patch_reads_back_only_where_its_token_st
             model(token, cache=cache, logits_to_keep=1)
     assert with_position.sync_ops() == {"aten::_local_scalar_dense": 1}
     assert without.syncs == 0
+
+
+def test_the_patchs_static_step_traces_as_one_whole_graph(fresh_dynamo):
+    # What a GPU records as a CUDA graph (or compiles, decode="compiled"): the step that ends at the final norm must
+    # trace without a break, as the engine's step does (tests/test_decode.py).
+    engine = LayerwiseModel(tiny_model("qwen2"))
+    session = engine.prefill(random_ids(30, seed=11), SETTINGS[3])
+    plain = decode.acquire(session, 4, head=False)
+    traced = decode.StaticDecoder(engine, plain.shapes, head=False).load(session)
+    traced._step = torch.compile(decode.static_step, fullgraph=True, backend="eager")  # a graph break raises
+    token = torch.tensor([[7]])
+    for _ in range(3):
+        expected = plain.step(token)
+        assert expected.shape == (1, 1, engine.config.hidden_size)
+        torch.testing.assert_close(traced.step(token), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
