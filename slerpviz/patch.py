@@ -193,17 +193,18 @@ class MergingForward:
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise ValueError("slerpviz's merging forward does not return per-layer attentions or hidden states")
-        h = engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if h.shape[0] != 1:
+        batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        if batch != 1:
             raise ValueError(
-                f"slerpviz merges one sequence at a time, not a batch of {h.shape[0]} (several prompts, beams or "
+                f"slerpviz merges one sequence at a time, not a batch of {batch} (several prompts, beams or "
                 "num_return_sequences > 1): the pairs, the positions and the cache lengths are planned per sequence; "
                 "run one prompt at a time, greedy or sampled (pipeline batch_size=1)"
             )
         if _is_2d(attention_mask) and not bool(attention_mask.all()):
             raise ValueError("slerpviz's merging forward does not take padding: give a prompt without padded tokens")
         if isinstance(cache, StaticCache):
-            return self._static_call(input_ids, h, cache, attention_mask, position_ids)
+            return self._static_call(input_ids, inputs_embeds, cache, attention_mask, position_ids)
+        h = _embedded(engine, input_ids, inputs_embeds)
         use_cache = engine.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=engine.config)
@@ -231,15 +232,16 @@ class MergingForward:
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
 
-    def _static_call(self, input_ids, h: torch.Tensor, cache: StaticCache, attention_mask, position_ids
+    def _static_call(self, input_ids, inputs_embeds, cache: StaticCache, attention_mask, position_ids
                      ) -> BaseModelOutputWithPast:
         """A call with a StaticCache: a prompt (a new one whenever the caller starts at position 0) or one more token
-        of the prompt this cache last held."""
-        run, new = self._static.get(cache), h.shape[1]
+        of the prompt this cache last held (its ids go to the static decoder as they are: no embedding here)."""
+        run = self._static.get(cache)
+        new = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         start = _claimed_start(attention_mask, position_ids, new)
         _check_positions(position_ids, start or 0, new)
         if run is not None and new == 1 and start in (None, run.position):
-            out = run.step(input_ids, h)
+            out = run.step(input_ids, inputs_embeds)
         elif start not in (None, 0):
             raise ValueError(
                 f"under merging a static cache is continued one token at a time from where it stopped (token "
@@ -256,6 +258,7 @@ class MergingForward:
                 raise ValueError(f"the static cache was made for {capacity} tokens, which leaves no room after the "
                                  f"prompt's {new}: give it a max_cache_len of the prompt plus the new tokens")
             ours = DynamicCache(config=engine.config)
+            h = _embedded(engine, input_ids, inputs_embeds)
             hidden, layout, cosines = engine.forward_prompt(h, self.settings, ours)
             self._check_rows(layout, new)
             session = Session(engine, ours, layout, cosines, new, logits=None)
@@ -333,6 +336,10 @@ class MergingForward:
         _check_positions(position_ids, start, new)
 
 
+def _embedded(engine: LayerwiseModel, input_ids, inputs_embeds) -> torch.Tensor:
+    return engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+
 def _unmerged(hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
     """One row per original token again: each gets its final slot's (ToMe's "unmerge")."""
     if not layout.stages:
@@ -386,11 +393,12 @@ class StaticRun:
         # The decoder goes back to its engine's pool when the StaticCache goes, or when it starts a new prompt.
         self._release = weakref.finalize(cache, decoder.release) if decoder is not None else None
 
-    def step(self, input_ids, h: torch.Tensor) -> torch.Tensor:
-        """One token [1, 1] (its ids, or its embeddings h): the final norm's output [1, 1, d]."""
+    def step(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """One token (its ids [1, 1], or its embeddings [1, 1, d]): the final norm's output [1, 1, d]."""
         session = self.session
         if self.decoder is None:
             engine = session.engine
+            h = _embedded(engine, input_ids, inputs_embeds)
             out = engine.decoder.norm(engine.forward_new(h, self.position, session.layout, session.cache))
         elif input_ids is None:
             raise ValueError("under merging, static decoding feeds token ids after the prompt, not inputs_embeds")

@@ -148,6 +148,18 @@ def test_sliding_window_models_decode_exactly_under_a_static_cache(family):
     torch.testing.assert_close(static_logits, logits, atol=2e-5, rtol=1e-4)
 
 
+def test_what_the_static_decoder_cannot_run_exactly_decodes_dynamically_under_a_static_cache(monkeypatch):
+    model = tiny_model("llama")
+    ids = random_ids(30, seed=12)
+    with slerpviz.merging(model, SETTINGS[2]):
+        expected = greedy(model, ids)
+        monkeypatch.setattr(model.model.rotary_emb, "rope_type", "dynamic")  # inv_freq unchanged at these lengths
+        tokens, logits = greedy(model, ids, cache_implementation="static")
+        assert forward_of(model).decode_path.startswith("dynamic (dynamic RoPE recomputes its frequencies")
+    assert tokens == expected[0]
+    torch.testing.assert_close(logits, expected[1], atol=2e-5, rtol=1e-4)
+
+
 def test_a_cuda_graph_asked_for_on_a_cpu_decodes_uncaptured_and_says_so():
     model = tiny_model("llama")
     ids = random_ids(30, seed=9)
