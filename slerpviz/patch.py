@@ -266,7 +266,7 @@ class MergingForward:
                 decoder, path, seconds = None, "dynamic (a sliding-window static cache does not say its length)", 0.0
             else:
                 decoder, path, seconds = start_decoding(session, capacity - new, self.decode, head=False)
-            self._static[cache] = StaticRun(session, decoder, cache)
+            self._static[cache] = StaticRun(session, decoder, cache, capacity)
             self.decode_path, self.decode_warmup_s = path, seconds
             out = engine.decoder.norm(_unmerged(hidden, layout))
         return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
@@ -386,8 +386,9 @@ class StaticRun:
     """A prompt merged under a StaticCache, and how its new tokens run: slerpviz's static decoder, or the dynamic
     path on the session's own cache when the decoder cannot run it exactly (decode.unsupported)."""
 
-    def __init__(self, session: Session, decoder, cache: StaticCache):
+    def __init__(self, session: Session, decoder, cache: StaticCache, capacity: int | None):
         self.session, self.decoder, self.position = session, decoder, session.length
+        self.capacity = capacity  # the tokens the StaticCache was made for (the decoder's buffers round up past it)
         if decoder is not None:
             session.cache = None  # the decoder's buffers hold copies; the dynamic cache would only take memory
         # The decoder goes back to its engine's pool when the StaticCache goes, or when it starts a new prompt.
@@ -396,6 +397,9 @@ class StaticRun:
     def step(self, input_ids, inputs_embeds) -> torch.Tensor:
         """One token (its ids [1, 1], or its embeddings [1, 1, d]): the final norm's output [1, 1, d]."""
         session = self.session
+        if self.capacity is not None and self.position >= self.capacity:
+            raise ValueError(f"the static cache was made for {self.capacity} tokens, and this would be token "
+                             f"{self.position + 1}: give it a max_cache_len of the prompt plus the new tokens")
         if self.decoder is None:
             engine = session.engine
             h = _embedded(engine, input_ids, inputs_embeds)

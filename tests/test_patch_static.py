@@ -87,6 +87,9 @@ def test_what_a_static_cache_cannot_hold_or_continue_is_refused(model):
         with pytest.raises(ValueError, match="position_ids other than the running count"):
             model(ids, cache=cache, position_ids=torch.arange(30)[None] * 3, logits_to_keep=1)
         model(ids, cache=cache, logits_to_keep=1)
+        full = StaticCache(config=model.config, max_cache_len=33)  # as plain generate, which fails past it
+        with pytest.raises(ValueError, match="made for 33 tokens, and this would be token 34: give it a max_cache_len"):
+            model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, cache=full)
         with pytest.raises(ValueError, match=r"from where it stopped \(token 30\), but this call feeds 1 from token 31"):
             model(ids[:, :1], cache=cache, position_ids=torch.tensor([[31]]), logits_to_keep=1)
         with pytest.raises(ValueError, match="feeds token ids after the prompt, not inputs_embeds"):
