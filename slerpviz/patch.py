@@ -236,6 +236,9 @@ class MergingForward:
                      ) -> BaseModelOutputWithPast:
         """A call with a StaticCache: a prompt (a new one whenever the caller starts at position 0) or one more token
         of the prompt this cache last held (its ids go to the static decoder as they are: no embedding here)."""
+        if getattr(cache, "offloading", False):
+            raise ValueError("an offloaded static cache (offloaded_static) is not supported while merging: slerpviz's "
+                             "merged per-layer caches stay on the model's device; use cache_implementation='static'")
         run = self._static.get(cache)
         new = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         start = _claimed_start(attention_mask, position_ids, new)

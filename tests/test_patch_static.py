@@ -94,6 +94,8 @@ def test_what_a_static_cache_cannot_hold_or_continue_is_refused(model):
             model(ids[:, :1], cache=cache, position_ids=torch.tensor([[31]]), logits_to_keep=1)
         with pytest.raises(ValueError, match="feeds token ids after the prompt, not inputs_embeds"):
             model(inputs_embeds=model.model.embed_tokens(ids[:, :1]), cache=cache, logits_to_keep=1)
+        with pytest.raises(ValueError, match=r"an offloaded static cache \(offloaded_static\) is not supported"):
+            model.generate(ids, max_new_tokens=2, cache_implementation="offloaded_static")
         with pytest.raises(ValueError, match=r"chunked prefill \(prefill_chunk_size\) is not supported"):
             model.generate(ids, max_new_tokens=2, prefill_chunk_size=8, cache_implementation="static")
     with pytest.raises(ValueError, match="unknown decode 'fastest'"):
