@@ -252,7 +252,8 @@ class MergingForward:
                 "one generation; start a new one from position 0"
             )
         else:
-            if run is not None:
+            if run is not None:  # forgotten before anything can fail: a released decoder must not be stepped again
+                del self._static[cache]
                 run.close()
             engine = self.engine
             engine.validate(new, self.settings)

@@ -92,6 +92,11 @@ def test_what_a_static_cache_cannot_hold_or_continue_is_refused(model):
             model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, cache=full)
         with pytest.raises(ValueError, match=r"from where it stopped \(token 30\), but this call feeds 1 from token 31"):
             model(ids[:, :1], cache=cache, position_ids=torch.tensor([[31]]), logits_to_keep=1)
+        with pytest.raises(ValueError, match="longer than the prompt"):  # a new prompt on it, refused
+            model(ids[:, :4], cache=cache, position_ids=torch.arange(4)[None], logits_to_keep=1)
+        with pytest.raises(ValueError, match=r"from where it stopped \(token 0\)"):  # the old one is gone with it
+            model(ids[:, :1], cache=cache, position_ids=torch.tensor([[30]]), logits_to_keep=1)
+        model(ids, cache=cache, logits_to_keep=1)
         with pytest.raises(ValueError, match="feeds token ids after the prompt, not inputs_embeds"):
             model(inputs_embeds=model.model.embed_tokens(ids[:, :1]), cache=cache, logits_to_keep=1)
         with pytest.raises(ValueError, match=r"an offloaded static cache \(offloaded_static\) is not supported"):
