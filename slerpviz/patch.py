@@ -22,7 +22,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from .decode import check_mode, default_mode, start_decoding
+from .decode import check_mode, clear, default_mode, start_decoding
 from .forward import LayerwiseModel, Layout, cache_lengths
 from .merge import PLANNED_AT_CUTOFF
 from .session import Session
@@ -122,6 +122,7 @@ def remove(model) -> None:
     _restore(model, "generate", forward.previous_generate)
     _restore(model, "forward", forward.previous_model_forward)
     model.train(forward.was_training)
+    forward.close()
 
 
 def _restore(owner, name: str, previous) -> None:
@@ -231,6 +232,14 @@ class MergingForward:
             entry.lengths = cache_lengths(cache)
         return BaseModelOutputWithPast(last_hidden_state=engine.decoder.norm(hidden),
                                        cache=cache if use_cache else None)
+
+    def close(self) -> None:
+        """Free the static decoders (their KV buffers) now, not when the static caches that a caller may still hold
+        are dropped: the patch is being taken off."""
+        for run in list(self._static.values()):
+            run.close()
+        self._static.clear()
+        clear(self.engine)
 
     def _static_call(self, input_ids, inputs_embeds, cache: StaticCache, attention_mask, position_ids
                      ) -> BaseModelOutputWithPast:

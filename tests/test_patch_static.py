@@ -2,6 +2,7 @@
 through slerpviz.decode's static decoder (a CUDA graph on a GPU), with the dynamic path's tokens and logits."""
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_a_static_cache_decodes_statically_with_the_dynamic_paths_tokens_and_log
     torch.testing.assert_close(static_logits, logits, atol=2e-5, rtol=1e-4)
 
 
-def test_a_static_cache_passed_in_holds_one_generation_and_its_decoder_goes_back_to_the_pool(model):
+def test_a_static_cache_holds_one_generation_its_decoder_is_pooled_and_freed_with_the_patch(model):
     settings = SETTINGS[2]
     first, second = random_ids(30, seed=5), random_ids(26, seed=6)
     with slerpviz.merging(model, settings):
@@ -73,7 +74,14 @@ def test_a_static_cache_passed_in_holds_one_generation_and_its_decoder_goes_back
         greedy(model, first, cache_implementation="static")  # generate's own cache takes it, and gives it back
         gc.collect()
         assert decode.idle(engine) == 1
+        kept = StaticCache(config=model.config, max_cache_len=64)
+        greedy(model, first, cache=kept)
+        buffers = weakref.ref(forward_of(model)._static[kept].decoder)
     assert got == expected
+    # Off with the patch go its decoders and their buffers, though the caller still holds a static cache.
+    assert decode.idle(engine) == 0
+    gc.collect()
+    assert buffers() is None and kept is not None
 
 
 def test_what_a_static_cache_cannot_hold_or_continue_is_refused(model):
