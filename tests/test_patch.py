@@ -316,7 +316,8 @@ def test_a_fresh_forward_with_offset_positions_is_told_so_not_about_a_cache(mode
 
 def test_a_compiled_prefill_under_the_patch_gives_the_engines_tokens(fresh_dynamo):
     # Inductor itself, on one tiny model: the patch's prompt through compiled layers and merges, the new tokens as
-    # generate feeds them; and a cache the caller made without a config, whose layers the compiled prefill makes first.
+    # generate feeds them, dynamic and static; and a cache the caller made without a config, whose layers the compiled
+    # prefill makes first.
     model = tiny_model("llama")
     ids = random_ids(30, seed=2)
     for settings in (SETTINGS[0], SETTINGS[-1]):
@@ -326,5 +327,7 @@ def test_a_compiled_prefill_under_the_patch_gives_the_engines_tokens(fresh_dynam
             cache = DynamicCache()
             with torch.no_grad():
                 model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-        assert patched == engine_tokens(model, ids, settings)
+                static = model.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                        cache_implementation="static")[0, ids.shape[1]:].tolist()
+        assert patched == static == engine_tokens(model, ids, settings)
         assert len(cache.layers) == N_LAYERS and cache.layers[-1].get_seq_length() < ids.shape[1]
