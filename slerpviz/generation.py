@@ -102,7 +102,7 @@ class Run:
 
     def __init__(self, engine: LayerwiseModel, input_ids, settings: MergeSettings, sampling: Sampling, mode: str,
                  interrupt: threading.Event | None = None, decode: str | None = None):
-        # decode: "dynamic", "static" or "compiled"; None: slerpviz.decode.default_mode (compiled on a GPU)
+        # decode: one of slerpviz.decode's paths; None: slerpviz.decode.default_mode (a CUDA graph on a GPU)
         self.decode, self.static = decode, None  # the static decoder while the run decodes static
         self.engine, self.input_ids, self.settings = engine, input_ids, settings
         self.sampling, self.mode, self.interrupt = sampling, mode, interrupt

@@ -77,6 +77,22 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 
 
+DECODE_PATHS = {
+    "dynamic": "dynamic (a growing cache)",
+    "static": "static (fixed buffers, nothing read back)",
+    "graph": "CUDA graph (one launch a token)",
+    "compiled": "compiled (torch.compile, CUDA graphs)",
+}
+
+
+def decode_path(trace: Trace) -> str:
+    """How the decode steps ran (slerpviz.decode's path, or why it fell back), and the set-up no step was charged."""
+    text = DECODE_PATHS.get(trace.decode, trace.decode)
+    if trace.decode_warmup_s >= 0.005:
+        text += f" · set up in {trace.decode_warmup_s:.2f} s, in no step's time"
+    return text
+
+
 def panel_markdown(trace: Trace, base: Trace | None = None, stopped: bool = False) -> str:
     """The live figures of one panel; the merged panel (given the base trace) adds what merging saved."""
     figures = panel_figures(trace)
@@ -87,6 +103,8 @@ def panel_markdown(trace: Trace, base: Trace | None = None, stopped: bool = Fals
         ("elapsed (own steps)", _seconds(figures.elapsed_s if figures.tokens else None)),
         ("tokens generated", f"{figures.tokens}{end}"),
     ]
+    if trace.decode:
+        rows.append(("decode", decode_path(trace)))
     if trace.mode == "recompute":
         rows.append(("KV cache", "none (recompute mode re-runs the whole sequence each step)"))
     else:

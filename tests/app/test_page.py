@@ -128,6 +128,16 @@ def test_parse_request_takes_the_attention_settings_and_ratios_per_cutoff():
     assert form.parse_request(*inputs(more_cutoffs=[20], ratios="0.5")).settings.ratio == 0.5  # one: for all
 
 
+def test_each_panel_says_how_its_decode_steps_ran():
+    trace = finished_trace(" 71152")
+    assert "| decode |" not in panels.panel_markdown(trace)  # before its prefill a run has no decode path yet
+    trace.decode, trace.decode_warmup_s = "graph", 0.42
+    assert "| decode | CUDA graph (one launch a token) · set up in 0.42 s, in no step's time |" in (
+        panels.panel_markdown(trace))
+    trace.decode, trace.decode_warmup_s = "dynamic (the session was prefilled without a cache)", 0.0
+    assert "| decode | dynamic (the session was prefilled without a cache) |" in panels.panel_markdown(trace)
+
+
 def test_agreement_position_by_position():
     assert panels.agreement([1, 2, 3], [1, 2, 3]) == panels.Agreement(None, 3, 3)
     assert panels.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == panels.Agreement(1, 3, 4)
