@@ -129,7 +129,7 @@ class StaticDecoder:
     def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False, graphed: bool = False,
                  head: bool = True):
         self.engine, self.shapes, self.compiled = engine, shapes, compiled
-        self.key = (shapes, bool(compiled), bool(graphed), bool(head))  # its place in the pool: what it was built for
+        self.key = pool_key(shapes, compiled, graphed, head)  # its place in the pool: what it was built for
         self.state = DecodeState(shapes, engine.config, engine.dtype, engine.device, head)
         self.capacity = min(g.capacity for s in shapes for g in s.groups)
         self.warm = False  # warmed (compiled and captured) for its buffers
@@ -339,13 +339,18 @@ def acquire(session, max_new_tokens: int, compiled: bool = False, bucket: int = 
     if reason is not None:
         raise ValueError(f"static decoding cannot run this session: {reason}")
     shapes = structure(session, max(int(max_new_tokens), WARM_UP_STEPS), bucket)
-    key = (shapes, bool(compiled), bool(graphed), bool(head))
+    key = pool_key(shapes, compiled, graphed, head)
     with _pool_lock:
         idle = _pool(session.engine).get(key)
         decoder = idle.pop() if idle else None
     if decoder is None:
         decoder = StaticDecoder(session.engine, shapes, compiled, graphed, head)
     return decoder.load(session)
+
+
+def pool_key(shapes: tuple[SegmentShape, ...], compiled: bool, graphed: bool, head: bool) -> tuple:
+    """What a decoder was built for, and so which runs may take it from the pool."""
+    return shapes, bool(compiled), bool(graphed), bool(head)
 
 
 def _pool(engine) -> OrderedDict:

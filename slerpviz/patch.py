@@ -221,10 +221,7 @@ class MergingForward:
         if entry is not None:
             hidden = engine.forward_new(h, start, entry.layout, cache)
         else:
-            engine.validate(h.shape[1], self.settings)
-            hidden, layout, _ = engine.forward_prompt(h, self.settings, cache)
-            self._check_rows(layout, h.shape[1])
-            hidden = _unmerged(hidden, layout)
+            hidden, layout, _ = self._merged_prompt(h, cache)
             if cache is not None:
                 entry = self._layouts[cache] = CacheEntry(layout)
         if entry is not None:
@@ -265,15 +262,12 @@ class MergingForward:
                 del self._static[cache]
                 run.close()
             engine = self.engine
-            engine.validate(new, self.settings)
             capacity = static_capacity(cache)
             if capacity is not None and capacity <= new:
                 raise ValueError(f"the static cache was made for {capacity} tokens, which leaves no room after the "
                                  f"prompt's {new}: give it a max_cache_len of the prompt plus the new tokens")
             ours = DynamicCache(config=engine.config)
-            h = _embedded(engine, input_ids, inputs_embeds)
-            hidden, layout, cosines = engine.forward_prompt(h, self.settings, ours)
-            self._check_rows(layout, new)
+            hidden, layout, cosines = self._merged_prompt(_embedded(engine, input_ids, inputs_embeds), ours)
             session = Session(engine, ours, layout, cosines, new, logits=None)
             if capacity is None:
                 decoder, path, seconds = None, "dynamic (a sliding-window static cache does not say its length)", 0.0
@@ -281,8 +275,17 @@ class MergingForward:
                 decoder, path, seconds = start_decoding(session, capacity - new, self.decode, head=False)
             self._static[cache] = StaticRun(session, decoder, cache, capacity)
             self.decode_path, self.decode_warmup_s = path, seconds
-            out = engine.decoder.norm(_unmerged(hidden, layout))
+            out = engine.decoder.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
+
+    def _merged_prompt(self, h: torch.Tensor, cache) -> tuple[torch.Tensor, Layout, list[torch.Tensor]]:
+        """A prompt's embeddings h [1, L, d] through the merging forward into `cache`: one row per original token
+        (before the final norm), the layout and the pair cosines. The prompt is checked before it runs, the rows the
+        caller will read once the layout says which are honest."""
+        self.engine.validate(h.shape[1], self.settings)
+        hidden, layout, cosines = self.engine.forward_prompt(h, self.settings, cache)
+        self._check_rows(layout, h.shape[1])
+        return _unmerged(hidden, layout), layout, cosines
 
     def honest_rows(self, layout: Layout, length: int) -> tuple[torch.Tensor, str]:
         """Which rows of a sequence fed whole [length] depend on no later token (bool), and why the others do.
@@ -326,14 +329,7 @@ class MergingForward:
         if entry is not None and cache_lengths(cache) != entry.lengths:
             raise ValueError("the merged cache was changed outside slerpviz's merging (cropped or rolled back, as "
                              "assisted and prompt-lookup generation do): they are not supported while merging")
-        claimed = []  # where the caller thinks these tokens start, and what says so
-        if _is_2d(attention_mask):
-            covered = attention_mask.shape[-1]
-            claimed.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
-        if position_ids is not None:
-            first = int(position_ids.reshape(-1)[0])
-            claimed.append((first, f"its position_ids start at {first}"))
-        wrong = [(where, said) for where, said in claimed if where != start]
+        wrong = [(where, said) for where, said in _claims(attention_mask, position_ids, new) if where != start]
         if wrong and entry is None:  # a fresh forward: there is no cache to continue, the sequence starts here
             raise ValueError(
                 f"this forward starts a new sequence under merging (no merged cache before it), but {wrong[0][1]}: "
@@ -375,14 +371,25 @@ def _is_2d(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
 
 
-def _claimed_start(attention_mask, position_ids, new: int) -> int | None:
-    """Where the caller says the `new` tokens fed start: by a 2-D attention mask's length or the first position id;
-    None when it says nothing (a 4-D mask, which generate builds for a static cache, is as long as the cache)."""
-    if position_ids is not None:
-        return int(position_ids.reshape(-1)[0])
+def _claims(attention_mask, position_ids, new: int) -> list[tuple[int, str]]:
+    """Where the caller says the `new` tokens fed start, and what says so: a 2-D attention mask's length, then the
+    first position id (read from the device). A 4-D mask, which generate builds for a static cache, says nothing:
+    it is as long as the cache."""
+    claims = []
     if _is_2d(attention_mask):
-        return attention_mask.shape[-1] - new
-    return None
+        covered = attention_mask.shape[-1]
+        claims.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
+    if position_ids is not None:
+        first = int(position_ids.reshape(-1)[0])
+        claims.append((first, f"its position_ids start at {first}"))
+    return claims
+
+
+def _claimed_start(attention_mask, position_ids, new: int) -> int | None:
+    """Where the caller says the `new` tokens fed start (its position ids before its mask), None when it says
+    nothing."""
+    claims = _claims(attention_mask, position_ids, new)
+    return claims[-1][0] if claims else None
 
 
 def static_capacity(cache: StaticCache) -> int | None:

@@ -37,32 +37,28 @@ COLUMNS = ("length", "variant", "cache", "repeats", "new_tokens", "prefill_s", "
            "step_ops", "ops_beside_graph", "step_syncs", "warmup_s", "decode_path")
 
 
-def generate(model, ids: torch.Tensor, new_tokens: int, cache: str) -> float:
+def generate(engine, ids: torch.Tensor, new_tokens: int, cache: str) -> float:
     """Seconds of one greedy generate of exactly `new_tokens` tokens (no early stop), the device synchronised."""
+    model = engine.model
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=model.generation_config.pad_token_id or 0)
     if cache == "static":
         options["cache_implementation"] = "static"
-    synchronise(ids.device)
+    engine.sync()
     began = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), **options)
-    synchronise(ids.device)
+    engine.sync()
     return time.perf_counter() - began
 
 
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def per_step(model, ids: torch.Tensor, cache: str, short: int = 2, long: int = 6) -> tuple[float, float]:
+def per_step(engine, ids: torch.Tensor, cache: str, short: int = 2, long: int = 6) -> tuple[float, float]:
     """Aten ops and reads back from the device per decode step: the difference of two generates, over the steps
     between them (the prefill and generate's setup cancel out)."""
     counts = []
     for new_tokens in (short, long):
         with OpCounter() as counter:
-            generate(model, ids, new_tokens, cache)
+            generate(engine, ids, new_tokens, cache)
         counts.append(counter)
     steps = long - short
     return (counts[1].total - counts[0].total) / steps, (counts[1].syncs - counts[0].syncs) / steps
@@ -87,14 +83,14 @@ def run_patch(engine, lengths, variants, caches, repeats: int, new_tokens: int, 
                     forward = model.model.__dict__.get("forward")
                     for cache in (caches if settings is not None or plain_caches is None else plain_caches):
                         began = time.perf_counter()
-                        generate(model, ids, new_tokens, cache)  # compiles and records; never timed
+                        generate(engine, ids, new_tokens, cache)  # compiles and records; never timed
                         cell = runs.setdefault((name, cache), {"prefill": [], "total": [], "warmup": []})
                         cell["warmup"].append(time.perf_counter() - began)
                         for _ in range(repeats):
-                            cell["prefill"].append(generate(model, ids, 1, cache))
-                            cell["total"].append(generate(model, ids, new_tokens, cache))
+                            cell["prefill"].append(generate(engine, ids, 1, cache))
+                            cell["total"].append(generate(engine, ids, new_tokens, cache))
                         if "ops" not in cell:
-                            cell["ops"], cell["syncs"] = per_step(model, ids, cache)
+                            cell["ops"], cell["syncs"] = per_step(engine, ids, cache)
                             cell["path"] = ("generate's own" if settings is None else
                                             forward.decode_path if cache == "static" else "dynamic")
                             graphed = cell["path"] in ("static", "graph", "compiled")
