@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a patched model: a local pass-key task, base and merged, nothing downloaded.
 
     pip install lm_eval        # not one of slerpviz's requirements
-    python -m examples.lm_eval_passkey [--samples 10] [--length 1024] [--preset recommended]   # from the repo root
+    python -m examples.lm_eval_passkey [--samples 10] [--length 1024] [--preset recommended] [--batch-size 4]
 
 The task is written to a temporary folder (a JSON-lines file and its YAML) from the filler in assets/texts, so the
 harness loads it with `datasets`' local json builder. HFLM wraps the embedded model; `slerpviz.merging` patches that
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--preset", default="recommended")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts a generate call runs together")
     args = parser.parse_args()
 
     engine = load(EMBEDDED)
@@ -75,7 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_task(Path(folder), tokenizer, args.samples, args.length)
         tasks = TaskManager(include_path=folder)
-        harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)  # the patch merges one sequence at a time
+        # The harness pads a batch on the left; the patch merges each prompt on its own and decodes them together.
+        harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
         scores = {}
         for label, context in (("base", None), (args.preset, slerpviz.merging(model, settings))):
             if context is None:

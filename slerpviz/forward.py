@@ -293,15 +293,18 @@ class LayerwiseModel:
 
     def _run_layers(
         self, h: torch.Tensor, start: int, end: int, positions: torch.Tensor, cache,
-        log_sizes: torch.Tensor | None = None, compiled=None,
+        log_sizes: torch.Tensor | None = None, compiled=None, attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layers [start, end) on h [1, L, d]; positions [L] go only into RoPE, never into the mask builders.
 
         With `log_sizes`, the attention logit of each cached or current key that stands for several tokens is
         raised by log(tokens), through an additive float mask (works with sdpa and eager alike). `compiled`: the
-        compiled `call_layer` of `compile_prefill`, which writes each layer's cache through its own layer.
+        compiled `call_layer` of `compile_prefill`, which writes each layer's cache through its own layer. A batch
+        (slerpviz.batch) gives h [B, n, d], positions [B, n], log_sizes [B, slots] and a 2-D `attention_mask` of the
+        keys each row may see (its padding hidden).
         """
-        position_embeddings = self.decoder.rotary_emb(h, positions[None].to(h.device))
+        positions = positions if positions.ndim == 2 else positions[None]
+        position_embeddings = self.decoder.rotary_emb(h, positions.to(h.device))
         # One mask per attention type, all built before any layer of the segment writes its cache, each sized
         # against the cache of the segment's first layer of that type (as transformers builds them per forward).
         first_of_type: dict[bool, int] = {}
@@ -312,7 +315,7 @@ class LayerwiseModel:
             build = create_sliding_window_causal_mask if sliding else create_causal_mask
             # position_ids=None: merged positions do not step by 1 and would read as packed sequences.
             masks[sliding] = build(
-                config=self.config, inputs_embeds=h, attention_mask=None, cache=cache, position_ids=None,
+                config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache, position_ids=None,
                 layer_idx=layer_idx, allow_is_causal_skip=log_sizes is None,
             )
             if log_sizes is not None:

@@ -56,13 +56,16 @@ class OneLayerCache:
 
 
 def add_key_bias(mask: torch.Tensor, log_sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An additive float mask [.., q, kv] from a bool or float causal mask, plus log(size) of each key.
+    """An additive float mask [.., q, kv] from a bool or float causal mask, plus log(size) of each key: log_sizes
+    [slots], or [batch, slots] with a row per sequence of a batch.
 
     Keys past the merged slots (tokens fed after the prefill) hold one token each: bias 0.
     """
     kv = mask.shape[-1]
-    bias = torch.zeros(kv, dtype=torch.float32, device=mask.device)
-    bias[: log_sizes.numel()] = log_sizes.to(mask.device)
+    bias = torch.zeros(*log_sizes.shape[:-1], kv, dtype=torch.float32, device=mask.device)
+    bias[..., : log_sizes.shape[-1]] = log_sizes.to(mask.device)
+    if bias.ndim == 2:  # [batch, kv] against a mask [batch, heads, q, kv]
+        bias = bias[:, None, None, :]
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask + bias.to(dtype)

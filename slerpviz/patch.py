@@ -22,6 +22,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from . import batch as batches
 from .decode import check_mode, clear, default_mode, start_decoding
 from .forward import LayerwiseModel, Layout, cache_lengths
 from .merge import PLANNED_AT_CUTOFF
@@ -152,7 +153,8 @@ class MergingForward:
     token: after a merge each token gets its final slot's (ToMe's "unmerge"). Only rows that depend on no later
     token may be read (`rows`, the caller's logits_to_keep, which the patch passes on): the last one, what `generate`
     reads, always; a row whose slot also holds the token it predicts never, nor any row but the last when the pairs
-    were chosen from the whole sequence. Asking for another is refused (see `_check_rows`).
+    were chosen from the whole sequence. Asking for another is refused (see `_check_rows`). A batch, or a prompt
+    padded on the left, is merged row by row and decoded together (slerpviz.batch).
 
     A transformers StaticCache (`generate(..., cache_implementation="static")`, or one passed in) asks for static
     decoding: the prompt is merged into slerpviz's own per-layer cache and new tokens run through slerpviz.decode's
@@ -195,15 +197,11 @@ class MergingForward:
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise ValueError("slerpviz's merging forward does not return per-layer attentions or hidden states")
         batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
-        if batch != 1:
-            raise ValueError(
-                f"slerpviz merges one sequence at a time, not a batch of {batch} (several prompts, beams or "
-                "num_return_sequences > 1): the pairs, the positions and the cache lengths are planned per sequence; "
-                "run one prompt at a time, greedy or sampled (pipeline batch_size=1)"
-            )
-        if _is_2d(attention_mask) and not bool(attention_mask.all()):
-            raise ValueError("slerpviz's merging forward does not take padding: give a prompt without padded tokens")
+        padded = _is_2d(attention_mask) and not bool(attention_mask.all())
         if isinstance(cache, StaticCache):
+            if batch != 1 or padded:
+                raise ValueError("under merging a static cache holds one sequence, without padding: generate a batch "
+                                 "with the dynamic cache (the default), or one prompt at a time")
             return self._static_call(input_ids, inputs_embeds, cache, attention_mask, position_ids)
         h = _embedded(engine, input_ids, inputs_embeds)
         use_cache = engine.config.use_cache if use_cache is None else use_cache
@@ -217,9 +215,18 @@ class MergingForward:
         # The forward counts the tokens itself; a caller that counts otherwise (generate continuing a cache whose
         # layer 0 merged, assisted or prompt-lookup decoding that crops the cache back) would get wrong tokens.
         start = entry.position if entry is not None else 0
-        self._check_caller_agrees(cache, entry, start, h.shape[1], attention_mask, position_ids)
-        if entry is not None:
+        several = batch != 1 or padded or (entry is not None and entry.batch is not None)
+        self._check_caller_agrees(cache, entry, start, h.shape[1], attention_mask, None if several else position_ids)
+        if entry is not None and entry.batch is not None:
+            hidden = batches.forward_new(engine, h, start, entry.batch, cache, position_ids)
+        elif entry is not None:
+            if several:
+                raise ValueError("this merged cache holds one sequence without padding: continue it the same way")
             hidden = engine.forward_new(h, start, entry.layout, cache)
+        elif several:
+            hidden, stacked = batches.merge_prompts(self, h, cache, attention_mask, position_ids)
+            if cache is not None:
+                entry = self._layouts[cache] = CacheEntry(None, batch=stacked)
         else:
             hidden, layout, _ = self._merged_prompt(h, cache)
             if cache is not None:
@@ -278,13 +285,13 @@ class MergingForward:
             out = engine.decoder.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
 
-    def _merged_prompt(self, h: torch.Tensor, cache) -> tuple[torch.Tensor, Layout, list[torch.Tensor]]:
+    def _merged_prompt(self, h: torch.Tensor, cache, pad: int = 0) -> tuple[torch.Tensor, Layout, list[torch.Tensor]]:
         """A prompt's embeddings h [1, L, d] through the merging forward into `cache`: one row per original token
         (before the final norm), the layout and the pair cosines. The prompt is checked before it runs, the rows the
-        caller will read once the layout says which are honest."""
+        caller will read once the layout says which are honest (`pad`: rows of padding the caller fed before it)."""
         self.engine.validate(h.shape[1], self.settings)
         hidden, layout, cosines = self.engine.forward_prompt(h, self.settings, cache)
-        self._check_rows(layout, h.shape[1])
+        self._check_rows(layout, h.shape[1], pad)
         return _unmerged(hidden, layout), layout, cosines
 
     def honest_rows(self, layout: Layout, length: int) -> tuple[torch.Tensor, str]:
@@ -307,9 +314,12 @@ class MergingForward:
         honest[layout.stages[-1].last.cpu()] = True
         return honest, "shares a merged slot with the token it predicts"
 
-    def _check_rows(self, layout: Layout, length: int) -> None:
-        """Refuse a sequence fed whole whose caller would read a row that depends on a later token."""
+    def _check_rows(self, layout: Layout, length: int, pad: int = 0) -> None:
+        """Refuse a sequence fed whole whose caller would read a row that depends on a later token (rows of padding
+        before it depend on nothing)."""
         honest, why = self.honest_rows(layout, length)
+        honest = torch.cat([torch.ones(pad, dtype=torch.bool), honest])
+        length += pad
         rows = self.rows.cpu() if isinstance(self.rows, torch.Tensor) else self.rows
         wanted = slice_logits_to_keep(torch.arange(length).view(1, length, 1), rows).reshape(-1)
         unfair = wanted[~honest[wanted]]
@@ -441,6 +451,7 @@ class CacheEntry:
     """What a merging forward keeps beside each cache it filled: the prompt's layout, the next token's position and
     each layer's length after its last call (to notice a cache changed behind its back)."""
 
-    layout: Layout
+    layout: Layout | None  # None for a batch, whose rows' layouts its BatchLayout holds
     position: int = 0
     lengths: list[int] = field(default_factory=list)
+    batch: batches.BatchLayout | None = None

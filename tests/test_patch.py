@@ -205,17 +205,15 @@ def test_apply_and_remove_and_an_instance_forward_that_was_there_comes_back(mode
 # ---------------------------------------------------------------------------------------------- what it refuses
 
 
-def test_bad_settings_batches_padding_and_foreign_caches_are_refused_clearly(model):
+def test_bad_settings_right_padding_and_foreign_caches_are_refused_clearly(model):
     with pytest.raises(ValueError, match="cutoff 99 is out of range"):
         slerpviz.apply(model, MergeSettings(cutoffs=(99,)))
     assert not is_patched(model)
     ids = random_ids(12, seed=5)
     with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
-        with pytest.raises(ValueError, match="one sequence at a time, not a batch of 2"):
-            model.generate(ids.repeat(2, 1), max_new_tokens=2, do_sample=False, pad_token_id=0)
         padded = torch.ones_like(ids)
-        padded[0, :3] = 0
-        with pytest.raises(ValueError, match="padding"):
+        padded[0, -3:] = 0
+        with pytest.raises(ValueError, match="padding on the left only.*padding_side = 'left'"):
             model(ids, attention_mask=padded)
         with pytest.raises(ValueError, match="longer than the prompt"):
             slerpviz.remove(model)
@@ -228,14 +226,6 @@ def test_bad_settings_batches_padding_and_foreign_caches_are_refused_clearly(mod
         with pytest.raises(ValueError, match="not filled by this merging forward"):
             model(ids[:, -1:], cache=foreign, use_cache=True)
     assert not is_patched(model)
-
-
-def test_beams_and_several_return_sequences_are_refused_by_name(model):
-    ids = random_ids(12, seed=5)
-    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
-        for options in (dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
-            with pytest.raises(ValueError, match="beams or num_return_sequences"):
-                model.generate(ids, max_new_tokens=2, pad_token_id=0, **options)
 
 
 @pytest.mark.parametrize("drafts", ["prompt_lookup_num_tokens", "assistant_model"])

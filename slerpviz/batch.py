@@ -1,0 +1,131 @@
+"""A batch under the patch: each prompt merged on its own, then every new token run for the whole batch at once.
+
+The pairs, the positions and the cache lengths are planned per sequence, so the prompts of a batch are merged one by
+one (each exactly as it would be alone, through the one merging forward) and their caches stacked, layer by layer:
+each row is padded on the left to the longest at that layer, as transformers pads a batch for generation. A 2-D mask
+per segment of layers hides that padding from every new token, and each row's new tokens sit at the positions they
+would have alone. Prompts may come padded on the left (tokenizer.padding_side = "left"); the padding is taken off
+before a prompt is merged. The merging forward (slerpviz.patch) calls this for a batch, or for a padded prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .forward import Layout
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What new tokens of a batch need: per row its layout (for the trace) and left padding of the prompt, and per
+    segment of layers the slots each row holds and where each row's new tokens sit there."""
+
+    layouts: list[Layout]
+    pads: torch.Tensor  # [batch] long: padding before each prompt, in the tokens the caller fed
+    prompt_length: int  # tokens fed with the prompts, padding included
+    slots: list[torch.Tensor]  # per segment: [batch, cache length] bool, False where a row's merged cache is padded
+    offsets: list[torch.Tensor]  # per segment: [batch] float, a new token's position there minus its original one
+    log_sizes: list[torch.Tensor | None]  # per segment: [batch, cache length] log(tokens per slot), or None
+
+    @property
+    def segments(self):
+        return self.layouts[0].segments
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """Padding before each prompt [batch], from a 2-D mask of 1s and 0s (none: no padding). Padding anywhere but
+    on the left is refused: a new token must follow its prompt's last token."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    pads = length - mask.sum(-1)
+    if bool((pads >= length).any()):
+        raise ValueError("a prompt of the batch is all padding: give every row at least one token")
+    if not torch.equal(mask, torch.arange(length, device=device)[None] >= pads[:, None]):
+        raise ValueError("slerpviz's merging forward takes padding on the left only, as generation wants it: set "
+                         "tokenizer.padding_side = 'left' (a new token must follow its prompt's last token)")
+    return pads
+
+
+def merge_prompts(forward, h: torch.Tensor, cache, attention_mask, position_ids=None
+                  ) -> tuple[torch.Tensor, BatchLayout | None]:
+    """Each prompt of h [B, L, d] (left-padded as the mask says) through the merging forward on its own, one row per
+    token fed (zeros for padding, before the final norm), and its cache stacked into `cache` (when there is one).
+    `forward` is the patch's MergingForward, which checks each prompt and the rows its caller reads."""
+    engine = forward.engine
+    batch, length = h.shape[:2]
+    pads = left_padding(attention_mask, batch, length, h.device)
+    check_positions(position_ids, pads, 0, length)
+    out = torch.zeros_like(h)
+    layouts, caches = [], []
+    for row, pad in enumerate(pads.tolist()):
+        own = DynamicCache(config=engine.config) if cache is not None else None
+        hidden, layout, _ = forward._merged_prompt(h[row:row + 1, pad:], own, pad=pad)
+        out[row, pad:] = hidden[0]
+        layouts.append(layout)
+        caches.append(own)
+    if cache is None:
+        return out, None
+    _check_windows(caches)
+    slots, offsets, log_sizes = [], [], []
+    for number, segment in enumerate(layouts[0].segments):
+        held = [own.layers[segment.start].get_seq_length() for own in caches]
+        # Generate counts the tokens it fed by the first layer's length: there, the padding fed is kept.
+        longest = max(held + ([length] if segment.start == 0 else []))
+        for index in range(segment.start, segment.end):
+            layers = [own.layers[index] for own in caches]
+            cache.update(torch.cat([_padded(layer.keys, longest) for layer in layers]),
+                         torch.cat([_padded(layer.values, longest) for layer in layers]), index)
+        start = torch.tensor([longest - count for count in held], device=h.device)
+        slots.append(torch.arange(longest, device=h.device)[None] >= start[:, None])
+        offsets.append(torch.tensor([float(layout.segments[number].offset) for layout in layouts], device=h.device))
+        sizes = [layout.segments[number].log_sizes for layout in layouts]
+        log_sizes.append(None if all(size is None for size in sizes) else torch.stack([
+            F.pad(torch.zeros(count, device=h.device) if size is None else size.to(h.device).float(),
+                  (longest - count, 0)) for size, count in zip(sizes, held)]))
+    return out, BatchLayout(layouts, pads, length, slots, offsets, log_sizes)
+
+
+def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache, position_ids=None) -> torch.Tensor:
+    """New tokens h [B, n, d] of every row, the first fed after `start` tokens (padding included), through every
+    layer's cache; in each row they sit where they would alone. `position_ids`, the caller's, must say the same."""
+    batch, new = h.shape[:2]
+    fed = start - layout.prompt_length  # tokens fed after the prompts, before these
+    real = check_positions(position_ids, layout.pads, start, new)
+    for number, segment in enumerate(layout.segments):
+        seen = torch.cat([layout.slots[number], layout.slots[number].new_ones(batch, fed + new)], dim=1)
+        positions = real.float() + layout.offsets[number][:, None]
+        h = engine._run_layers(h, segment.start, segment.end, positions, cache, layout.log_sizes[number],
+                               attention_mask=seen)
+    return h
+
+
+def check_positions(position_ids, pads: torch.Tensor, start: int, new: int) -> torch.Tensor:
+    """Each row's original positions [B, n] of `new` tokens fed after `start` (padding included); the caller's
+    `position_ids`, where given, must agree on every token that is not padding."""
+    real = (start - pads)[:, None] + torch.arange(new, device=pads.device)
+    if position_ids is not None:
+        said = position_ids.to(pads.device).expand(*real.shape)
+        if not torch.equal(said[real >= 0], real[real >= 0]):
+            raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
+                             "positions): position_ids other than each row's running count are not supported")
+    return real
+
+
+def _padded(states: torch.Tensor, length: int) -> torch.Tensor:
+    """A row's keys or values [1, heads, n, head dim], padded on the left to `length` slots."""
+    return F.pad(states, (0, 0, length - states.shape[-2], 0))
+
+
+def _check_windows(caches: list[DynamicCache]) -> None:
+    """Refuse a batch whose sliding-window layer already dropped keys of a prompt: stacked, its rows would disagree
+    on how many keys came before the window."""
+    for own in caches:
+        for layer in own.layers:
+            if getattr(layer, "is_sliding", False) and layer.get_seq_length() != layer.keys.shape[-2]:
+                raise ValueError("a batch under merging is not supported once a prompt outgrows a sliding-window "
+                                 "layer's window: merge such prompts one at a time")
