@@ -316,8 +316,8 @@ class LayerwiseModel:
             # position_ids=None: merged positions do not step by 1 and would read as packed sequences.
             masks[sliding] = build(
                 config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache, position_ids=None,
-                layer_idx=layer_idx, allow_is_causal_skip=log_sizes is None,
-            )
+                layer_idx=layer_idx, allow_is_causal_skip=log_sizes is None and attention_mask is None,
+            )  # a batch's mask always goes in whole: checking whether it could be skipped reads the device
             if log_sizes is not None:
                 masks[sliding] = add_key_bias(masks[sliding], log_sizes, h.dtype)
         for index in range(start, end):
