@@ -64,9 +64,13 @@ step 150 prefill python3 -m slerpviz.bench speed "${shape[@]}" --lengths "$short
 # CUDA graph) against its dynamic cache and the plain model's dynamic generate (a plain static cache would compile).
 step 90 patch python3 -m slerpviz.bench patch "${shape[@]}" --lengths "$mid" --preset recommended \
   --caches dynamic,static --plain-caches dynamic --repeats 2 --new-tokens 16
-# The torch.compile'd decode beside the graph, with its compile time (a minute or more: last).
+# The torch.compile'd decode beside the graph, with its compile time (a minute or more: near the end).
 step 150 compiled python3 -m slerpviz.bench speed "${shape[@]}" --lengths "$mid" --preset recommended \
   --modes cached --decode graph,compiled --repeats 3 --new-tokens 16
+# A batch of four prompts, padded on the left, through generate under the patch (each merged on its own, decoded
+# together) beside the plain model's batch: the tokens a second of the whole batch.
+step 60 patch-batch python3 -m slerpviz.bench patch "${shape[@]}" --lengths "$mid" --preset recommended \
+  --caches dynamic --batches 4 --repeats 2 --new-tokens 16
 if (( ${#folders[@]} )); then
   tar -czf "$out/results.tar.gz" -C "$out" "${folders[@]}" && (cd "$out" && rm -rf "${folders[@]}")
 fi

@@ -3,21 +3,15 @@ Each row must come out as it does alone under the same merging (which test_patch
 
 import pytest
 import torch
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StaticCache, pipeline
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM, pipeline
 
 import slerpviz
 from conftest import FAMILIES, TINY, random_ids, tiny_model
+from test_patch import SETTINGS  # the settings the patch is held to the engine under
 from slerpviz.engine import MergeSettings
 from slerpviz.presets import recommended
 
 NEW = 6
-SETTINGS = [
-    MergeSettings(cutoffs=(3,)),
-    MergeSettings(cutoffs=(2, 4), keep_start=3, keep_end=2, ratio=(0.5, 1.0), positions="first"),
-    MergeSettings(cutoffs=(2,), choice="similar", ratio=0.5, method="lerp"),
-    MergeSettings(cutoffs=(1, 4), choice="attention", ratio=0.5, attention_window=4, attention_keep=3),
-    MergeSettings(cutoffs=(0, 3), proportional=True),
-]
 
 
 def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
