@@ -36,6 +36,11 @@ class BatchLayout:
         return self.layouts[0].segments
 
 
+def padded(attention_mask) -> bool:
+    """A 2-D mask with a 0 in it: padding (before a prompt, or elsewhere, which `left_padding` refuses)."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all())
+
+
 def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
     """Padding before each prompt [batch], from a 2-D mask of 1s and 0s (none: no padding). Padding anywhere but
     on the left is refused: a new token must follow its prompt's last token."""
@@ -78,8 +83,8 @@ def merge_prompts(forward, h: torch.Tensor, cache, attention_mask, position_ids=
         longest = max(held + ([length] if segment.start == 0 else []))
         for index in range(segment.start, segment.end):
             layers = [own.layers[index] for own in caches]
-            cache.update(torch.cat([_padded(layer.keys, longest) for layer in layers]),
-                         torch.cat([_padded(layer.values, longest) for layer in layers]), index)
+            cache.update(torch.cat([_left_padded_to(layer.keys, longest) for layer in layers]),
+                         torch.cat([_left_padded_to(layer.values, longest) for layer in layers]), index)
         start = torch.tensor([longest - count for count in held], device=h.device)
         slots.append(torch.arange(longest, device=h.device)[None] >= start[:, None])
         offsets.append(torch.tensor([float(layout.segments[number].offset) for layout in layouts], device=h.device))
@@ -90,11 +95,17 @@ def merge_prompts(forward, h: torch.Tensor, cache, attention_mask, position_ids=
     return out, BatchLayout(layouts, pads, length, slots, offsets, log_sizes)
 
 
-def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache, position_ids=None) -> torch.Tensor:
+def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache, position_ids=None,
+                attention_mask=None) -> torch.Tensor:
     """New tokens h [B, n, d] of every row, the first fed after `start` tokens (padding included), through every
-    layer's cache; in each row they sit where they would alone. `position_ids`, the caller's, must say the same."""
+    layer's cache; in each row they sit where they would alone. `position_ids`, the caller's, must say the same, and
+    its 2-D mask may hide nothing after the prompts (read only for several tokens: generate feeds one, unpadded)."""
     batch, new = h.shape[:2]
     fed = start - layout.prompt_length  # tokens fed after the prompts, before these
+    if new > 1 and attention_mask is not None and attention_mask.ndim == 2 and not bool(
+            attention_mask[:, layout.prompt_length:].all()):
+        raise ValueError("under merging a batch is padded before its prompts only: tokens fed after them (a new "
+                         "turn of different lengths, say) cannot be padded; continue each sequence on its own")
     real = check_positions(position_ids, layout.pads, start, new)
     for number, segment in enumerate(layout.segments):
         seen = torch.cat([layout.slots[number], layout.slots[number].new_ones(batch, fed + new)], dim=1)
@@ -117,7 +128,7 @@ def check_positions(position_ids, pads: torch.Tensor, start: int, new: int) -> t
     return real
 
 
-def _padded(states: torch.Tensor, length: int) -> torch.Tensor:
+def _left_padded_to(states: torch.Tensor, length: int) -> torch.Tensor:
     """A row's keys or values [1, heads, n, head dim], padded on the left to `length` slots."""
     return F.pad(states, (0, 0, length - states.shape[-2], 0))
 

@@ -198,7 +198,7 @@ class MergingForward:
             raise ValueError("slerpviz's merging forward does not return per-layer attentions or hidden states")
         batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         if isinstance(cache, StaticCache):
-            if batch != 1 or _padded(attention_mask):
+            if batch != 1 or batches.padded(attention_mask):
                 raise ValueError("under merging a static cache holds one sequence, without padding: generate a batch "
                                  "with the dynamic cache (the default), or one prompt at a time")
             return self._static_call(input_ids, inputs_embeds, cache, attention_mask, position_ids)
@@ -214,11 +214,11 @@ class MergingForward:
         # The forward counts the tokens itself; a caller that counts otherwise (generate continuing a cache whose
         # layer 0 merged, assisted or prompt-lookup decoding that crops the cache back) would get wrong tokens.
         start = entry.position if entry is not None else 0
-        # A batch, or a prompt with padding (its mask read only where no batch cache says so: a read a step).
-        several = batch != 1 or (entry is not None and entry.batch is not None) or _padded(attention_mask)
+        # A batch, or a prompt with padding (the mask read only where no batch cache says so: a read a step).
+        several = batch != 1 or (entry is not None and entry.batch is not None) or batches.padded(attention_mask)
         self._check_caller_agrees(cache, entry, start, h.shape[1], attention_mask, None if several else position_ids)
         if entry is not None and entry.batch is not None:
-            hidden = batches.forward_new(engine, h, start, entry.batch, cache, position_ids)
+            hidden = batches.forward_new(engine, h, start, entry.batch, cache, position_ids, attention_mask)
         elif entry is not None:
             if several:
                 raise ValueError("this merged cache holds one sequence without padding: continue it the same way")
@@ -374,11 +374,6 @@ def _check_positions(position_ids, start: int, new: int) -> None:
         if not torch.equal(position_ids.reshape(-1, new), expected.expand(position_ids.numel() // new, new)):
             raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
                              "positions): position_ids other than the running count are not supported")
-
-
-def _padded(attention_mask) -> bool:
-    """A 2-D mask with a 0 in it: padding."""
-    return _is_2d(attention_mask) and not bool(attention_mask.all())
 
 
 def _is_2d(attention_mask) -> bool:

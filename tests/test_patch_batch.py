@@ -133,6 +133,9 @@ def test_what_a_batch_cannot_do_is_refused_clearly(model):
         with pytest.raises(ValueError, match="holds one sequence without padding"):
             model(torch.ones(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 17, dtype=torch.long),
                   cache=single_cache, use_cache=True)
+        turn = torch.cat([mask, torch.tensor([[1, 1, 1], [0, 1, 1]])], 1)  # a second turn, padded in the middle
+        with pytest.raises(ValueError, match="padded before its prompts only"):
+            model(torch.ones(2, 3, dtype=torch.long), attention_mask=turn, cache=batch_cache, use_cache=True)
         with pytest.raises(ValueError, match="running count"):  # each row's next token is at 16 and 12
             model(torch.ones(2, 1, dtype=torch.long), attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1),
                   position_ids=torch.tensor([[16], [16]]), cache=batch_cache, use_cache=True)
@@ -163,3 +166,22 @@ def test_the_embedded_model_generates_a_padded_batch_and_a_pipeline_batch_as_eac
     for index, tokens in enumerate(alone):
         assert together[index].tolist()[:len(tokens)] == tokens
         assert replies[index][0]["generated_text"][-1]["content"] == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_batch_cache_continued_by_several_tokens_gives_each_rows_logits_alone(model):
+    rows = [random_ids(length, seed=70 + index) for index, length in enumerate((21, 15))]
+    ids, mask = left_padded(rows)
+    more = random_ids(6, seed=3).view(2, 3)
+    settings = SETTINGS[1]
+    with slerpviz.merging(model, settings), torch.no_grad():
+        alone = []
+        for index, row in enumerate(rows):
+            cache = DynamicCache(config=model.config)
+            model(row, cache=cache, use_cache=True, logits_to_keep=1)
+            alone.append(model(more[index:index + 1], cache=cache, use_cache=True).logits)
+        cache = DynamicCache(config=model.config)
+        model(ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        together = model(more, attention_mask=torch.cat([mask, torch.ones_like(more)], 1), cache=cache,
+                         use_cache=True).logits
+    for index in range(2):
+        torch.testing.assert_close(together[index], alone[index][0], atol=1e-5, rtol=1e-5)

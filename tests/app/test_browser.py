@@ -84,7 +84,9 @@ def test_run_fills_both_panels_and_draws_the_plots(page):
     assert base.strip() and merged.strip()
     assert "after layer 12" in page.inner_text("#merged-stats")
     assert "smaller than base" in page.inner_text("#merged-stats")
-    assert "agree position by position" in page.inner_text("#comparison")
+    # The same update as the status's, which the browser may paint a frame later.
+    page.wait_for_function(
+        "() => document.querySelector('#comparison')?.innerText.includes('agree position by position')")
     for plot in ("pairing-plot", "length-plot", "latency-plot", "kv-plot"):
         page.wait_for_selector(f"#{plot} .js-plotly-plot .main-svg")
     # Plotly drew real marks: the latency lines of both models and the KV bars.

@@ -289,6 +289,7 @@ LIST_OPTIONS = [
     ("frontier", "--prefixes"), ("frontier", "--offsets"), ("frontier", "--retrieval-lengths"),
     ("groups", "--layers"), ("groups", "--sizes"),
     ("patch", "--lengths"), ("patch", "--preset"), ("patch", "--caches"), ("patch", "--plain-caches"),
+    ("patch", "--batches"),
 ]
 
 
