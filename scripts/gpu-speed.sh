@@ -68,9 +68,9 @@ step 90 patch python3 -m slerpviz.bench patch "${shape[@]}" --lengths "$mid" --p
 step 150 compiled python3 -m slerpviz.bench speed "${shape[@]}" --lengths "$mid" --preset recommended \
   --modes cached --decode graph,compiled --repeats 3 --new-tokens 16
 # A batch of four prompts, padded on the left, through generate under the patch (each merged on its own, decoded
-# together) beside the plain model's batch: the tokens a second of the whole batch.
+# together: a CUDA graph of the batch's step with a static cache) beside the plain model's batch: the tokens a second.
 step 60 patch-batch python3 -m slerpviz.bench patch "${shape[@]}" --lengths "$mid" --preset recommended \
-  --caches dynamic --batches 4 --repeats 2 --new-tokens 16
+  --caches dynamic,static --plain-caches dynamic --batches 4 --repeats 2 --new-tokens 16
 if (( ${#folders[@]} )); then
   tar -czf "$out/results.tar.gz" -C "$out" "${folders[@]}" && (cd "$out" && rm -rf "${folders[@]}")
 fi

@@ -10,6 +10,7 @@ before a prompt is merged. The merging forward (slerpviz.patch) calls this for a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .forward import Layout
+from .layers import is_sliding
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class BatchLayout:
 
     @property
     def segments(self):
-        return self.layouts[0].segments
+        """The segments of layers (as every row's), each with the batch's log sizes [B, slots] (or None)."""
+        return [dataclasses.replace(segment, log_sizes=sizes)
+                for segment, sizes in zip(self.layouts[0].segments, self.log_sizes)]
 
 
 def padded(attention_mask) -> bool:
@@ -56,14 +60,14 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, d
     return pads
 
 
-def merge_prompts(forward, h: torch.Tensor, cache, attention_mask, position_ids=None
+def merge_prompts(forward, h: torch.Tensor, cache, pads: torch.Tensor, position_ids=None
                   ) -> tuple[torch.Tensor, BatchLayout | None]:
-    """Each prompt of h [B, L, d] (left-padded as the mask says) through the merging forward on its own, one row per
-    token fed (zeros for padding, before the final norm), and its cache stacked into `cache` (when there is one).
-    `forward` is the patch's MergingForward, which checks each prompt and the rows its caller reads."""
+    """Each prompt of h [B, L, d] (after `pads` tokens of padding each: `left_padding`) through the merging forward on
+    its own, one row per token fed (zeros for padding, before the final norm), and its cache stacked into `cache`
+    (when there is one). `forward` is the patch's MergingForward, which checks each prompt and the rows its caller
+    reads."""
     engine = forward.engine
-    batch, length = h.shape[:2]
-    pads = left_padding(attention_mask, batch, length, h.device)
+    length = h.shape[1]
     check_positions(position_ids, pads, 0, length)
     out = torch.zeros_like(h)
     layouts, caches = [], []
@@ -93,6 +97,46 @@ def merge_prompts(forward, h: torch.Tensor, cache, attention_mask, position_ids=
             F.pad(torch.zeros(count, device=h.device) if size is None else size.to(h.device).float(),
                   (longest - count, 0)) for size, count in zip(sizes, held)]))
     return out, BatchLayout(layouts, pads, length, slots, offsets, log_sizes)
+
+
+class BatchSession:
+    """A batch's merged prompts as slerpviz.decode's static decoder loads them (the patch, under a static cache): the
+    stacked cache, each row's length, and per segment each row's offset, log sizes and slots."""
+
+    def __init__(self, engine, cache, layout: BatchLayout):
+        self.engine, self.cache, self.layout = engine, cache, layout
+        self.rows = len(layout.layouts)
+        self.length = layout.prompt_length - layout.pads  # [B]: each row's own tokens
+
+    def segment_rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return self.layout.offsets[index], self.layout.log_sizes[index], self.layout.slots[index]
+
+
+def static_session(forward, h: torch.Tensor, cache, attention_mask, position_ids
+                   ) -> tuple[torch.Tensor, BatchSession]:
+    """A batch's prompts, given with a StaticCache, merged into `cache` (slerpviz's own, which the static decoder
+    loads): the rows fed (before the final norm) and the session. Generate hands a static cache 4-D masks, a dict of
+    them per kind of layer: the prompt's last token sees every key of its row but the padding."""
+    engine = forward.engine
+    if any(is_sliding(engine.config, index) for index in range(engine.num_layers)):
+        raise ValueError("a batch under a static cache needs full-attention layers (a sliding window's mask would "
+                         "read as padding): generate the batch with the dynamic cache")
+    mask = attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
+    length = h.shape[1]
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+        seen = mask[:, 0, -1, :length]
+        mask = seen if seen.dtype == torch.bool else seen == 0
+    hidden, layout = merge_prompts(forward, h, cache, left_padding(mask, h.shape[0], length, h.device), position_ids)
+    return hidden, BatchSession(engine, cache, layout)
+
+
+def continues(position_ids, session: BatchSession, start: int) -> bool:
+    """Whether one token a row fed after `start` tokens continues the batch (the caller's positions, where given,
+    are each row's own count); one read of the device."""
+    if position_ids is None:
+        return True
+    real = (start - session.layout.pads)[:, None]
+    return torch.equal(position_ids.to(real.device).expand(*real.shape), real)
 
 
 def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache, position_ids=None,

@@ -127,10 +127,10 @@ class StaticDecoder:
     """
 
     def __init__(self, engine, shapes: tuple[SegmentShape, ...], compiled: bool = False, graphed: bool = False,
-                 head: bool = True):
+                 head: bool = True, batch: int = 1):
         self.engine, self.shapes, self.compiled = engine, shapes, compiled
-        self.key = pool_key(shapes, compiled, graphed, head)  # its place in the pool: what it was built for
-        self.state = DecodeState(shapes, engine.config, engine.dtype, engine.device, head)
+        self.key = pool_key(shapes, compiled, graphed, head, batch)  # its place in the pool: what it was built for
+        self.state = DecodeState(shapes, engine.config, engine.dtype, engine.device, head, batch)
         self.capacity = min(g.capacity for s in shapes for g in s.groups)
         self.warm = False  # warmed (compiled and captured) for its buffers
         self.fallback = ""  # why a compiled or graphed decoder runs otherwise, if it does
@@ -147,13 +147,17 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def load(self, session) -> "StaticDecoder":
-        """Copy the session's cache and layout in; the next step continues the session's tokens."""
+        """Copy the session's cache and layout in; the next step continues the session's tokens. A batch's session
+        (slerpviz.batch) gives each row's length, and per segment each row's offset, sizes and slots."""
         cache, state = session.cache, self.state
-        state.length.fill_(session.length)
+        if session.rows != state.batch:
+            raise ValueError(f"a decoder for {state.batch} rows cannot load a session of {session.rows}")
+        state.length.copy_(torch.as_tensor(session.length).expand(state.batch))
         state.t.zero_()
         self.stored_keys = []
-        for segment, source in zip(state.segments, session.layout.segments):
-            segment.offset.fill_(source.offset)
+        for index, segment in enumerate(state.segments):
+            offset, log_sizes, slots = session.segment_rows(index)
+            segment.offset.copy_(torch.as_tensor(offset, dtype=torch.float32).expand(state.batch))
             for group in segment.groups:
                 stored = stored_keys(cache.layers[group.layers[0]])
                 group.stored.fill_(stored)
@@ -161,10 +165,13 @@ class StaticDecoder:
                 for layer, k, v in zip(group.layers, group.keys, group.values):
                     k[:, :, :stored].copy_(cache.layers[layer].keys)
                     v[:, :, :stored].copy_(cache.layers[layer].values)
+                group.slots.fill_(True)
+                if slots is not None:  # a batch's rows padded to one length (a sliding layer holds them all)
+                    group.slots[:, :slots.shape[-1]].copy_(slots)
                 if segment.biased:
                     group.bias.zero_()  # tokens after the prompt hold one token each: bias 0, as the dynamic mask
-                    bias = source.log_sizes.to(device=group.bias.device, dtype=torch.float32)
-                    group.bias[: bias.numel()].copy_(bias.to(group.bias.dtype))
+                    bias = log_sizes.to(device=group.bias.device, dtype=torch.float32)
+                    group.bias[:, : bias.shape[-1]].copy_(bias.to(group.bias.dtype))
         self._cumulative = [layer.get_seq_length() for layer in cache.layers]
         self.steps = 0
         return self
@@ -177,14 +184,14 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token (a device tensor [1, 1] of its id); the next token's logits [1, vocab] on the device (a
-        decoder built without `head`: the final norm's output [1, 1, d])."""
+        """Feed one token a row (a device tensor [B, 1] of ids); the next token's logits [B, vocab] on the device (a
+        decoder built without `head`: the final norm's output [B, 1, d])."""
         if self.room() < 1:
             raise ValueError(f"the static decoder is full ({self.steps} tokens fed since its load)")
         interrupt = self.engine._interrupt  # a step is one graph: a Stop takes effect between steps
         if interrupt is not None and interrupt.is_set():
             raise Interrupted("the run was stopped")
-        self.state.token.copy_(token.view(1, 1))
+        self.state.token.copy_(token.view(self.state.batch, 1))
         if self._graph is not None:
             self._graph.replay()
             logits = self._graph_logits.clone()  # the next replay overwrites it
@@ -210,7 +217,7 @@ class StaticDecoder:
             raise ValueError("the static decoder has no room to warm up")
         self.engine.sync()
         began = time.perf_counter()
-        token = torch.zeros((1, 1), dtype=torch.long, device=self.engine.device)
+        token = torch.zeros((self.state.batch, 1), dtype=torch.long, device=self.engine.device)
         try:
             for _ in range(steps):
                 self.step(token)
@@ -265,7 +272,7 @@ class StaticDecoder:
         sizes = [0] * self.engine.num_layers
         for group, stored in zip(self._groups(), self.stored_keys):
             keys = group.keys[0]
-            per_token = 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
+            per_token = 2 * keys.shape[0] * keys.shape[1] * keys.shape[3] * keys.element_size()
             held = stored + self.steps
             if group.window:
                 held = min(held, group.window - 1)
@@ -339,18 +346,18 @@ def acquire(session, max_new_tokens: int, compiled: bool = False, bucket: int = 
     if reason is not None:
         raise ValueError(f"static decoding cannot run this session: {reason}")
     shapes = structure(session, max(int(max_new_tokens), WARM_UP_STEPS), bucket)
-    key = pool_key(shapes, compiled, graphed, head)
+    key = pool_key(shapes, compiled, graphed, head, session.rows)
     with _pool_lock:
         idle = _pool(session.engine).get(key)
         decoder = idle.pop() if idle else None
     if decoder is None:
-        decoder = StaticDecoder(session.engine, shapes, compiled, graphed, head)
+        decoder = StaticDecoder(session.engine, shapes, compiled, graphed, head, session.rows)
     return decoder.load(session)
 
 
-def pool_key(shapes: tuple[SegmentShape, ...], compiled: bool, graphed: bool, head: bool) -> tuple:
+def pool_key(shapes: tuple[SegmentShape, ...], compiled: bool, graphed: bool, head: bool, batch: int = 1) -> tuple:
     """What a decoder was built for, and so which runs may take it from the pool."""
-    return shapes, bool(compiled), bool(graphed), bool(head)
+    return shapes, bool(compiled), bool(graphed), bool(head), int(batch)
 
 
 def _pool(engine) -> OrderedDict:

@@ -93,48 +93,52 @@ def structure(session, steps: int, bucket: int = BUCKET) -> tuple[SegmentShape, 
 class GroupBuffers:
     """A group's buffers and state on the device: built once, updated in place (their addresses never change)."""
 
-    def __init__(self, shape: GroupShape, config, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shape: GroupShape, config, dtype: torch.dtype, device: torch.device, batch: int = 1):
         heads = config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        size = (1, heads, shape.capacity, head_dim)
+        size = (batch, heads, shape.capacity, head_dim)
         self.layers, self.window, self.capacity = shape.layers, shape.window, shape.capacity
         # zeros, not empty: a masked key's score is q.k + min, which must stay finite for the softmax to give it 0
         self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in shape.layers]
         self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in shape.layers]
         self.index = torch.arange(shape.capacity, device=device)  # each key's index, compared with the write index
         self.stored = torch.zeros((), dtype=torch.long, device=device)  # keys the prefill left: the first write
-        self.bias = torch.zeros(shape.capacity, dtype=dtype, device=device)  # log(size) of merged keys, else 0
-        for tensor in (*self.keys, *self.values, self.index, self.stored, self.bias):
+        self.bias = torch.zeros(batch, shape.capacity, dtype=dtype, device=device)  # log(size) of merged keys, else 0
+        # per row of a batch: False where its merged cache was padded to the longest row's (slerpviz.batch)
+        self.slots = torch.ones(batch, shape.capacity, dtype=torch.bool, device=device)
+        for tensor in (*self.keys, *self.values, self.index, self.stored, self.bias, self.slots):
             torch._dynamo.mark_static_address(tensor)
         # the capacity is symbolic from the first compile: one graph serves every prompt length (where nothing
         # specialises on it; torch.compile keeps it static otherwise, and compiles per capacity)
         for tensor in (*self.keys, *self.values):
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        for tensor in (self.index, self.bias):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(self.index, 0)
+        for tensor in (self.bias, self.slots):
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
 class SegmentBuffers:
-    def __init__(self, shape: SegmentShape, config, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shape: SegmentShape, config, dtype: torch.dtype, device: torch.device, batch: int = 1):
         self.start, self.end, self.biased = shape.start, shape.end, shape.biased
-        self.offset = torch.zeros((), dtype=torch.float32, device=device)  # RoPE position - original position
-        self.groups = [GroupBuffers(g, config, dtype, device) for g in shape.groups]
+        self.offset = torch.zeros(batch, dtype=torch.float32, device=device)  # RoPE position - original, per row
+        self.groups = [GroupBuffers(g, config, dtype, device, batch) for g in shape.groups]
         torch._dynamo.mark_static_address(self.offset)
 
 
 class DecodeState:
     """Everything a step reads and writes, all on the device. `head`: the step ends in the LM head (the engine's
-    runs), else in the final norm (the patch, whose model applies its own head)."""
+    runs), else in the final norm (the patch, whose model applies its own head). `batch`: rows decoded together
+    (the patch's batches), each at its own positions and with its own padded slots hidden."""
 
     def __init__(self, shapes: tuple[SegmentShape, ...], config, dtype: torch.dtype, device: torch.device,
-                 head: bool = True):
-        self.head = head
-        self.segments = [SegmentBuffers(s, config, dtype, device) for s in shapes]
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # original tokens at the load
+                 head: bool = True, batch: int = 1):
+        self.head, self.batch = head, batch
+        self.segments = [SegmentBuffers(s, config, dtype, device, batch) for s in shapes]
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)  # each row's original tokens at the load
         self.t = torch.zeros((), dtype=torch.long, device=device)  # tokens fed since the load
         # the step's input, copied in by `StaticDecoder.step`: one address for CUDA graphs, and one kind of tensor for
         # torch.compile's guards whether the caller's token was made in inference mode or not
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.zero = torch.zeros((), dtype=dtype, device=device)
         self.hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)  # a masked key's bias
         for tensor in (self.length, self.t, self.token, self.zero, self.hidden):
@@ -156,28 +160,29 @@ class _Writes:
 
 
 def static_step(engine, state: DecodeState) -> torch.Tensor:
-    """The token in `state.token` [1, 1] through every layer: the next token's logits [1, vocab], float32 (with
-    `state.head`), else the final norm's output [1, 1, d] for the model's own head.
+    """The token in `state.token` [B, 1] through every layer: the next token's logits [B, vocab], float32 (with
+    `state.head`), else the final norm's output [B, 1, d] for the model's own head.
 
     Reads and advances `state.t`; nothing here makes a tensor on the host or reads one back.
     """
     decoder = engine.decoder
     h = decoder.embed_tokens(state.token)
     t = state.t
-    position = (state.length + t).float()  # as the dynamic path: float32(original position) + offset
+    position = (state.length + t).float()  # as the dynamic path: float32(original position) + offset, per row
     for segment in state.segments:
-        cos_sin = decoder.rotary_emb(h, (position + segment.offset).view(1, 1))
+        cos_sin = decoder.rotary_emb(h, (position + segment.offset).view(-1, 1))
         keys, values, where, masks = {}, {}, {}, {}
         for group in segment.groups:
-            write = group.stored + t
+            write = group.stored + t  # every row writes here: a batch's merged caches are padded to one length
             visible = group.index <= write
             if group.window:
                 visible = visible & (group.index > write - group.window)
+            visible = visible & group.slots
             mask = torch.where(visible, group.bias if segment.biased else state.zero, state.hidden)
             at = write.view(1)
             for layer, k, v in zip(group.layers, group.keys, group.values):
                 keys[layer], values[layer], where[layer] = k, v, at
-                masks[layer] = mask.view(1, 1, 1, -1)
+                masks[layer] = mask.view(state.batch, 1, 1, -1)
         cache = _Writes(keys, values, where)
         for index in range(segment.start, segment.end):
             h = decoder.layers[index](

@@ -27,6 +27,7 @@ from .decode import check_mode, clear, default_mode, start_decoding
 from .forward import LayerwiseModel, Layout, cache_lengths
 from .merge import PLANNED_AT_CUTOFF
 from .session import Session
+from .static_run import StaticRun, static_capacity
 from .settings import MergeSettings
 
 
@@ -198,9 +199,6 @@ class MergingForward:
             raise ValueError("slerpviz's merging forward does not return per-layer attentions or hidden states")
         batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         if isinstance(cache, StaticCache):
-            if batch != 1 or batches.padded(attention_mask):
-                raise ValueError("under merging a static cache holds one sequence, without padding: generate a batch "
-                                 "with the dynamic cache (the default), or one prompt at a time")
             return self._static_call(input_ids, inputs_embeds, cache, attention_mask, position_ids)
         h = _embedded(engine, input_ids, inputs_embeds)
         use_cache = engine.config.use_cache if use_cache is None else use_cache
@@ -224,7 +222,8 @@ class MergingForward:
                 raise ValueError("this merged cache holds one sequence without padding: continue it the same way")
             hidden = engine.forward_new(h, start, entry.layout, cache)
         elif several:
-            hidden, stacked = batches.merge_prompts(self, h, cache, attention_mask, position_ids)
+            pads = batches.left_padding(attention_mask, batch, h.shape[1], h.device)
+            hidden, stacked = batches.merge_prompts(self, h, cache, pads, position_ids)
             if cache is not None:
                 entry = self._layouts[cache] = CacheEntry(None, batch=stacked)
         else:
@@ -253,10 +252,12 @@ class MergingForward:
             raise ValueError("an offloaded static cache (offloaded_static) is not supported while merging: slerpviz's "
                              "merged per-layer caches stay on the model's device; use cache_implementation='static'")
         run = self._static.get(cache)
-        new = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        start = _claimed_start(attention_mask, position_ids, new)
-        _check_positions(position_ids, start or 0, new)
-        if run is not None and new == 1 and start in (None, run.position):
+        rows, new = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        several = rows != 1 or (run is not None and run.session.rows != 1)  # a batch (slerpviz.batch)
+        start = None if several else _claimed_start(attention_mask, position_ids, new)
+        _check_positions(None if several else position_ids, start or 0, new)
+        if run is not None and new == 1 and (batches.continues(position_ids, run.session, run.position) if several
+                                             else start in (None, run.position)):
             out = run.step(input_ids, inputs_embeds)
         elif start not in (None, 0):
             raise ValueError(
@@ -273,14 +274,17 @@ class MergingForward:
             if capacity is not None and capacity <= new:
                 raise ValueError(f"the static cache was made for {capacity} tokens, which leaves no room after the "
                                  f"prompt's {new}: give it a max_cache_len of the prompt plus the new tokens")
-            ours = DynamicCache(config=engine.config)
-            hidden, layout, cosines = self._merged_prompt(_embedded(engine, input_ids, inputs_embeds), ours)
-            session = Session(engine, ours, layout, cosines, new, logits=None)
+            ours, h = DynamicCache(config=engine.config), _embedded(engine, input_ids, inputs_embeds)
+            if several:
+                hidden, session = batches.static_session(self, h, ours, attention_mask, position_ids)
+            else:
+                hidden, layout, cosines = self._merged_prompt(h, ours)
+                session = Session(engine, ours, layout, cosines, new, logits=None)
             if capacity is None:
                 decoder, path, seconds = None, "dynamic (a sliding-window static cache does not say its length)", 0.0
             else:
                 decoder, path, seconds = start_decoding(session, capacity - new, self.decode, head=False)
-            self._static[cache] = StaticRun(session, decoder, cache, capacity)
+            self._static[cache] = StaticRun(session, decoder, cache, capacity, new)
             self.decode_path, self.decode_warmup_s = path, seconds
             out = engine.decoder.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
@@ -400,50 +404,6 @@ def _claimed_start(attention_mask, position_ids, new: int) -> int | None:
     nothing."""
     claims = _claims(attention_mask, position_ids, new)
     return claims[-1][0] if claims else None
-
-
-def static_capacity(cache: StaticCache) -> int | None:
-    """The tokens a StaticCache was made for (its max_cache_len), or None when no layer can say: a sliding-window
-    layer keeps min(window, max_cache_len) and says which only when the window is the longer."""
-    full = [layer.max_cache_len for layer in cache.layers if not getattr(layer, "is_sliding", False)]
-    if full:
-        return max(full)
-    bounded = [layer.max_cache_len for layer in cache.layers if getattr(layer, "_is_croppable", False)]
-    return max(bounded) if bounded else None
-
-
-class StaticRun:
-    """A prompt merged under a StaticCache, and how its new tokens run: slerpviz's static decoder, or the dynamic
-    path on the session's own cache when the decoder cannot run it exactly (decode.unsupported)."""
-
-    def __init__(self, session: Session, decoder, cache: StaticCache, capacity: int | None):
-        self.session, self.decoder, self.position = session, decoder, session.length
-        self.capacity = capacity  # the tokens the StaticCache was made for (the decoder's buffers round up past it)
-        if decoder is not None:
-            session.cache = None  # the decoder's buffers hold copies; the dynamic cache would only take memory
-        # The decoder goes back to its engine's pool when the StaticCache goes, or when it starts a new prompt.
-        self._release = weakref.finalize(cache, decoder.release) if decoder is not None else None
-
-    def step(self, input_ids, inputs_embeds) -> torch.Tensor:
-        """One token (its ids [1, 1], or its embeddings [1, 1, d]): the final norm's output [1, 1, d]."""
-        session = self.session
-        if self.capacity is not None and self.position >= self.capacity:
-            raise ValueError(f"the static cache was made for {self.capacity} tokens, and this would be token "
-                             f"{self.position + 1}: give it a max_cache_len of the prompt plus the new tokens")
-        if self.decoder is None:
-            engine = session.engine
-            h = _embedded(engine, input_ids, inputs_embeds)
-            out = engine.decoder.norm(engine.forward_new(h, self.position, session.layout, session.cache))
-        elif input_ids is None:
-            raise ValueError("under merging, static decoding feeds token ids after the prompt, not inputs_embeds")
-        else:
-            out = self.decoder.step(input_ids)
-        self.position += 1
-        return out
-
-    def close(self) -> None:
-        if self._release is not None:
-            self._release()  # a finalizer runs once: never again when the cache goes
 
 
 @dataclass

@@ -17,9 +17,17 @@ class Session:
         self.length = length  # original tokens fed so far: the next one sits at this position
         self.logits = logits  # [1, vocab]: the next token's
 
+    rows = 1  # sequences its cache holds (slerpviz.batch's sessions hold several)
+
     @property
     def stages(self) -> list[Stage]:
         return self.layout.stages
+
+    def segment_rows(self, index: int) -> tuple[float, torch.Tensor | None, None]:
+        """What static decoding loads for segment `index`, per row: its offset, log sizes (or None) and the slots
+        that hold a token (None: all of them)."""
+        segment = self.layout.segments[index]
+        return segment.offset, segment.log_sizes, None
 
     @torch.inference_mode()
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
-"""A batch under the patch: prompts padded on the left, beams, several return sequences, pipelines with a batch size.
-Each row must come out as it does alone under the same merging (which test_patch.py holds to the engine)."""
+"""A batch under the patch: prompts padded on the left, beams, several return sequences, pipelines with a batch size,
+and a static cache. Each row must come out as it does alone under the same merging (which test_patch.py holds to the
+engine)."""
 
 import pytest
 import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM, pipeline
 
 import slerpviz
+from slerpviz import decode
 from conftest import FAMILIES, TINY, random_ids, tiny_model
 from test_patch import SETTINGS  # the settings the patch is held to the engine under
 from slerpviz.engine import MergeSettings
@@ -122,9 +124,6 @@ def test_what_a_batch_cannot_do_is_refused_clearly(model):
         empty[1] = 0
         with pytest.raises(ValueError, match="all padding"):
             model(ids, attention_mask=empty)
-        with pytest.raises(ValueError, match="static cache holds one sequence, without padding"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0,
-                           cache_implementation="static")
         with pytest.raises(ValueError, match="position_ids other than each row's running count"):
             model(ids, attention_mask=mask, position_ids=torch.arange(16)[None].expand(2, 16))
         batch_cache, single_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
@@ -185,3 +184,48 @@ def test_a_batch_cache_continued_by_several_tokens_gives_each_rows_logits_alone(
                          use_cache=True).logits
     for index in range(2):
         torch.testing.assert_close(together[index], alone[index][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.cutoffs}-{s.choice}-{s.proportional}")
+def test_a_batch_under_a_static_cache_decodes_on_the_static_decoder_as_under_the_dynamic_one(model, settings):
+    rows = [random_ids(length, seed=80 + index) for index, length in enumerate((30, 22, 27))]
+    ids, mask = left_padded(rows)
+    with slerpviz.merging(model, settings), torch.no_grad():
+        tokens, scores = greedy(model, ids, mask)
+        static_tokens, static_scores = greedy(model, ids, mask, cache_implementation="static")
+        assert model.model.forward.decode_path == "static"
+        # the same batch again takes the decoder its first generate gave back to the pool, and gives it back
+        engine = model.model.forward.engine
+
+        def pooled():
+            return [id(d) for idle in engine.__dict__[decode.POOL_ATTRIBUTE].values() for d in idle]
+
+        before = pooled()
+        again, _ = greedy(model, ids, mask, cache_implementation="static")
+        assert len(before) == 1 and pooled() == before and again.tolist() == tokens.tolist()
+    assert static_tokens.tolist() == tokens.tolist()
+    torch.testing.assert_close(static_scores, scores, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_under_a_static_cache_on_a_sliding_window_model_is_refused():
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=36, attn_implementation="sdpa")).eval()
+    ids, mask = left_padded([random_ids(12, seed=1), random_ids(9, seed=2)])
+    with slerpviz.merging(model, MergeSettings(cutoffs=(2,))), torch.no_grad():
+        with pytest.raises(ValueError, match="a batch under a static cache needs full-attention layers"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, cache_implementation="static")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on one: pytest -k on_a_gpu)")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_on_a_gpu_a_batch_under_a_static_cache_replays_a_cuda_graph_with_the_dynamic_tokens(family):
+    model = tiny_model(family).to("cuda")  # float32, so that a bf16 rounding cannot stand for a wrong path
+    ids, mask = left_padded([random_ids(length, seed=90 + index) for index, length in enumerate((60, 41, 52))])
+    ids, mask = ids.cuda(), mask.cuda()
+    for settings in SETTINGS:
+        with slerpviz.merging(model, settings), torch.no_grad():
+            tokens, scores = greedy(model, ids, mask, n=12)
+            graph_tokens, graph_scores = greedy(model, ids, mask, n=12, cache_implementation="static")
+            assert model.model.forward.decode_path == "graph", model.model.forward.decode_path
+        assert graph_tokens.tolist() == tokens.tolist(), settings
+        torch.testing.assert_close(graph_scores, scores, atol=1e-4, rtol=1e-4)

@@ -42,17 +42,21 @@ def test_the_plain_model_can_leave_its_static_cache_out(tmp_path):
 
 
 
-def test_a_batch_is_timed_with_the_dynamic_cache_and_counts_its_tokens_a_second(tmp_path):
+def test_a_batch_is_timed_with_both_caches_and_counts_its_tokens_a_second(tmp_path):
     out = tmp_path / "patch"
     assert patch_main(["--shape", "tiny", "--quick", "--lengths", "48", "--batches", "1,3", "--out", str(out)]) == 0
     rows = {(int(row["batch"]), row["variant"], row["cache"]): row
             for row in csv.DictReader(open(out / "patch.csv", newline=""))}
-    # a static cache under the patch holds one sequence, so a batch is timed on the dynamic cache alone
-    assert set(rows) == {(1, variant, cache) for variant in ("base", "recommended") for cache in ("dynamic", "static")
-                         } | {(3, variant, "dynamic") for variant in ("base", "recommended")}
+    assert set(rows) == {(batch, variant, cache) for batch in (1, 3) for variant in ("base", "recommended")
+                         for cache in ("dynamic", "static")}
+    assert rows[3, "recommended", "static"]["decode_path"] == "static"
+    # beside the batch's static step (one CUDA graph on a GPU) only generate's own work and the LM head are left
+    assert 0 < float(rows[3, "recommended", "static"]["ops_beside_graph"]) < float(
+        rows[3, "recommended", "static"]["step_ops"]) / 3
     for (batch, _, _), row in rows.items():
         assert float(row["tokens_per_s"]) == pytest.approx(1000 * batch / float(row["decode_ms"]), rel=1e-3)
     # The plain model reads a padded batch's mask each step, beside generate's stop check; the merging forward
     # reads each row's position instead of the mask: no more reads than the plain model.
     assert float(rows[3, "recommended", "dynamic"]["step_syncs"]) <= float(rows[3, "base", "dynamic"]["step_syncs"]) == 2
+    assert float(rows[3, "recommended", "static"]["step_syncs"]) <= 2  # the stop check, and each row's position
     assert json.loads((out / "patch.json").read_text())["plan"]["batches"] == [1, 3]
