@@ -5,7 +5,9 @@ one (each exactly as it would be alone, through the one merging forward) and the
 each row is padded on the left to the longest at that layer, as transformers pads a batch for generation. A 2-D mask
 per segment of layers hides that padding from every new token, and each row's new tokens sit at the positions they
 would have alone. Prompts may come padded on the left (tokenizer.padding_side = "left"); the padding is taken off
-before a prompt is merged. The merging forward (slerpviz.patch) calls this for a batch, or for a padded prompt.
+before a prompt is merged. The merging forward (slerpviz.patch) calls this for a batch, or for a padded prompt; under
+a static cache the stacked cache goes to slerpviz.decode's static decoder (`BatchSession`), whose buffers take a row
+each and hide the same padded slots.
 """
 
 from __future__ import annotations
@@ -133,10 +135,7 @@ def static_session(forward, h: torch.Tensor, cache, attention_mask, position_ids
 def continues(position_ids, session: BatchSession, start: int) -> bool:
     """Whether one token a row fed after `start` tokens continues the batch (the caller's positions, where given,
     are each row's own count); one read of the device."""
-    if position_ids is None:
-        return True
-    real = (start - session.layout.pads)[:, None]
-    return torch.equal(position_ids.to(real.device).expand(*real.shape), real)
+    return _agree(position_ids, _row_positions(session.layout.pads, start, 1), start)
 
 
 def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache, position_ids=None,
@@ -162,14 +161,24 @@ def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache,
 def check_positions(position_ids, pads: torch.Tensor, start: int, new: int) -> torch.Tensor:
     """Each row's original positions [B, n] of `new` tokens fed after `start` (padding included); the caller's
     `position_ids`, where given, must agree on every token that is not padding."""
-    real = (start - pads)[:, None] + torch.arange(new, device=pads.device)
-    if position_ids is not None:
-        said = position_ids.to(pads.device).expand(*real.shape)
-        # After the prompt no row has padding left to skip: one read of the device, not three (boolean indexing).
-        if not (torch.equal(said, real) if start > 0 else torch.equal(said[real >= 0], real[real >= 0])):
-            raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
-                             "positions): position_ids other than each row's running count are not supported")
+    real = _row_positions(pads, start, new)
+    if not _agree(position_ids, real, start):
+        raise ValueError("slerpviz's merging forward places the tokens itself (merged slots get their own "
+                         "positions): position_ids other than each row's running count are not supported")
     return real
+
+
+def _row_positions(pads: torch.Tensor, start: int, new: int) -> torch.Tensor:
+    return (start - pads)[:, None] + torch.arange(new, device=pads.device)
+
+
+def _agree(position_ids, real: torch.Tensor, start: int) -> bool:
+    """Whether the caller's position ids (None: it says nothing) are `real` wherever a token is not padding."""
+    if position_ids is None:
+        return True
+    said = position_ids.to(real.device).expand(*real.shape)
+    # After the prompt no row has padding left to skip: one read of the device, not three (boolean indexing).
+    return torch.equal(said, real) if start > 0 else torch.equal(said[real >= 0], real[real >= 0])
 
 
 def _left_padded_to(states: torch.Tensor, length: int) -> torch.Tensor:

@@ -18,7 +18,10 @@ prefilled session instead:
   softmax;
 - `step(token)` takes the token id as a device tensor [1, 1] and returns the next token's logits [1, vocab] (float32)
   on the device; the caller reads the chosen token once (the step's one sync, for its text). A decoder built without
-  `head` (the patch's: the model applies its own LM head) returns the final norm's output [1, 1, d] instead.
+  `head` (the patch's: the model applies its own LM head) returns the final norm's output [1, 1, d] instead;
+- a decoder for a batch (the patch's, slerpviz.batch) holds a row per sequence in every buffer: each row at its own
+  positions, its padded slots hidden by the mask; every row writes its new key at the same index, since a batch's
+  merged caches are padded to one length per layer.
 
 `graphed=True` records the eager step once as a CUDA graph (torch.cuda.CUDAGraph) over the decoder's own buffers, so
 one step is one graph launch and nothing is compiled: recording costs a few steps' time, per decoder, in `warm_up()`.

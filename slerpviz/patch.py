@@ -247,7 +247,8 @@ class MergingForward:
     def _static_call(self, input_ids, inputs_embeds, cache: StaticCache, attention_mask, position_ids
                      ) -> BaseModelOutputWithPast:
         """A call with a StaticCache: a prompt (a new one whenever the caller starts at position 0) or one more token
-        of the prompt this cache last held (its ids go to the static decoder as they are: no embedding here)."""
+        of the prompt this cache last held (its ids go to the static decoder as they are: no embedding here). A batch
+        is merged row by row and decoded together (slerpviz.batch)."""
         if getattr(cache, "offloading", False):
             raise ValueError("an offloaded static cache (offloaded_static) is not supported while merging: slerpviz's "
                              "merged per-layer caches stay on the model's device; use cache_implementation='static'")
