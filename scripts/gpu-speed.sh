@@ -45,9 +45,10 @@ fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  # Every decode path gives the dynamic path's tokens on this GPU (tiny Mistral, Llama and Qwen2), the patch's too.
+  # Every decode path gives the dynamic path's tokens on this GPU (tiny Mistral, Llama and Qwen2), the patch's too,
+  # a batch's among them.
   timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_decode.py \
-    tests/test_compiled_prefill.py tests/test_patch_static.py -k on_a_gpu 2>&1 | tail -4
+    tests/test_compiled_prefill.py tests/test_patch_static.py tests/test_patch_batch.py -k on_a_gpu 2>&1 | tail -4
 } 2>&1 | tee "$out/env.txt"
 # Time to first token and decode, base against the presets (turbo: groups, 2x fewer FLOPs) and the article-style
 # cutoff 16, dynamic against the static decode recorded as a CUDA graph (the app's default on a GPU); 16k apart, so
