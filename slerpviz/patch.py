@@ -5,7 +5,9 @@
 
 The patch puts a merging forward (`MergingForward`, below: the decoder's forward signature around slerpviz.forward's
 one merging forward, the same the engine runs) in place of the decoder's forward and takes it off again, as ToMe's
-and tomesd's patches and kvpress's presses do; the model's weights are never touched.
+and tomesd's patches and kvpress's presses do; the model's weights are never touched. A batch, padded on the left,
+is merged row by row and decoded together (slerpviz.batch); a static cache's new tokens run on slerpviz.decode's
+static decoder (slerpviz.static_run).
 """
 
 from __future__ import annotations
