@@ -42,15 +42,20 @@ class BatchLayout:
                 for segment, sizes in zip(self.layouts[0].segments, self.log_sizes)]
 
 
+def is_2d(attention_mask) -> bool:
+    """A [batch, tokens] mask of 1s and 0s; generate gives a static cache 4-D masks (a dict of them per layer kind)."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
+
+
 def padded(attention_mask) -> bool:
     """A 2-D mask with a 0 in it: padding (before a prompt, or elsewhere, which `left_padding` refuses)."""
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all())
+    return is_2d(attention_mask) and not bool(attention_mask.all())
 
 
 def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
     """Padding before each prompt [batch], from a 2-D mask of 1s and 0s (none: no padding). Padding anywhere but
     on the left is refused: a new token must follow its prompt's last token."""
-    if attention_mask is None or attention_mask.ndim != 2:
+    if not is_2d(attention_mask):
         return torch.zeros(batch, dtype=torch.long, device=device)
     mask = attention_mask.to(device=device, dtype=torch.bool)
     pads = length - mask.sum(-1)
@@ -145,8 +150,7 @@ def forward_new(engine, h: torch.Tensor, start: int, layout: BatchLayout, cache,
     its 2-D mask may hide nothing after the prompts (read only for several tokens: generate feeds one, unpadded)."""
     batch, new = h.shape[:2]
     fed = start - layout.prompt_length  # tokens fed after the prompts, before these
-    if new > 1 and attention_mask is not None and attention_mask.ndim == 2 and not bool(
-            attention_mask[:, layout.prompt_length:].all()):
+    if new > 1 and is_2d(attention_mask) and not bool(attention_mask[:, layout.prompt_length:].all()):
         raise ValueError("under merging a batch is padded before its prompts only: tokens fed after them (a new "
                          "turn of different lengths, say) cannot be padded; continue each sequence on its own")
     real = check_positions(position_ids, layout.pads, start, new)

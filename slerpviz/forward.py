@@ -331,6 +331,10 @@ class LayerwiseModel:
                 h = compiled(self.decoder.layers[index], h, mask, layer_cache, position_embeddings)
         return h
 
+    def embedded(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The embeddings of `input_ids`, or `inputs_embeds` as they are where a caller gives them instead."""
+        return self.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm and the LM head on the last position only, as generate() computes them: the next token's
         logits [1, vocab]."""

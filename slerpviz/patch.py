@@ -202,7 +202,7 @@ class MergingForward:
         batch = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         if isinstance(cache, StaticCache):
             return self._static_call(input_ids, inputs_embeds, cache, attention_mask, position_ids)
-        h = _embedded(engine, input_ids, inputs_embeds)
+        h = engine.embedded(input_ids, inputs_embeds)
         use_cache = engine.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=engine.config)
@@ -277,7 +277,7 @@ class MergingForward:
             if capacity is not None and capacity <= new:
                 raise ValueError(f"the static cache was made for {capacity} tokens, which leaves no room after the "
                                  f"prompt's {new}: give it a max_cache_len of the prompt plus the new tokens")
-            ours, h = DynamicCache(config=engine.config), _embedded(engine, input_ids, inputs_embeds)
+            ours, h = DynamicCache(config=engine.config), engine.embedded(input_ids, inputs_embeds)
             if several:
                 hidden, session = batches.static_session(self, h, ours, attention_mask, position_ids)
             else:
@@ -362,10 +362,6 @@ class MergingForward:
         _check_positions(position_ids, start, new)
 
 
-def _embedded(engine: LayerwiseModel, input_ids, inputs_embeds) -> torch.Tensor:
-    return engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-
-
 def _unmerged(hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
     """One row per original token again: each gets its final slot's (ToMe's "unmerge")."""
     if not layout.stages:
@@ -383,17 +379,12 @@ def _check_positions(position_ids, start: int, new: int) -> None:
                              "positions): position_ids other than the running count are not supported")
 
 
-def _is_2d(attention_mask) -> bool:
-    """A [batch, tokens] mask of 1s and 0s; generate gives a static cache 4-D masks (a dict of them per layer kind)."""
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
-
-
 def _claims(attention_mask, position_ids, new: int) -> list[tuple[int, str]]:
     """Where the caller says the `new` tokens fed start, and what says so: a 2-D attention mask's length, then the
     first position id (read from the device). A 4-D mask, which generate builds for a static cache, says nothing:
     it is as long as the cache."""
     claims = []
-    if _is_2d(attention_mask):
+    if batches.is_2d(attention_mask):
         covered = attention_mask.shape[-1]
         claims.append((covered - new, f"its attention mask covers {covered} tokens for the {new} fed"))
     if position_ids is not None:

@@ -4,7 +4,6 @@ exactly, the dynamic path; a batch's rows together (slerpviz.batch)."""
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -45,9 +44,12 @@ class StaticRun:
                              f"{self.position + 1}: give it a max_cache_len of the prompt plus the new tokens")
         if self.decoder is None:
             engine = session.engine
-            h = engine.decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            forward_new = engine.forward_new if session.rows == 1 else functools.partial(batches.forward_new, engine)
-            out = engine.decoder.norm(forward_new(h, self.position, session.layout, session.cache))
+            h = engine.embedded(input_ids, inputs_embeds)
+            if session.rows == 1:
+                h = engine.forward_new(h, self.position, session.layout, session.cache)
+            else:
+                h = batches.forward_new(engine, h, self.position, session.layout, session.cache)
+            out = engine.decoder.norm(h)
         elif input_ids is None:
             raise ValueError("under merging, static decoding feeds token ids after the prompt, not inputs_embeds")
         else:

@@ -189,10 +189,10 @@ def _main(argv, args) -> int:
     print(f"patch on {machine['gpu'] or machine['cpu']} ({machine['device']}, torch {machine['torch']}), model "
           f"{name}, {time.perf_counter() - began:.0f} s; n = repeats per cell (two blocks), medians")
     print(report.format_table(rows, [
-        ("length", "tokens", ""), ("batch", "batch", ""), ("variant", "variant", ""), ("cache", "cache", ""), ("repeats", "n", ""),
-        ("prefill_s", "prefill s", ".3f"), ("decode_ms", "ms/step", ".1f"), ("decode_vs_base", "x base", ".2f"),
-        ("tokens_per_s", "tokens/s", ".1f"),
-        ("step_ops", "ops/step", ".0f"), ("ops_beside_graph", "beside graph", ".0f"), ("step_syncs", "syncs/step", ".1f"), ("warmup_s", "warm-up s", ".1f"),
-        ("decode_path", "decode", "")]))
+        ("length", "tokens", ""), ("batch", "batch", ""), ("variant", "variant", ""), ("cache", "cache", ""),
+        ("repeats", "n", ""), ("prefill_s", "prefill s", ".3f"), ("decode_ms", "ms/step", ".1f"),
+        ("decode_vs_base", "x base", ".2f"), ("tokens_per_s", "tokens/s", ".1f"), ("step_ops", "ops/step", ".0f"),
+        ("ops_beside_graph", "beside graph", ".0f"), ("step_syncs", "syncs/step", ".1f"),
+        ("warmup_s", "warm-up s", ".1f"), ("decode_path", "decode", "")]))
     print(f"\nwrote {out / 'patch.csv'}, patch.json")
     return 0
