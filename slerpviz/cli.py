@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 
 from . import settings as checks
@@ -151,7 +152,7 @@ def generate(args) -> dict:
     base = engine.start(ids, MergeSettings(), sampling, args.mode)
     merged = engine.start(ids, merged_settings, sampling, args.mode)
     engine.warm_up()
-    for _ in interleave(base, merged):  # step by step, each run timed on its own
+    for _ in interleave(base, merged, order=random.Random()):  # step by step, each run timed on its own, by turns
         pass
     return {
         "preset": args.preset,

@@ -8,6 +8,7 @@ decode or a static decoder (slerpviz.decode). The plots, the panels and the benc
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -189,25 +190,32 @@ class Run:
         trace.finished = True
 
 
-def interleave(*runs: Run, lock=None) -> Iterator[tuple[Step | None, ...]]:
-    """Advance the runs one step each in turn until all are done; a finished run contributes None.
+def interleave(*runs: Run, lock=None, order: random.Random | None = None) -> Iterator[tuple[Step | None, ...]]:
+    """Advance the runs one step each in turn until all are done; a finished run contributes None. The tuples keep
+    the runs' order.
 
-    Each step is timed inside its run, so neither is charged for the other. `lock` (held around each step) keeps
-    one step at a time on a shared device. Closing this iterator (Stop, or a client that went away) closes all runs.
+    Each step is timed inside its run, so neither is charged for the other's step. But what happens between two
+    rounds is charged to whichever run steps next: the caller's work on the last tuple, and a browser on the same
+    machine drawing it (slerpviz.app.callbacks). With `order`, a coin from it decides each round which run steps
+    first, so that cost falls on either side by chance, never always on the first; a fixed alternation would meet a
+    page that draws every k-th update on the same side each time. `lock` (held around each step) keeps one step at
+    a time on a shared device. Closing this iterator (Stop, or a client that went away) closes all runs.
     """
     lock = lock if lock is not None else contextlib.nullcontext()
     active = list(runs)
     try:
         while any(run is not None for run in active):
-            steps = []
-            for index, run in enumerate(active):
-                step = None
+            steps = [None] * len(active)
+            turns = list(range(len(active)))
+            if order is not None:
+                order.shuffle(turns)
+            for index in turns:
+                run = active[index]
                 if run is not None:
                     with lock:
-                        step = next(run, None)
-                    if step is None:
+                        steps[index] = next(run, None)
+                    if steps[index] is None:
                         active[index] = None
-                steps.append(step)
             if any(step is not None for step in steps):
                 yield tuple(steps)
     finally:

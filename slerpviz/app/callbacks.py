@@ -11,6 +11,7 @@ land in the wrong component, and API clients, which get the values in that order
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -34,8 +35,17 @@ DEFAULT_LAYERS = 30  # the controls' range before a model is loaded (the embedde
 # The page opens on the setting we stand behind, not on the article's (every pair at half the depth), which loses the
 # answer; the preset menu shows the same name.
 OPENING_PRESET = "recommended"
-# Streaming a latency or KV figure costs more than a line of text; refresh them every few tokens and at the end.
-PLOT_EVERY = 8
+# Each side is timed on its own steps, but what the page does between them is charged to the step that runs next:
+# the server sending an update, and a browser on the same machine (`python app.py` on a laptop) drawing it. With the
+# same model on both sides, the side that stepped first after each update decoded 1.75x slower and took up to 2x as
+# long to its first token (docs/measurements.md, "The page's own timings"). So the sides take turns by chance
+# (slerpviz.generation.interleave), the page is updated at most every SHOW_EVERY_S (and after the prompt, and at the
+# end; four updates a second keep the text streaming), and the prompts run SETTLE_S after the page was last told
+# to draw, which on a 41-token prompt took the first prompt's extra time from a third to a tenth or less.
+SHOW_EVERY_S = 0.25
+SETTLE_S = 0.25
+# Streaming a latency or KV figure costs more than a line of text; refresh them this often and at the end.
+PLOT_EVERY_S = 2.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -362,15 +372,18 @@ class Page:
             return engine.tokenizer.decode([token])
 
         view.base = view.merged = None
+        # Stop may come from here on, the settling pause below included.
+        view.stop = None if on_zero_gpu() else threading.Event()  # an Event does not pickle across to ZeroGPU
         view.sampling, view.token_text = request.sampling, token_text
         skip = gr.skip()
         pairing = lengths = latency = kv = skip
+        # The page has the plan's lengths from Page.run_plan; API clients get them here.
         yield only(Panels, base_text="", merged_text="", base_stats="", merged_stats="",
-                   comparison=panels.PENDING_COMPARISON, lengths=plot_data(plots.length_figure(plan)),
-                   status=panels.PREFILL)
+                   comparison=panels.PENDING_COMPARISON,
+                   lengths=skip if for_page else plot_data(plots.length_figure(plan)), status=panels.PREFILL)
+        time.sleep(SETTLE_S)  # the page draws the message above before either side's prompt is timed
         base = merged = None
-        steps = 0
-        view.stop = None if on_zero_gpu() else threading.Event()  # an Event does not pickle across to ZeroGPU
+        steps, shown_at, plotted_at = 0, 0.0, 0.0
         pairs = generation_traces(request, view.stop)
         try:
             for base, merged in pairs:
@@ -383,11 +396,16 @@ class Page:
                         pairing = plot_data(self._pairing_figure(merged, view))
                         view.pairing = merged
                     lengths = plot_data(plots.length_figure(merged, base))
-                if steps == 1 or steps % PLOT_EVERY == 0:
+                now = time.monotonic()
+                if steps > 1 and now - shown_at < SHOW_EVERY_S:
+                    continue
+                if steps == 1 or now - plotted_at >= PLOT_EVERY_S:
                     latency = plot_data(plots.latency_figure(base, merged))
                     kv = plot_data(plots.kv_figure(base, merged))
+                    plotted_at = now
                 yield shown_runs(base, merged, request.sampling, comparison=panels.PENDING_COMPARISON,
                                  pairing=pairing, lengths=lengths, latency=latency, kv=kv)
+                shown_at = time.monotonic()
                 if for_page:
                     pairing = skip  # sent once: the page keeps it
         except Interrupted:  # Stop: `stopped` finalises the panels

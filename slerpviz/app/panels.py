@@ -7,6 +7,7 @@ place and `slerpviz.app.plots` draws the pictures.
 from __future__ import annotations
 
 import html
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ class Figures:
 
     tokens: int
     first_token_s: float | None
-    tokens_per_s: float | None  # decode rate: tokens after the first over their own seconds
+    # The decode rate: one over the median decode step. A mean would follow the few steps on which a browser on the
+    # same machine drew a figure, and those fall on either side by chance (slerpviz.generation.interleave).
+    tokens_per_s: float | None
     elapsed_s: float
     kv_bytes: int
 
@@ -39,7 +42,7 @@ def panel_figures(trace: Trace) -> Figures:
     return Figures(
         tokens=tokens,
         first_token_s=trace.prefill_s if tokens else None,
-        tokens_per_s=len(trace.decode_s) / decode if decode > 0 else None,
+        tokens_per_s=1 / statistics.median(trace.decode_s) if decode > 0 else None,
         elapsed_s=(trace.prefill_s + decode) if tokens else 0.0,
         kv_bytes=sum(trace.kv_bytes_per_layer),
     )
@@ -99,7 +102,7 @@ def panel_markdown(trace: Trace, base: Trace | None = None, stopped: bool = Fals
     end = " · done" if trace.finished else " · stopped" if stopped else ""
     rows = [
         ("time to first token", _seconds(figures.first_token_s)),
-        ("tokens per second (decode)", "—" if figures.tokens_per_s is None else f"{figures.tokens_per_s:.1f}"),
+        ("tokens per second (median decode step)", "—" if figures.tokens_per_s is None else f"{figures.tokens_per_s:.1f}"),
         ("elapsed (own steps)", _seconds(figures.elapsed_s if figures.tokens else None)),
         ("tokens generated", f"{figures.tokens}{end}"),
     ]

@@ -16,6 +16,7 @@ import gc
 import logging
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -355,7 +356,8 @@ def generation_steps(request: Request, stop: threading.Event | None = None
     base = engine.start(ids, MergeSettings(), request.sampling, request.mode, stop)
     merged = engine.start(ids, request.settings, request.sampling, request.mode, stop)
     senders = ChangeSender(), ChangeSender()
-    for _ in interleave(base, merged, lock=resident.device_lock):
+    # A coin a round decides which side steps first: the page's drawing between rounds falls on either by chance.
+    for _ in interleave(base, merged, lock=resident.device_lock, order=random.Random()):
         yield senders[0].change(base.trace), senders[1].change(merged.trace)
     yield senders[0].change(base.trace), senders[1].change(merged.trace)  # the runs have marked themselves finished
 

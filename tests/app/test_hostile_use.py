@@ -514,7 +514,7 @@ def test_stop_during_a_long_prefill_ends_it_at_the_next_layer(page, engine):
     try:
         next(stream)  # the plan: the prefill starts at the next message
         layers_run.clear()
-        stopper = threading.Timer(0.2, page.stopped, args=(view,))
+        stopper = threading.Timer(callbacks.SETTLE_S + 0.2, page.stopped, args=(view,))  # after the pause
         stopper.start()
         assert list(stream) == []  # the stream ends without a step, and without an error
         stopper.join()
@@ -525,6 +525,24 @@ def test_stop_during_a_long_prefill_ends_it_at_the_next_layer(page, engine):
     assert len(layers_run) < 2 * engine.num_layers  # base and merged prefills did not both run through
     assert page.resident.device_lock.acquire(timeout=1)
     page.resident.device_lock.release()
+
+
+def test_stop_while_the_page_settles_runs_no_layer(page, engine, monkeypatch):
+    monkeypatch.setattr(callbacks, "SETTLE_S", 1.0)
+    layers_run = []
+    hooks = [layer.register_forward_hook(lambda *_: layers_run.append(1)) for layer in engine.decoder.layers]
+    view = callbacks.PageView()
+    stream = page.generate(*inputs(max_new_tokens=4), view=view)
+    try:
+        next(stream)  # the message the page draws during the pause
+        stopper = threading.Timer(0.2, page.stopped, args=(view,))
+        stopper.start()
+        assert list(stream) == []
+        stopper.join()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert view.stop.is_set() and view.base is None and len(layers_run) <= 1
 
 
 def test_an_empty_prompt_gets_a_greeting_not_a_complaint(page):
@@ -547,7 +565,8 @@ def test_panel_and_plot_word_the_kv_saving_alike(page):
 def test_generate_sends_the_pairing_plot_once_per_run(page, monkeypatch):
     released = []
     monkeypatch.setattr(callbacks, "release_memory", lambda: released.append(True))
-    outputs = list(page.generate(*inputs(prompt="word " * 40, chat=False, max_new_tokens=callbacks.PLOT_EVERY + 1)))
+    monkeypatch.setattr(callbacks, "SHOW_EVERY_S", 0.0)  # a message every step: the figure must still go once
+    outputs = list(page.generate(*inputs(prompt="word " * 40, chat=False, max_new_tokens=9)))
     pairings = [o[5] for o in outputs if isinstance(o[5], PlotData)]
     assert len({id(p) for p in pairings}) == 1  # one figure, serialised once, yielded as is after that
     assert isinstance(outputs[-1][5], PlotData)  # and still in the last message, for API clients
@@ -709,7 +728,7 @@ def press_run(app_url: str, run_button, session: str, data: list) -> tuple[list[
     return sent[0], sent[1]
 
 
-LONG_ENOUGH = dict(prompt="word " * 40, chat=False, max_new_tokens=callbacks.PLOT_EVERY + 1)
+LONG_ENOUGH = dict(prompt="word " * 40, chat=False, max_new_tokens=9)
 
 
 def test_stop_cancels_the_plan_too_so_no_generation_starts_after_it(app_url, run_button):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 
@@ -138,6 +139,15 @@ def test_each_panel_says_how_its_decode_steps_ran():
     assert "| decode | dynamic (the session was prefilled without a cache) |" in panels.panel_markdown(trace)
 
 
+def test_the_decode_rate_is_the_median_steps_so_a_few_slow_ones_do_not_move_it():
+    trace = finished_trace(" 71152")
+    trace.prefill_s, trace.decode_s = 0.5, [0.05, 0.05, 0.05, 0.05, 0.5]  # one step the browser drew over
+    figures = panels.panel_figures(trace)
+    assert figures.tokens_per_s == pytest.approx(20.0)  # a mean would say 7.1
+    assert figures.elapsed_s == pytest.approx(1.2)  # what the steps took in all still counts every one
+    assert "| tokens per second (median decode step) | 20.0 |" in panels.panel_markdown(trace)
+
+
 def test_agreement_position_by_position():
     assert panels.agreement([1, 2, 3], [1, 2, 3]) == panels.Agreement(None, 3, 3)
     assert panels.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == panels.Agreement(1, 3, 4)
@@ -158,6 +168,16 @@ class FakeRun:
 
     def close(self):
         self.closed = True
+
+
+def test_interleave_with_an_order_lets_a_coin_choose_who_steps_first_each_round():
+    log = []
+    base, merged = FakeRun("base", 40, log), FakeRun("merged", 40, log)
+    pairs = list(interleave(base, merged, order=random.Random(0)))
+    assert pairs == [("base", "merged")] * 40  # the tuples keep the runs' order
+    rounds = [tuple(log[i:i + 2]) for i in range(0, len(log), 2)]
+    assert set(rounds) == {("base", "merged"), ("merged", "base")}  # each steps once a round, either first
+    assert 10 <= rounds.count(("base", "merged")) <= 30
 
 
 def test_interleave_alternates_and_lets_the_longer_run_finish():
@@ -408,9 +428,14 @@ def test_plan_draws_the_pairing_before_generating(page, engine):
     assert list(lengths.data[2].y) == trace.seq_len_per_layer
 
 
-def test_generate_streams_both_sides_token_by_token(page):
+def generating(outputs) -> list:
+    return [o for o in outputs if isinstance(o[9], str) and o[9].startswith("**Generating")]
+
+
+def test_generate_streams_both_sides_token_by_token(page, monkeypatch):
+    monkeypatch.setattr(callbacks, "SHOW_EVERY_S", 0.0)
     outputs = list(page.generate(*inputs(more_cutoffs=[20])))
-    steps = [o for o in outputs if isinstance(o[9], str) and o[9].startswith("**Generating")]
+    steps = generating(outputs)
     assert len(steps) == DEFAULTS["max_new_tokens"]
     for side in (0, 1):
         texts = [o[side] for o in steps]
@@ -425,6 +450,17 @@ def test_generate_streams_both_sides_token_by_token(page):
     assert {"base", "merged"} <= set(plot_trace_names(latency)) and {"base", "merged"} <= set(plot_trace_names(kv))
     merged_slots = next(t for t in figure(pairing)["data"] if t["name"] == "merged slots, layer 15")
     assert all("pair cosine: " in h and "known once" not in h for h in merged_slots["hovertext"])
+
+
+def test_the_page_is_updated_at_most_every_so_often_but_always_after_the_prompt_and_at_the_end(page, monkeypatch):
+    """Each update is drawn while the runs step, and charged to whichever side steps next: a message after every
+    step (the default's 16 here) would put it on one side's clock 16 times."""
+    monkeypatch.setattr(callbacks, "SHOW_EVERY_S", 3600.0)
+    outputs = list(page.generate(*inputs(max_new_tokens=16, chat=False, prompt="Once upon a time")))
+    steps = generating(outputs)
+    assert len(steps) == 1 and "| tokens generated | 1 |" in steps[0][2]  # the first token, then nothing till the end
+    assert outputs[-1][9].startswith("**Done**") and "| tokens generated | 16 · done |" in outputs[-1][2]
+    assert len(outputs[-1][0]) > len(steps[0][0])
 
 
 def test_similar_choice_shows_its_pairing_once_the_prompt_has_run(page):
