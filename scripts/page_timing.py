@@ -114,7 +114,8 @@ def measure(url: str, example: str, runs: int, same: bool) -> list[dict]:
 
 
 def ratio(rows: list[dict], figure: str) -> float | None:
-    values = [r[f"merged_{figure}"] / r[f"base_{figure}"] for r in rows if r[f"merged_{figure}"] and r[f"base_{figure}"]]
+    values = [row[f"merged_{figure}"] / row[f"base_{figure}"] for row in rows
+              if row[f"merged_{figure}"] and row[f"base_{figure}"]]
     return statistics.median(values) if values else None
 
 

@@ -205,8 +205,9 @@ class Page:
         cutoff controls. It runs in the device's queue, so it waits for running generations and none runs during it.
 
         A failed switch keeps the previous model: the status says why and the dropdown goes back to it. So does a
-        refused one: the menu is the page's control, but any script can send its request, so the resident model admits only an
-        allowed model, while no other load is under way, and at most one switch per interval (`admit_switch`).
+        refused one: the menu is the page's control, but any script can send its request, so the resident model
+        admits only an allowed model, while no other load is under way, and at most one switch per interval
+        (`admit_switch`).
         """
         if on_zero_gpu():
             yield only(ModelControls, status=panels.FIXED_MODEL, model=gr.update(value=self.resident.name))
@@ -381,7 +382,7 @@ class Page:
         yield only(Panels, base_text="", merged_text="", base_stats="", merged_stats="",
                    comparison=panels.PENDING_COMPARISON,
                    lengths=skip if for_page else plot_data(plots.length_figure(plan)), status=panels.PREFILL)
-        time.sleep(SETTLE_S)  # the page draws the message above before either side's prompt is timed
+        time.sleep(SETTLE_S)  # time for the page to draw the message above before either side's prompt runs
         base = merged = None
         steps, shown_at, plotted_at = 0, 0.0, 0.0
         pairs = generation_traces(request, view.stop)

@@ -102,7 +102,8 @@ def panel_markdown(trace: Trace, base: Trace | None = None, stopped: bool = Fals
     end = " · done" if trace.finished else " · stopped" if stopped else ""
     rows = [
         ("time to first token", _seconds(figures.first_token_s)),
-        ("tokens per second (median decode step)", "—" if figures.tokens_per_s is None else f"{figures.tokens_per_s:.1f}"),
+        ("tokens per second (median decode step)",
+         "—" if figures.tokens_per_s is None else f"{figures.tokens_per_s:.1f}"),
         ("elapsed (own steps)", _seconds(figures.elapsed_s if figures.tokens else None)),
         ("tokens generated", f"{figures.tokens}{end}"),
     ]
