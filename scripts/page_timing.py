@@ -2,8 +2,8 @@
 
 Launches the app on the embedded model (`app.py` in --repo, on a free loopback port), opens it in Debian's chromium
 through playwright, clicks an example, puts the merged side's cutoff after the last layer and clears the further
-cutoffs (its layers then do the base's work), presses Run --runs times, and reads each side's time to first token
-and decode rate off its panel. Whatever separates the two sides is the page's own doing: the browser drawing on the
+cutoffs (its layers then do the base's work), presses Run --runs times, and reads each side's time to first token,
+decode rate and elapsed time off its panel. Whatever separates the two sides is the page's own doing: the browser drawing on the
 same CPU, the server sending updates, the order the sides step in.
 
     python scripts/page_timing.py --runs 8 --out assets/results/page-timing-cpu
@@ -41,6 +41,7 @@ LAYERS = 30  # the embedded model's depth: a cutoff there merges after the last 
 FIGURES = {  # a panel's row, as the page writes it, and how to read its value
     "first_token_s": re.compile(r"time to first token\s+([\d.]+) s"),
     "tokens_per_s": re.compile(r"tokens per second \([^)]*\)\s+([\d.]+)"),
+    "elapsed_s": re.compile(r"elapsed \(own steps\)\s+([\d.]+) s"),
 }
 
 
