@@ -453,8 +453,8 @@ def test_generate_streams_both_sides_token_by_token(page, monkeypatch):
 
 
 def test_the_page_is_updated_at_most_every_so_often_but_always_after_the_prompt_and_at_the_end(page, monkeypatch):
-    """Each update is drawn while the runs step, and charged to whichever side steps next: a message after every
-    step (the default's 16 here) would put it on one side's clock 16 times."""
+    """Each update is drawn while the runs step, and charged to whichever side steps next: a message after each of
+    the 16 steps here would put a drawing on some side's clock 16 times."""
     monkeypatch.setattr(callbacks, "SHOW_EVERY_S", 3600.0)
     outputs = list(page.generate(*inputs(max_new_tokens=16, chat=False, prompt="Once upon a time")))
     steps = generating(outputs)
