@@ -68,7 +68,11 @@ tokens draws about as much attention as the two did.
 
 **Protected spans.** keep-start / keep-end tokens are never merged (for example the chat template's system header);
 the first and last prompt tokens always stay alone. **Timing.** Time to first token includes the prefill; tokens per
-second counts the decode steps; on a GPU each step is synchronised before its clock stops.
+second is one over the median decode step; on a GPU each step is synchronised before its clock stops. Each side is
+timed on its own steps, and a coin decides each round which side steps first, so the page's own work between steps
+(this page being drawn, on a laptop on the same processor) falls on either side by chance. On a short prompt one
+run's times to first token can still differ by up to two fifths with the same work on both sides: press Run again
+before reading much into a small gap.
 """
 
 CSS = """
