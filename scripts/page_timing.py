@@ -32,7 +32,7 @@ from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from slerpviz.bench.machine import machine_info  # noqa: E402
+from slerpviz.bench.machine import git_commit, machine_info  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
@@ -65,14 +65,6 @@ def launch(repo: Path, port: int) -> subprocess.Popen:
         time.sleep(0.5)
     app.terminate()
     raise SystemExit("the app did not answer within two minutes")
-
-
-def app_commit(repo: Path) -> str | None:
-    """The commit of the app that was timed (--repo's), '-dirty' where its tracked files were changed."""
-    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
 
 
 def panel(page, elem_id: str) -> dict:
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "command": " ".join(["python", *sys.argv]),
-                "app_commit": app_commit(args.repo.resolve())}
+                "app_commit": git_commit(args.repo.resolve())}  # the app that was timed
         (args.out / "page-timing.json").write_text(json.dumps(
             {"benchmark": "page-timing", "machine": info, "example": args.example, "same_work": not args.as_given,
              "summary": summary, "rows": rows}, indent=1) + "\n")
