@@ -289,6 +289,22 @@ def merge_fields(args, **overrides) -> dict:
     return {**fields, **overrides}
 
 
+def check_flags_taken(args) -> None:
+    """With --preset and no --cutoffs, no setting takes the merge flags (a preset sets every field but how its slots
+    are made): one given there would be dropped without a word, and the figures would say less than the command line.
+    Refused instead, naming the flags (a flag given at its default value changes nothing and passes)."""
+    if not getattr(args, "preset", None) or args.cutoffs is not None:
+        return
+    defaults = merge_fields(merge_options("").parse_args([]))
+    given = [name for name, value in merge_fields(args).items()
+             if name in defaults and name not in ("method", "positions") and value != defaults[name]]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: --preset sets every merge field but --method and --positions, and no --cutoffs "
+                         f"are given to take them; write the setting out with --cutoffs and its flags (slerpviz/presets.py "
+                         f"holds each preset's) or drop them")
+
+
 def merge_settings(args, cutoffs, **overrides) -> MergeSettings:
     """The merge setting the options read, with these cutoffs (a schedule; None: every schedule's, cutoffs aside),
     through the library's one parser of merge settings (slerpviz.settings.merge_settings), as the page's and the

@@ -30,9 +30,9 @@ from ..tasks import TASKS, Haystack, build_prompt, is_correct
 from . import report, schedules
 from .limits import Shape, prefill_flops
 from .machine import machine_info
-from .options import (build_engine, check_out, describe_model, float_list, given, int_list, interpolation_options,
-                      listed, merge_options, merge_settings, model_options, run_options, settings_label, subcommand,
-                      text_options, torch_threads, whole)
+from .options import (build_engine, check_flags_taken, check_out, describe_model, float_list, given, int_list,
+                      interpolation_options, listed, merge_options, merge_settings, model_options, run_options,
+                      settings_label, subcommand, text_options, torch_threads, whole)
 from .texts import read_texts
 
 RETRIEVAL_COLUMNS = ("task", "length", "depth", "sample", "variant", "correct", "answer", "output",
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     with torch_threads(args, one_when_quick=True):
         try:
             check_out(args.out)
+            check_flags_taken(args)
             engine, name = build_engine(args)
             plan = retrieval_plan(args, engine)
             haystack = Haystack(engine.tokenizer, [text for _, text in read_texts(args.texts)])

@@ -28,9 +28,9 @@ from .engines import never_stops
 from .machine import PeakMemory, machine_info
 from .. import decode as static_decode
 from .ops import host_work
-from .options import (DESCRIPTION, PROPORTIONAL, build_engine, describe_model, guarded, int_list,
-                      interpolation_options, listed, merge_settings, one_of, speed_fidelity_parents, str_list,
-                      subcommand, whole)
+from .options import (DESCRIPTION, PROPORTIONAL, build_engine, check_flags_taken, describe_model, guarded,
+                      int_list, interpolation_options, listed, merge_settings, one_of, speed_fidelity_parents,
+                      str_list, subcommand, whole)
 from .schedules import BASE, Schedule, label
 
 MODES = ("cached", "recompute")
@@ -434,6 +434,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 def measure(args, argv: list[str]) -> int:
     """The grid the options ask for, timed, written and printed; `argv`, the command line, goes in the report."""
+    check_flags_taken(args)
     engine, name = build_engine(args)
     plan = speed_plan(args, engine)
     machine, model = machine_info(engine.device, argv), describe_model(engine, name)

@@ -389,6 +389,26 @@ def test_an_out_folder_made_for_the_check_is_not_left_behind(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("subcommand", ["speed", "retrieval"])
+def test_a_merge_flag_no_setting_takes_beside_a_preset_is_refused_before_the_run(no_run, subcommand, tmp_path,
+                                                                                 capsys):
+    """`retrieval --preset recommended --keep-end 32` ran `recommended` as it is and said nothing of the flag."""
+    argv = [subcommand, "--shape", "tiny", "--preset", "recommended", "--keep-end", "32", "--attention-reach", "3",
+            "--out", str(tmp_path)]
+    assert command.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --keep-end, --attention-reach: --preset sets every merge field") and err.count(
+        "\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--method", "lerp"], ["--keep-end", "0"], ["--cutoffs", "2", "--keep-end", "4"]])
+def test_flags_a_preset_takes_or_that_change_nothing_pass_the_check(argv):
+    """How slots are made applies to a preset, a flag at its default changes nothing, and with --cutoffs the flags
+    are that setting's."""
+    args = subparsers()["retrieval"].parse_args(["--preset", "recommended", *argv])
+    options.check_flags_taken(args)
+
+
 def test_the_default_texts_stay_the_six_top_level_ones_and_a_register_folder_reads_its_own():
     # The register subfolders (assets/texts/legal, ...) widen the tuning set without moving past results: a folder
     # is read non-recursively, so the default set is what every earlier run measured.
