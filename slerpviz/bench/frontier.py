@@ -19,7 +19,7 @@ import torch
 
 from ..engine import MergeSettings, MergingEngine
 from . import options
-from .fidelity import base_reference, compare, usable_prefixes
+from .fidelity import base_reference, compare, decided_top1, usable_prefixes
 from .grids import ATTENTION_PASSES, beside_drop, named_grid
 from .limits import Shape, prefill_flops
 from .texts import TokenText
@@ -32,7 +32,8 @@ SETTING_COLUMNS = (
 FRONTIER_COLUMNS = (
     "cutoffs", *SETTING_COLUMNS, "article",
     "prefill_speedup", "prefill_speedup_limit", "achieved_over_limit", "merged_length", "base_prefill_s",
-    "merged_prefill_s", "samples", "top1", "top5", "kl_mean", "tokens_to_divergence_mean",
+    "merged_prefill_s", "samples", "top1", "decided_samples", "top1_decided", "top5", "kl_mean",
+    "tokens_to_divergence_mean",
     "passkey_correct", "passkey_n", "passkey_accuracy", "on_front",
 )
 
@@ -120,6 +121,7 @@ def measure_fidelity(engine: MergingEngine, texts: list[TokenText], settings: tu
     return [{
         "samples": len(rows),
         "top1": statistics.fmean(r["top1"] for r in rows),
+        **decided_top1(rows),
         "top5": statistics.fmean(r["top5"] for r in rows),
         "kl_mean": statistics.fmean(r["kl"] for r in rows),
         "tokens_to_divergence_mean": statistics.fmean(r["tokens_to_divergence"] for r in rows),
@@ -253,10 +255,17 @@ def frontier_figure(rows: list[dict], base: dict | None = None) -> go.Figure:
     return fig
 
 
+def decided_text(row: dict) -> str:
+    """Top-1 where the base had decided, for the hover (rows of an older run have none)."""
+    if row.get("top1_decided") is None:
+        return ""
+    return f"; {row['top1_decided']:.3f} where the base had decided (n={row['decided_samples']})"
+
+
 def _hover(row: dict, x_key: str, base: dict | None) -> str:
     measured = (f"speed-up {row['prefill_speedup']:.2f}× " if row.get("prefill_speedup") is not None else "")
     return (f"{options.settings_label(row)}<br>{measured}(FLOP limit {row['prefill_speedup_limit']:.2f}×)"
-            f"<br>top-1 {row['top1']:.3f} (n={row['samples']}), KL {row['kl_mean']:.3f}, "
+            f"<br>top-1 {row['top1']:.3f} (n={row['samples']}){decided_text(row)}, KL {row['kl_mean']:.3f}, "
             f"{row['tokens_to_divergence_mean']:.1f} tokens to diverge<br>{retrieval_text(row, base)}")
 
 
@@ -266,7 +275,8 @@ def _hover(row: dict, x_key: str, base: dict | None) -> str:
 
 FRONTIER_TABLE = [
     ("label", "setting", ""), ("prefill_speedup", "speed-up", ".2f"), ("prefill_speedup_limit", "limit", ".2f"),
-    ("samples", "n", ""), ("top1", "top-1", ".3f"), ("kl_mean", "KL", ".3f"),
+    ("samples", "n", ""), ("top1", "top-1", ".3f"), ("decided_samples", "n decided", ""),
+    ("top1_decided", "top-1 decided", ".3f"), ("kl_mean", "KL", ".3f"),
     ("tokens_to_divergence_mean", "to diverge", ".1f"), ("passkey", "pass key", ""),
 ]
 

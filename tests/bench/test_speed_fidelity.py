@@ -11,8 +11,8 @@ from transformers import LlamaConfig
 from conftest import tiny_engine, word_tokenizer
 from slerpviz.bench import command, fidelity, limits, schedules
 from slerpviz.bench.engines import random_weight_engine, shape_config
-from slerpviz.bench.fidelity import (FIDELITY_COLUMNS, SUMMARY_COLUMNS, FidelityPlan, base_reference, best_combination,
-                                     compare, earliest_cutoff, run_fidelity)
+from slerpviz.bench.fidelity import (DECIDED_MARGIN, FIDELITY_COLUMNS, SUMMARY_COLUMNS, FidelityPlan, base_reference,
+                                     best_combination, compare, decided_top1, earliest_cutoff, run_fidelity)
 from slerpviz.bench.machine import PeakMemory
 from slerpviz.bench.speed import SPEED_COLUMNS, SpeedPlan, random_prompt, run_speed
 from slerpviz.bench.texts import TokenText, read_texts, tokenize
@@ -244,6 +244,19 @@ def test_divergence_counts_tokens_up_to_the_first_difference():
     broken = type(reference)(reference.log_probs, changed)
     diverged = compare(engine, ids, MergeSettings(cutoffs=(engine.num_layers,)), broken)
     assert diverged["tokens_to_divergence"] == 2 and not diverged["censored"]
+
+
+def test_top1_where_the_base_had_decided_leaves_out_its_near_ties():
+    engine = tiny_engine("llama")
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+    reference = base_reference(engine, ids, 1)
+    probs = reference.log_probs.exp().sort(descending=True).values
+    row = compare(engine, ids, MergeSettings(cutoffs=(engine.num_layers,)), reference)
+    assert row["base_margin"] == pytest.approx(float(probs[0] - probs[1]), abs=1e-6) and row["base_margin"] >= 0
+    rows = [{"top1": 0.0, "base_margin": DECIDED_MARGIN / 2}, {"top1": 1.0, "base_margin": DECIDED_MARGIN},
+            {"top1": 0.0, "base_margin": 0.5}, {"top1": 1.0, "base_margin": 0.9}]
+    assert decided_top1(rows) == {"decided_samples": 3, "top1_decided": pytest.approx(2 / 3)}
+    assert decided_top1(rows[:1]) == {"decided_samples": 0, "top1_decided": None}
 
 
 def test_texts_file_is_split_and_short_prefixes_skipped(tmp_path):
