@@ -17,8 +17,8 @@ from .presets import PRESETS, preset
 
 DEFAULTS = MergeSettings()
 # The flags that set one merge setting each; given with --preset, each overrides the preset's value.
-MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "method", "positions", "ratio", "choice", "proportional",
-               "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
+MERGE_FLAGS = ("cutoff", "keep_start", "keep_end", "keep_recent", "method", "positions", "ratio", "choice",
+               "proportional", "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "again to merge twice there: groups of up to four tokens (default: half depth)")
     gen.add_argument("--keep-start", type=int, default=None, help="tokens at the start never merged (default 0)")
     gen.add_argument("--keep-end", type=int, default=None, help="tokens at the end never merged (default 0)")
+    gen.add_argument("--keep-recent", type=int, default=None,
+                     help="the last tokens never merged, all of a shorter prompt (default 0; the presets keep 32)")
     gen.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS)} (default {DEFAULTS.method})")
     gen.add_argument("--positions", default=None,
                      help=f"one of: {', '.join(POSITION_MODES)} (default {DEFAULTS.positions})")

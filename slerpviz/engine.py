@@ -51,7 +51,8 @@ class MergingEngine(LayerwiseModel):
         self.validate(input_ids.shape[-1], settings)
         if settings.choice in PLANNED_AT_CUTOFF:
             return None
-        return plan_stages(input_ids.shape[-1], settings.cutoffs, settings.keep_start, settings.keep_end,
+        return plan_stages(input_ids.shape[-1], settings.cutoffs, settings.keep_start,
+                           settings.protected_end(input_ids.shape[-1]),
                            settings.ratio, settings.choice, settings.size_weighted)
 
     def new_trace(self, input_ids: torch.Tensor, settings: MergeSettings, mode: str = "cached",

@@ -170,7 +170,7 @@ class LayerwiseModel:
             # as long as, say, a head's width for one symbol, and compile again for the next prompt. Two of them, as
             # a merge compiles once for an even count of pairs and once for an odd one.
             for extra in (97, 98):
-                length = 2 * (merge.keep_start + merge.keep_end) + extra
+                length = 2 * (merge.keep_start + max(merge.keep_end, merge.keep_recent)) + extra
                 self.prefill(torch.full((1, length), 3, device=self.device), merge)
         self.sync()
         return time.perf_counter() - began
@@ -281,7 +281,7 @@ class LayerwiseModel:
                     break
                 merged = merge(h, first, last, positions, log_sizes, cutoff, settings,
                                ratios[index] if stages is None else 1.0, stages[index] if stages is not None else None,
-                               settings.kept_budget(length))
+                               settings.kept_budget(length), settings.protected_end(length))
                 several = merged.stage.plan.merged_length < length  # some slot holds several tokens
                 h, positions, log_sizes = merged.hidden, merged.positions, merged.log_sizes if several else None
                 offset = last_slot_offset(length, merged.stage.plan.merged_length, settings.positions)
@@ -347,7 +347,7 @@ class LayerwiseModel:
     def merge_at_cutoff(
         self, h: torch.Tensor, first: torch.Tensor, last: torch.Tensor, positions: torch.Tensor,
         log_sizes: torch.Tensor | None, cutoff: int, settings: MergeSettings, ratio: float, stage: Stage | None = None,
-        kept: int | None = None,
+        kept: int | None = None, keep_end: int | None = None,
     ) -> "Merged":
         """Everything a prefill does at a cutoff besides running layers: plan the stage (from h for `similar` and
         `attention`) unless one is replayed, the pair cosines, the interpolation, the slots' positions and sizes.
@@ -355,15 +355,17 @@ class LayerwiseModel:
         On the device throughout: the plan reads one number back (the slots' count) only where the choice cannot
         know it ahead, `similar` and the attention choice's kept budget. `kept`: that budget, for the prompt's
         length (settings.kept_budget; reckoned by the caller, as a compiled merge would compile again for every
-        length it rounded a share of)."""
+        length it rounded a share of). `keep_end`: the protected end for the prompt's length (settings.protected_end,
+        the same count of slots at every stage), reckoned by the caller alike."""
         kept = settings.kept_budget(first.numel()) if kept is None else kept
+        keep_end = settings.protected_end(first.numel()) if keep_end is None else keep_end
         attention = None
         if stage is None:
             mixed = settings.choice == "attention" and settings.cosine_share > 0
             similarity = adjacent_cosines(h)[0] if settings.choice == "similar" or mixed else None
             if settings.choice == "attention":
                 attention = self.attention_received(cutoff, h, positions, settings.attention_window, log_sizes)
-            stage = next_stage(first, last, cutoff, settings.keep_start, settings.keep_end, ratio, settings.choice,
+            stage = next_stage(first, last, cutoff, settings.keep_start, keep_end, ratio, settings.choice,
                                similarity, settings.size_weighted, attention, kept,
                                settings.cosine_share, settings.attention_reach)
         else:

@@ -151,4 +151,5 @@ def page_defaults(**changes) -> dict:
     return {**dict(prompt=PAGE_PROMPT, model=EMBEDDED, chat=True, cutoff=15, more_cutoffs=[], keep_start=0,
                    keep_end=0, method="slerp", positions="mean", mode="cached", max_new_tokens=4, temperature=0.0,
                    seed=0, ratio=1.0, choice="consecutive", proportional=False, attention_window=32,
-                   attention_keep=0, ratios="", attention_reach=0, attention_keep_share=0.0), **changes}
+                   attention_keep=0, ratios="", attention_reach=0, attention_keep_share=0.0, keep_recent=0),
+            **changes}

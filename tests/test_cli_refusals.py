@@ -30,6 +30,7 @@ def no_model(monkeypatch):
     (["--choice", "random"], "unknown pair choice 'random'"),
     (["--mode", "fast"], "unknown mode 'fast'"),
     (["--keep-start", "-1"], "keep start must be a whole number, 0 or more"),
+    (["--keep-recent", "-1"], "keep recent must be a whole number, 0 or more"),
     (["--cutoff", "-3"], "cutoff must be a whole number, 0 or more"),
     (["--ratio", "1.5"], "merge ratio must be a number from 0 to 1 (got '1.5')"),
     (["--cutoff", "5", "--ratio", "0.5", "--ratio", "1"], "ratio per cutoff: 2 ratios for 1 cutoffs (5): give one"),

@@ -644,3 +644,21 @@ def test_dropping_at_layer_0_with_renumbered_positions_is_the_model_run_on_the_k
 def test_proportional_attention_is_refused_with_drop(engine):
     with pytest.raises(ValueError, match="a dropped pair keeps one: use it with a merge method"):
         engine.start(random_ids(20), MergeSettings(cutoffs=(2,), method="drop", proportional=True))
+
+
+@pytest.mark.parametrize("choice", ["consecutive", "attention"])
+def test_a_recent_window_is_keep_end_where_the_prompt_holds_it_and_all_of_a_shorter_one(choice):
+    """keep_recent fits any prompt (the recommended preset carries it); keep_end, a span the user asked for, must fit."""
+    engine = tiny_engine("llama")
+    ids = random_ids(30, seed=7)
+    spans = dict(cutoffs=(2, 4), ratio=(0.5, 1.0), choice=choice, keep_start=3, attention_keep=4)
+    recent = engine.prefill(ids, MergeSettings(**spans, keep_recent=6))
+    end = engine.prefill(ids, MergeSettings(**spans, keep_end=6))
+    assert recent.kv_lengths() == end.kv_lengths() and min(recent.kv_lengths()) < 30
+    torch.testing.assert_close(recent.logits, end.logits)
+    assert engine.prefill(ids, MergeSettings(**spans, keep_end=4, keep_recent=6)).kv_lengths() == end.kv_lengths()
+    short = engine.prefill(ids[:, :8], MergeSettings(**spans, keep_recent=6))  # 3 + 6 > 8: the window takes 5
+    assert short.kv_lengths() == [8] * engine.num_layers
+    torch.testing.assert_close(short.logits, engine.prefill(ids[:, :8]).logits)
+    with pytest.raises(ValueError, match="longer than the prompt"):
+        engine.prefill(ids[:, :8], MergeSettings(**spans, keep_end=6))

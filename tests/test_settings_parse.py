@@ -16,7 +16,7 @@ from slerpviz.settings import MergeSettings
 
 EXPECTED = MergeSettings(cutoffs=(10, 20), ratio=(0.5, 1.0), keep_start=2, keep_end=3, method="lerp",
                          positions="first", choice="attention", attention_window=4, attention_keep=5,
-                         attention_reach=2, attention_keep_share=0.25)
+                         attention_reach=2, attention_keep_share=0.25, keep_recent=7)
 
 
 def page(cutoffs=(10, 20), ratio="0.5, 1") -> MergeSettings:
@@ -25,14 +25,14 @@ def page(cutoffs=(10, 20), ratio="0.5, 1") -> MergeSettings:
         prompt="hi", model=None, chat=True, cutoff=cutoffs[0], more_cutoffs=", ".join(map(str, cutoffs[1:])),
         keep_start=2, keep_end=3, method="lerp", positions="first", mode="cached", max_new_tokens=4,
         temperature=0.0, seed=0, ratio=1.0, ratios=ratio, choice="attention", proportional=False,
-        attention_window=4, attention_keep=5, attention_reach=2, attention_keep_share=0.25)).settings
+        attention_window=4, attention_keep=5, attention_reach=2, attention_keep_share=0.25, keep_recent=7)).settings
 
 
 def cli_args(cutoffs=(10, 20), ratios=("0.5, 1",)) -> list[str]:
     return ["generate", "--prompt", "hi", *(w for c in cutoffs for w in ("--cutoff", str(c))),
             *(w for r in ratios for w in ("--ratio", r)), "--keep-start", "2", "--keep-end", "3", "--method", "lerp",
             "--positions", "first", "--choice", "attention", "--attention-window", "4", "--attention-keep", "5",
-            "--attention-reach", "2", "--attention-keep-share", "0.25"]
+            "--attention-reach", "2", "--attention-keep-share", "0.25", "--keep-recent", "7"]
 
 
 def command_line(cutoffs=(10, 20), ratios=("0.5, 1",)) -> MergeSettings:
@@ -45,7 +45,7 @@ def command_line(cutoffs=(10, 20), ratios=("0.5, 1",)) -> MergeSettings:
 def bench_args(cutoffs="10+20", ratio="0.5,1") -> list[str]:
     return ["retrieval", "--cutoffs", cutoffs, "--ratio", ratio, "--keep-start", "2", "--keep-end", "3", "--method",
             "lerp", "--positions", "first", "--choice", "attention", "--attention-window", "4", "--attention-keep",
-            "5", "--attention-reach", "2", "--attention-keep-share", "0.25"]
+            "5", "--attention-reach", "2", "--attention-keep-share", "0.25", "--keep-recent", "7"]
 
 
 def bench(cutoffs="10+20", ratio="0.5,1") -> MergeSettings:
@@ -67,7 +67,7 @@ def test_the_same_raw_values_make_the_same_settings_on_the_page_the_command_line
     assert settings.merge_settings(
         cutoffs=[10, 20], ratio="0.5, 1", keep_start="2", keep_end=3.0, method="lerp", positions="first",
         choice="attention", attention_window=4, attention_keep=5, attention_reach=2,
-        attention_keep_share=0.25) == EXPECTED
+        attention_keep_share=0.25, keep_recent="7") == EXPECTED
 
 
 def test_a_layer_given_twice_merges_twice_there_on_the_page_the_command_line_and_the_benchmarks():
@@ -128,7 +128,7 @@ def test_ratios_that_do_not_match_the_cutoffs_are_one_line_with_the_same_words_e
 def test_one_description_of_a_setting_for_the_command_line_and_the_benchmarks():
     assert options.settings_label is settings.describe
     assert settings.describe(EXPECTED) == ("cutoff 10+20, ratio 0.5/1, attention, W 4, keep top 5, keep share 0.25, "
-                                           "reach 2, protect 2/3, method lerp, positions first")
+                                           "reach 2, protect 2/3, recent 7, method lerp, positions first")
 
 
 def test_the_benchmarks_import_nothing_from_the_command_line():

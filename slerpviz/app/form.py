@@ -54,6 +54,7 @@ class Form:
     ratios: Any = ""
     attention_reach: Any = MergeSettings.attention_reach
     attention_keep_share: Any = MergeSettings.attention_keep_share
+    keep_recent: Any = MergeSettings.keep_recent
 
 
 # The form's fields, in the order the endpoints take them.
@@ -61,7 +62,8 @@ FIELDS = tuple(field.name for field in dataclasses.fields(Form))
 # The fields an example fills in, and those a merge preset fills in, in the order the click handlers return them.
 EXAMPLE_FIELDS = ("prompt", "chat", "mode", "max_new_tokens")
 MERGE_FIELDS = ("cutoff", "more_cutoffs", "keep_start", "keep_end", "method", "positions", "ratio", "ratios", "choice",
-                "proportional", "attention_window", "attention_keep", "attention_reach", "attention_keep_share")
+                "proportional", "attention_window", "attention_keep", "attention_reach", "attention_keep_share",
+                "keep_recent")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def parse(form: Form) -> Request:
         positions=form.positions, ratio=slider if blank else per_cutoff, choice=form.choice,
         proportional=form.proportional, attention_window=form.attention_window, attention_keep=form.attention_keep,
         attention_reach=form.attention_reach, attention_keep_share=form.attention_keep_share,
+        keep_recent=form.keep_recent,
     )
     mode = checks.one_of(form.mode, "mode", MODES)  # MergingEngine.validate checks it alike, once there is a model
     # The page's limits are tighter than the engine's (check_sampling), and each is worded for its field.
@@ -133,7 +136,7 @@ def merge_values(settings: MergeSettings, num_layers: int) -> dict:
         ratios="" if uniform else ", ".join(f"{r:g}" for r in ratios), choice=settings.choice,
         proportional=settings.proportional, attention_window=settings.attention_window,
         attention_keep=settings.attention_keep, attention_reach=settings.attention_reach,
-        attention_keep_share=settings.attention_keep_share,
+        attention_keep_share=settings.attention_keep_share, keep_recent=settings.keep_recent,
     )
 
 

@@ -191,6 +191,9 @@ def cutoff_controls(named: Named, layers: int) -> None:
                                         info="Protected tokens at the start.", elem_id="keep-start")
         named["keep_end"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep end",
                                       info="Protected tokens at the end.", elem_id="keep-end")
+        named["keep_recent"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep recent",
+                                         info="The last tokens never merged, all of a shorter prompt (presets: 32).",
+                                         elem_id="keep-recent")
     with gr.Row():
         named["method"] = gr.Radio(list(METHODS), value="slerp", label="Method")
         named["positions"] = gr.Radio(list(POSITION_MODES), value="mean", label="Positions")
@@ -344,7 +347,7 @@ def wire_previews(page: Page, named: Named, form: dict) -> None:
                             queue=False, show_progress="hidden").then(**preview)
     named["use_preset"].click(page.fill_preset, [named["preset_name"]], components(named, MERGE_FIELDS),
                               api_visibility="private", queue=False, show_progress="hidden").then(**preview)
-    for slider in components(named, ("cutoff", "keep_start", "keep_end", "ratio")):
+    for slider in components(named, ("cutoff", "keep_start", "keep_end", "keep_recent", "ratio")):
         slider.release(**preview)
     for control in components(named, ("more_cutoffs", "chat", "choice")):
         control.change(**preview)

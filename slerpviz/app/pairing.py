@@ -73,7 +73,8 @@ def same_pairing(shown: Trace, new: Trace) -> bool:
     be the realised plan that `new`, a `similar` or `attention` plan still pending, would be planned into)?"""
     if new.plan_pending and not shown.plan_pending:
         return shown.tokens == new.tokens and shown.cutoffs == new.cutoffs and shown.settings == new.settings
-    keys = ("keep_start", "keep_end", "method", "size_weighted", "choice")  # a pending plan says which choice waits
+    # A pending plan says which choice waits.
+    keys = ("keep_start", "keep_end", "keep_recent", "method", "size_weighted", "choice")
     return (shown.tokens == new.tokens and shown.slot_tokens == new.slot_tokens and shown.protected == new.protected
             and shown.cutoffs == new.cutoffs and shown.plan_pending == new.plan_pending
             and all(shown.settings.get(k) == new.settings.get(k) for k in keys)
@@ -421,8 +422,8 @@ def lay_out_pairing(fig: go.Figure, trace: Trace, low: int, view_from: int, wind
         dragmode="pan", hovermode="closest", showlegend=needle is not None,
         legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
         # The same plan keeps the reader's pan and zoom when the figure is re-sent with the cosines filled in.
-        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}:{low}:"
-                   f"{view_from}",
+        uirevision=f"{n}:{trace.cutoffs}:{trace.settings.get('keep_start')}:{trace.settings.get('keep_end')}:"
+                   f"{trace.settings.get('keep_recent')}:{low}:{view_from}",
     )
     fig.update_xaxes(range=[view_from - 1, view_from + min(n, window)],
                      title=dict(text="prompt position (drag or use the slider below)"),

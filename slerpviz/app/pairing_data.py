@@ -12,6 +12,7 @@ from typing import Protocol
 
 from ..engine import Trace
 from ..merge import PARALLEL_COS
+from ..settings import protected_end
 from .token_text import escape
 
 # Prompt tokens drawn in full (labels, hover text, links); a longer prompt gets an overview elsewhere.
@@ -98,14 +99,16 @@ def protected_spans(trace: Trace) -> list[tuple[int, int, str]]:
         return []
     protected = [pos for group, keep in zip(trace.slot_tokens[0], trace.protected[0]) if keep for pos in group]
     keep_start = int(trace.settings.get("keep_start", 0))
-    keep_end = int(trace.settings.get("keep_end", 0))
+    keep_end, recent = int(trace.settings.get("keep_end", 0)), int(trace.settings.get("keep_recent", 0))
+    end_span = protected_end(trace.prompt_length, keep_start, keep_end, recent)
     spans = []
     start = [p for p in protected if p < keep_start]
-    end = [p for p in protected if p >= trace.prompt_length - keep_end]
+    end = [p for p in protected if p >= trace.prompt_length - end_span]
     if start:
         spans.append((min(start), max(start), f"protected: keep_start = {keep_start}"))
     if end:
-        spans.append((min(end), max(end), f"protected: keep_end = {keep_end}"))
+        named = f"keep_end = {keep_end}" if end_span == keep_end else f"the last {end_span} (keep_recent = {recent})"
+        spans.append((min(end), max(end), f"protected: {named}"))
     return spans
 
 

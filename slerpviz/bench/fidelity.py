@@ -75,12 +75,14 @@ class FidelityPlan:
     continuation: int = 16
     keep_start: int = 0
     keep_end: int = 0
+    keep_recent: int = 0
 
     def settings(self) -> list[MergeSettings]:
         """Every setting of the grid, each through the library's parser of merge settings (a bad one is one line)."""
         return [
-            checks.merge_settings(cutoffs=s, keep_start=self.keep_start, keep_end=self.keep_end, method=m,
-                                  positions=p, choice=c, proportional=a, ratio=self.ratio)
+            checks.merge_settings(cutoffs=s, keep_start=self.keep_start, keep_end=self.keep_end,
+                                  keep_recent=self.keep_recent, method=m, positions=p, choice=c, proportional=a,
+                                  ratio=self.ratio)
             for s in self.schedules for m in self.methods for p in self.positions for c in self.choices
             for a in self.proportional
         ]
@@ -309,6 +311,7 @@ def fidelity_plan(args, engine) -> FidelityPlan:
         continuation=args.continuation or (4 if args.quick else 16),
         keep_start=args.keep_start,
         keep_end=args.keep_end,
+        keep_recent=args.keep_recent,
     )
     plan.settings()  # every setting of the grid through the library's parser, before any work: one line if bad
     return plan

@@ -27,7 +27,7 @@ from .texts import TokenText
 # The MergeSettings fields a row holds as they are (the cutoffs are written "15+20").
 SETTING_COLUMNS = (
     "ratio", "choice", "proportional", "method", "positions", "keep_start", "keep_end",
-    "attention_window", "attention_keep", "attention_keep_share", "attention_reach", "cosine_share",
+    "attention_window", "attention_keep", "attention_keep_share", "attention_reach", "cosine_share", "keep_recent",
 )
 FRONTIER_COLUMNS = (
     "cutoffs", *SETTING_COLUMNS, "article",
@@ -36,6 +36,10 @@ FRONTIER_COLUMNS = (
     "tokens_to_divergence_mean",
     "passkey_correct", "passkey_n", "passkey_accuracy", "on_front",
 )
+
+# One row per setting and sample: two settings' rows on the same text and prefix are a pair (a sign test of their KL
+# needs no rerun).
+WINDOW_COLUMNS = ("setting", "text", "prefix", "top1", "kl", "base_margin", "top5", "tokens_to_divergence")
 
 
 @dataclass(frozen=True)
@@ -115,10 +119,12 @@ def measure_fidelity(engine: MergingEngine, texts: list[TokenText], settings: tu
             ids = text.ids[:, :prefix].to(engine.device)
             reference = base_reference(engine, ids, continuation)
             for index, setting in enumerate(settings):
-                samples[index].append(compare(engine, ids, setting, reference))
+                samples[index].append({"text": text.name, "prefix": prefix,
+                                       **compare(engine, ids, setting, reference)})
     if not samples[0]:
         raise ValueError(f"no text is long enough for any prefix length in {prefixes}")
     return [{
+        "windows": rows,  # each sample, for frontier_windows.csv: settings compared window by window
         "samples": len(rows),
         "top1": statistics.fmean(r["top1"] for r in rows),
         **decided_top1(rows),
@@ -366,6 +372,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         return 2
     machine, model = machine_info(engine.device, ["frontier", *(argv or [])]), describe_model(engine, name)
     args.out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(args.out / "frontier_windows.csv", [
+        {"setting": options.settings_label(row), **window} for row in rows for window in row.pop("windows")],
+        WINDOW_COLUMNS)
     report.write_csv(args.out / "frontier.csv", rows, FRONTIER_COLUMNS)
     x_key = speed_key(rows)
     targets = {f"best_at_{s:g}x": best_at(rows, s, x_key) for s in TARGETS}
@@ -401,5 +410,5 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         what = key.replace("_by_limit", " (by FLOP limit)").replace("_", " ")
         print(f"{what}: " + (f"{options.settings_label(row)}: top-1 {row['top1']:.3f} (n={row['samples']}), "
                              f"{retrieval_text(row, base)}, {row[x_key]:.2f}x" if row else "none measured"))
-    print(f"\nwrote {args.out / 'frontier.csv'}, frontier.json, frontier.html")
+    print(f"\nwrote {args.out / 'frontier.csv'}, frontier_windows.csv, frontier.json, frontier.html")
     return 0

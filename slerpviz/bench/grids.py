@@ -138,6 +138,11 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
                   (*RECOMMENDED_SHAPE, {**GROWING, "cosine_share": 0.25}),
                   (*RECOMMENDED_SHAPE, {**GROWING, "attention_window": 16}),
                   ((0.5, 0.67), (0.4, 1.0), 32, GROWING), ((0.53, 0.7), (0.5, 1.0), 32, GROWING)],
+    # 17th, the recent window: recommended as the 16th pass left it, with its last 16 or 32 prompt tokens never
+    # merged, and fewer pairs at the first cut (a control at about the FLOP limit of 32 kept from 256 tokens on).
+    "recent": [(*RECOMMENDED_SHAPE, GROWING),
+               (*RECOMMENDED_SHAPE, GROWING), (*RECOMMENDED_SHAPE, {**GROWING, "keep_recent": 16}),
+               (*RECOMMENDED_SHAPE, {**GROWING, "keep_recent": 32}), ((0.5, 0.67), (0.45, 1.0), 32, GROWING)],
 }
 
 

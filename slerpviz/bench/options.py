@@ -5,9 +5,10 @@ The options come as argparse parent parsers, one per concern:
 - `model_options`: which model and where it runs (--model | --shape, --device, --dtype, --seed);
 - `run_options`: how big a run and where it writes (--quick, --out, --threads);
 - `text_options`: the texts read (--texts);
-- `merge_options`: one merge setting (--cutoffs, --ratio, --choice, --keep-start, --keep-end and, where the
-  subcommand uses them, --attention-window, --attention-keep, --cosine-share), read back by `merge_settings` through
-  the library's parser of merge settings (slerpviz.settings.merge_settings, the page's and the CLI's too);
+- `merge_options`: one merge setting (--cutoffs, --ratio, --choice, --keep-start, --keep-end, --keep-recent and,
+  where the subcommand uses them, --attention-window, --attention-keep, --cosine-share), read back by
+  `merge_settings` through the library's parser of merge settings (slerpviz.settings.merge_settings, the page's and
+  the CLI's too);
 - `interpolation_options`: how the slots are made (--method, --positions), where it is one setting, not a grid;
 - `speed_fidelity_parents`: what speed and fidelity share, --proportional included.
 
@@ -156,6 +157,8 @@ def merge_options(cutoffs_help: str, choice_help: str = CHOICES_HELP,
     p.add_argument("--choice", type=listed, default="consecutive", help=choice_help)
     p.add_argument("--keep-start", type=whole(0), default=0, help="protected tokens at the start")
     p.add_argument("--keep-end", type=whole(0), default=0, help="protected tokens at the end")
+    p.add_argument("--keep-recent", type=whole(0), default=0,
+                   help="the last tokens never merged, all of a shorter prompt (the presets keep 32)")
     if attention:
         attention_window_option(p)
         p.add_argument("--attention-keep", type=whole(0), default=MergeSettings.attention_keep,
@@ -281,7 +284,8 @@ def one_of(values: tuple, flag: str):
 def merge_fields(args, **overrides) -> dict:
     """The merge setting `merge_options` (and `interpolation_options`, where given) read, as raw MergeSettings fields
     (all but the cutoffs), for `merge_settings`."""
-    fields = {"keep_start": args.keep_start, "keep_end": args.keep_end, "ratio": args.ratio, "choice": args.choice,
+    fields = {"keep_start": args.keep_start, "keep_end": args.keep_end, "keep_recent": args.keep_recent,
+              "ratio": args.ratio, "choice": args.choice,
               "attention_window": args.attention_window, "attention_keep": args.attention_keep,
               "attention_reach": args.attention_reach, "attention_keep_share": args.attention_keep_share,
               "cosine_share": args.cosine_share}

@@ -340,7 +340,7 @@ def test_the_page_says_what_each_preset_is(engine):
     fns = {getattr(fn.fn, "__name__", None): fn for fn in demo.fns.values()}
     merge = ["Cutoff layer", "Further cutoffs (optional)", "Keep start", "Keep end", "Method", "Positions",
              "Merge ratio", "Ratio per cutoff (optional)", "Pair choice", "Proportional attention",
-             "Attention window W", "Keep most attended", "Reach", "Kept share of a long prompt"]
+             "Attention window W", "Keep most attended", "Reach", "Kept share of a long prompt", "Keep recent"]
     assert [c.label for c in fns["fill_example"].outputs] == ["Prompt", "Chat template", "Mode", "Max new tokens",
                                                                *merge]
     assert [c.label for c in fns["fill_preset"].outputs] == merge

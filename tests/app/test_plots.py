@@ -17,18 +17,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slerpviz.app import pairing, pairing_data, plots, token_text
-from slerpviz.engine import Trace, record_plan
+from slerpviz.engine import MergeSettings, Trace, record_plan
 from slerpviz.pairs import plan_stages
 
 LAYERS = 12
 
 
-def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached", ratio=1.0) -> Trace:
+def make_trace(tokens: list[str], cutoffs=(4,), keep_start=0, keep_end=0, mode="cached", ratio=1.0,
+               keep_recent=0) -> Trace:
     """A trace as the engine's new_trace builds it, from the plan alone."""
+    settings = MergeSettings(cutoffs=tuple(cutoffs), keep_start=keep_start, keep_end=keep_end, keep_recent=keep_recent)
     trace = Trace(tokens=tokens, slot_tokens=[], protected=[], cutoffs=[], seq_len_per_layer=[], num_layers=LAYERS,
                   mode=mode, settings=dict(cutoffs=tuple(cutoffs), keep_start=keep_start, keep_end=keep_end,
-                                           method="slerp", positions="mean"))
-    record_plan(trace, plan_stages(len(tokens), tuple(cutoffs), keep_start, keep_end, ratio=ratio))
+                                           method="slerp", positions="mean", **(
+                                               {"keep_recent": keep_recent} if keep_recent else {})))
+    record_plan(trace, plan_stages(len(tokens), tuple(cutoffs), keep_start, settings.protected_end(len(tokens)),
+                                   ratio=ratio))
     return trace
 
 
@@ -125,6 +129,17 @@ def test_protected_spans_are_shaded_and_labelled():
     assert "protected: keep_start = 4" in texts and "protected: keep_end = 3" in texts
     (merged,) = traces_named(fig, "merged slots")
     assert all(3.5 < x < 16.5 for x in merged.x)
+
+
+def test_a_recent_window_is_shaded_as_far_as_the_prompt_reaches():
+    trace = make_trace(words(20), cutoffs=(3,), keep_start=4, keep_recent=5)
+    fig = pairing.pairing_figure(trace)
+    assert sorted((s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect") == [(-0.5, 3.5), (14.5, 19.5)]
+    assert "protected: the last 5 (keep_recent = 5)" in [a.text for a in fig.layout.annotations]
+    short = make_trace(words(6), cutoffs=(3,), keep_start=4, keep_recent=5)  # the window takes what is left
+    assert short.seq_len_per_layer[-1] == 6
+    assert pairing_data.protected_spans(short) == [(0, 3, "protected: keep_start = 4"),
+                                                   (4, 5, "protected: the last 2 (keep_recent = 5)")]
 
 
 def test_second_stage_links_slots_of_the_first():
@@ -437,6 +452,7 @@ def figure_cases() -> dict[str, go.Figure]:
     cases = {"pairing plain": pairing.pairing_figure(make_trace(words(11), cutoffs=(4,))),
              "pairing default window": pairing.pairing_figure(make_trace(words(600), cutoffs=(6,))),
              "pairing protected": pairing.pairing_figure(make_trace(words(20), cutoffs=(3,), keep_start=4, keep_end=3)),
+             "pairing recent": pairing.pairing_figure(make_trace(words(20), cutoffs=(3,), keep_recent=6)),
              "pairing base": pairing.pairing_figure(make_trace(words(6), cutoffs=())),
              "pairing overview": pairing.pairing_figure(make_trace(words(40), cutoffs=(3,)), window=8, detail=12),
              "pairing chat markers": pairing.pairing_figure(

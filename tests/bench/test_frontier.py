@@ -61,6 +61,14 @@ def test_frontier_command_writes_its_files(tmp_path, capsys):
     assert {(int(r["cutoffs"]), float(r["ratio"])) for r in rows if r["article"] == "True"} == {(1, 1.0), (2, 1.0)}
     assert all(r["choice"] == "consecutive" for r in rows if r["article"] == "True")
     assert any(r["on_front"] == "True" for r in rows)
+    with open(out / "frontier_windows.csv", newline="") as f:
+        windows = list(csv.DictReader(f))  # every setting on every sample: 2 random texts at one prefix
+    assert len(windows) == 2 * len(rows) and len({w["setting"] for w in windows}) == len(rows)
+    for index, row in enumerate(rows):  # in the rows' order, each setting's samples together
+        mine = windows[2 * index: 2 * index + 2]
+        assert len({w["setting"] for w in mine}) == 1 and {w["text"] for w in mine} == {"random-1", "random-2"}
+        assert float(row["top1"]) == pytest.approx(sum(float(w["top1"]) for w in mine) / 2)
+        assert all(w["prefix"] == "48" and float(w["base_margin"]) >= 0 for w in mine)
     for row in rows:
         assert 0 <= float(row["top1"]) <= 1 and float(row["prefill_speedup"]) > 0
         assert float(row["prefill_speedup_limit"]) >= 1
