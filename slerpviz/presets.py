@@ -81,12 +81,12 @@ PRESETS: dict[str, Preset] = {
     # locate): on SmolLM2 it ranks the needle near the top from layer 14 on, except at layer 16, where an earlier
     # shape (0.5, 0.53, 0.6, 0.67: layers 15, 16, 18, 20) merged and lost answers.
     "fast": Preset(
-        description="toward 1.5x: the same attention choice, budget and reach, half the pairs at 0.47 of the "
-                    "depth, half of the rest at 0.57 and at 0.6, then all at 2/3 (about 1.5x fewer prefill FLOPs; "
-                    "chosen where the prompt's attention finds a retrieval answer)",
+        description="toward 1.5x: the same attention choice, budget, reach and last 32 tokens kept, half the pairs "
+                    "at 0.47 of the depth, half of the rest at 0.57 and at 0.6, then all at 2/3 (about 1.5x fewer "
+                    "prefill FLOPs; chosen where the prompt's attention finds a retrieval answer)",
         depth_shares=(0.47, 0.57, 0.6, 0.67),
         merge=MergeSettings(ratio=(0.5, 0.5, 0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
-                            attention_reach=7, attention_keep_share=1 / 16),
+                            attention_reach=7, attention_keep_share=1 / 16, keep_recent=32),
         summary="about 1.5x fewer prefill FLOPs; retrieval within a miss or two of the base",
     ),
     # Chosen on the tuning texts (docs/measurements.md, twelfth pass): the best next-token agreement of the shapes

@@ -192,7 +192,8 @@ def cutoff_controls(named: Named, layers: int) -> None:
         named["keep_end"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep end",
                                       info="Protected tokens at the end.", elem_id="keep-end")
         named["keep_recent"] = gr.Slider(0, 2048, value=0, step=1, precision=0, label="Keep recent",
-                                         info="The last tokens never merged, all of a shorter prompt (presets: 32).",
+                                         info="The last tokens never merged, all of a shorter prompt "
+                                              "(recommended, fast: 32).",
                                          elem_id="keep-recent")
     with gr.Row():
         named["method"] = gr.Radio(list(METHODS), value="slerp", label="Method")

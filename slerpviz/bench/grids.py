@@ -65,6 +65,7 @@ def attention_grid(num_layers: int, quick: bool, method: str = "slerp", position
 # 1,024 tokens, tuning texts):
 RECOMMENDED_SHAPE = ((0.5, 0.67), (0.5, 1.0), 32)
 FAST_SHAPE = ((0.5, 0.53, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32)  # `fast` until the tenth pass moved its cutoffs
+LOCATED_SHAPE = ((0.47, 0.57, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32)  # `fast` since the tenth pass
 GROWING = {"attention_reach": 7, "attention_keep_share": 1 / 16}  # the reach and growing budget of the presets
 ATTENTION_PASSES: dict[str, list[tuple]] = {
     # 2nd: keeping the 16 most-attended tokens lifted top-1 at 12+20 (0.764 -> 0.889) and 15+20 kept the pass key
@@ -143,6 +144,9 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
     "recent": [(*RECOMMENDED_SHAPE, GROWING),
                (*RECOMMENDED_SHAPE, GROWING), (*RECOMMENDED_SHAPE, {**GROWING, "keep_recent": 16}),
                (*RECOMMENDED_SHAPE, {**GROWING, "keep_recent": 32}), ((0.5, 0.67), (0.45, 1.0), 32, GROWING)],
+    # 17th, the same window on `fast` as the tenth pass left it.
+    "recent-fast": [(*LOCATED_SHAPE, GROWING), (*LOCATED_SHAPE, GROWING),
+                    (*LOCATED_SHAPE, {**GROWING, "keep_recent": 32})],
 }
 
 
