@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
         # windows of six registers, for 0.003 to 0.011 of the FLOP limit from 512 to 2,048 tokens.
         merge=MergeSettings(ratio=(0.5, 1.0), choice="attention", attention_window=8, attention_keep=32,
                             attention_reach=7, attention_keep_share=1 / 16, keep_recent=32),
-        summary="about 1.35x fewer prefill FLOPs; retrieval within a miss or two of the base",
+        summary="about 1.33x fewer prefill FLOPs; retrieval within a miss or two of the base",
     ),
     # Its cutoffs sit where the last prompt tokens' attention finds a retrieval needle (python -m slerpviz.bench
     # locate): on SmolLM2 it ranks the needle near the top from layer 14 on, except at layer 16, where an earlier
