@@ -328,7 +328,7 @@ def warm_up(engine, settings: Iterable[MergeSettings] = (MergeSettings(),), mode
     generator = torch.Generator().manual_seed(0)
     seconds = 0.0
     for merge in settings:
-        length = max(prompt_length, merge.keep_start + max(merge.keep_end, merge.keep_recent) + 2)
+        length = max(prompt_length, merge.most_protected + 2)
         ids = torch.randint(0, engine.config.vocab_size, (1, length), generator=generator).to(engine.device)
         decoder, _, spent = start_decoding(engine.prefill(ids, merge), max_new_tokens, mode)
         if decoder is not None:

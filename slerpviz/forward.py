@@ -170,7 +170,7 @@ class LayerwiseModel:
             # as long as, say, a head's width for one symbol, and compile again for the next prompt. Two of them, as
             # a merge compiles once for an even count of pairs and once for an odd one.
             for extra in (97, 98):
-                length = 2 * (merge.keep_start + max(merge.keep_end, merge.keep_recent)) + extra
+                length = 2 * merge.most_protected + extra
                 self.prefill(torch.full((1, length), 3, device=self.device), merge)
         self.sync()
         return time.perf_counter() - began

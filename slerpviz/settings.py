@@ -57,6 +57,11 @@ class MergeSettings:
     # 512 tokens on (docs/measurements.md, seventeenth pass).
     keep_recent: int = 0
 
+    @property
+    def most_protected(self) -> int:
+        """The most prompt tokens the spans protect, on a prompt long enough to hold them all."""
+        return self.keep_start + max(self.keep_end, self.keep_recent)
+
     def protected_end(self, prompt_length: int) -> int:
         """How many tokens at the end of a prompt of this length never merge (see `protected_end`)."""
         return protected_end(prompt_length, self.keep_start, self.keep_end, self.keep_recent)

@@ -648,7 +648,8 @@ def test_proportional_attention_is_refused_with_drop(engine):
 
 @pytest.mark.parametrize("choice", ["consecutive", "attention"])
 def test_a_recent_window_is_keep_end_where_the_prompt_holds_it_and_all_of_a_shorter_one(choice):
-    """keep_recent fits any prompt (the recommended preset carries it); keep_end, a span the user asked for, must fit."""
+    """keep_recent fits any prompt (the recommended preset carries it); keep_end, a span the user asked for, must
+    fit."""
     engine = tiny_engine("llama")
     ids = random_ids(30, seed=7)
     spans = dict(cutoffs=(2, 4), ratio=(0.5, 1.0), choice=choice, keep_start=3, attention_keep=4)

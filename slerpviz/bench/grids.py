@@ -120,7 +120,7 @@ ATTENTION_PASSES: dict[str, list[tuple]] = {
     # tokens) lost nearly every answer with each of these shapes (0-2 of 20, the base 18 and 17): this pass picks,
     # by next-token agreement, the best of them to show what 2x costs. `fast` (1.5x) beside them.
     "groups": [((0.4, 0.4, 0.47, 0.47), (1.0,) * 4, 32, GROWING),
-               ((0.47, 0.57, 0.6, 0.67), (0.5, 0.5, 0.5, 1.0), 32, GROWING),
+               (*LOCATED_SHAPE, GROWING),
                ((0.4, 0.4, 0.47, 0.47), (1.0,) * 4, 32, GROWING),
                ((0.4, 0.4, 0.47, 0.47, 0.57), (0.5, 1.0, 1.0, 1.0, 1.0), 32, GROWING),
                ((0.4, 0.4, 0.47, 0.47, 0.47, 0.57), (0.75, 0.75, 0.9, 0.9, 0.9, 0.9), 32, GROWING),

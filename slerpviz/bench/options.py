@@ -305,8 +305,8 @@ def check_flags_taken(args) -> None:
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ValueError(f"{flags}: --preset sets every merge field but --method and --positions, and no --cutoffs "
-                         f"are given to take them; write the setting out with --cutoffs and its flags (slerpviz/presets.py "
-                         f"holds each preset's) or drop them")
+                         f"are given to take them; write the setting out with --cutoffs and its flags "
+                         f"(slerpviz/presets.py holds each preset's) or drop them")
 
 
 def merge_settings(args, cutoffs, **overrides) -> MergeSettings:
